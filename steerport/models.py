@@ -1,0 +1,334 @@
+"""Resolve a model spec, load the model, and expose the pieces steers act on.
+
+A *model spec* is any of: a short alias (``gpt2``, ``gpt-j``), an offline catalog name
+(``smollm2-135m``), a Hugging Face hub id (``EleutherAI/pythia-410m``), a local model
+directory, or a ``.gguf`` file.
+
+Steers act on the input of the LM head: the final hidden state ``h`` (after the final
+norm). We find that place generically as ``model.get_output_embeddings()`` and hook it,
+so no per-architecture code is needed.
+
+Example::
+
+    lm = load_model("smollm2-135m")
+    E = lm.output_embeddings          # (V, d)
+    print(lm.hidden_size, lm.fingerprint)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from steerport.errors import SteerportError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has AMX-BF16 or AVX512-BF16 (bf16 matmuls faster than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_dtype(device: str = "cpu") -> torch.dtype:
+    """bf16 where the hardware runs it fast, else fp32."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
+    """``"auto"``/None -> :func:`default_dtype`; else one of float32, bfloat16, float16."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise SteerportError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """Where a spec points. ``kind`` is one of catalog, hub, dir, gguf."""
+
+    spec: str
+    kind: str
+    location: str  # hub id, directory, or .gguf path
+
+
+def resolve_spec(spec: str, *, pull: bool = True) -> ResolvedSpec:
+    """Turn a user's model spec into a location, pulling catalog models on first use."""
+    from steerport import catalog
+
+    if spec in catalog.CATALOG:
+        if not catalog.is_cached(spec):
+            if not pull:
+                raise SteerportError(f"catalog model {spec!r} is not cached; run: steerport pull {spec}")
+            catalog.pull(spec)
+        return ResolvedSpec(spec, "catalog", str(catalog.model_dir(spec)))
+    if spec in catalog.ALIASES:
+        return ResolvedSpec(spec, "hub", catalog.ALIASES[spec])
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SteerportError(f"{spec}: directory has no config.json, so it is not a Hugging Face model directory")
+        return ResolvedSpec(spec, "dir", str(path))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SteerportError(f"{spec}: no such .gguf file")
+        return ResolvedSpec(spec, "gguf", str(path))
+    if path.exists():
+        raise SteerportError(f"{spec}: not a model directory or .gguf file")
+    parts = spec.split("/")
+    if len(parts) == 2 and all(parts):
+        return ResolvedSpec(spec, "hub", spec)
+    known = ", ".join(sorted(catalog.ALIASES) + sorted(catalog.CATALOG))
+    raise SteerportError(
+        f"unknown model {spec!r}: not an alias, catalog name, local directory or .gguf file "
+        f"(hub ids look like org/name; known names: {known})"
+    )
+
+
+def _gguf_as_dir(gguf_path: str) -> str:
+    """Convert a user's .gguf once to a cached safetensors directory (GGUF parsing is slow)."""
+    from steerport import catalog
+
+    st = os.stat(gguf_path)
+    key = hashlib.sha256(f"{Path(gguf_path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = catalog.steerport_home() / "gguf-converted" / key
+    if not (out / "config.json").exists():
+        catalog.gguf_to_hf(Path(gguf_path), out)
+    return str(out)
+
+
+def _local_or_hub(resolved: ResolvedSpec) -> str:
+    return _gguf_as_dir(resolved.location) if resolved.kind == "gguf" else resolved.location
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+FINGERPRINT_ROWS = 256
+
+
+def fingerprint(embeddings: torch.Tensor, vocab: dict[str, int]) -> str:
+    """A short hash of the output embeddings and the tokenizer vocabulary.
+
+    Hashes the shape, ``FINGERPRINT_ROWS`` evenly spaced rows rounded to bf16 (so fp32 and
+    bf16 copies of the same weights agree) and the vocabulary; cheap even for a 7B model.
+    """
+    V, d = embeddings.shape
+    rows = torch.linspace(0, V - 1, min(V, FINGERPRINT_ROWS)).long()
+    sample = embeddings[rows].detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+    h = hashlib.sha256(f"{V}x{d}".encode())
+    h.update(sample.numpy().tobytes())
+    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- full models
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer, and the LM head steers attach to."""
+
+    spec: str
+    model: nn.Module
+    tokenizer: object
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The module mapping final hidden states to logits; steers hook its input."""
+        head = self.model.get_output_embeddings()
+        if head is None or not hasattr(head, "weight"):
+            raise SteerportError(f"{self.spec}: model has no output embedding (LM head) to steer")
+        return head
+
+    @property
+    def output_embeddings(self) -> torch.Tensor:
+        """E, shape (V, d): row v is token v's output embedding."""
+        return self.lm_head.weight
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        return getattr(self.lm_head, "bias", None)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.output_embeddings.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.output_embeddings.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output_embeddings.dtype
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.output_embeddings, self.tokenizer.get_vocab())
+
+
+def load_model(spec: str, *, dtype: str | torch.dtype | None = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM for steering (eval mode, no gradients on its weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_spec(spec)
+    where = _local_or_hub(resolved)
+    torch_dtype = parse_dtype(dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SteerportError(f"could not load model {spec!r} from {where}: {first}") from None
+    model.to(device).eval().requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer)
+
+
+# --------------------------------------------------------------------------- embeddings only
+
+
+@dataclass
+class ModelEmbeddings:
+    """Just the output embeddings and tokenizer of a model: all that mapping and transfer need."""
+
+    spec: str
+    embeddings: torch.Tensor  # (V, d) float32
+    tokenizer: object
+    bias: torch.Tensor | None = None  # (V,) or None
+    fingerprint: str = field(default="")
+
+    def __post_init__(self):
+        if not self.fingerprint:
+            self.fingerprint = fingerprint(self.embeddings, self.tokenizer.get_vocab())
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embeddings.shape[1]
+
+    @classmethod
+    def from_loaded(cls, lm: LoadedModel) -> "ModelEmbeddings":
+        bias = lm.lm_head_bias
+        return cls(
+            spec=lm.spec,
+            embeddings=lm.output_embeddings.detach().float().cpu(),
+            tokenizer=lm.tokenizer,
+            bias=None if bias is None else bias.detach().float().cpu(),
+            fingerprint=lm.fingerprint,
+        )
+
+
+def _head_tensor_names(config) -> tuple[list[str], list[str]]:
+    """Names of the output-embedding weight (and bias) in this architecture's state dict.
+
+    Builds the model on the meta device (no memory, no weights) and asks it for its output
+    embeddings, so it works for any architecture transformers knows.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    weights = [f"{names[id(head)]}.weight"]
+    biases = [f"{names[id(head)]}.bias"] if getattr(head, "bias", None) is not None else []
+    inp = model.get_input_embeddings()
+    if inp is not None and inp.weight is head.weight:  # tied: the checkpoint may store only the input side
+        weights.append(f"{names[id(inp)]}.weight")
+    return weights, biases
+
+
+# Checkpoint names that transformers renames on load (e.g. GPT-NeoX stores ``embed_out``).
+LEGACY_NAMES = {"lm_head.weight": ["embed_out.weight"], "lm_head.bias": ["embed_out.bias"]}
+
+
+def _find_key(keys: list[str], candidates: list[str]) -> str | None:
+    """The checkpoint key matching a candidate exactly, else by dotted suffix either way."""
+    candidates = candidates + [old for c in candidates for old in LEGACY_NAMES.get(c, [])]
+    for c in candidates:
+        if c in keys:
+            return c
+    for c in candidates:
+        parts = c.split(".")
+        for i in range(1, len(parts) - 1):
+            tail = ".".join(parts[i:])
+            hits = [k for k in keys if k == tail or k.endswith("." + tail)]
+            if len(hits) == 1:
+                return hits[0]
+    return None
+
+
+def _fetch(where: str, filename: str, hub: bool) -> Path | None:
+    if not hub:
+        p = Path(where) / filename
+        return p if p.exists() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(where, filename))
+    except EntryNotFoundError:
+        return None
+
+
+def load_embeddings(spec: str) -> ModelEmbeddings:
+    """Read only the output embeddings (and LM-head bias) and the tokenizer of a model.
+
+    Reads the one safetensors shard that holds the LM head instead of building the whole
+    network: seconds instead of minutes for a 6B model.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    resolved = resolve_spec(spec)
+    where = _local_or_hub(resolved)
+    hub = resolved.kind == "hub"
+    try:
+        config = AutoConfig.from_pretrained(where)
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        index = _fetch(where, "model.safetensors.index.json", hub)
+        if index is not None:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            single = _fetch(where, "model.safetensors", hub)
+            if single is None:  # no safetensors (old pickled checkpoint): load the model the slow way
+                return ModelEmbeddings.from_loaded(load_model(spec))
+            with safe_open(str(single), "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+    except OSError as e:
+        raise SteerportError(f"could not read model {spec!r} from {where}: {str(e).splitlines()[0]}") from None
+
+    weight_names, bias_names = _head_tensor_names(config)
+    keys = list(weight_map)
+    wkey = _find_key(keys, weight_names)
+    if wkey is None:
+        raise SteerportError(f"{spec}: cannot find the output embedding ({weight_names[0]}) in the checkpoint")
+    bkey = _find_key(keys, bias_names) if bias_names else None
+
+    def read(key: str) -> torch.Tensor:
+        shard = _fetch(where, weight_map[key], hub)
+        with safe_open(str(shard), "pt") as f:
+            return f.get_tensor(key).float()
+
+    return ModelEmbeddings(
+        spec=spec, embeddings=read(wkey), tokenizer=tokenizer, bias=read(bkey) if bkey else None
+    )

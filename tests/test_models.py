@@ -1,0 +1,76 @@
+"""Model specs, loading from local directories, embeddings-only loading and fingerprints."""
+
+import pytest
+import torch
+
+from steerport import SteerportError, load_embeddings, load_model, resolve_spec
+from steerport.models import ModelEmbeddings, parse_dtype
+from tests.tiny import ARCHS, tiny_model
+
+
+def save_tiny(tmp_path, arch, **kw):
+    lm = tiny_model(arch, **kw)
+    path = tmp_path / arch
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return lm, path
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_embeddings_only_load_matches_full_model(tmp_path, arch):
+    lm, path = save_tiny(tmp_path, arch)
+    emb = load_embeddings(str(path))
+    torch.testing.assert_close(emb.embeddings, lm.output_embeddings.float(), atol=0, rtol=0)
+    full = load_model(str(path))
+    assert full.fingerprint == emb.fingerprint == lm.fingerprint
+    assert emb.hidden_size == full.hidden_size == lm.hidden_size
+    if lm.lm_head_bias is not None:  # GPT-J's head has a bias
+        torch.testing.assert_close(emb.bias, lm.lm_head_bias.float())
+    else:
+        assert emb.bias is None
+
+
+def test_untied_head_read_from_its_own_tensor(tmp_path):
+    lm, path = save_tiny(tmp_path, "llama", tied=False)
+    assert not torch.equal(lm.output_embeddings, lm.model.get_input_embeddings().weight)
+    emb = load_embeddings(str(path))
+    torch.testing.assert_close(emb.embeddings, lm.output_embeddings.float(), atol=0, rtol=0)
+
+
+def test_fingerprint_stable_across_dtype_and_sensitive_to_weights(tmp_path):
+    lm, path = save_tiny(tmp_path, "gpt2")
+    bf = load_model(str(path), dtype="bfloat16")
+    assert bf.dtype == torch.bfloat16
+    # bf16 rounding of the same weights gives the same fingerprint
+    assert bf.fingerprint == ModelEmbeddings.from_loaded(bf).fingerprint
+    other = tiny_model("gpt2", seed=1)
+    assert other.fingerprint != lm.fingerprint
+
+
+def test_spec_resolution(tmp_path):
+    assert resolve_spec("gpt2").kind == "hub" and resolve_spec("gpt2").location == "openai-community/gpt2"
+    assert resolve_spec("gpt-j").location == "EleutherAI/gpt-j-6b"
+    assert resolve_spec("EleutherAI/pythia-410m").kind == "hub"
+    _, path = save_tiny(tmp_path, "gpt2")
+    assert resolve_spec(str(path)).kind == "dir"
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ("not-a-model", "unknown model"),
+    ("missing.gguf", "no such .gguf"),
+])
+def test_bad_specs_give_one_line_errors(spec, fragment):
+    with pytest.raises(SteerportError, match=fragment) as e:
+        resolve_spec(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_directory_without_config_refused(tmp_path):
+    with pytest.raises(SteerportError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+def test_bad_dtype():
+    assert parse_dtype("float32") == torch.float32
+    with pytest.raises(SteerportError, match="dtype"):
+        parse_dtype("int8")
