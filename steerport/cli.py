@@ -164,7 +164,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except SteerportError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted")
