@@ -182,6 +182,10 @@ def _train_progress():
         elif phase == "cache":
             dt = max(time.perf_counter() - clock["cache"], 1e-9)
             bar.update(tasks["cache"], completed=info["tokens"], info=f"{info['texts']} texts  {info['tokens'] / dt:,.0f} tok/s")
+        elif phase == "stats-start":
+            tasks["stats"] = bar.add_task("   top-k stats", total=info["tokens"], info="")
+        elif phase == "stats":
+            bar.update(tasks["stats"], completed=info["tokens"])
         elif phase == "fit-start":
             tasks["fit"] = bar.add_task("2/2 fit steer", total=info["steps"], completed=info["start"], info="")
             clock["fit"] = time.perf_counter()
@@ -227,6 +231,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and batch order.")] = 0,
     dtype: DtypeOpt = "auto",
     cache_dtype: Annotated[str, typer.Option(help="Storage dtype of the cached hidden states: bfloat16, float16 or float32.")] = "bfloat16",
+    head: Annotated[str, typer.Option(help="exact: full softmax at every step. topk: opt-in approximation (normaliser over the base model's top candidates plus a first-order tail term computed once), much faster; the summary is always exact.")] = "exact",
+    topk: Annotated[int, typer.Option(help="Candidates per token for --head topk.")] = 64,
     device: DeviceOpt = "cpu",
     workdir: Annotated[Optional[Path], typer.Option(help="Folder for the cache and checkpoints (default OUT.work); rerun the same command to resume.")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard saved progress in the work folder and start over.")] = False,
@@ -256,7 +262,7 @@ def train(
         raise SteerportError(f"{out_path}: the output should be a .st file")
     config = TrainConfig(rank=rank, epsilon=epsilon, lr=lr, epochs=epochs, steps=steps, tokens_per_batch=tokens_per_batch,
                          weight_decay=weight_decay, seed=seed, domain=domain, max_tokens=max_tokens, eval_every=eval_every,
-                         patience=patience, dtype=dtype, cache_dtype=cache_dtype)
+                         patience=patience, dtype=dtype, cache_dtype=cache_dtype, head=head, topk=topk)
     config.check()
     dataset = load_data(DataOptions(
         files=data, text_field=text_field, label_field=label_field, positive_labels=positive_label,
@@ -290,7 +296,7 @@ def train(
         ("steer-as-classifier ROC AUC (held out)", r.get("heldout_auc")),
         ("steps (best at)", f"{r['steps']} ({r['best_step']}), {r['epochs']} epochs; {r['stopped']}"),
         ("tokens train / held out", f"{r['train_tokens']} / {r['heldout_tokens']}"),
-        ("time: body pass / fit / total", f"{t['cache_s']:.1f} s / {t['fit_s']:.1f} s / {t['total_s']:.1f} s"
+        ("time: body pass / fit / total", f"{t['cache_s']:.1f} s / {t.get('topk_stats_s', 0) + t['fit_s']:.1f} s / {t['total_s']:.1f} s"
          + ("  (resumed)" if r.get("resumed") else "")),
     ]
     for k, v in rows:

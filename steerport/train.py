@@ -74,6 +74,8 @@ class TrainConfig:
     cache_dtype: str = "bfloat16"  # storage dtype of the cached hidden states
     cache_tokens_per_batch: int = 4096  # padded tokens per forward batch while caching
     checkpoint_every: int = 25  # steps between checkpoints (when a workdir is given)
+    head: str = "exact"  # "exact": full softmax every step; "topk": opt-in approximation (see TopKStats)
+    topk: int = 64  # candidates per token kept by head="topk" (the target is always one of them)
 
     def check(self) -> None:
         for name in ("rank", "tokens_per_batch", "max_tokens", "patience", "cache_tokens_per_batch", "checkpoint_every"):
@@ -90,6 +92,10 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise SteerportError(f"weight decay must be >= 0, got {self.weight_decay}")
         parse_dtype(self.cache_dtype)
+        if self.head not in ("exact", "topk"):
+            raise SteerportError(f"head must be 'exact' or 'topk', got {self.head!r}")
+        if self.topk < 2:
+            raise SteerportError(f"topk must be at least 2, got {self.topk}")
 
 
 # --------------------------------------------------------------------------- the head loss
@@ -330,6 +336,72 @@ def build_cache(
     return HiddenCache(h_all, torch.from_numpy(targets), torch.from_numpy(text_of))
 
 
+# --------------------------------------------------------------------------- opt-in head approximation
+
+
+@dataclass
+class TopKStats:
+    """Per-token statistics of the *unsteered* head for ``head="topk"`` (computed once).
+
+    For each cached position: ``ids`` (N, K) = the target followed by the K−1 highest other
+    logits, ``z0`` (N, K) their base logits, ``log_tail`` (N,) = log Σ_{v ∉ ids} exp(z0_v) and
+    ``e_tail`` (N, d) = Σ_{v ∉ ids} q_v e_v, the tail's probability-weighted mean embedding.
+    The steered normaliser is then approximated as::
+
+        logsumexp_v z_v ≈ logsumexp( z0_ids + (E B)_ids u ,  log_tail + u·(Bᵀ e_tail) )
+
+    exact on the K candidates and first-order (Jensen) on the tail, whose logits shift by
+    δ_v = u·(Bᵀ e_v): a step costs O(N·K·r + V·d·r) instead of O(N·V·d).
+    """
+
+    ids: torch.Tensor
+    z0: torch.Tensor
+    log_tail: torch.Tensor
+    e_tail: torch.Tensor
+
+
+@torch.no_grad()
+def topk_stats(cache: HiddenCache, E: torch.Tensor, bias: torch.Tensor | None, k: int,
+               progress: Callable[[int], None] | None = None) -> TopKStats:
+    """One pass of the unsteered head over the cache, keeping :class:`TopKStats`."""
+    N, d = cache.h.shape
+    V = E.shape[0]
+    k = min(k, V)
+    ids = torch.empty(N, k, dtype=torch.int32)
+    z0 = torch.empty(N, k, dtype=torch.float32)
+    log_tail = torch.empty(N, dtype=torch.float32)
+    e_tail = torch.empty(N, d, dtype=cache.h.dtype)
+    rows = max(16, CHUNK_ELEMENTS // V)
+    Ef = E.float()
+    for i in range(0, N, rows):
+        h = cache.h[i : i + rows].float()
+        y = cache.targets[i : i + rows].long()
+        z = h @ Ef.T  # (M, V)
+        if bias is not None:
+            z += bias.float()
+        others = z.scatter(1, y[:, None], -math.inf)
+        top = torch.cat([y[:, None], others.topk(k - 1, dim=1).indices], 1)  # (M, k), target first
+        lse = torch.logsumexp(z, 1)
+        p_tail = torch.exp(z - lse[:, None]).scatter_(1, top, 0.0)  # (M, V) tail probabilities
+        mass = p_tail.sum(1).clamp_min(1e-30)
+        ids[i : i + rows] = top.int()
+        z0[i : i + rows] = z.gather(1, top)
+        log_tail[i : i + rows] = lse + torch.log(mass)
+        e_tail[i : i + rows] = ((p_tail @ Ef) / mass[:, None]).to(e_tail.dtype)
+        if progress:
+            progress(min(i + rows, N))
+    return TopKStats(ids, z0, log_tail, e_tail)
+
+
+def topk_token_loss(stats: TopKStats, idx: torch.Tensor, u: torch.Tensor, B: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """Per-token loss under the :class:`TopKStats` approximation; u (n, R), B (d, R)."""
+    EB = E.float() @ B.float()  # (V, R)
+    ids = stats.ids[idx].long()  # (n, K)
+    z = stats.z0[idx] + (EB[ids] * u[:, None, :]).sum(-1)  # (n, K)
+    tail = stats.log_tail[idx] + (u * (stats.e_tail[idx].float() @ B.float())).sum(-1)  # (n,)
+    return torch.logsumexp(torch.cat([z, tail[:, None]], 1), 1) - z[:, 0]
+
+
 # --------------------------------------------------------------------------- the fit
 
 
@@ -365,11 +437,15 @@ class Fitter:
         names = ["A", "B"] + (["domain.A", "domain.B"] if config.domain else [])
         self.params = {n: (torch.randn(d, r, generator=g) * config.init_scale).to(self.device).requires_grad_() for n in names}
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=config.lr, weight_decay=config.weight_decay)
+        self.stats: TopKStats | None = None  # set for head="topk"; steps then use the approximation
 
     # ---------------------------------------------------------------- math
 
-    def token_loss(self, idx: torch.Tensor, sign: float | None = None, domain: bool = True) -> torch.Tensor:
-        """Per-token loss of cache positions ``idx``; ``sign`` overrides the texts' labels (0 = unsteered)."""
+    def token_loss(self, idx: torch.Tensor, sign: float | None = None, domain: bool = True, exact: bool = False) -> torch.Tensor:
+        """Per-token loss of cache positions ``idx``; ``sign`` overrides the texts' labels (0 = unsteered).
+
+        Uses the top-k approximation when :attr:`stats` is set, unless ``exact``.
+        """
         c, eps = self.config, self.config.epsilon
         h = self.cache.h[idx].to(self.device)
         y = self.cache.targets[idx].to(self.device)
@@ -381,6 +457,8 @@ class Fitter:
             us.append(eps * (hf.float() @ P["domain.A"]))
             Bs.append(P["domain.B"])
         u, B = torch.cat(us, 1), torch.cat(Bs, 1)
+        if self.stats is not None and not exact:
+            return topk_token_loss(self.stats, idx, u, B, self.E)
         return head_token_loss(h, u, B, self.E, self.bias, y, softcap=self.softcap)
 
     def step(self, idx: torch.Tensor) -> float:
@@ -392,11 +470,11 @@ class Fitter:
         return loss.item()
 
     @torch.no_grad()
-    def mean_loss(self, idx: torch.Tensor, sign: float | None = None, domain: bool = True) -> float:
+    def mean_loss(self, idx: torch.Tensor, sign: float | None = None, domain: bool = True, exact: bool = False) -> float:
         """Token-weighted mean loss over ``idx`` (in batches)."""
-        total, T = 0.0, self.config.tokens_per_batch * 2
+        total, T = 0.0, max(self.config.tokens_per_batch * 2, 2048)
         for i in range(0, len(idx), T):
-            total += float(self.token_loss(idx[i : i + T], sign, domain).double().sum())
+            total += float(self.token_loss(idx[i : i + T], sign, domain, exact).double().sum())
         return total / max(len(idx), 1)
 
     @torch.no_grad()
@@ -405,10 +483,10 @@ class Fitter:
         n_texts = len(self.labels)
         tot = torch.zeros(n_texts, dtype=torch.float64)
         cnt = torch.zeros(n_texts, dtype=torch.float64)
-        T = self.config.tokens_per_batch * 2
+        T = max(self.config.tokens_per_batch * 2, 2048)
         for i in range(0, len(idx), T):
             part = idx[i : i + T]
-            lp = -self.token_loss(part, sign, domain).double().cpu()
+            lp = -self.token_loss(part, sign, domain, exact=True).double().cpu()
             t = self.cache.text[part].long()
             tot.index_add_(0, t, lp)
             cnt.index_add_(0, t, torch.ones_like(lp))
@@ -580,6 +658,12 @@ def train(
         # ---- phase 2: the fit on the cache
         t1 = time.perf_counter()
         fitter = Fitter(lm, cache, labels, config)
+        if config.head == "topk":
+            if fitter.softcap:
+                raise SteerportError(f"{lm.spec}: head='topk' does not support logit softcapping; use head='exact'")
+            t_stats = time.perf_counter()
+            fitter.stats = _cached_topk_stats(fitter, wd, cache_key, config.topk, notify)
+            timings["topk_stats_s"] = time.perf_counter() - t_stats
         is_train = cache.text < n_train_texts
         train_idx = torch.nonzero(is_train).flatten()
         held_idx = torch.nonzero(~is_train).flatten()
@@ -653,6 +737,24 @@ def train(
     return TrainResult(steer, results, state["history"])
 
 
+def _cached_topk_stats(fitter: Fitter, wd: Path | None, cache_key: str, k: int, notify: ProgressFn) -> TopKStats:
+    """:func:`topk_stats`, kept in the work folder so a resumed run does not recompute it."""
+    path = wd / f"topk{k}.safetensors" if wd is not None else None
+    if path is not None and path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if f.metadata().get("key") == cache_key:
+                return TopKStats(**load_file(str(path)))
+    N = fitter.cache.n_tokens
+    notify("stats-start", {"tokens": N})
+    stats = topk_stats(fitter.cache, fitter.E, fitter.bias, k, progress=lambda n: notify("stats", {"tokens": n}))
+    if path is not None:
+        atomic_write_bytes(path, save({f: getattr(stats, f).contiguous() for f in ("ids", "z0", "log_tail", "e_tail")},
+                                      metadata={"key": cache_key}))
+    return stats
+
+
 def _prepare_workdir(wd: Path | None, cache_key: str, fit_key: str) -> bool:
     """Make the work folder; keep a matching cache/checkpoint, drop stale ones. True if resuming."""
     if wd is None:
@@ -664,6 +766,8 @@ def _prepare_workdir(wd: Path | None, cache_key: str, fit_key: str) -> bool:
     if old.get("cache_key") != cache_key:
         for name in ("hidden.bin", "hidden.json", "cache.done", "checkpoint.safetensors"):
             (wd / name).unlink(missing_ok=True)
+        for stale in wd.glob("topk*.safetensors"):
+            stale.unlink()
     else:
         resumed = (wd / "hidden.json").exists()
         if old.get("fit_key") != fit_key:
@@ -689,11 +793,11 @@ def summarize(fitter: Fitter, held_idx: torch.Tensor, n_train_texts: int, data: 
     if not len(held_idx):
         return {"note": "no held-out texts (held-out fraction 0): nothing measured"}
     out: dict[str, Any] = {
-        "heldout_loss_unsteered": fitter.mean_loss(held_idx, sign=0.0, domain=False),
-        "heldout_loss_steered": fitter.mean_loss(held_idx, domain=False),
+        "heldout_loss_unsteered": fitter.mean_loss(held_idx, sign=0.0, domain=False, exact=True),
+        "heldout_loss_steered": fitter.mean_loss(held_idx, domain=False, exact=True),
     }
     if fitter.config.domain:
-        out["heldout_loss_steered_with_domain"] = fitter.mean_loss(held_idx)
+        out["heldout_loss_steered_with_domain"] = fitter.mean_loss(held_idx, exact=True)
     held_texts = torch.arange(n_train_texts, len(fitter.labels))
     lp0 = fitter.text_logprob(held_idx, 0.0)[held_texts]
     lpp = fitter.text_logprob(held_idx, 1.0)[held_texts]

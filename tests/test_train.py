@@ -312,3 +312,49 @@ def test_cli_trains_from_text_files_and_reports_errors(tmp_path, capsys):
         assert not (tmp_path / "t.st").exists()
     finally:
         sys.argv = old
+
+
+# --------------------------------------------------------------------------- opt-in top-k head
+
+
+def test_topk_approximation_is_exact_without_a_tail_and_at_zero_steer():
+    from steerport.train import topk_stats, topk_token_loss
+
+    lm = tiny_model("llama", head_bias=True)
+    data = make_data(1, heldout=0)
+    fitter, _, _ = setup_fit(lm, data, TrainConfig(rank=3, epsilon=0.5, init_scale=0.3))
+    idx = torch.arange(fitter.cache.n_tokens)
+    V = fitter.E.shape[0]
+    u = torch.randn(len(idx), 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    B = fitter.params["B"].detach().clone().requires_grad_()
+    exact = head_token_loss(fitter.cache.h[idx], u, B, fitter.E, fitter.bias, fitter.cache.targets[idx])
+    full = topk_stats(fitter.cache, fitter.E, fitter.bias, V)  # every token a candidate: no tail
+    approx = topk_token_loss(full, idx, u, B, fitter.E)
+    torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(approx.sum(), [u, B])
+    ge = torch.autograd.grad(exact.sum(), [u, B])
+    for a, b in zip(ga, ge):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    small = topk_stats(fitter.cache, fitter.E, fitter.bias, 8)
+    zero = torch.zeros_like(u)
+    torch.testing.assert_close(topk_token_loss(small, idx, zero, B, fitter.E),
+                               head_token_loss(fitter.cache.h[idx], zero, B, fitter.E, fitter.bias, fitter.cache.targets[idx]),
+                               rtol=1e-5, atol=1e-5)
+    # first order in the tail: the error shrinks quadratically with the steer's size
+    err = [(topk_token_loss(small, idx, u * a, B, fitter.E)
+            - head_token_loss(fitter.cache.h[idx], u * a, B, fitter.E, fitter.bias, fitter.cache.targets[idx])).abs().mean().item()
+           for a in (0.1, 0.01)]
+    assert err[1] < err[0] / 30
+
+
+def test_topk_training_runs_and_resumes(tmp_path):
+    lm = tiny_model("llama")
+    whole = train(lm, make_data(), cfg(head="topk", topk=16, patience=100), workdir=tmp_path / "a")
+    assert "topk_stats_s" in whole.steer.meta["training"]["timings"]
+    with pytest.raises(KeyboardInterrupt):
+        train(lm, make_data(), cfg(head="topk", topk=16, patience=100), workdir=tmp_path / "b", stop_after_step=5)
+    assert (tmp_path / "b" / "topk16.safetensors").exists()
+    resumed = train(lm, make_data(), cfg(head="topk", topk=16, patience=100), workdir=tmp_path / "b")
+    assert torch.equal(whole.steer.A, resumed.steer.A)
+    with pytest.raises(SteerportError, match="head must be"):
+        train(lm, make_data(), cfg(head="fast"))
