@@ -459,7 +459,7 @@ class Fitter:
         u, B = torch.cat(us, 1), torch.cat(Bs, 1)
         if self.stats is not None and not exact:
             return topk_token_loss(self.stats, idx, u, B, self.E)
-        return head_token_loss(h, u, B, self.E, self.bias, y, softcap=self.softcap)
+        return head_token_loss(h, u, B, self.E, self.bias, y, softcap=self.softcap)  # exact
 
     def step(self, idx: torch.Tensor) -> float:
         """One Adam step on the positions ``idx``; returns the batch's mean loss."""
@@ -687,8 +687,9 @@ def train(
             state["step"] = step + 1
             notify("fit", {"step": step + 1, "loss": last_loss, "tokens": len(idx)})
             if len(held_idx) and (state["step"] % eval_every == 0 or state["step"] == total_steps):
-                held = fitter.mean_loss(held_idx)
-                state["history"].append({"step": state["step"], "train_loss": last_loss, "heldout_loss": held})
+                held = fitter.mean_loss(held_idx, exact=True)  # early stopping never trusts the approximation
+                state["history"].append({"step": state["step"], "train_loss": last_loss, "heldout_loss": held,
+                                         "seconds": round(time.perf_counter() - t_start, 3)})
                 notify("eval", {"step": state["step"], "heldout_loss": held})
                 if state["best_loss"] is None or held < state["best_loss"] * (1 - config.min_improvement):
                     state.update(best_loss=held, best_step=state["step"], bad_evals=0)
