@@ -359,3 +359,14 @@ def test_topk_training_runs_and_resumes(tmp_path):
     assert torch.equal(whole.steer.A, resumed.steer.A)
     with pytest.raises(SteerportError, match="head must be"):
         train(lm, make_data(), cfg(head="fast"))
+
+
+def test_work_folder_cleanup_only_touches_our_files(tmp_path):
+    from steerport.train import remove_workdir
+
+    lm = tiny_model("llama")
+    (tmp_path / "mine.txt").write_text("keep me")
+    train(lm, make_data(), cfg(steps=2), workdir=tmp_path)
+    assert (tmp_path / "hidden.bin").exists()
+    remove_workdir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
