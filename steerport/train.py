@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -779,11 +778,22 @@ def _prepare_workdir(wd: Path | None, cache_key: str, fit_key: str) -> bool:
     return resumed
 
 
+WORK_FILES = ("run.json", "hidden.bin", "hidden.json", "cache.done", "checkpoint.safetensors")
+
+
 def remove_workdir(wd: str | Path) -> None:
-    """Delete a finished run's work folder (only if it is one: it has our run.json)."""
+    """Delete a run's work files (only ours), and the folder itself if that leaves it empty."""
     wd = Path(wd)
-    if (wd / "run.json").exists():
-        shutil.rmtree(wd, ignore_errors=True)
+    if not (wd / "run.json").exists():
+        return
+    for name in WORK_FILES:
+        (wd / name).unlink(missing_ok=True)
+    for stale in wd.glob("topk*.safetensors"):
+        stale.unlink()
+    try:
+        wd.rmdir()
+    except OSError:
+        pass  # the user keeps other files there
 
 
 @torch.no_grad()
