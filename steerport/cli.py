@@ -223,7 +223,7 @@ def train(
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-2,
     epochs: Annotated[float, typer.Option(help="Most passes over the cached tokens (early stopping usually ends sooner).")] = 8.0,
     steps: Annotated[Optional[int], typer.Option(help="Exact number of optimizer steps (overrides --epochs).")] = None,
-    tokens_per_batch: Annotated[int, typer.Option(help="Tokens per optimizer step (batches are packed by tokens).")] = 2048,
+    tokens_per_batch: Annotated[int, typer.Option(help="Tokens per optimizer step (batches are packed by tokens).")] = 512,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay on A and B.")] = 0.0,
     domain: Annotated[bool, typer.Option("--domain/--no-domain", help="Also learn the always-on domain component (anchor's dummy_steer), saved as domain.A/domain.B.")] = False,
     patience: Annotated[int, typer.Option(help="Held-out evaluations without improvement before stopping early.")] = 3,
