@@ -330,8 +330,12 @@ def _train_progress():
             tasks["cache"] = bar.add_task("1/2 body pass", total=info["tokens"], info="")
             clock["cache"] = time.perf_counter()
         elif phase == "cache":
+            if "cache_from" not in clock:  # first report: what a resumed pass already had
+                clock["cache_from"] = info["tokens"]
+                clock["cache"] = time.perf_counter()
             dt = max(time.perf_counter() - clock["cache"], 1e-9)
-            bar.update(tasks["cache"], completed=info["tokens"], info=f"{info['texts']} texts  {info['tokens'] / dt:,.0f} tok/s")
+            rate = (info["tokens"] - clock["cache_from"]) / dt
+            bar.update(tasks["cache"], completed=info["tokens"], info=f"{info['texts']} texts  {rate:,.0f} tok/s")
         elif phase == "stats-start":
             tasks["stats"] = bar.add_task("   top-k stats", total=info["tokens"], info="")
         elif phase == "stats":
@@ -373,7 +377,7 @@ def train(
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-2,
     epochs: Annotated[float, typer.Option(help="Most passes over the cached tokens (early stopping usually ends sooner).")] = 8.0,
     steps: Annotated[Optional[int], typer.Option(help="Exact number of optimizer steps (overrides --epochs).")] = None,
-    tokens_per_batch: Annotated[int, typer.Option(help="Tokens per optimizer step (batches are packed by tokens).")] = 2048,
+    tokens_per_batch: Annotated[int, typer.Option(help="Tokens per optimizer step (batches are packed by tokens).")] = 512,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay on A and B.")] = 0.0,
     domain: Annotated[bool, typer.Option("--domain/--no-domain", help="Also learn the always-on domain component (anchor's dummy_steer), saved as domain.A/domain.B.")] = False,
     patience: Annotated[int, typer.Option(help="Held-out evaluations without improvement before stopping early.")] = 3,
@@ -446,8 +450,8 @@ def train(
         ("steer-as-classifier ROC AUC (held out)", r.get("heldout_auc")),
         ("steps (best at)", f"{r['steps']} ({r['best_step']}), {r['epochs']} epochs; {r['stopped']}"),
         ("tokens train / held out", f"{r['train_tokens']} / {r['heldout_tokens']}"),
-        ("time: body pass / fit / total", f"{t['cache_s']:.1f} s / {t.get('topk_stats_s', 0) + t['fit_s']:.1f} s / {t['total_s']:.1f} s"
-         + ("  (resumed)" if r.get("resumed") else "")),
+        ("time: body pass / fit / this run", f"{t['cache_s']:.1f} s / {t.get('topk_stats_s', 0) + t['fit_s']:.1f} s / {t['total_s']:.1f} s"
+         + ("  (resumed: the fit time counts every session)" if r.get("resumed") else "")),
     ]
     for k, v in rows:
         if v is not None:

@@ -61,7 +61,7 @@ class TrainConfig:
     lr: float = 1e-2
     epochs: float = 8.0  # upper bound; early stopping usually ends sooner
     steps: int | None = None  # if given, overrides epochs
-    tokens_per_batch: int = 2048
+    tokens_per_batch: int = 512
     weight_decay: float = 0.0  # L2 on A, B (Adam's coupled weight decay, as the anchor's regularization)
     seed: int = 0
     domain: bool = False  # learn the always-on domain component too
