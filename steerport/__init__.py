@@ -14,7 +14,7 @@ from steerport.hooks import generate, steered
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model, resolve_spec
 from steerport.mapping import FitOptions, Mapping, fit_mapping, get_mapping
 from steerport.steer import Steer
-from steerport.transfer import TransferOptions, transfer
+from steerport.transfer import TransferOptions  # steerport.transfer stays the module: transfer.transfer(...)
 from steerport.vocab import align_vocab
 
 __version__ = "0.1.0"
@@ -35,5 +35,4 @@ __all__ = [
     "load_model",
     "resolve_spec",
     "steered",
-    "transfer",
 ]

@@ -87,24 +87,31 @@ class FitOptions:
 # --------------------------------------------------------------------------- the fit
 
 
-def fit_linear(X: torch.Tensor, Y: torch.Tensor, method: str = "lstsq", *, ridge: float = 1e-2,
-               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """M (p x q) minimising Σ_i w_i ||X_i M − Y_i||²; X: (n, p), Y: (n, q). Float64 inside.
+def gram(X: torch.Tensor, Y: torch.Tensor, weights: torch.Tensor | None = None,
+         chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """XᵀWX (p, p) and XᵀWY (p, q) in float64, accumulated over row blocks (bounded memory)."""
+    p, q = X.shape[1], Y.shape[1]
+    XtX = torch.zeros(p, p, dtype=torch.float64)
+    XtY = torch.zeros(p, q, dtype=torch.float64)
+    for i in range(0, len(X), chunk):
+        x, y = X[i : i + chunk].double(), Y[i : i + chunk].double()
+        if weights is not None:
+            sw = weights[i : i + chunk].double().sqrt()[:, None]
+            x, y = x * sw, y * sw
+        XtX += x.T @ x
+        XtY += x.T @ y
+    return XtX, XtY
 
-    Returns M (float32) and fit facts (Procrustes scale, ridge λ).
-    """
-    X, Y = X.double(), Y.double()
-    if weights is not None:
-        sw = weights.double().sqrt()[:, None]
-        X, Y = X * sw, Y * sw
-    XtY = X.T @ Y  # (p, q)
+
+def solve_map(XtX: torch.Tensor, XtY: torch.Tensor, method: str = "lstsq",
+              ridge: float = 1e-2) -> tuple[torch.Tensor, dict[str, float]]:
+    """The map M (p x q) from the Gram products; see :func:`fit_linear`."""
     info: dict[str, float] = {}
-    if method == "procrustes":
+    if method == "procrustes":  # max trace(Mᵀ XᵀY) over semi-orthogonal M, then the best scale
         U, S, Vh = torch.linalg.svd(XtY, full_matrices=False)  # U (p,k), Vh (k,q)
-        scale = float(S.sum() / (X * X).sum())
+        scale = float(S.sum() / XtX.trace())
         info["scale"] = scale
         return (scale * (U @ Vh)).float(), info
-    XtX = X.T @ X  # (p, p)
     if method == "ridge":
         lam = ridge * float(XtX.diagonal().mean())
         info["lambda"] = lam
@@ -112,6 +119,17 @@ def fit_linear(X: torch.Tensor, Y: torch.Tensor, method: str = "lstsq", *, ridge
     else:  # lstsq: minimum-norm solution of the normal equations (rank-deficient X is fine)
         M = torch.linalg.lstsq(XtX, XtY, driver="gelsd").solution
     return M.float(), info
+
+
+def fit_linear(X: torch.Tensor, Y: torch.Tensor, method: str = "lstsq", *, ridge: float = 1e-2,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """M (p x q) minimising Σ_i w_i ||X_i M − Y_i||²; X: (n, p), Y: (n, q). Float64 inside.
+
+    Returns M (float32) and fit facts (Procrustes scale, ridge λ). Cost: O(n p (p + q)) for the
+    Gram products plus O(p³) for the solve.
+    """
+    XtX, XtY = gram(X, Y, weights)
+    return solve_map(XtX, XtY, method, ridge)
 
 
 def _prepare(X: torch.Tensor, normalize: bool) -> torch.Tensor:

@@ -60,7 +60,7 @@ from steerport.vocab import align_vocab, raw_shared_tokens
 FORMS = ("logit", "logit-pinv", "paper", "hidden", "anchor")
 DEFAULT_FORM = "logit"
 CALIBRATIONS = ("auto", "embed", "kl", "none")
-NEUTRAL_TEXT = Path(__file__).parent / "data" / "neutral_text.txt"
+NEUTRAL_TEXT = Path(__file__).parent / "data" / "text" / "neutral_360.txt"
 Log = Callable[[str], None]
 
 
