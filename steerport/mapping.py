@@ -375,7 +375,8 @@ def shipped_name(src_spec: str, tgt_spec: str) -> str:
 
 def get_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions = FitOptions(), *,
                 path: str | os.PathLike | None = None, refit: bool = False,
-                log: Callable[[str], None] = lambda msg: None) -> tuple[Mapping, str]:
+                log: Callable[[str], None] = lambda msg: None,
+                alignment: Alignment | None = None) -> tuple[Mapping, str]:
     """The mapping for (src, tgt, options): reused when fresh, otherwise fitted and saved.
 
     ``path`` given: reuse it if it matches; if it is stale (fingerprints differ), refuse
@@ -389,7 +390,7 @@ def get_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions 
             m = Mapping.load(path)
             m.check(src.fingerprint, tgt.fingerprint, where=str(path))
             return m, f"reused {path}"
-        m = fit_mapping(src, tgt, options)
+        m = fit_mapping(src, tgt, options, alignment=alignment)
         m.save(path)
         return m, f"fitted, saved to {path}"
     candidates = [cache_path(src.fingerprint, tgt.fingerprint, options), shipped_dir() / shipped_name(src.spec, tgt.spec)]
@@ -405,7 +406,7 @@ def get_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions 
             return m, f"reused {cand}"
         if not m.matches(src.fingerprint, tgt.fingerprint):
             log(f"{cand} is stale (made for other weights or tokenizer); fitting a fresh mapping")
-    m = fit_mapping(src, tgt, options)
+    m = fit_mapping(src, tgt, options, alignment=alignment)
     dest = candidates[0]
     m.save(dest)
     return m, f"fitted, cached at {dest}"
