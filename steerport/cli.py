@@ -36,6 +36,14 @@ DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Apply steers even if made for a model with another fingerprint.")]
 
 
+def progress_bar():
+    """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
 def parse_steer_arg(arg: str) -> tuple[Path, float]:
     """``"toxic.st:-5"`` -> (Path("toxic.st"), -5.0); no value means 1."""
     path, sep, value = arg.rpartition(":")
@@ -128,10 +136,13 @@ def generate(
         raise SteerportError("give at least one --prompt or a --prompts file")
     steers = load_steers(steer)
     lm = load_model(model, dtype=dtype, device=device)
-    outs = do_generate(
-        lm, texts, steers, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, seed=seed, batch_size=batch_size, force=force,
-    )
+    with progress_bar() as bar:
+        task = bar.add_task("generating", total=len(texts))
+        outs = do_generate(
+            lm, texts, steers, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, batch_size=batch_size, force=force,
+            progress=lambda n: bar.advance(task, n),
+        )
     values = [f"{p}:{v:g}" for p, v in map(parse_steer_arg, steer)]
     for p, o in zip(texts, outs):
         if jsonl:
@@ -157,6 +168,145 @@ def inspect(file: Annotated[Path, typer.Argument(help="A .st steer file.")], as_
         table.add_row(f"tensor {name}", f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
     table.add_row("steer fingerprint", steer.fingerprint)
     out.print(table)
+
+# =========================================================================== map / transfer (issue 4)
+
+MethodOpt = Annotated[str, typer.Option(help="Mapping fit: lstsq, ridge or procrustes (closed form).")]
+
+
+def _fit_options(method: str, ridge: float, center: bool, normalize: bool, weighting: str,
+                 top_k: Optional[int], holdout: float, seed: int):
+    from steerport.mapping import FitOptions
+
+    return FitOptions(method=method, ridge=ridge, center=center, normalize=normalize, weighting=weighting,
+                      top_k=top_k, holdout=holdout, seed=seed)
+
+
+def _spec_slug(spec: str) -> str:
+    """A file-name-safe short name of a model spec (catalog/alias as is, paths by their last part)."""
+    import re
+
+    name = Path(spec).name if ("/" in spec and Path(spec).exists()) or spec.endswith(".gguf") else spec
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.removesuffix(".gguf")).strip("-") or "target"
+
+
+@app.command("map")
+def map_cmd(
+    src: ModelArg,
+    tgt: ModelArg,
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Mapping file to write (default: SRC__TGT.safetensors).")] = None,
+    method: MethodOpt = "lstsq",
+    ridge: Annotated[float, typer.Option(help="Ridge strength, relative to the mean Gram diagonal (method ridge).")] = 1e-2,
+    center: Annotated[bool, typer.Option("--center", help="Subtract each side's mean row before fitting.")] = False,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Scale each embedding row to unit length first.")] = False,
+    weighting: Annotated[str, typer.Option(help="none, or zipf: weight pair k by 1/sqrt(1+frequency rank).")] = "none",
+    top_k: Annotated[Optional[int], typer.Option(help="Fit only on the K most frequent aligned pairs (id order).")] = None,
+    holdout: Annotated[float, typer.Option(help="Share of aligned pairs held out for diagnostics.")] = 0.1,
+    seed: int = 0,
+    refit: Annotated[bool, typer.Option("--refit", help="Fit even if --out already holds a fresh mapping.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the mapping metadata as JSON.")] = False,
+):
+    """Fit the map between two models' output embeddings (reads only embeddings and tokenizers).
+
+    An existing --out file is reused when it matches both models and the options; a stale one
+    (made for other weights or tokenizer) is refitted and overwritten.
+    """
+    from steerport.mapping import Mapping, fit_mapping
+    from steerport.models import load_embeddings
+
+    options = _fit_options(method, ridge, center, normalize, weighting, top_k, holdout, seed)
+    path = out_file or Path(f"{_spec_slug(src)}__{_spec_slug(tgt)}.safetensors")
+    with console.status("reading output embeddings and tokenizers"):
+        se, te = load_embeddings(src), load_embeddings(tgt)
+    m = None
+    if path.exists() and not refit:
+        old = Mapping.load(path)
+        if old.matches(se.fingerprint, te.fingerprint, options):
+            m, how = old, "reused (fresh)"
+        elif not old.matches(se.fingerprint, te.fingerprint):
+            console.print(f"[yellow]{path} is stale[/] (made for other weights or tokenizer): refitting")
+    if m is None:
+        with console.status(f"aligning vocabularies and fitting ({method})"):
+            m = fit_mapping(se, te, options)
+        m.save(path)
+        how = "fitted"
+    if as_json:
+        out.print_json(json.dumps(m.metadata()))
+        return
+    table = Table("map", "held-out R²", "cosine", "NN acc", "train R²", title=f"{src} -> {tgt}: {how}, {path}")
+    for name, label in (("H", "H: e_src ≈ H e_tgt"), ("G", "G: e_tgt ≈ G e_src")):
+        d = m.diagnostics[name]
+        ho = d.get("heldout", {})
+        table.add_row(label, f"{ho.get('r2', float('nan')):.4f}", f"{ho.get('cosine', float('nan')):.4f}",
+                      f"{ho.get('nn_acc', float('nan')):.4f}", f"{d['train']['r2']:.4f}")
+    out.print(table)
+    a = m.alignment
+    out.print(f"aligned pairs {m.n_pairs} (raw string matches {a['raw_string_matches']}); coverage "
+              f"{a['coverage_src']:.1%} of {src} ({a['source']['convention']}), {a['coverage_tgt']:.1%} of {tgt} "
+              f"({a['target']['convention']}); train {m.n_train}, held out {m.n_heldout}", highlight=False)
+
+
+@app.command("transfer")
+def transfer_cmd(
+    src: ModelArg,
+    tgt: ModelArg,
+    steer: Annotated[Path, typer.Option("--steer", "-s", help="The source model's .st steer file.")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .st (default: STEER.TGT.st next to the steer).")] = None,
+    form: Annotated[str, typer.Option(help="logit (default, fitted G), logit-pinv, paper (HᵀWH), hidden (needs both full models) or anchor (baseline).")] = "logit",
+    mapping: Annotated[Optional[Path], typer.Option(help="Mapping file to use (refused if stale; fitted and written there if missing).")] = None,
+    method: MethodOpt = "lstsq",
+    ridge: Annotated[float, typer.Option(help="Relative ridge strength (method ridge).")] = 1e-2,
+    center: Annotated[bool, typer.Option("--center", help="Center embedding rows before fitting.")] = False,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Unit-normalize embedding rows before fitting.")] = False,
+    weighting: Annotated[str, typer.Option(help="none or zipf.")] = "none",
+    top_k: Annotated[Optional[int], typer.Option(help="Fit only on the K most frequent aligned pairs.")] = None,
+    calibrate: Annotated[str, typer.Option(help="auto (kl for the hidden form, else embed), embed (embeddings only), kl (loads both models) or none.")] = "auto",
+    calib_value: Annotated[float, typer.Option(help="Reference steer value at which strengths are matched.")] = 1.0,
+    calib_text: Annotated[Optional[Path], typer.Option(help="Neutral text for kl calibration, one text per line (default: bundled WikiText-2 slice).")] = None,
+    hidden_text: Annotated[Optional[Path], typer.Option(help="Neutral text for the hidden-state map, one text per line (default: bundled).")] = None,
+    anchor_steps: Annotated[int, typer.Option(help="Adam steps of the anchor baseline (its default 10000).")] = 10_000,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Carry a steer whose model fingerprint differs from SRC.")] = False,
+):
+    """Carry a steer from SRC to TGT: steerport transfer gpt2 gpt-j --steer toxic.st.
+
+    The default form reads only both models' output embeddings and tokenizers.
+    """
+    from steerport.steer import Steer
+    from steerport.transfer import TransferOptions, transfer
+
+    def lines(p: Optional[Path]) -> Optional[list[str]]:
+        if p is None:
+            return None
+        if not p.is_file():
+            raise SteerportError(f"{p}: no such text file")
+        texts = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not texts:
+            raise SteerportError(f"{p}: no text lines")
+        return texts
+
+    source = Steer.load(steer)
+    options = TransferOptions(
+        form=form, fit=_fit_options(method, ridge, center, normalize, weighting, top_k, 0.1, 0),
+        calibrate=calibrate, calib_value=calib_value, calib_texts=lines(calib_text), hidden_texts=lines(hidden_text),
+        anchor_steps=anchor_steps, dtype=dtype, device=device,
+    )
+    dest = out_file or steer.with_name(f"{steer.stem}.{_spec_slug(tgt)}.st")
+    with console.status(f"transferring {steer} {src} -> {tgt} ({form})"):
+        res = transfer(source, src, tgt, options, mapping_path=mapping, source_path=str(steer), force=force,
+                       log=lambda msg: console.print(msg, highlight=False))
+    res.steer.save(dest)
+    lin = res.lineage
+    cal = lin["calibration"]
+    msg = f"[green]wrote[/] {dest}: form {form}, rank {res.steer.rank}, hidden {res.steer.hidden_size}, "
+    msg += f"calibration {cal['method']} x{cal['factor']:.4g} (epsilon {source.epsilon:.4g} -> {res.steer.epsilon:.4g})"
+    if "mapping" in lin:
+        h = lin["mapping"]["diagnostics"]["H"].get("heldout", {})
+        msg += f"; mapping {lin['mapping']['method']} on {lin['mapping']['n_pairs']} pairs, held-out R² {h.get('r2', float('nan')):.3f}"
+    if "hidden_map" in lin:
+        msg += f"; hidden map R² {lin['hidden_map'].get('heldout', {}).get('r2', float('nan')):.3f}"
+    console.print(msg + f"; {lin['seconds']['total']:.1f} s", highlight=False)
 
 
 # =========================================================================== train (issue 3)
@@ -314,7 +464,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except SteerportError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted")
