@@ -12,6 +12,11 @@ which is exactly the model's loss with the hook ``h ← h + s·ε₀·B(Aᵀh)``
 The softmax is computed chunk by chunk over the vocabulary with a running max, sum and
 gradient accumulator (one pass, memory O(N · chunk)), so a 262k vocabulary is fine.
 
+``head="topk"`` (opt-in) replaces the full softmax of each step by the base model's top
+candidates plus a first-order tail term computed once after the body pass (:class:`TopKStats`):
+steps then cost O(N·K·r) instead of O(N·V·d). Held-out evaluations (early stopping) and the
+final summary always use the exact head.
+
 The optional always-on *domain* component (the anchor code's ``dummy_steer``) adds
 ``ε₀·B_d(A_dᵀh)`` to every text whatever its label; it absorbs what positive and negative
 texts share (their domain), is stored as ``domain.A``/``domain.B`` and is applied by
