@@ -152,9 +152,8 @@ def main() -> None:
         (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
         (RESULTS / f"{name}.md").write_text(markdown(res))
 
-    res["end_to_end"] = bench_end_to_end(models) if models else []
-    save({})
     bench_fits(grid, {128: 50, 256: 50, 1024: 10, 4096: 1}, save)
+    save({"end_to_end": bench_end_to_end(models) if models else []})
     print(markdown(res))
 
 

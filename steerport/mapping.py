@@ -116,8 +116,16 @@ def solve_map(XtX: torch.Tensor, XtY: torch.Tensor, method: str = "lstsq",
         lam = ridge * float(XtX.diagonal().mean())
         info["lambda"] = lam
         M = torch.linalg.solve(XtX + lam * torch.eye(XtX.shape[0], dtype=XtX.dtype), XtY)
-    else:  # lstsq: minimum-norm solution of the normal equations (rank-deficient X is fine)
-        M = torch.linalg.lstsq(XtX, XtY, driver="gelsd").solution
+    else:  # lstsq: Cholesky when X has full column rank, else the minimum-norm (pseudo-inverse) solution
+        L, bad = torch.linalg.cholesky_ex(XtX)
+        diag = L.diagonal()
+        if int(bad) == 0 and float((diag.min() / diag.max()) ** 2) > 1e-12:  # well enough conditioned
+            M = torch.cholesky_solve(XtY, L)
+        else:
+            lam, V = torch.linalg.eigh(XtX)  # XtX = V diag(λ) Vᵀ, λ ≥ 0
+            keep = lam > lam.max() * XtX.shape[0] * torch.finfo(XtX.dtype).eps
+            M = V[:, keep] @ ((V[:, keep].T @ XtY) / lam[keep, None])
+            info["rank"] = int(keep.sum())
     return M.float(), info
 
 

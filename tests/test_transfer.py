@@ -238,6 +238,19 @@ def test_planted_linear_relation_recovered(method):
     assert f.diagnostics["heldout"]["nn_acc"] == 1.0
 
 
+def test_lstsq_on_rank_deficient_rows_is_the_minimum_norm_solution():
+    from steerport.mapping import fit_linear
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(300, 20, generator=g), torch.randn(300, 5, generator=g)
+    M, info = fit_linear(X, Y)
+    assert "rank" not in info and torch.allclose(M, torch.linalg.lstsq(X, Y).solution, atol=1e-5)
+    X[:, 3] = X[:, 2]  # two identical embedding coordinates
+    M, info = fit_linear(X, Y)
+    assert info["rank"] == 19
+    assert torch.allclose(M, (torch.linalg.pinv(X.double()) @ Y.double()).float(), atol=1e-4)
+
+
 def test_noise_lowers_heldout_r2_as_expected():
     r2 = {}
     for noise in (0.0, 0.3, 1.0):
