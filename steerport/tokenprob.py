@@ -206,6 +206,9 @@ def fit_encoding(E: torch.Tensor, log_alpha: torch.Tensor, *, chunk: int = 65536
     se = torch.sqrt(sigma2 * Ginv.diagonal()[:d])
     t = beta[:d] / se
     log_p = torch.from_numpy(math.log(2) + t_dist.logsf(t.abs().numpy(), dof))
+    # far tails underflow even in log space: use the normal tail log(2φ(t)/|t|) there
+    tail = math.log(2) - t**2 / 2 - torch.log(t.abs() * math.sqrt(2 * math.pi))
+    log_p = torch.where(torch.isfinite(log_p), log_p, tail)
     r2 = 1 - rss / tss
     return Encoding(
         slopes=beta[:d], intercept=float(beta[d]), t=t, log_p=log_p,
