@@ -150,7 +150,7 @@ def make_actadd(
     pairs: Sequence[tuple[str, str]],
     *,
     layer: int | float | str,
-    coeff: float = 4.0,
+    coeff: float = 5.0,
     positions: str = "front",
     positive: str = "",
 ) -> Steer:
@@ -272,39 +272,56 @@ APPLIERS["actadd"] = apply_actadd
 # --------------------------------------------------------------------------- calibration and transfer
 
 
+@torch.no_grad()
 def calibrate_value(
     lm: LoadedModel,
     steer: Steer,
     texts: Sequence[str],
     target_kl: float,
     *,
-    lo: float = 1e-3,
-    hi: float = 1e3,
-    steps: int = 14,
+    start: float = 1.0,
+    iters: int = 8,
+    tol: float = 0.03,
     max_tokens: int = 64,
+    batch_size: int = 8,
 ) -> tuple[float, float]:
-    """The value s at which κ(s) = mean KL on ``texts`` matches ``target_kl`` (bisection in log s).
+    """The value s at which κ(s) (mean KL from the unsteered model on ``texts``) matches ``target_kl``.
 
-    Returns (s, κ(s)). κ grows with s for an additive steer; the search brackets [lo, hi].
+    κ of an additive steer grows like a power of s (≈ s² when small), so we step in log-log
+    space: s ← s · (target/κ)^(1/p) with p the measured local exponent (2 at first), until
+    |log κ/target| < ``tol``. The unsteered log-probs are computed once. Returns (s, κ(s)).
     """
-    from steerport.scoring import mean_kl
+    from steerport.hooks import steered
+    from steerport.scoring import batches, kl_divergence
+
+    if target_kl <= 0:
+        raise SteerportError(f"target KL must be positive, got {target_kl}")
+    cached = []
+    for batch in batches(lm, texts, batch_size, max_tokens):
+        cached.append((batch, torch.log_softmax(lm.model(**batch).logits.float(), -1)))
 
     def kappa(s: float) -> float:
-        return mean_kl(lm, texts, [(steer, s)], max_tokens=max_tokens)
+        total, count = 0.0, 0
+        with steered(lm, [(steer, s)], force=True):
+            for batch, base in cached:
+                new = torch.log_softmax(lm.model(**batch).logits.float(), -1)
+                mask = batch["attention_mask"].bool()
+                total += kl_divergence(new, base)[mask].sum().item()
+                count += int(mask.sum())
+        return total / max(count, 1)
 
-    a, b = math.log(lo), math.log(hi)
-    best = (math.exp(b), kappa(math.exp(b)))
-    if best[1] < target_kl:
-        return best
-    for _ in range(steps):
-        mid = (a + b) / 2
-        k = kappa(math.exp(mid))
-        if k < target_kl:
-            a = mid
-        else:
-            b = mid
-        best = (math.exp(mid), k)
-    return best
+    s, k = start, kappa(start)
+    prev = None
+    for _ in range(iters):
+        if k > 0 and abs(math.log(k / target_kl)) < tol:
+            break
+        p = 2.0
+        if prev is not None and prev[1] > 0 and k > 0 and prev[0] != s:
+            p = min(max(math.log(k / prev[1]) / math.log(s / prev[0]), 0.5), 4.0)
+        prev = (s, k)
+        s = s * (target_kl / max(k, 1e-12)) ** (1 / p)
+        k = kappa(s)
+    return s, k
 
 
 def _leading_special(tokenizer, text: str) -> int:
@@ -410,7 +427,7 @@ def transfer_actadd(
     if calibrate or method == "recipe":
         # κ at value 1 of the new steer with ε₀ = 1, then scale ε₀ so κ matches the source's
         unit = Steer(new.kind, new.tensors, 1.0, new.positive, new.model, new.meta)
-        s, k = calibrate_value(target, unit, neutral_texts, kappa_src, max_tokens=max_tokens)
+        s, k = calibrate_value(target, unit, neutral_texts, kappa_src, start=steer.epsilon, max_tokens=max_tokens)
         lineage.update({"calibration": "matched mean KL on neutral text", "kappa_source": kappa_src,
                         "kappa_target": k, "calibration_factor": s / steer.epsilon})
         new.epsilon = s

@@ -518,3 +518,69 @@ def transfer_token_prob(
         "dropped": dropped,
     }
     return new, {"adj_r2": enc.adj_r2, "dropped": dropped, "kept": list(kept)}
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def plot_pca(E: torch.Tensor, log_alpha: torch.Tensor, path, *, title: str = "", max_points: int = 30000) -> None:
+    """PCA (2 components) of the output embeddings, coloured by the rank percentile of α (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    X = E.detach().float().cpu()
+    X = X - X.mean(0)
+    _, _, Vt = torch.linalg.svd(X[torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))[:20000]], full_matrices=False)
+    P = X @ Vt[:2].T  # (V, 2)
+    rank = torch.argsort(torch.argsort(log_alpha)).float() / (len(log_alpha) - 1) * 100  # percentile, 100 = most probable
+    idx = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(1))[:max_points]
+    idx = idx[torch.argsort(rank[idx])]  # draw frequent tokens on top
+    fig, ax = plt.subplots(figsize=(6, 5))
+    sc = ax.scatter(P[idx, 0], P[idx, 1], c=rank[idx], s=2, cmap="viridis")
+    fig.colorbar(sc, label="rank percentile of average probability")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title or "output embeddings")
+    _save_fig(fig, path)
+
+
+def plot_prune(rows: Sequence[dict], path, *, title: str = "") -> None:
+    """KL of the average distribution and generation similarity against the fraction of dims removed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = [r["fraction"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(f, [r["kl_avg"] for r in rows], "o-", label="KL of average distribution")
+    ax.plot(f, [r["kl_pos"] for r in rows], "s-", label="mean per-position KL")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of output-embedding dims removed (least important first)")
+    ax.set_ylabel("KL (nats)")
+    ax2 = ax.twinx()
+    ax2.plot(f, [r["gen_sim"] for r in rows], "^-", color="tab:red", label="generation similarity")
+    ax2.set_ylabel("generation similarity")
+    ax2.set_ylim(0, 1.05)
+    fig.legend(loc="lower left", fontsize=8)
+    ax.set_title(title or "dimension removal")
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path) -> None:
+    import io
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from steerport.steer import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
