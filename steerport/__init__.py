@@ -9,10 +9,17 @@ Example::
         print(sp.generate(lm, ["The movie was"])[0])
 """
 
+from steerport.data import DataOptions, Dataset, load_data
 from steerport.errors import SteerportError
 from steerport.hooks import generate, steered
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model, resolve_spec
+from steerport.mapping import FitOptions, Mapping, fit_mapping, get_mapping
 from steerport.steer import Steer
+from steerport.train import TrainConfig, TrainResult
+from steerport.train import train as train_steer  # not "train": that name is the module
+from steerport.transfer import TransferOptions
+from steerport.transfer import transfer as transfer_steer  # likewise
+from steerport.vocab import align_vocab
 
 # further steer kinds register their appliers in steerport.hooks.APPLIERS on import
 from steerport.actadd import make_actadd, transfer_actadd  # noqa: E402  (kind "actadd")
@@ -21,11 +28,22 @@ from steerport.tokenprob import make_token_steer, transfer_token_prob  # noqa: E
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataOptions",
+    "Dataset",
+    "FitOptions",
     "LoadedModel",
+    "Mapping",
     "ModelEmbeddings",
     "Steer",
     "SteerportError",
+    "TrainConfig",
+    "TrainResult",
+    "TransferOptions",
+    "align_vocab",
+    "fit_mapping",
     "generate",
+    "get_mapping",
+    "load_data",
     "make_actadd",
     "make_token_steer",
     "transfer_actadd",
@@ -34,4 +52,6 @@ __all__ = [
     "load_model",
     "resolve_spec",
     "steered",
+    "train_steer",
+    "transfer_steer",
 ]
