@@ -458,7 +458,7 @@ def train(
 # =========================================================================== seeds: ActAdd and token-probability steering
 # (issue 6; library code in steerport/actadd.py, steerport/tokenprob.py, steerport/align_positions.py)
 
-TextOpt = Annotated[Optional[Path], typer.Option(help="Text file (.txt/.raw one text per line, or .jsonl with text); default: the vendored WikiText-2 slice.")]
+TextOpt = Annotated[Optional[Path], typer.Option(help="Text file (.txt/.raw one text per line, or .jsonl with text); default: the vendored WikiText-2 slice (100 paragraphs).")]
 LinesOpt = Annotated[int, typer.Option(help="Use at most this many texts.")]
 
 

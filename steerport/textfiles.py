@@ -13,7 +13,7 @@ from pathlib import Path
 
 from steerport.errors import SteerportError
 
-DEFAULT_TEXT = Path(__file__).parent / "data" / "text" / "wikitext2_test_slice.txt"
+DEFAULT_TEXT = Path(__file__).parent / "data" / "text" / "wikitext2_test_100.txt"  # see steerport/data/SOURCE.md
 
 
 def read_texts(path: str | Path | None = None, *, limit: int | None = None, skip: int = 0, min_chars: int = 40) -> list[str]:
