@@ -156,8 +156,9 @@ def part_token_transfer(args) -> None:
 
 
 def separation(lm, steer, value, pos, neg) -> float:
-    s = [(steer, value)]
-    return float((mean_logprob(lm, pos, s) - mean_logprob(lm, pos)).mean() - (mean_logprob(lm, neg, s) - mean_logprob(lm, neg)).mean())
+    s, kw = [(steer, value)], {"batch_size": 4}
+    return float((mean_logprob(lm, pos, s, **kw) - mean_logprob(lm, pos, **kw)).mean()
+                 - (mean_logprob(lm, neg, s, **kw) - mean_logprob(lm, neg, **kw)).mean())
 
 
 def part_actadd(args) -> None:
@@ -168,17 +169,23 @@ def part_actadd(args) -> None:
     src = load_model(args.source, dtype="float32")
     steer = make_actadd(src, pairs, layer=args.layer, coeff=args.coeff)
     res = {"source": args.source, "layer": steer.meta["layer"], "n_layers": steer.meta["n_layers"], "coeff": args.coeff}
-    res["kappa"] = mean_kl(src, neutral, [(steer, 1.0)], max_tokens=64)
-    res["sep"] = separation(src, steer, 1.0, pos, neg)
-    log("source", res)
-    res["generations"] = {
-        "unsteered": generate(src, prompts, max_new_tokens=args.gen_tokens),
-        "love-hate": generate(src, prompts, [(steer, 1.0)], max_new_tokens=args.gen_tokens),
-        "hate-love (value -1)": generate(src, prompts, [(steer, -1.0)], max_new_tokens=args.gen_tokens),
-    }
-    log(res["generations"])
-    save(f"actadd/{args.source}", res)
+    res["kappa"] = mean_kl(src, neutral, [(steer, 1.0)], max_tokens=64, batch_size=4)
+    if not args.transfer_only:
+        res["sep"] = separation(src, steer, 1.0, pos, neg)
+        log("source", res)
+        res["generations"] = {
+            "unsteered": generate(src, prompts, max_new_tokens=args.gen_tokens),
+            "love-hate": generate(src, prompts, [(steer, 1.0)], max_new_tokens=args.gen_tokens),
+            "hate-love (value -1)": generate(src, prompts, [(steer, -1.0)], max_new_tokens=args.gen_tokens),
+        }
+        log(res["generations"])
+        save(f"actadd/{args.source}", res)
+    else:
+        res["sep"] = separation(src, steer, 1.0, pos, neg)
+        log("source (transfer-only run)", res)
+    src_kappa = res["kappa"]
     tgt = load_model(args.target, dtype="float32")
+    tgt_base = generate(tgt, prompts, max_new_tokens=args.gen_tokens)
     out = {}
     for method in ("recipe", "map"):
         t0 = time.time()
@@ -189,13 +196,13 @@ def part_actadd(args) -> None:
             from steerport.steer import Steer
 
             unit = Steer("actadd", new.tensors, 1.0, new.positive, new.model, new.meta)
-            s, k = calibrate_value(tgt, unit, neutral, res["kappa"], start=new.epsilon, max_tokens=64)
+            s, k = calibrate_value(tgt, unit, neutral, src_kappa, start=new.epsilon, max_tokens=64, batch_size=2)
             new.epsilon = s
             new.meta["lineage"].update({"kappa_target": k, "calibration_factor": s / steer.epsilon})
         lin = new.meta["lineage"]
         row = {"seconds": time.time() - t0, "layer": new.meta["layer"], "coeff": new.epsilon,
                **{k: v for k, v in lin.items() if k not in ("source_model", "source_steer")}}
-        row["kappa_target"] = mean_kl(tgt, neutral, [(new, 1.0)], max_tokens=64)
+        row["kappa_target"] = mean_kl(tgt, neutral, [(new, 1.0)], max_tokens=64, batch_size=2)
         row["sep_target"] = separation(tgt, new, 1.0, pos, neg)
         row["generations"] = generate(tgt, prompts, [(new, 1.0)], max_new_tokens=args.gen_tokens)
         out[method] = row
@@ -206,7 +213,7 @@ def part_actadd(args) -> None:
             a, b = recipe_vec.flatten(), new.tensors["vector"].flatten()
             n = min(len(a), len(b))
             row["cosine_to_recipe_vector"] = float(torch.nn.functional.cosine_similarity(a[:n], b[:n], dim=0))
-        save(f"actadd-transfer/{args.source}->{args.target}", {"unsteered_generations": generate(tgt, prompts, max_new_tokens=args.gen_tokens), **out})
+        save(f"actadd-transfer/{args.source}->{args.target}", {"source_kappa": src_kappa, "source_sep": res["sep"], "neutral_texts": len(neutral), "sep_sentences": len(pos), "unsteered_generations": tgt_base, **out})
 
 
 def main() -> None:
@@ -228,6 +235,7 @@ def main() -> None:
     p.add_argument("--neutral", type=int, default=8)
     p.add_argument("--sep", type=int, default=30)
     p.add_argument("--pair-texts", type=int, default=40)
+    p.add_argument("--transfer-only", action="store_true", help="skip the source generations (already in the results)")
     args = p.parse_args()
     {"tokenprob": part_tokenprob, "token-transfer": part_token_transfer, "actadd": part_actadd}[args.part](args)
 
