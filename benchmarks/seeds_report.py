@@ -69,8 +69,10 @@ def actadd_section() -> str:
             lines.append("")
     for key, r in RES.items():
         if key.startswith("actadd-transfer/"):
-            lines += [f"Transfer {key.split('/', 1)[1]}:", "",
-                      "| method | target layer | coefficient | κ target (source κ above) | Sep target | map held-out R² | position pairs | cosine to recipe vector | seconds |",
+            lines += [f"Transfer {key.split('/', 1)[1]} (κ on {r.get('neutral_texts')} neutral paragraphs × 64 tokens; Sep on "
+                      f"{r.get('sep_sentences')} + {r.get('sep_sentences')} SST-2 sentences; the source steer on the same sets: "
+                      f"κ = {f(r.get('source_kappa'))}, Sep = {f(r.get('source_sep'))}):", "",
+                      "| method | target layer | coefficient | κ target | Sep target | map held-out R² | position pairs | cosine to recipe vector | seconds |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for m in ("recipe", "map"):
                 if m in r:
