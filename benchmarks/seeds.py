@@ -134,6 +134,25 @@ def part_tokenprob(args) -> None:
     save(f"tokenprob/{args.model}", res)
 
 
+def part_prune(args) -> None:
+    """Only the dimension-removal curve (slope ranking, then random ranking if --random)."""
+    lm = load_model(args.model, dtype="float32")
+    detect = read_texts(WIKI, limit=args.detect)
+    held = read_texts(WIKI, skip=1000, limit=args.prompts)
+    stats = tp.collect_head_stats(lm, detect, max_tokens=args.max_tokens)
+    enc = tp.fit_encoding(lm.output_embeddings, stats.log_alpha)
+    prompts = [" ".join(t.split()[:8]) for t in held]
+    res = {"model": args.model, "detect_texts": len(detect), "detect_positions": stats.positions, "adj_r2": enc.adj_r2,
+           "prompts": len(prompts), "gen_tokens": args.gen_tokens, "kl_positions": min(args.kl_positions, stats.positions)}
+    name = args.model.replace("/", "_")
+    for rank_by in ("slope", "random") if args.random else ("slope",):
+        res[rank_by] = tp.prune_curve(lm, enc, stats, prompts, fractions=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9),
+                                      rank_by=rank_by, max_new_tokens=args.gen_tokens, max_positions=args.kl_positions)
+        log("prune", rank_by, [(r["fraction"], round(r["kl_avg"], 4), round(r["gen_sim"], 3)) for r in res[rank_by]])
+        save(f"prune/{args.model}", res)
+    tp.plot_prune(res["slope"], ROOT / "benchmarks" / f"seeds_prune_{name}.png", title=f"{args.model}: dimension removal")
+
+
 def part_token_transfer(args) -> None:
     """token-steer on the source, transfer by surface to the target, measure r̂ on the target's held-out text."""
     src = load_model(args.source, dtype="float32")
@@ -218,7 +237,8 @@ def part_actadd(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["tokenprob", "token-transfer", "actadd"])
+    p.add_argument("part", choices=["tokenprob", "token-transfer", "actadd", "prune"])
+    p.add_argument("--random", action="store_true", help="prune: also the random-ranking baseline")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--source", default="smollm2-135m")
     p.add_argument("--target", default="gemma3-270m")
@@ -237,7 +257,7 @@ def main() -> None:
     p.add_argument("--pair-texts", type=int, default=40)
     p.add_argument("--transfer-only", action="store_true", help="skip the source generations (already in the results)")
     args = p.parse_args()
-    {"tokenprob": part_tokenprob, "token-transfer": part_token_transfer, "actadd": part_actadd}[args.part](args)
+    {"tokenprob": part_tokenprob, "token-transfer": part_token_transfer, "actadd": part_actadd, "prune": part_prune}[args.part](args)
 
 
 if __name__ == "__main__":

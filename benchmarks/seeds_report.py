@@ -51,6 +51,19 @@ def tokenprob_section() -> str:
                 lines.append(f"| {row['fraction']:.0%} | {row['kl_avg']:.2e} | {row['kl_pos']:.3f} | {row['gen_sim']:.2f} | "
                              f"{f(rr.get('kl_avg'), 4)} | {f(rr.get('gen_sim'), 2)} |")
             lines.append("")
+    for key, r in RES.items():
+        if key.startswith("prune/") and "slope" in r:
+            lines += [f"Dimension removal, {r['model']} (paper: 30–40% of dims removable). Regression on {r['detect_texts']} paragraphs "
+                      f"({r['detect_positions']} positions, adjusted R² {r['adj_r2']:.3f}); KL on {r['kl_positions']} positions; generation "
+                      f"similarity = mean difflib ratio of greedy continuations ({r['prompts']} prompts × {r['gen_tokens']} tokens) with vs without the removal:", "",
+                      "| removed | dims | KL avg dist | mean KL per position | gen sim | KL avg dist (random rank) | gen sim (random) |",
+                      "|---|---|---|---|---|---|---|"]
+            rnd = r.get("random", [])
+            for i, row in enumerate(r["slope"]):
+                rr = rnd[i] if i < len(rnd) else {}
+                lines.append(f"| {row['fraction']:.0%} | {row['dims_removed']} | {row['kl_avg']:.2e} | {row['kl_pos']:.3f} | {row['gen_sim']:.2f} | "
+                             f"{f(rr.get('kl_avg'), 4)} | {f(rr.get('gen_sim'), 2)} |")
+            lines.append("")
     return "\n".join(lines)
 
 
