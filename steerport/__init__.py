@@ -21,6 +21,10 @@ from steerport.transfer import TransferOptions
 from steerport.transfer import transfer as transfer_steer  # likewise
 from steerport.vocab import align_vocab
 
+# further steer kinds register their appliers in steerport.hooks.APPLIERS on import
+from steerport.actadd import make_actadd, transfer_actadd  # noqa: E402  (kind "actadd")
+from steerport.tokenprob import make_token_steer, transfer_token_prob  # noqa: E402  (kind "token-prob")
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -40,6 +44,10 @@ __all__ = [
     "generate",
     "get_mapping",
     "load_data",
+    "make_actadd",
+    "make_token_steer",
+    "transfer_actadd",
+    "transfer_token_prob",
     "load_embeddings",
     "load_model",
     "resolve_spec",

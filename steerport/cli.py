@@ -489,6 +489,218 @@ def demo(
     console.print(f"[green]done[/] in {r['seconds']:.0f} s; steers and results.json in {out_dir}/")
 
 
+# =========================================================================== seeds: ActAdd and token-probability steering
+# (issue 6; library code in steerport/actadd.py, steerport/tokenprob.py, steerport/align_positions.py)
+
+TextOpt = Annotated[Optional[Path], typer.Option(help="Text file (.txt/.raw one text per line, or .jsonl with text); default: the vendored WikiText-2 slice (100 paragraphs).")]
+LinesOpt = Annotated[int, typer.Option(help="Use at most this many texts.")]
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+
+
+def _texts(path: Optional[Path], lines: int, skip: int = 0) -> list[str]:
+    from steerport.textfiles import read_texts
+
+    return read_texts(path, limit=lines, skip=skip)
+
+
+@app.command("actadd")
+def actadd_cmd(
+    model: ModelArg,
+    plus: Annotated[list[str], typer.Option("--plus", help="Positive prompt, e.g. ' Love'; repeat for several pairs.")],
+    minus: Annotated[list[str], typer.Option("--minus", help="Negative prompt, e.g. ' Hate'; one per --plus, in order.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .st steer.")],
+    layer: Annotated[str, typer.Option(help="Decoder layer: an index (6, -3) or a fraction of depth (0.25).")] = "0.2",
+    coeff: Annotated[float, typer.Option(help="Recommended coefficient c (stored as the base scale; the paper uses 5 for Love-Hate).")] = 5.0,
+    positions: Annotated[str, typer.Option(help="front (paper: the prompt's first P positions) or all.")] = "front",
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+):
+    """ActAdd: the residual-stream difference of prompt pairs at a decoder layer, as a steer."""
+    from steerport.actadd import make_actadd
+    from steerport.models import load_model
+
+    if len(plus) != len(minus):
+        raise SteerportError(f"give one --minus per --plus (got {len(plus)} --plus and {len(minus)} --minus)")
+    lm = load_model(model, dtype=dtype, device=device)
+    steer = make_actadd(lm, list(zip(plus, minus)), layer=layer, coeff=coeff, positions=positions)
+    steer.save(out_path)
+    v = steer.tensors["vector"]
+    console.print(f"[green]wrote[/] {out_path}: layer {steer.meta['layer']}/{steer.meta['n_layers']}, "
+                  f"vector {tuple(v.shape)}, |v| {v.norm():.3g}, coefficient {coeff:g}, {len(plus)} pair(s)")
+
+
+@app.command("actadd-transfer")
+def actadd_transfer_cmd(
+    source: Annotated[str, typer.Argument(help="Model the steer was made on.")],
+    target: Annotated[str, typer.Argument(help="Model to carry it to.")],
+    steer: Annotated[Path, typer.Option("--steer", help="The source .st (kind actadd).")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the target .st.")],
+    method: Annotated[str, typer.Option(help="recipe (recompute on the target, KL-calibrated) or map (least-squares residual map).")] = "recipe",
+    neutral: TextOpt = None,
+    lines: LinesOpt = 64,
+    calibrate: Annotated[bool, typer.Option(help="For map: also calibrate the coefficient to the source's KL.")] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+):
+    """Carry an ActAdd steer to another model (by recipe or by a residual-stream map)."""
+    from steerport.actadd import transfer_actadd
+    from steerport.models import load_model
+    from steerport.steer import Steer
+
+    s = Steer.load(steer)
+    texts = _texts(neutral, lines)
+    src = load_model(source, dtype=dtype, device=device)
+    tgt = load_model(target, dtype=dtype, device=device)
+    with _progress() as bar:
+        task = bar.add_task("pairing positions", total=len(texts))
+        new = transfer_actadd(s, src, tgt, texts, method=method, calibrate=calibrate,
+                              progress=lambda n: bar.advance(task, n))
+    new.save(out_path)
+    lin = new.meta["lineage"]
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in lin.items() if k not in ("source_model",)}
+    console.print(f"[green]wrote[/] {out_path}: layer {new.meta['layer']}/{new.meta['n_layers']}, coefficient {new.epsilon:.4g}; {shown}")
+
+
+@app.command("analyze")
+def analyze_cmd(
+    model: ModelArg,
+    text: TextOpt = None,
+    lines: LinesOpt = 100,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
+    png: Annotated[Optional[Path], typer.Option(help="PCA picture of the output embeddings coloured by probability rank.")] = None,
+    prune_curve: Annotated[bool, typer.Option("--prune-curve", help="Also remove dims progressively and measure KL + generation similarity.")] = False,
+    prune_png: Annotated[Optional[Path], typer.Option(help="PNG of the prune curve (default: next to --png).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompts for the generation-similarity measure (default: 16 texts' first words).")] = None,
+    rank_by: Annotated[str, typer.Option(help="Dimension importance: slope (standardized |A_i|), t, or random.")] = "slope",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full result (slopes, t, log p, curve) as JSON.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+):
+    """Regress -log(average probability) on the output embeddings (Cho et al.): R², slopes, significance."""
+    from steerport.models import load_model
+    from steerport.steer import atomic_write_bytes
+    from steerport import tokenprob as tp
+
+    texts = _texts(text, lines)
+    lm = load_model(model, dtype=dtype, device=device)
+    with _progress() as bar:
+        task = bar.add_task("average distribution", total=len(texts))
+        stats = tp.collect_head_stats(lm, texts, max_tokens=max_tokens, progress=lambda n: bar.advance(task, n))
+    enc = tp.fit_encoding(lm.output_embeddings, stats.log_alpha)
+    summary = enc.summary()
+    table = Table(title=f"{model}: -log α ≈ A·e + B over {enc.n_tokens} tokens, {stats.positions} positions")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("R²", f"{enc.r2:.4f}")
+    table.add_row("adjusted R²", f"{enc.adj_r2:.4f}")
+    table.add_row("dims with p < 0.05", f"{summary['significant_dims_p<0.05']} / {enc.hidden_size}")
+    table.add_row("dims significant after Bonferroni", f"{summary['significant_dims_bonferroni']} / {enc.hidden_size}")
+    out.print(table)
+    dims = Table("dim", "slope A_i", "t", "log10 p", title="most significant dimensions")
+    for row in summary["top_dims"]:
+        dims.add_row(str(row["dim"]), f"{row['slope']:.4g}", f"{row['t']:.1f}", f"{row['log10_p']:.1f}")
+    out.print(dims)
+    result = {"model": model, "texts": len(texts), "positions": stats.positions, **summary,
+              "slopes": enc.slopes.tolist(), "t": enc.t.tolist(), "log_p": enc.log_p.tolist()}
+    if png:
+        tp.plot_pca(lm.output_embeddings, stats.log_alpha, png, title=f"{model}: output embeddings (PCA)")
+        console.print(f"[green]wrote[/] {png}")
+    if prune_curve:
+        gen_prompts = read_prompts(prompts) if prompts else [" ".join(t.split()[:8]) for t in texts[:16]]
+        with _progress() as bar:
+            task = bar.add_task("removing dims", total=10)
+            rows = tp.prune_curve(lm, enc, stats, gen_prompts, rank_by=rank_by, progress=lambda n: bar.advance(task, n))
+        curve = Table("removed", "dims", "KL avg dist", "mean KL per position", "generation similarity", title=f"dimension removal (rank by {rank_by})")
+        for r in rows:
+            curve.add_row(f"{r['fraction']:.0%}", str(r["dims_removed"]), f"{r['kl_avg']:.2e}", f"{r['kl_pos']:.3g}", f"{r['gen_sim']:.3f}")
+        out.print(curve)
+        result["prune_curve"] = rows
+        where = prune_png or (png.with_name(png.stem + "_prune.png") if png else None)
+        if where:
+            tp.plot_prune(rows, where, title=f"{model}: dimension removal")
+            console.print(f"[green]wrote[/] {where}")
+    if json_out:
+        atomic_write_bytes(json_out, json.dumps(result, indent=1).encode())
+
+
+def _parse_token_scales(tokens: list[str], scales: list[float]) -> dict[str, float]:
+    if len(tokens) != len(scales):
+        raise SteerportError(f"give one --scale per --token (got {len(tokens)} --token and {len(scales)} --scale)")
+    return dict(zip(tokens, scales))
+
+
+@app.command("token-steer")
+def token_steer_cmd(
+    model: ModelArg,
+    token: Annotated[list[str], typer.Option("--token", help="A single token's text, e.g. ' great'; repeat.")],
+    scale: Annotated[list[float], typer.Option("--scale", help="Factor r for its average probability; one per --token.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .st steer.")],
+    detect: Annotated[Optional[Path], typer.Option(help="Detect text for the regression; default: vendored WikiText-2 slice.")] = None,
+    lines: LinesOpt = 100,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
+    b: Annotated[float, typer.Option(help="Softness of Ω (0 = uniform over dims).")] = 2.0,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+):
+    """Scale tokens' average probability by moving only their output-embedding rows (Cho et al. Algorithm 1)."""
+    import math
+
+    from steerport.models import load_model
+    from steerport import tokenprob as tp
+
+    wanted = _parse_token_scales(token, scale)
+    texts = _texts(detect, lines)
+    lm = load_model(model, dtype=dtype, device=device)
+    with _progress() as bar:
+        task = bar.add_task("average distribution", total=len(texts))
+        stats = tp.collect_head_stats(lm, texts, max_tokens=max_tokens, progress=lambda n: bar.advance(task, n))
+    enc = tp.fit_encoding(lm.output_embeddings, stats.log_alpha)
+    steer = tp.make_token_steer(lm, enc, wanted, b=b, detect={"file": str(detect or "vendored wikitext2 slice"),
+                                                                "texts": len(texts), "positions": stats.positions})
+    steer.save(out_path)
+    table = Table("token", "id", "r asked", "r̂ on detect text", "|log r - log r̂|", title=f"adjusted R² {enc.adj_r2:.3f}")
+    for (surface, r), tid, delta in zip(wanted.items(), steer.tensors["token_ids"].tolist(), steer.tensors["delta"]):
+        new, _ = tp.steered_log_alpha(lm, stats, tid, delta)
+        r_hat = math.exp(new - float(stats.log_alpha[tid]))
+        table.add_row(repr(surface), str(tid), f"{r:g}", f"{r_hat:.3g}", f"{abs(math.log(r) - math.log(r_hat)):.3f}")
+    out.print(table)
+    console.print(f"[green]wrote[/] {out_path}")
+
+
+@app.command("token-transfer")
+def token_transfer_cmd(
+    steer: Annotated[Path, typer.Option("--steer", help="The source .st (kind token-prob).")],
+    target: Annotated[str, typer.Argument(help="Model to carry it to.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the target .st.")],
+    detect: Annotated[Optional[Path], typer.Option(help="Detect text on the target; default: vendored WikiText-2 slice.")] = None,
+    lines: LinesOpt = 100,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+):
+    """Carry a token-probability steer to another model: same token texts and scales, direction recomputed there."""
+    from steerport.models import load_model
+    from steerport.steer import Steer
+    from steerport.tokenprob import transfer_token_prob
+
+    s = Steer.load(steer)
+    texts = _texts(detect, lines)
+    lm = load_model(target, dtype=dtype, device=device)
+    with _progress() as bar:
+        task = bar.add_task("average distribution", total=len(texts))
+        new, report = transfer_token_prob(s, lm, texts, max_tokens=max_tokens, progress=lambda n: bar.advance(task, n))
+    new.save(out_path)
+    for line in report["dropped"]:
+        console.print(f"[yellow]dropped[/] {line}")
+    console.print(f"[green]wrote[/] {out_path}: tokens {report['kept']}, target adjusted R² {report['adj_r2']:.3f}")
+
+
+
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit code 1."""
     try:
