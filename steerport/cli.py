@@ -205,6 +205,21 @@ def _surface(s: str) -> str:
     return "␣" * lead + stripped + "␣" * trail if stripped else repr(s)
 
 
+def _positive_labels(steer, given: Optional[list[str]]) -> list[str]:
+    """Label values meaning the steer's positive class: --positive-label, else the trainer's record, else 1."""
+    from steerport.sweep import recorded_positive_labels
+
+    return list(given) if given else (recorded_positive_labels(steer) or ["1"])
+
+
+def _note_mapping(steer, given, positive: list[str], label_field: str) -> None:
+    if given:
+        return
+    source = "as recorded in the steer" if positive != ["1"] or "data" in steer.meta else "by default"
+    console.print(f"[yellow]note:[/] {label_field} in {positive} counts as the steer's positive class "
+                  f"({steer.positive or '+'}), {source}; pass --positive-label to change it", highlight=False)
+
+
 def show_keywords(steer, model: str, *, k: int, value: float, n_directions: int, neutral: Optional[Path],
                   dtype: str, force: bool, as_json: bool, meta: dict) -> None:
     """Body of ``inspect --model``: SVD keywords and raised/lowered tokens."""
@@ -304,12 +319,12 @@ def score(
     from steerport.sweep import read_labeled
 
     st, value, path = _one_steer(steer)
-    texts, labels = read_labeled(data, text_field=text_field, label_field=label_field, positive_labels=positive_label)
+    positive = _positive_labels(st, positive_label)
+    texts, labels = read_labeled(data, text_field=text_field, label_field=label_field, positive_labels=positive)
     if limit is not None:
         texts, labels = texts[:limit], (labels[:limit] if labels else None)
-    if labels and positive_label is None:
-        console.print(f"[yellow]note:[/] counting {label_field} = 1 as the steer's positive class "
-                      f"({st.positive or '+'}); pass --positive-label to change it", highlight=False)
+    if labels:
+        _note_mapping(st, positive_label, positive, label_field)
     lm = load_model(model, dtype=dtype, device=device)
     scores = []
     with Progress(console=console, transient=True) as bar:
@@ -382,7 +397,9 @@ def sweep(
         judge_fn = judges.attribute_rate_fn(judge)
     labeled = None
     if data is not None:
-        texts, labels = read_labeled(data, text_field=text_field, label_field=label_field, positive_labels=positive_label)
+        positive = _positive_labels(st, positive_label)
+        texts, labels = read_labeled(data, text_field=text_field, label_field=label_field, positive_labels=positive)
+        _note_mapping(st, positive_label, positive, label_field)
         if labels is None:
             raise SteerportError(f"{data}: no {label_field!r} labels; separation needs labeled texts")
         # balanced slice: up to limit/2 of each class

@@ -8,18 +8,25 @@ A llama.cpp control vector (``llama-cli --control-vector FILE.gguf``, made by ll
 - one float32 1-D tensor ``direction.N`` (n_embd) per layer.
 
 Layer convention, read from llama.cpp's loader (common/common.cpp,
-``common_control_vector_load_one``) and graph code (``build_cvec(cur, il)`` after each
-decoder layer, src/llama-adapter.cpp): ``direction.N`` is added at every position to the
-residual stream *output* of decoder layer ``N`` counted from 0 (its ``l_out``). ``N = 0`` is
-rejected by llama.cpp (there is never a vector after layer 0), and tensors with the same
-``N`` are summed. repeng writes the same index (``direction.{i}`` for ``model.layers[i]``).
+``common_control_vector_load_one``: "layer 1 at [0]") and graph code (``build_cvec(cur, il)``
+at the end of every decoder layer ``il``, src/llama-adapter.cpp, src/models/llama.cpp):
+``direction.N`` is added at every position to the residual stream *leaving* decoder layer
+``N`` (0-based, its ``l_out``). llama.cpp rejects ``N = 0`` and sums tensors with the same ``N``.
+repeng exports ``direction.{i}`` for the output of ``model.layers[i]``: the same convention.
+(llama.cpp's own cvector-generator writes directions 1 .. n_layers-1.)
 
-steerport's ActAdd layout (agreed with the seeds module): tensor ``vector`` and metadata
-``layer`` = the 0-based decoder layer whose output gets ``s·ε₀·vector`` and ``positions`` =
-``"all"`` or ``"front"``. So steerport ``layer L`` <-> ``direction.L`` with no shift.
-Several layers: metadata ``layers`` = [L1, L2, ...] with ``vector`` of shape (n_layers, d),
-row i for layer ``layers[i]``. Only all-positions steers can be exported: llama.cpp adds the
-vector at every position.
+steerport's ActAdd steer (steerport.actadd) adds ``s·ε₀·vector`` to the residual stream
+*entering* decoder layer ``layer`` (TransformerLens ``resid_pre``), which is the stream leaving
+layer ``layer - 1``. So::
+
+    steerport layer L  <->  llama.cpp direction.(L - 1)          (LAYER_OFFSET = 1)
+
+Layers 0 and 1 cannot be exported (llama.cpp has no direction.-1 / direction.0), and
+llama.cpp's last direction (n_layers - 1) imports as layer n_layers: the stream after the last
+decoder layer, before the final norm. Only all-positions steers (one d-vector) can be exported:
+llama.cpp adds the vector at every position. Several layers: metadata ``layers`` = [L1, ...]
+with ``vector`` of shape (n_layers, d), row i for layer ``layers[i]``; one layer: ``layer``
+and a (d,) vector.
 
 Example::
 
@@ -40,6 +47,7 @@ from steerport.errors import SteerportError
 from steerport.steer import Steer
 
 ARCH = "controlvector"
+LAYER_OFFSET = 1  # steerport layer L (input of block L) == llama.cpp direction.(L - 1) (output of block L - 1)
 
 
 def actadd_layers(steer: Steer) -> tuple[list[int], torch.Tensor]:
@@ -91,10 +99,10 @@ def export_control_vector(
 
     layers, rows = actadd_layers(steer)
     for layer in layers:
-        if layer < 1:
+        if layer - LAYER_OFFSET < 1:
             raise SteerportError(
-                f"layer {layer}: llama.cpp applies control vectors only after decoder layers 1..n-1 "
-                "(it rejects direction.0), so a steer at layer 0 cannot be exported"
+                f"layer {layer}: steerport adds it to the stream entering decoder layer {layer}, which llama.cpp "
+                f"would call direction.{layer - LAYER_OFFSET}; llama.cpp starts at direction.1, so layers 0 and 1 cannot be exported"
             )
     hint = model_hint or steer.meta.get("model_type") or steer.model.get("spec") or "unknown"
     directions = rows * (float(value) * steer.epsilon)  # (n_layers, d)
@@ -115,7 +123,7 @@ def export_control_vector(
         if steer.model.get("spec"):
             writer.add_string("steerport.model_spec", steer.model["spec"])
         for layer, row in sorted(zip(layers, directions), key=lambda lr: lr[0]):
-            writer.add_tensor(f"direction.{layer}", row.contiguous().numpy().astype(np.float32))
+            writer.add_tensor(f"direction.{layer - LAYER_OFFSET}", row.contiguous().numpy().astype(np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -141,7 +149,8 @@ def _field_value(reader, key: str):
 def import_control_vector(path: str | os.PathLike, *, model: dict | None = None, positive: str = "") -> Steer:
     """Read a llama.cpp / repeng control vector as an all-positions ActAdd steer (ε₀ = 1).
 
-    One direction gives metadata ``layer``; several give ``layers`` and a (n_layers, d) vector.
+    ``direction.N`` becomes steerport layer N + 1 (the stream entering block N + 1). One
+    direction gives metadata ``layer``; several give ``layers`` and a (n_layers, d) vector.
     Directions that name the same layer are summed, as llama.cpp does.
     """
     import gguf
@@ -176,7 +185,7 @@ def import_control_vector(path: str | os.PathLike, *, model: dict | None = None,
             raise SteerportError(f"{path}: tensor {name!r} is not 1-D (shape {list(t.shape)})")
         if by_layer and data.shape[0] != next(iter(by_layer.values())).shape[0]:
             raise SteerportError(f"{path}: tensor {name!r} has {data.shape[0]} values, the others a different size")
-        by_layer[layer] = by_layer.get(layer, 0) + data
+        by_layer[layer + LAYER_OFFSET] = by_layer.get(layer + LAYER_OFFSET, 0) + data
     if not by_layer:
         raise SteerportError(f"{path}: no direction tensors")
     layers = sorted(by_layer)

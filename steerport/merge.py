@@ -11,8 +11,8 @@ The math (DESIGN.md section 3), for output embeddings E (V x d) and hidden state
 
 The bias b (if any) is kept: z' = E' h + b. When the input and output embeddings were
 tied, the output side gets its own copy (``tie_word_embeddings = False``) so the input
-embeddings stay untouched. LM-Steer folding happens first, then token-prob rows are added
-(both act on the un-steered h, so the order does not matter).
+embeddings stay untouched. With both kinds, the hooks apply the token-prob shift to the
+LM-Steer-shifted h, so the fold is E' = (E + D)(I + Σ s ε₀ W)ᵀ, D holding the δ rows.
 
 ActAdd steers add a vector to the residual stream inside the network, not at the head:
 front-position ActAdd acts only at the first prompt positions, which no weight can do, and
@@ -49,9 +49,9 @@ from steerport.steer import Steer
 FOLDABLE = ("lm-steer", "token-prob")
 
 ACTADD_REFUSAL = (
-    "ActAdd steers cannot be folded into the LM head: they add a vector to the residual stream "
-    "after decoder layer {layer}{where}, inside the network. {why}Use the hooks (steerport generate "
-    "--steer) or export it as a llama.cpp control vector (steerport export-cvec)."
+    "ActAdd steers cannot be folded into the LM head: they add a vector to the residual stream entering "
+    "decoder layer {layer}{where}, inside the network. {why}Apply it with hooks (steerport generate --steer) "
+    "or export it as a llama.cpp control vector (steerport export-cvec)."
 )
 
 
@@ -77,11 +77,11 @@ def check_foldable(steer: Steer, name: str = "steer") -> None:
         positions = steer.meta.get("positions", "front" if steer.tensors["vector"].dim() == 2 else "all")
         layer = steer.meta.get("layer", steer.meta.get("layers", "?"))
         why = (
-            "Front-position ActAdd acts only on the first prompt positions, and weights act the same "
+            "Front-position ActAdd acts only on the first prompt positions; weights act the same "
             "at every position, so no checkpoint can reproduce it. "
             if positions == "front"
-            else "An all-positions vector would have to become a bias on that layer's last residual "
-            "write, which is not exact for every architecture, so steerport does not do it. "
+            else "An all-positions vector would have to become a bias on the previous layer's last residual "
+            "write, which most architectures lack, so steerport does not fold it. "
         )
         raise SteerportError(f"{name}: " + ACTADD_REFUSAL.format(layer=layer, where=f" ({positions} positions)", why=why))
     raise SteerportError(f"{name}: steers of kind {steer.kind!r} cannot be folded into a checkpoint")
@@ -103,9 +103,21 @@ def _set_untied(model: nn.Module) -> None:
 
 @torch.no_grad()
 def merged_head(lm: LoadedModel, steers: Sequence[SteerValue], *, include_domain: bool = False) -> torch.Tensor:
-    """E' (V x d, float32): the output embeddings with the steers folded in (model untouched)."""
+    """E' (V x d, float32): the output embeddings with the steers folded in (model untouched).
+
+    Token-prob rows go in first, then the LM-Steer map acts on all rows, matching the hooks,
+    where the token-prob shift δ·h sees the LM-Steer-shifted h.
+    """
     E = lm.output_embeddings.detach().float()  # (V, d)
-    new = E.clone()
+    base = E.clone()
+    for steer, value in steers:
+        if steer.kind == "token-prob":
+            ids = steer.tensors["token_ids"].to(E.device)  # (k,)
+            if int(ids.max()) >= E.shape[0]:
+                raise SteerportError(f"token-prob steer names token id {int(ids.max())} but the vocabulary has {E.shape[0]}")
+            delta = steer.tensors["delta"].to(E.device, torch.float32)  # (k, d)
+            base.index_add_(0, ids, value * steer.epsilon * delta)
+    new = base.clone()
     for steer, value in steers:
         if steer.kind == "lm-steer":
             parts = [(steer.A, steer.B, value * steer.epsilon)]
@@ -113,14 +125,7 @@ def merged_head(lm: LoadedModel, steers: Sequence[SteerValue], *, include_domain
                 parts.append((steer.tensors["domain.A"], steer.tensors["domain.B"], steer.epsilon))
             for A, B, scale in parts:
                 A, B = A.to(E.device), B.to(E.device)  # (d, r)
-                new += scale * (E @ B) @ A.T  # E Wᵀ = (E B) Aᵀ: (V, r) @ (r, d)
-    for steer, value in steers:
-        if steer.kind == "token-prob":
-            ids = steer.tensors["token_ids"].to(E.device)  # (k,)
-            if int(ids.max()) >= E.shape[0]:
-                raise SteerportError(f"token-prob steer names token id {int(ids.max())} but the vocabulary has {E.shape[0]}")
-            delta = steer.tensors["delta"].to(E.device, torch.float32)  # (k, d)
-            new.index_add_(0, ids, value * steer.epsilon * delta)
+                new += scale * (base @ B) @ A.T  # E Wᵀ = (E B) Aᵀ: (V, r) @ (r, d)
     return new
 
 

@@ -94,6 +94,16 @@ def read_labeled(
     return texts, (labels or None)
 
 
+def recorded_positive_labels(steer: Steer) -> list[str] | None:
+    """The label values the trainer mapped to +1, as recorded in the steer (meta.data.label_mapping)."""
+    mapping = (steer.meta.get("data") or {}).get("label_mapping") if isinstance(steer.meta.get("data"), dict) else None
+    if isinstance(mapping, dict) and isinstance(mapping.get("positive"), list) and mapping["positive"]:
+        return [str(v) for v in mapping["positive"]]
+    if mapping == "labels are +1/-1":
+        return ["1"]
+    return None
+
+
 @dataclass
 class SweepRow:
     value: float

@@ -30,7 +30,7 @@ def test_single_layer_round_trip_and_layout(tmp_path):
     assert kv["controlvector.layer_count"] == 1
     assert kv["steerport.steer_fingerprint"] == steer.fingerprint
     [t] = reader.tensors
-    assert t.name == "direction.3"  # steerport layer L (0-based, output of layer L) == llama.cpp direction.L
+    assert t.name == "direction.2"  # steerport layer 3 (entering block 3) == llama.cpp direction.2 (leaving block 2)
     assert t.tensor_type == gguf.GGMLQuantizationType.F32 and list(t.shape) == [D]
     np.testing.assert_allclose(np.asarray(t.data), (4.0 * 0.5 * v).numpy(), rtol=1e-6)
 
@@ -53,7 +53,7 @@ def test_multi_layer_round_trip(tmp_path):
     path = export_control_vector(steer, tmp_path / "m.gguf", value=-1.0)
     reader, kv = fields(path)
     assert kv["controlvector.layer_count"] == 3
-    assert [t.name for t in reader.tensors] == ["direction.2", "direction.7", "direction.12"]
+    assert [t.name for t in reader.tensors] == ["direction.1", "direction.6", "direction.11"]
     back = import_control_vector(path)
     assert back.meta["layers"] == [2, 7, 12]
     torch.testing.assert_close(back.tensors["vector"], -0.5 * vs[[1, 0, 2]])
@@ -77,7 +77,7 @@ def write_raw(path, tensors, arch="controlvector", layer_count_uint=True):
 def test_imports_repeng_style_file(tmp_path):
     dirs = {f"direction.{i}": np.random.default_rng(i).standard_normal(D).astype(np.float32) for i in range(1, 31)}
     steer = import_control_vector(write_raw(tmp_path / "r.gguf", dirs), model={"spec": "m", "fingerprint": "f"}, positive="happy")
-    assert steer.meta["layers"] == list(range(1, 31))
+    assert steer.meta["layers"] == list(range(2, 32))
     assert steer.tensors["vector"].shape == (30, D)
     assert steer.model == {"spec": "m", "fingerprint": "f"} and steer.positive == "happy"
     np.testing.assert_array_equal(steer.tensors["vector"][4].numpy(), dirs["direction.5"])
@@ -87,7 +87,8 @@ def test_imports_repeng_style_file(tmp_path):
     (Steer.lm_steer(torch.ones(D, 1), torch.ones(D, 1), epsilon=1.0), "only actadd"),
     (Steer("actadd", {"vector": torch.ones(4, D)}, meta={"layer": 2, "positions": "front"}), "every position"),
     (Steer("actadd", {"vector": torch.ones(D)}, meta={"layer": 2, "positions": "front"}), "every position"),
-    (Steer("actadd", {"vector": torch.ones(D)}, meta={"layer": 0, "positions": "all"}), "direction.0"),
+    (Steer("actadd", {"vector": torch.ones(D)}, meta={"layer": 0, "positions": "all"}), "direction.-1"),
+    (Steer("actadd", {"vector": torch.ones(D)}, meta={"layer": 1, "positions": "all"}), "direction.0"),
     (Steer("actadd", {"vector": torch.ones(D)}, meta={"positions": "all"}), "no integer 'layer'"),
     (Steer("actadd", {"vector": torch.ones(2, D)}, meta={"layers": [1, 2, 3], "positions": "all"}), "3 layers"),
     (Steer("actadd", {"vector": torch.ones(2, D)}, meta={"layers": [4, 4], "positions": "all"}), "repeats"),
@@ -121,3 +122,39 @@ def test_import_errors(tmp_path):
         import_control_vector(write_raw(tmp_path / "g.gguf", {"direction.1": v, "direction.2": np.ones(D + 1, np.float32)}))
     with pytest.raises(SteerportError, match="no direction"):
         import_control_vector(write_raw(tmp_path / "h.gguf", {}))
+
+
+def test_imported_vector_acts_where_llama_cpp_adds_it(tmp_path):
+    """llama.cpp adds direction.N to the output of block N; the imported steer must do the same."""
+    from steerport.hooks import APPLIERS, steered
+    from tests.tiny import CONFIGS, tiny_tokenizer
+
+    if "actadd" not in APPLIERS:
+        pytest.skip("the ActAdd applier (steerport.actadd) is not on this branch yet")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from steerport.models import LoadedModel
+
+    tok = tiny_tokenizer()
+    kw = dict(CONFIGS["llama"], num_hidden_layers=4)
+    kw.pop("model_type")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(tok), **kw)).eval()
+    lm = LoadedModel("tiny-llama-4", model, tok)
+    d = torch.randn(D)
+    path = write_raw(tmp_path / "c.gguf", {"direction.2": d.numpy()})
+    steer = import_control_vector(path)
+    batch = tok(["The movie was wonderful."], return_tensors="pt")
+
+    def add_after_block(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + d, *output[1:])
+        return output + d
+
+    handle = model.model.layers[2].register_forward_hook(add_after_block)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    handle.remove()
+    with torch.no_grad(), steered(lm, [(steer, 1.0)]):
+        got = model(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -173,3 +173,14 @@ def test_sweep_rows_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SteerportError, match="both classes"):
         sweep(lm, steer, [1.0], neutral=["x y"], labeled=(texts, [1, 1, 1, 1]))
+
+
+def test_recorded_label_mapping():
+    from steerport.sweep import recorded_positive_labels
+
+    A, B = random_steer_factors()
+    make = lambda meta: Steer.lm_steer(A, B, epsilon=1.0, meta=meta)  # noqa: E731
+    assert recorded_positive_labels(make({"data": {"label_mapping": {"positive": [0], "negative": "all other labels"}}})) == ["0"]
+    assert recorded_positive_labels(make({"data": {"label_mapping": "labels are +1/-1"}})) == ["1"]
+    assert recorded_positive_labels(make({"data": {"label_mapping": "real-valued"}})) is None
+    assert recorded_positive_labels(make({})) is None

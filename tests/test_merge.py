@@ -111,11 +111,16 @@ def test_token_prob_fold(arch):
 def test_lm_steer_and_token_prob_together():
     lm = tiny_model("qwen2")
     s, tp = lm_steer(lm, 1), token_prob(lm, [3, 4, 99])
-    h = hidden(lm)
     with steered(lm, [(s, 2.0)]):
         expected = logits(lm).clone()
+        h = hidden(lm)  # the token-prob shift sees the LM-Steer-shifted h, as the hooks do
+    if "token-prob" in APPLIERS:
+        with steered(lm, [(s, 2.0), (tp, -1.0)]):
+            hooked = logits(lm)
     for k, tid in enumerate([3, 4, 99]):
         expected[..., tid] += -1.0 * tp.epsilon * (h @ tp.tensors["delta"][k])
+    if "token-prob" in APPLIERS:
+        torch.testing.assert_close(hooked, expected, atol=1e-5, rtol=1e-5)
     merge_into_model(lm, [(s, 2.0), (tp, -1.0)])
     torch.testing.assert_close(logits(lm), expected, atol=1e-5, rtol=1e-5)
 
