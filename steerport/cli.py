@@ -394,7 +394,10 @@ def sweep(
             raise SteerportError("--judge needs steerport's judges module, which this version lacks; use --data for separation")
         from steerport import judges  # the evaluator's module
 
-        judge_fn = judges.attribute_rate_fn(judge)
+        judge_model = judges.load_judge(judge)
+
+        def judge_fn(texts: list[str]) -> float:
+            return judges.attribute_rate(judge_model, texts)["rate"]
     labeled = None
     if data is not None:
         positive = _positive_labels(st, positive_label)
