@@ -99,7 +99,8 @@ def _keep_mask(tokenizer, surfaces: list[str], V: int) -> torch.Tensor:
         if i < V:
             keep[i] = False
     for i, s in enumerate(surfaces[:V]):
-        if not s.strip() or "\ufffd" in s or (s.startswith("<") and s.endswith(">") and len(s) > 2):
+        visible = any(ch.isprintable() and not ch.isspace() for ch in s)
+        if not visible or "\ufffd" in s or (s.startswith("<") and s.endswith(">") and len(s) > 2):
             keep[i] = False
     keep[len(surfaces):] = False  # padding rows of the embedding matrix beyond the tokenizer
     return keep
