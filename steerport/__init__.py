@@ -9,21 +9,41 @@ Example::
         print(sp.generate(lm, ["The movie was"])[0])
 """
 
+from steerport.data import DataOptions, Dataset, load_data
 from steerport.errors import SteerportError
 from steerport.hooks import generate, steered
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model, resolve_spec
+from steerport.mapping import FitOptions, Mapping, fit_mapping, get_mapping
 from steerport.steer import Steer
+from steerport.train import TrainConfig, TrainResult
+from steerport.train import train as train_steer  # not "train": that name is the module
+from steerport.transfer import TransferOptions
+from steerport.transfer import transfer as transfer_steer  # likewise
+from steerport.vocab import align_vocab
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataOptions",
+    "Dataset",
+    "FitOptions",
     "LoadedModel",
+    "Mapping",
     "ModelEmbeddings",
     "Steer",
     "SteerportError",
+    "TrainConfig",
+    "TrainResult",
+    "TransferOptions",
+    "align_vocab",
+    "fit_mapping",
     "generate",
+    "get_mapping",
+    "load_data",
     "load_embeddings",
     "load_model",
     "resolve_spec",
     "steered",
+    "train_steer",
+    "transfer_steer",
 ]

@@ -97,10 +97,9 @@ def resolve_spec(spec: str, *, pull: bool = True) -> ResolvedSpec:
     parts = spec.split("/")
     if len(parts) == 2 and all(parts):
         return ResolvedSpec(spec, "hub", spec)
-    known = ", ".join(sorted(catalog.ALIASES) + sorted(catalog.CATALOG))
     raise SteerportError(
         f"unknown model {spec!r}: not an alias, catalog name, local directory or .gguf file "
-        f"(hub ids look like org/name; known names: {known})"
+        "(hub ids look like org/name; `steerport models` lists the names)"
     )
 
 
