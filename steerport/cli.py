@@ -159,7 +159,7 @@ def inspect(
     keywords: Annotated[int, typer.Option("--keywords", "-k", help="Keywords per list (with --model).")] = 20,
     value: Annotated[float, typer.Option("--value", help="Steer value for the raised/lowered tokens.")] = 1.0,
     directions: Annotated[int, typer.Option("--directions", help="Leading singular directions to list.")] = 3,
-    neutral: Annotated[Optional[Path], typer.Option(help="Neutral text (one per line / JSONL) for the logit shifts.")] = None,
+    neutral: Annotated[Optional[Path], typer.Option(help="Neutral text (one per line / JSONL) for the logit shifts (default: 16 bundled WikiText-2 paragraphs).")] = None,
     dtype: DtypeOpt = "float32",
     force: ForceOpt = False,
 ):
@@ -657,7 +657,7 @@ def sweep(
     values: Annotated[str, typer.Option(help="START:STOP:COUNT or a comma list.")] = "-10:10:11",
     prompts: Annotated[Optional[Path], typer.Option(help="Prompts to continue at each value (samples in the JSON).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Labeled JSONL for the separation Sep(s).")] = None,
-    neutral: Annotated[Optional[Path], typer.Option(help="Neutral text for κ (default: the prompts, else built-in sentences).")] = None,
+    neutral: Annotated[Optional[Path], typer.Option(help="Neutral text for κ, one per line (default: 16 bundled WikiText-2 paragraphs).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for sweep.json and sweep.png.")] = Path("sweep"),
     limit: Annotated[int, typer.Option(help="Use at most N texts of each of data / neutral / prompts.")] = 64,
     samples: Annotated[int, typer.Option(help="Prompts to continue per value (0: none).")] = 3,
@@ -675,7 +675,7 @@ def sweep(
 
     from rich.progress import Progress
 
-    from steerport.explain import NEUTRAL
+    from steerport.explain import default_neutral
     from steerport.models import load_model
     from steerport.steer import atomic_write_bytes
     from steerport.sweep import parse_values, plot_sweep, read_labeled
@@ -706,7 +706,7 @@ def sweep(
         neg = [t for t, y in zip(texts, labels) if not y][: limit // 2]
         labeled = (pos + neg, [1] * len(pos) + [0] * len(neg))
     prompt_texts = _read_lines_or_jsonl(prompts)[:limit] if prompts else []
-    neutral_texts = _read_lines_or_jsonl(neutral)[:limit] if neutral else (prompt_texts or NEUTRAL)
+    neutral_texts = _read_lines_or_jsonl(neutral)[:limit] if neutral else default_neutral(min(limit, 16))
     if judge_fn is None and labeled is None:
         console.print("[yellow]note:[/] no --data and no --judge: the sweep shows κ only")
     lm = load_model(model, dtype=dtype, device=device)
@@ -722,7 +722,7 @@ def sweep(
     doc = sweep_json(rows, {
         "steer": str(path), "steer_fingerprint": st.fingerprint, "positive": st.positive, "model": model,
         "model_fingerprint": lm.fingerprint, "epsilon": st.epsilon,
-        "neutral": str(neutral) if neutral else ("prompts" if prompt_texts else "built-in sentences"),
+        "neutral": str(neutral) if neutral else "bundled steerport/data/neutral_text.txt (calibration part)",
         "n_neutral": len(neutral_texts), "data": str(data) if data else None,
         "n_labeled": len(labeled[0]) if labeled else 0, "judge": judge,
     })

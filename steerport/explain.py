@@ -37,8 +37,8 @@ from steerport.models import LoadedModel
 from steerport.scoring import batches, token_logprobs
 from steerport.steer import Steer
 
-# A few neutral, encyclopedic sentences: the default text for logit shifts and κ when the user
-# gives none (written for steerport; no dataset needed).
+# A few neutral, encyclopedic sentences (written for steerport): the fallback neutral text when
+# the bundled paragraphs (steerport/data/neutral_text.txt) are not there.
 NEUTRAL = [
     "The river flows north through the valley before it reaches the sea.",
     "The committee met on Tuesday to discuss the annual budget.",
@@ -53,6 +53,16 @@ NEUTRAL = [
     "The building has three floors and a library on the ground floor.",
     "The company moved its offices to the city centre in 1995.",
 ]
+
+
+def default_neutral(n: int = 16) -> list[str]:
+    """Neutral text when the user gives none: the bundled WikiText-2 calibration paragraphs."""
+    try:
+        from steerport.transfer import neutral_texts
+
+        return neutral_texts("calib")[:n] or NEUTRAL
+    except (ImportError, OSError):
+        return NEUTRAL
 
 
 # --------------------------------------------------------------------------- SVD keywords
@@ -249,7 +259,7 @@ def steer_keywords(
 ) -> Keywords:
     """SVD keywords (LM-Steer only) and the tokens the steer raises/lowers most on neutral text."""
     check_compatible(lm, steer, force=force)
-    texts = list(texts) if texts else NEUTRAL
+    texts = list(texts) if texts else default_neutral()
     surfaces = token_surfaces(lm.tokenizer)
     E = lm.output_embeddings.detach().float().cpu()
     keep = _keep_mask(lm.tokenizer, surfaces, E.shape[0])
