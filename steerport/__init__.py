@@ -20,6 +20,9 @@ from steerport.train import train as train_steer  # not "train": that name is th
 from steerport.transfer import TransferOptions
 from steerport.transfer import transfer as transfer_steer  # likewise
 from steerport.vocab import align_vocab
+from steerport.controlvector import export_control_vector, import_control_vector
+from steerport.explain import explain_text, steer_keywords
+from steerport.merge import merge_into_model, merge_to_dir
 
 __version__ = "0.1.0"
 
@@ -36,13 +39,19 @@ __all__ = [
     "TrainResult",
     "TransferOptions",
     "align_vocab",
+    "explain_text",
+    "export_control_vector",
     "fit_mapping",
     "generate",
     "get_mapping",
+    "import_control_vector",
     "load_data",
     "load_embeddings",
     "load_model",
+    "merge_into_model",
+    "merge_to_dir",
     "resolve_spec",
+    "steer_keywords",
     "steered",
     "train_steer",
     "transfer_steer",

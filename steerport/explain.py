@@ -368,8 +368,17 @@ def top_spans(deltas: Sequence[float], k: int = 3, *, min_share: float = 0.1, ti
 
 def token_offsets(tokenizer, text: str, max_tokens: int) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``text`` (as the scorer tokenizes it) and each token's character span."""
-    enc = tokenizer(text, truncation=True, max_length=max_tokens, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, truncation=True, max_length=max_tokens, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    # slow tokenizers have no offsets: cut the text where the decoded prefixes end
+    ids = list(tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"])
+    offsets, prev = [], 0
+    for i in range(1, len(ids) + 1):
+        end = min(len(tokenizer.decode(ids[:i], skip_special_tokens=True)), len(text))
+        offsets.append((prev, end))
+        prev = end
+    return ids, offsets
 
 
 def explain_text(
