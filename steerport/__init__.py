@@ -20,6 +20,9 @@ from steerport.train import train as train_steer  # not "train": that name is th
 from steerport.transfer import TransferOptions
 from steerport.transfer import transfer as transfer_steer  # likewise
 from steerport.vocab import align_vocab
+from steerport.controlvector import export_control_vector, import_control_vector
+from steerport.explain import explain_text, steer_keywords
+from steerport.merge import merge_into_model, merge_to_dir
 
 # further steer kinds register their appliers in steerport.hooks.APPLIERS on import
 from steerport.actadd import make_actadd, transfer_actadd  # noqa: E402  (kind "actadd")
@@ -40,9 +43,12 @@ __all__ = [
     "TrainResult",
     "TransferOptions",
     "align_vocab",
+    "explain_text",
+    "export_control_vector",
     "fit_mapping",
     "generate",
     "get_mapping",
+    "import_control_vector",
     "load_data",
     "make_actadd",
     "make_token_steer",
@@ -50,7 +56,10 @@ __all__ = [
     "transfer_token_prob",
     "load_embeddings",
     "load_model",
+    "merge_into_model",
+    "merge_to_dir",
     "resolve_spec",
+    "steer_keywords",
     "steered",
     "train_steer",
     "transfer_steer",

@@ -152,12 +152,26 @@ def generate(
 
 
 @app.command()
-def inspect(file: Annotated[Path, typer.Argument(help="A .st steer file.")], as_json: Annotated[bool, typer.Option("--json")] = False):
-    """Show a steer file's metadata and tensors."""
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A .st steer file.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model the steer is for: also list keywords.")] = None,
+    keywords: Annotated[int, typer.Option("--keywords", "-k", help="Keywords per list (with --model).")] = 20,
+    value: Annotated[float, typer.Option("--value", help="Steer value for the raised/lowered tokens.")] = 1.0,
+    directions: Annotated[int, typer.Option("--directions", help="Leading singular directions to list.")] = 3,
+    neutral: Annotated[Optional[Path], typer.Option(help="Neutral text (one per line / JSONL) for the logit shifts (default: 16 bundled WikiText-2 paragraphs).")] = None,
+    dtype: DtypeOpt = "float32",
+    force: ForceOpt = False,
+):
+    """Show a steer file's metadata and tensors; with --model also its keywords."""
     from steerport.steer import Steer
 
     steer = Steer.load(file)
     meta = steer.metadata()
+    if model is not None:
+        show_keywords(steer, model, k=keywords, value=value, n_directions=directions, neutral=neutral,
+                      dtype=dtype, force=force, as_json=as_json, meta=meta)
+        return
     if as_json:
         out.print_json(json.dumps(meta))
         return
@@ -699,6 +713,341 @@ def token_transfer_cmd(
         console.print(f"[yellow]dropped[/] {line}")
     console.print(f"[green]wrote[/] {out_path}: tokens {report['kept']}, target adjusted R² {report['adj_r2']:.3f}")
 
+
+# =========================================================================== inspect / explain / score / sweep / merge / llama.cpp
+# (issue 7: looking inside a steer and shipping it)
+
+
+def _read_lines_or_jsonl(path: Path) -> list[str]:
+    """Texts from a .jsonl (text / prompt.text / prompt) or a plain text file (non-empty lines)."""
+    if path.suffix == ".jsonl":
+        return read_prompts(path)
+    if not path.is_file():
+        raise SteerportError(f"{path}: no such text file")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise SteerportError(f"{path}: no text")
+    return lines
+
+
+def _one_steer(arg: str):
+    """A single --steer FILE.st[:VALUE] -> (Steer, value, path)."""
+    from steerport.steer import Steer
+
+    path, value = parse_steer_arg(arg)
+    return Steer.load(path), value, path
+
+
+def _surface(s: str) -> str:
+    """A token surface for a table: leading/trailing spaces shown as ␣, newlines escaped."""
+    s = s.replace("\n", "\\n").replace("\t", "\\t")
+    stripped = s.strip(" ")
+    lead, trail = len(s) - len(s.lstrip(" ")), len(s) - len(s.rstrip(" "))
+    return "␣" * lead + stripped + "␣" * trail if stripped else repr(s)
+
+
+def _positive_labels(steer, given: Optional[list[str]]) -> list[str]:
+    """Label values meaning the steer's positive class: --positive-label, else the trainer's record, else 1."""
+    from steerport.sweep import recorded_positive_labels
+
+    return list(given) if given else (recorded_positive_labels(steer) or ["1"])
+
+
+def _note_mapping(steer, given, positive: list[str], label_field: str) -> None:
+    if given:
+        return
+    source = "as recorded in the steer" if positive != ["1"] or "data" in steer.meta else "by default"
+    console.print(f"[yellow]note:[/] {label_field} in {positive} counts as the steer's positive class "
+                  f"({steer.positive or '+'}), {source}; pass --positive-label to change it", highlight=False)
+
+
+def show_keywords(steer, model: str, *, k: int, value: float, n_directions: int, neutral: Optional[Path],
+                  dtype: str, force: bool, as_json: bool, meta: dict) -> None:
+    """Body of ``inspect --model``: SVD keywords and raised/lowered tokens."""
+    from steerport.explain import steer_keywords
+    from steerport.models import load_model
+
+    if k < 1:
+        raise SteerportError("--keywords must be at least 1")
+    lm = load_model(model, dtype=dtype)
+    texts = _read_lines_or_jsonl(neutral)[:64] if neutral else None
+    with console.status("computing keywords"):
+        kw = steer_keywords(lm, steer, k=k, n_directions=n_directions, value=value, texts=texts, force=force)
+    if as_json:
+        out.print_json(json.dumps({"steer": meta, "model": model, **kw.to_json()}, ensure_ascii=False))
+        return
+    pos = steer.positive or "+"
+    for d in kw.directions:
+        title = (f"singular direction {d.index + 1}: σ = {d.singular_value:.4g} ({d.share:.0%} of ‖W‖²)"
+                 + ("" if d.oriented else " [sign arbitrary]"))
+        table = Table("#", f"+ end (raised at +s, '{pos}')", "proj", "− end", "proj", title=title)
+        for i, (a, b) in enumerate(zip(d.positive, d.negative), 1):
+            table.add_row(str(i), _surface(a.surface), f"{a.score:+.3f}", _surface(b.surface), f"{b.score:+.3f}")
+        out.print(table)
+    table = Table("#", "raised most", "Δ log p", "lowered most", "Δ log p",
+                  title=f"tokens whose log-prob the steer moves most at s = {value:g} "
+                        f"(mean over {kw.n_neutral_texts} neutral texts)")
+    for i, (a, b) in enumerate(zip(kw.raised, kw.lowered), 1):
+        table.add_row(str(i), _surface(a.surface), f"{a.score:+.3f}", _surface(b.surface), f"{b.score:+.3f}")
+    out.print(table)
+
+
+@app.command()
+def explain(
+    model: ModelArg,
+    steer: Annotated[str, typer.Option("--steer", "-s", help="The steer, FILE.st[:VALUE] (value default 1).")],
+    text: Annotated[Optional[str], typer.Option("--text", "-t", help="The text to explain.")] = None,
+    text_file: Annotated[Optional[Path], typer.Option("--file", help="Read the text from this file instead.")] = None,
+    spans: Annotated[int, typer.Option(help="How many evidence spans to find.")] = 3,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Also write an HTML page here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the per-token evidence as JSON.")] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+):
+    """Which parts of a text carry the steer's verdict: per-token log p(+s) − log p(−s) and the top spans."""
+    from steerport.explain import explain_text, render_html, render_rich
+    from steerport.models import load_model
+    from steerport.steer import atomic_write_bytes
+
+    if (text is None) == (text_file is None):
+        raise SteerportError("give exactly one of --text or --file")
+    if text_file is not None:
+        if not text_file.is_file():
+            raise SteerportError(f"{text_file}: no such file")
+        text = text_file.read_text(encoding="utf-8")
+    st, value, path = _one_steer(steer)
+    lm = load_model(model, dtype=dtype, device=device)
+    ex = explain_text(lm, st, text, value, k=spans, force=force)
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(html, render_html(ex, title=f"{path.name} at ±{value:g} on {model}").encode())
+        console.print(f"wrote {html}")
+    if as_json:
+        out.print_json(json.dumps(ex.to_json(), ensure_ascii=False))
+        return
+    out.print(f"[bold]{path.name}[/] at ±{value:g} (+ = {st.positive or '+'}): score {ex.score:+.4f} nats/token "
+              "(green favours +, red favours −; spans underlined)", highlight=False)
+    out.print(render_rich(ex))
+    table = Table("#", "span", "Σ Δ", "share of its side")
+    for i, sp in enumerate(ex.spans, 1):
+        table.add_row(str(i), sp.text, f"{sp.total:+.3f}", f"{sp.share:.0%}")
+    out.print(table)
+
+
+@app.command()
+def score(
+    model: ModelArg,
+    steer: Annotated[str, typer.Option("--steer", "-s", help="The steer, FILE.st[:VALUE] (value default 1).")],
+    data: Annotated[Path, typer.Option(help="JSONL with a text field (and optional labels) or a text file.")],
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Write one JSON line per text here.")] = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    positive_label: Annotated[Optional[list[str]], typer.Option(help="Label value(s) meaning the steer's positive class; default 1. Repeat for several.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N texts.")] = None,
+    batch_size: int = 8,
+    max_tokens: int = 256,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+):
+    """The steer as a classifier: score(x) = ℓ_{+s}(x) − ℓ_{−s}(x) per text; ROC AUC when labels are present."""
+    from rich.progress import Progress
+
+    from steerport.models import load_model
+    from steerport.scoring import roc_auc, steer_scores
+    from steerport.steer import atomic_write_bytes
+    from steerport.sweep import read_labeled
+
+    st, value, path = _one_steer(steer)
+    positive = _positive_labels(st, positive_label)
+    texts, labels = read_labeled(data, text_field=text_field, label_field=label_field, positive_labels=positive)
+    if limit is not None:
+        texts, labels = texts[:limit], (labels[:limit] if labels else None)
+    if labels:
+        _note_mapping(st, positive_label, positive, label_field)
+    lm = load_model(model, dtype=dtype, device=device)
+    scores = []
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("scoring", total=len(texts))
+        for i in range(0, len(texts), 64):
+            chunk = texts[i : i + 64]
+            scores += steer_scores(lm, st, chunk, value, batch_size=batch_size, max_tokens=max_tokens, force=force).tolist()
+            bar.advance(task, len(chunk))
+    if out_path is not None:
+        lines = []
+        for i, (t, s) in enumerate(zip(texts, scores)):
+            row = {"text": t, "score": s}
+            if labels:
+                row["label"] = labels[i]
+            lines.append(json.dumps(row, ensure_ascii=False))
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_path, ("\n".join(lines) + "\n").encode())
+        console.print(f"wrote {len(lines)} scores to {out_path}")
+    summary = {"steer": str(path), "value": value, "model": model, "n": len(texts),
+               "mean_score": sum(scores) / len(scores)}
+    if labels:
+        if 0 < sum(labels) < len(labels):
+            summary["roc_auc"] = roc_auc(scores, labels)
+            summary["n_positive"] = sum(labels)
+        else:
+            console.print("[yellow]note:[/] only one class present; no ROC AUC")
+    out.print_json(json.dumps(summary))
+
+
+@app.command()
+def sweep(
+    model: ModelArg,
+    steer: Annotated[str, typer.Option("--steer", "-s", help="The steer file (a value here is ignored).")],
+    values: Annotated[str, typer.Option(help="START:STOP:COUNT or a comma list.")] = "-10:10:11",
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompts to continue at each value (samples in the JSON).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Labeled JSONL for the separation Sep(s).")] = None,
+    neutral: Annotated[Optional[Path], typer.Option(help="Neutral text for κ, one per line (default: 16 bundled WikiText-2 paragraphs).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for sweep.json and sweep.png.")] = Path("sweep"),
+    limit: Annotated[int, typer.Option(help="Use at most N texts of each of data / neutral / prompts.")] = 64,
+    samples: Annotated[int, typer.Option(help="Prompts to continue per value (0: none).")] = 3,
+    max_new_tokens: int = 30,
+    text_field: str = "text",
+    label_field: str = "label",
+    positive_label: Annotated[Optional[list[str]], typer.Option(help="Label value(s) meaning the steer's positive class; default 1.")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="An attribute judge (needs steerport's judges module).")] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+):
+    """κ (KL budget) and separation / attribute rate against the steer value: sweep.json + sweep.png."""
+    import importlib.util
+
+    from rich.progress import Progress
+
+    from steerport.explain import default_neutral
+    from steerport.models import load_model
+    from steerport.steer import atomic_write_bytes
+    from steerport.sweep import parse_values, plot_sweep, read_labeled
+    from steerport.sweep import sweep as do_sweep
+    from steerport.sweep import sweep_json
+
+    grid = parse_values(values)
+    st, _, path = _one_steer(steer)
+    judge_fn = None
+    if judge is not None:
+        if importlib.util.find_spec("steerport.judges") is None:
+            raise SteerportError("--judge needs steerport's judges module, which this version lacks; use --data for separation")
+        from steerport import judges  # the evaluator's module
+
+        judge_model = judges.load_judge(judge)
+
+        def judge_fn(texts: list[str]) -> float:
+            return judges.attribute_rate(judge_model, texts)["rate"]
+    labeled = None
+    if data is not None:
+        positive = _positive_labels(st, positive_label)
+        texts, labels = read_labeled(data, text_field=text_field, label_field=label_field, positive_labels=positive)
+        _note_mapping(st, positive_label, positive, label_field)
+        if labels is None:
+            raise SteerportError(f"{data}: no {label_field!r} labels; separation needs labeled texts")
+        # balanced slice: up to limit/2 of each class
+        pos = [t for t, y in zip(texts, labels) if y][: limit // 2]
+        neg = [t for t, y in zip(texts, labels) if not y][: limit // 2]
+        labeled = (pos + neg, [1] * len(pos) + [0] * len(neg))
+    prompt_texts = _read_lines_or_jsonl(prompts)[:limit] if prompts else []
+    neutral_texts = _read_lines_or_jsonl(neutral)[:limit] if neutral else default_neutral(min(limit, 16))
+    if judge_fn is None and labeled is None:
+        console.print("[yellow]note:[/] no --data and no --judge: the sweep shows κ only")
+    lm = load_model(model, dtype=dtype, device=device)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("sweeping values", total=len(grid))
+        rows = do_sweep(
+            lm, st, grid, neutral=neutral_texts, labeled=labeled,
+            prompts=prompt_texts[: (len(prompt_texts) if judge_fn else samples)],
+            max_new_tokens=max_new_tokens, judge=judge_fn, force=force,
+            progress=lambda _: bar.advance(task),
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = sweep_json(rows, {
+        "steer": str(path), "steer_fingerprint": st.fingerprint, "positive": st.positive, "model": model,
+        "model_fingerprint": lm.fingerprint, "epsilon": st.epsilon,
+        "neutral": str(neutral) if neutral else "bundled steerport/data/neutral_text.txt (calibration part)",
+        "n_neutral": len(neutral_texts), "data": str(data) if data else None,
+        "n_labeled": len(labeled[0]) if labeled else 0, "judge": judge,
+    })
+    atomic_write_bytes(out_dir / "sweep.json", json.dumps(doc, indent=1, ensure_ascii=False).encode())
+    plot_sweep(rows, out_dir / "sweep.png", title=f"{path.name} on {model}")
+    table = Table("value", "κ (nats/tok)", "Sep(s)", "attribute rate", title=f"{path.name} (+ = {st.positive or '+'})")
+    for r in rows:
+        table.add_row(f"{r.value:g}", f"{r.kl:.4f}",
+                      "" if r.separation is None else f"{r.separation:+.4f}",
+                      "" if r.attribute_rate is None else f"{r.attribute_rate:.3f}")
+    out.print(table)
+    console.print(f"wrote {out_dir / 'sweep.json'} and {out_dir / 'sweep.png'}")
+
+
+@app.command()
+def merge(
+    model: ModelArg,
+    steer: SteerOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the merged checkpoint.")],
+    include_domain: Annotated[bool, typer.Option(help="Also fold LM-Steer domain components (as hooks' include_domain).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    verify: Annotated[bool, typer.Option(help="Reload the checkpoint with plain transformers and compare logits with the hooked model.")] = True,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+):
+    """Fold LM-Steer / token-prob steers at fixed values into the LM head; save a plain HF checkpoint."""
+    from steerport.merge import merge_to_dir
+
+    if not steer:
+        raise SteerportError("give at least one --steer FILE.st:VALUE")
+    steers = load_steers(steer)
+    paths = [str(p) for p, _ in map(parse_steer_arg, steer)]
+    with console.status("merging"):
+        path, diff = merge_to_dir(model, steers, out_dir, paths=paths, dtype=dtype, device=device, force=force,
+                                  include_domain=include_domain, overwrite=overwrite, verify=verify)
+    console.print(f"[green]saved[/] merged checkpoint to {path}")
+    if diff is not None:
+        tol = 1e-3 if dtype == "float32" else 0.25
+        if diff > tol:
+            raise SteerportError(f"{path}: reloaded logits differ from the hooked model by {diff:.3g} (> {tol}); do not use it")
+        console.print(f"verified: reloaded with AutoModelForCausalLM, max |logit difference| vs hooked = {diff:.2e}")
+
+
+@app.command("export-cvec")
+def export_cvec(
+    steer: Annotated[str, typer.Argument(help="An all-positions actadd steer, FILE.st[:VALUE] (value default 1).")],
+    out_path: Annotated[Path, typer.Option("--out", help="The .gguf control vector to write.")],
+    model_hint: Annotated[Optional[str], typer.Option(help="Architecture name for controlvector.model_hint (e.g. llama).")] = None,
+):
+    """Export an ActAdd steer as a llama.cpp control vector (llama-cli --control-vector FILE.gguf)."""
+    from steerport.controlvector import export_control_vector
+
+    st, value, _ = _one_steer(steer)
+    path = export_control_vector(st, out_path, value=value, model_hint=model_hint)
+    console.print(f"wrote {path} (direction = {value:g} · ε₀ · vector)")
+
+
+@app.command("import-cvec")
+def import_cvec(
+    file: Annotated[Path, typer.Argument(help="A llama.cpp / repeng control vector .gguf.")],
+    out_path: Annotated[Path, typer.Option("--out", help="The .st steer to write.")],
+    model: Annotated[Optional[str], typer.Option(help="The model it was made for: records spec + fingerprint.")] = None,
+    positive: Annotated[str, typer.Option(help="What the positive direction means.")] = "",
+):
+    """Import a llama.cpp control vector as an all-positions ActAdd steer."""
+    from steerport.controlvector import import_control_vector
+
+    made_for = None
+    if model is not None:
+        from steerport.models import load_embeddings
+
+        emb = load_embeddings(model)
+        made_for = {"spec": model, "fingerprint": emb.fingerprint}
+    st = import_control_vector(file, model=made_for, positive=positive)
+    if model is not None and st.hidden_size != emb.hidden_size:
+        raise SteerportError(f"{file}: directions have {st.hidden_size} values but {model} has hidden size {emb.hidden_size}")
+    st.save(out_path)
+    layers = st.meta.get("layers", [st.meta.get("layer")])
+    console.print(f"wrote {out_path}: actadd, layers {layers}, hidden size {st.hidden_size}")
 
 
 def main() -> None:
