@@ -301,20 +301,21 @@ def evaluate_steers(
     y = torch.tensor(labels)
     pos, neg = y == 1, y == 0
     base = per_text_mean(h_scorer.base_token_logprob, h_cache)
+    # every steer at +v, -v and the curve multiples in one pass over the cache (the head's matmul is shared)
+    plan = [(name, st, m) for name, st in steers for m in (1.0, -1.0, *s.curve)]
+    all_stats = h_scorer.stats_many([[(st, m * results[name]["value"])] for name, st, m in plan])
+    lp = {(name, m): per_text_mean(a.token_logprob, h_cache) for (name, _, m), a in zip(plan, all_stats)}
     for name, st in steers:
-        v = results[name]["value"]
-        plus = per_text_mean(h_scorer.stats([(st, v)]).token_logprob, h_cache)
-        minus = per_text_mean(h_scorer.stats([(st, -v)]).token_logprob, h_cache)
-        r = results[name]
+        v, r = results[name]["value"], results[name]
+        plus, minus = lp[(name, 1.0)], lp[(name, -1.0)]
         r["separation"] = separation(plus[pos], base[pos], plus[neg], base[neg])
         r["separation_neg_value"] = separation(minus[pos], base[pos], minus[neg], base[neg])
         r["auc"] = roc_auc(plus - minus, y)
         if s.curve:
-            r["curve"] = []
-            for m in s.curve:
-                lp = per_text_mean(h_scorer.stats([(st, m * v)]).token_logprob, h_cache)
-                r["curve"].append({"multiple": m, "value": m * v, "kl": neutral_scorer.stats([(st, m * v)]).kl,
-                                   "separation": separation(lp[pos], base[pos], lp[neg], base[neg])})
+            kls = neutral_scorer.stats_many([[(st, m * v)] for m in s.curve])
+            r["curve"] = [{"multiple": m, "value": m * v, "kl": k.kl,
+                           "separation": separation(lp[(name, m)][pos], base[pos], lp[(name, m)][neg], base[neg])}
+                          for m, k in zip(s.curve, kls)]
     nat_sep = results[nat_name]["separation"]
     for name in names:
         results[name]["retained_effect"] = results[name]["separation"] / nat_sep if nat_sep != 0 else math.nan

@@ -272,24 +272,35 @@ class HeadScorer:
 
     # ------------------------------------------------------------ the measurement
 
-    @torch.no_grad()
     def stats(self, steers: Sequence[SteerValue], *, shift: bool = False) -> HeadStats:
         """κ, next-token log-probs and (``shift=True``) the mean log-prob shift per vocabulary entry."""
-        total_kl, n = 0.0, 0
-        tgt, shift_sum = [], torch.zeros(self.V) if shift else None
+        return self.stats_many([steers], shift=shift)[0]
+
+    @torch.no_grad()
+    def stats_many(self, settings: Sequence[Sequence[SteerValue]], *, shift: bool = False) -> list[HeadStats]:
+        """:meth:`stats` for several settings in one pass: the unsteered logits are computed once per chunk."""
+        k = len(settings)
+        total_kl, n = [0.0] * k, 0
+        tgt: list[list[torch.Tensor]] = [[] for _ in range(k)]
+        shift_sum = [torch.zeros(self.V) for _ in range(k)] if shift else None
         for i, raw in self._chunks():
             lp0 = torch.log_softmax(self._cap(raw), -1)
-            lps = torch.log_softmax(self._cap(self._steered_raw(i, raw, steers)), -1)  # (n, V)
-            total_kl += kl_divergence(lps, lp0).sum().item()
+            targets = self.cache.targets[i : i + raw.shape[0]]
+            for j, steers in enumerate(settings):
+                lps = torch.log_softmax(self._cap(self._steered_raw(i, raw, steers)), -1)  # (n, V)
+                total_kl[j] += kl_divergence(lps, lp0).sum().item()
+                tgt[j].append(_gather_targets(lps, targets))
+                if shift_sum is not None:
+                    shift_sum[j] += (lps - lp0).sum(0).cpu()
             n += raw.shape[0]
-            tgt.append(_gather_targets(lps, self.cache.targets[i : i + raw.shape[0]]))
-            if shift_sum is not None:
-                shift_sum += (lps - lp0).sum(0).cpu()
-        return HeadStats(
-            kl=total_kl / max(n, 1),
-            token_logprob=torch.cat(tgt) if tgt else torch.zeros(0),
-            logprob_shift=None if shift_sum is None else shift_sum / max(n, 1),
-        )
+        return [
+            HeadStats(
+                kl=total_kl[j] / max(n, 1),
+                token_logprob=torch.cat(tgt[j]) if tgt[j] else torch.zeros(0),
+                logprob_shift=None if shift_sum is None else shift_sum[j] / max(n, 1),
+            )
+            for j in range(k)
+        ]
 
     def text_means(self, token_logprob: torch.Tensor) -> torch.Tensor:
         """Mean per-token log-likelihood of each text, shape (n_texts,); 0 for texts of one token."""
