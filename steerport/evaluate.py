@@ -254,10 +254,12 @@ def evaluate_steers(
     judge=None,
     reference: LoadedModel | None = None,
     force: bool = False,
+    generate_names: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Compare ``steers`` (name, Steer) on ``lm``; ``steers[native]`` is the reference for retention.
 
+    ``generate_names`` limits generation to those steers (default all; the native always runs).
     Returns a JSON-ready dict: the settings, κ target, and per steer its matched value,
     separation, retained effect, AUC, agreement with every other steer and generation metrics.
     """
@@ -290,6 +292,11 @@ def evaluate_steers(
         shifts[name] = neutral_scorer.stats([(st, b.value)], shift=True).logprob_shift
         results[name] = {"value": b.value, "kl": b.kl, "bisection_evals": b.evaluations, "steer_fingerprint": st.fingerprint,
                          "epsilon": st.epsilon, "rank": st.rank, "positive": st.positive, "lineage": st.meta.get("lineage")}
+    # strength at the same value: κ of each steer at the native's matched value (what calibration aims at)
+    v_nat = results[nat_name]["value"]
+    for (name, st), k in zip(steers, neutral_scorer.stats_many([[(st, v_nat)] for _, st in steers])):
+        results[name]["kl_at_native_value"] = k.kl
+        results[name]["value_ratio"] = results[name]["value"] / v_nat
     timings["kl_bisection_s"] = time.time() - t0
 
     # 2. held-out labeled text: separation and AUC at the matched values
@@ -326,7 +333,9 @@ def evaluate_steers(
     generation = None
     if prompts:
         t2 = time.time()
-        generation = _generation(lm, steers, results, list(prompts), s, judge, reference, nat_name, say)
+        keep = set(generate_names or names) | {nat_name}
+        generation = _generation(lm, [(n, st) for n, st in steers if n in keep], results, list(prompts), s, judge,
+                                 reference, nat_name, say)
         timings["generation_s"] = time.time() - t2
     timings["total_s"] = time.time() - t0
     return {
@@ -368,7 +377,7 @@ def _generation(lm, steers, results, prompts, s: EvalSettings, judge, reference,
         gen["runs"][name] = run
     if judge is not None:
         base, nat = gen["runs"]["unsteered"]["attribute_rate"], gen["runs"][nat_name]["attribute_rate"]
-        for name in results:
+        for name, _ in steers:
             gen["runs"][name]["generation_retention"] = retention(base, gen["runs"][name]["attribute_rate"], nat)
     return gen
 
