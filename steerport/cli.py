@@ -169,6 +169,290 @@ def inspect(file: Annotated[Path, typer.Argument(help="A .st steer file.")], as_
     table.add_row("steer fingerprint", steer.fingerprint)
     out.print(table)
 
+# =========================================================================== map / transfer (issue 4)
+
+MethodOpt = Annotated[str, typer.Option(help="Mapping fit: lstsq, ridge or procrustes (closed form).")]
+
+
+def _fit_options(method: str, ridge: float, center: bool, normalize: bool, weighting: str,
+                 top_k: Optional[int], holdout: float, seed: int):
+    from steerport.mapping import FitOptions
+
+    return FitOptions(method=method, ridge=ridge, center=center, normalize=normalize, weighting=weighting,
+                      top_k=top_k, holdout=holdout, seed=seed)
+
+
+def _spec_slug(spec: str) -> str:
+    """A file-name-safe short name of a model spec (catalog/alias as is, paths by their last part)."""
+    import re
+
+    name = Path(spec).name if ("/" in spec and Path(spec).exists()) or spec.endswith(".gguf") else spec
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.removesuffix(".gguf")).strip("-") or "target"
+
+
+@app.command("map")
+def map_cmd(
+    src: ModelArg,
+    tgt: ModelArg,
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Mapping file to write (default: SRC__TGT.safetensors).")] = None,
+    method: MethodOpt = "lstsq",
+    ridge: Annotated[float, typer.Option(help="Ridge strength, relative to the mean Gram diagonal (method ridge).")] = 1e-2,
+    center: Annotated[bool, typer.Option("--center", help="Subtract each side's mean row before fitting.")] = False,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Scale each embedding row to unit length first.")] = False,
+    weighting: Annotated[str, typer.Option(help="none, or zipf: weight pair k by 1/sqrt(1+frequency rank).")] = "none",
+    top_k: Annotated[Optional[int], typer.Option(help="Fit only on the K most frequent aligned pairs (id order).")] = None,
+    holdout: Annotated[float, typer.Option(help="Share of aligned pairs held out for diagnostics.")] = 0.1,
+    seed: int = 0,
+    refit: Annotated[bool, typer.Option("--refit", help="Fit even if --out already holds a fresh mapping.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the mapping metadata as JSON.")] = False,
+):
+    """Fit the map between two models' output embeddings (reads only embeddings and tokenizers).
+
+    An existing --out file is reused when it matches both models and the options; a stale one
+    (made for other weights or tokenizer) is refitted and overwritten.
+    """
+    from steerport.mapping import Mapping, fit_mapping
+    from steerport.models import load_embeddings
+
+    options = _fit_options(method, ridge, center, normalize, weighting, top_k, holdout, seed)
+    path = out_file or Path(f"{_spec_slug(src)}__{_spec_slug(tgt)}.safetensors")
+    with console.status("reading output embeddings and tokenizers"):
+        se, te = load_embeddings(src), load_embeddings(tgt)
+    m = None
+    if path.exists() and not refit:
+        old = Mapping.load(path)
+        if old.matches(se.fingerprint, te.fingerprint, options):
+            m, how = old, "reused (fresh)"
+        elif not old.matches(se.fingerprint, te.fingerprint):
+            console.print(f"[yellow]{path} is stale[/] (made for other weights or tokenizer): refitting")
+    if m is None:
+        with console.status(f"aligning vocabularies and fitting ({method})"):
+            m = fit_mapping(se, te, options)
+        m.save(path)
+        how = "fitted"
+    if as_json:
+        out.print_json(json.dumps(m.metadata()))
+        return
+    table = Table("map", "held-out R²", "cosine", "NN acc", "train R²", title=f"{src} -> {tgt}: {how}, {path}")
+    for name, label in (("H", "H: e_src ≈ H e_tgt"), ("G", "G: e_tgt ≈ G e_src")):
+        d = m.diagnostics[name]
+        ho = d.get("heldout", {})
+        table.add_row(label, f"{ho.get('r2', float('nan')):.4f}", f"{ho.get('cosine', float('nan')):.4f}",
+                      f"{ho.get('nn_acc', float('nan')):.4f}", f"{d['train']['r2']:.4f}")
+    out.print(table)
+    a = m.alignment
+    out.print(f"aligned pairs {m.n_pairs} (raw string matches {a['raw_string_matches']}); coverage "
+              f"{a['coverage_src']:.1%} of {src} ({a['source']['convention']}), {a['coverage_tgt']:.1%} of {tgt} "
+              f"({a['target']['convention']}); train {m.n_train}, held out {m.n_heldout}", highlight=False)
+
+
+@app.command("transfer")
+def transfer_cmd(
+    src: ModelArg,
+    tgt: ModelArg,
+    steer: Annotated[Path, typer.Option("--steer", "-s", help="The source model's .st steer file.")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .st (default: STEER.TGT.st next to the steer).")] = None,
+    form: Annotated[str, typer.Option(help="logit (default, fitted G), logit-pinv, paper (HᵀWH), hidden (needs both full models) or anchor (baseline).")] = "logit",
+    mapping: Annotated[Optional[Path], typer.Option(help="Mapping file to use (refused if stale; fitted and written there if missing).")] = None,
+    method: MethodOpt = "lstsq",
+    ridge: Annotated[float, typer.Option(help="Relative ridge strength (method ridge).")] = 1e-2,
+    center: Annotated[bool, typer.Option("--center", help="Center embedding rows before fitting.")] = False,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Unit-normalize embedding rows before fitting.")] = False,
+    weighting: Annotated[str, typer.Option(help="none or zipf.")] = "none",
+    top_k: Annotated[Optional[int], typer.Option(help="Fit only on the K most frequent aligned pairs.")] = None,
+    calibrate: Annotated[str, typer.Option(help="auto (kl for the hidden form, else embed), embed (embeddings only), kl (loads both models) or none.")] = "auto",
+    calib_value: Annotated[float, typer.Option(help="Reference steer value at which strengths are matched.")] = 1.0,
+    calib_text: Annotated[Optional[Path], typer.Option(help="Neutral text for kl calibration, one text per line (default: bundled WikiText-2 slice).")] = None,
+    hidden_text: Annotated[Optional[Path], typer.Option(help="Neutral text for the hidden-state map, one text per line (default: bundled).")] = None,
+    anchor_steps: Annotated[int, typer.Option(help="Adam steps of the anchor baseline (its default 10000).")] = 10_000,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Carry a steer whose model fingerprint differs from SRC.")] = False,
+):
+    """Carry a steer from SRC to TGT: steerport transfer gpt2 gpt-j --steer toxic.st.
+
+    The default form reads only both models' output embeddings and tokenizers.
+    """
+    from steerport.steer import Steer
+    from steerport.transfer import TransferOptions, transfer
+
+    def lines(p: Optional[Path]) -> Optional[list[str]]:
+        if p is None:
+            return None
+        if not p.is_file():
+            raise SteerportError(f"{p}: no such text file")
+        texts = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not texts:
+            raise SteerportError(f"{p}: no text lines")
+        return texts
+
+    source = Steer.load(steer)
+    options = TransferOptions(
+        form=form, fit=_fit_options(method, ridge, center, normalize, weighting, top_k, 0.1, 0),
+        calibrate=calibrate, calib_value=calib_value, calib_texts=lines(calib_text), hidden_texts=lines(hidden_text),
+        anchor_steps=anchor_steps, dtype=dtype, device=device,
+    )
+    dest = out_file or steer.with_name(f"{steer.stem}.{_spec_slug(tgt)}.st")
+    with console.status(f"transferring {steer} {src} -> {tgt} ({form})"):
+        res = transfer(source, src, tgt, options, mapping_path=mapping, source_path=str(steer), force=force,
+                       log=lambda msg: console.print(msg, highlight=False))
+    res.steer.save(dest)
+    lin = res.lineage
+    cal = lin["calibration"]
+    msg = f"[green]wrote[/] {dest}: form {form}, rank {res.steer.rank}, hidden {res.steer.hidden_size}, "
+    msg += f"calibration {cal['method']} x{cal['factor']:.4g} (epsilon {source.epsilon:.4g} -> {res.steer.epsilon:.4g})"
+    if "mapping" in lin:
+        h = lin["mapping"]["diagnostics"]["H"].get("heldout", {})
+        msg += f"; mapping {lin['mapping']['method']} on {lin['mapping']['n_pairs']} pairs, held-out R² {h.get('r2', float('nan')):.3f}"
+    if "hidden_map" in lin:
+        msg += f"; hidden map R² {lin['hidden_map'].get('heldout', {}).get('r2', float('nan')):.3f}"
+    console.print(msg + f"; {lin['seconds']['total']:.1f} s", highlight=False)
+
+
+# =========================================================================== train (issue 3)
+
+
+def _train_progress():
+    """A rich progress display for both training phases; returns (context, callback)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )
+    tasks: dict[str, int] = {}
+    clock: dict[str, float] = {}
+
+    def update(phase: str, info: dict) -> None:
+        import time
+
+        if phase == "cache-start":
+            tasks["cache"] = bar.add_task("1/2 body pass", total=info["tokens"], info="")
+            clock["cache"] = time.perf_counter()
+        elif phase == "cache":
+            dt = max(time.perf_counter() - clock["cache"], 1e-9)
+            bar.update(tasks["cache"], completed=info["tokens"], info=f"{info['texts']} texts  {info['tokens'] / dt:,.0f} tok/s")
+        elif phase == "stats-start":
+            tasks["stats"] = bar.add_task("   top-k stats", total=info["tokens"], info="")
+        elif phase == "stats":
+            bar.update(tasks["stats"], completed=info["tokens"])
+        elif phase == "fit-start":
+            tasks["fit"] = bar.add_task("2/2 fit steer", total=info["steps"], completed=info["start"], info="")
+            clock["fit"] = time.perf_counter()
+            clock["fit_tokens"] = 0
+            clock["held"] = float("nan")
+        elif phase == "fit":
+            clock["fit_tokens"] += info["tokens"]
+            dt = max(time.perf_counter() - clock["fit"], 1e-9)
+            bar.update(tasks["fit"], completed=info["step"],
+                       info=f"loss {info['loss']:.4f}  held-out {clock['held']:.4f}  {clock['fit_tokens'] / dt:,.0f} tok/s")
+        elif phase == "eval":
+            clock["held"] = info["heldout_loss"]
+
+    return bar, update
+
+
+@app.command()
+def train(
+    model: ModelArg,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the steer (.st).")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Labeled JSONL/CSV/TSV file, or a built-in slice: sst2, paradetox. Repeatable.")] = [],
+    positive: Annotated[Optional[Path], typer.Option("--positive", help="Plain-text file of positive texts, one per line (with --negative).")] = None,
+    negative: Annotated[Optional[Path], typer.Option("--negative", help="Plain-text file of negative texts, one per line (with --positive).")] = None,
+    text_field: Annotated[str, typer.Option(help="Field (JSONL) or column (CSV) holding the text.")] = "text",
+    label_field: Annotated[str, typer.Option(help="Field or column holding the label.")] = "label",
+    positive_label: Annotated[list[str], typer.Option("--positive-label", help="Label value(s) trained at +1 (e.g. 0 for non-toxic); all others at -1 unless --negative-label is given.")] = [],
+    negative_label: Annotated[list[str], typer.Option("--negative-label", help="Label value(s) trained at -1; rows with other labels are skipped.")] = [],
+    real_labels: Annotated[bool, typer.Option("--real-labels", help="Use numeric labels as the steer value itself, e.g. SST-5's lmsteer_label in [-1, 1].")] = False,
+    positive_name: Annotated[str, typer.Option(help="What +1 means, stored in the file (e.g. 'non-toxic').")] = "",
+    limit_per_class: Annotated[Optional[int], typer.Option(help="Use at most N texts per class (after a seeded shuffle).")] = None,
+    heldout: Annotated[float, typer.Option(help="Fraction of texts held out for early stopping and the summary.")] = 0.1,
+    max_tokens: Annotated[int, typer.Option(help="Truncate each text to this many tokens.")] = 128,
+    rank: Annotated[int, typer.Option(help="Rank r of W = A Bᵀ.")] = 8,
+    epsilon: Annotated[float, typer.Option(help="Base scale ε₀ stored in the file (steer value s gives ε = s·ε₀).")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-2,
+    epochs: Annotated[float, typer.Option(help="Most passes over the cached tokens (early stopping usually ends sooner).")] = 8.0,
+    steps: Annotated[Optional[int], typer.Option(help="Exact number of optimizer steps (overrides --epochs).")] = None,
+    tokens_per_batch: Annotated[int, typer.Option(help="Tokens per optimizer step (batches are packed by tokens).")] = 2048,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay on A and B.")] = 0.0,
+    domain: Annotated[bool, typer.Option("--domain/--no-domain", help="Also learn the always-on domain component (anchor's dummy_steer), saved as domain.A/domain.B.")] = False,
+    patience: Annotated[int, typer.Option(help="Held-out evaluations without improvement before stopping early.")] = 3,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between held-out evaluations (default: twice per epoch).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and batch order.")] = 0,
+    dtype: DtypeOpt = "auto",
+    cache_dtype: Annotated[str, typer.Option(help="Storage dtype of the cached hidden states: bfloat16, float16 or float32.")] = "bfloat16",
+    head: Annotated[str, typer.Option(help="exact: full softmax at every step. topk: opt-in approximation (normaliser over the base model's top candidates plus a first-order tail term computed once), much faster; the summary is always exact.")] = "exact",
+    topk: Annotated[int, typer.Option(help="Candidates per token for --head topk.")] = 64,
+    device: DeviceOpt = "cpu",
+    workdir: Annotated[Optional[Path], typer.Option(help="Folder for the cache and checkpoints (default OUT.work); rerun the same command to resume.")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard saved progress in the work folder and start over.")] = False,
+    keep_cache: Annotated[bool, typer.Option("--keep-cache", help="Keep the work folder (cache, checkpoint) after success.")] = False,
+):
+    """Train an LM-Steer steer: one pass of the frozen model caches its final hidden states, then
+    the low-rank steer is fitted on the LM head alone. Ctrl-C (or a kill) keeps the progress:
+    run the same command again to resume.
+
+    Examples:
+
+      steerport train smollm2-135m --data sst2 --out positive.st
+
+      steerport train smollm2-135m --data paradetox_train.jsonl --positive-label 0 --positive-name non-toxic --out detox.st
+
+      steerport train smollm2-135m --data sst5_train.jsonl --label-field lmsteer_label --real-labels --out sst5.st
+
+      steerport train smollm2-135m --positive happy.txt --negative sad.txt --out mood.st
+    """
+
+    from steerport.data import DataOptions, load_data
+    from steerport.models import load_model
+    from steerport.train import TrainConfig, remove_workdir
+    from steerport.train import train as do_train
+
+    if out_path.suffix != ".st":
+        raise SteerportError(f"{out_path}: the output should be a .st file")
+    config = TrainConfig(rank=rank, epsilon=epsilon, lr=lr, epochs=epochs, steps=steps, tokens_per_batch=tokens_per_batch,
+                         weight_decay=weight_decay, seed=seed, domain=domain, max_tokens=max_tokens, eval_every=eval_every,
+                         patience=patience, dtype=dtype, cache_dtype=cache_dtype, head=head, topk=topk)
+    config.check()
+    dataset = load_data(DataOptions(
+        files=data, text_field=text_field, label_field=label_field, positive_labels=positive_label,
+        negative_labels=negative_label, real=real_labels, positive_file=positive, negative_file=negative,
+        positive_name=positive_name, limit_per_class=limit_per_class, heldout_fraction=heldout, seed=seed,
+    ))
+    c = dataset.summary["counts"]
+    console.print(f"data: train {c['train']['positive']} positive / {c['train']['negative']} negative, "
+                  f"held out {c['heldout']['positive']} / {c['heldout']['negative']}; +1 means {dataset.positive_name!r}")
+    wd = workdir or out_path.with_name(out_path.name + ".work")
+    if restart and wd.exists():
+        remove_workdir(wd)
+    lm = load_model(model, dtype=dtype, device=device)
+    bar, update = _train_progress()
+    try:
+        with bar:
+            result = do_train(lm, dataset, config, workdir=wd, progress=update)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]stopped[/]: progress saved in {wd}; run the same command again to resume")
+        raise SystemExit(130) from None
+    result.steer.save(out_path)
+    if not keep_cache:
+        remove_workdir(wd)
+    r, t = result.results, result.steer.meta["training"]["timings"]
+    table = Table(title=f"steer saved to {out_path}", show_header=False)
+    rows = [
+        ("held-out loss, unsteered", r.get("heldout_loss_unsteered")),
+        ("held-out loss, steered (each text at its label)", r.get("heldout_loss_steered")),
+        ("held-out loss, steered + domain", r.get("heldout_loss_steered_with_domain")),
+        ("separation Sep(1), nats/token", r.get("separation")),
+        ("steer-as-classifier ROC AUC (held out)", r.get("heldout_auc")),
+        ("steps (best at)", f"{r['steps']} ({r['best_step']}), {r['epochs']} epochs; {r['stopped']}"),
+        ("tokens train / held out", f"{r['train_tokens']} / {r['heldout_tokens']}"),
+        ("time: body pass / fit / total", f"{t['cache_s']:.1f} s / {t.get('topk_stats_s', 0) + t['fit_s']:.1f} s / {t['total_s']:.1f} s"
+         + ("  (resumed)" if r.get("resumed") else "")),
+    ]
+    for k, v in rows:
+        if v is not None:
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
 # --------------------------------------------------------------------------- evaluate, judges (evaluator issue)
 
 

@@ -1,0 +1,393 @@
+"""Linear maps between two models' output-embedding spaces, their diagnostics, and mapping files.
+
+With aligned rows ``X_s`` (n x d_s) and ``X_t`` (n x d_t) of the two output-embedding matrices
+(same tokens, :mod:`steerport.vocab`), fit::
+
+    H (d_s x d_t):  e_s ≈ H e_t,   i.e.  X_s ≈ X_t Hᵀ      (the paper's map; carries B)
+    G (d_t x d_s):  e_t ≈ G e_s,   i.e.  X_t ≈ X_s Gᵀ      (fitted source->target map; carries A)
+
+in closed form: ``lstsq`` (minimum-norm least squares), ``ridge`` (λ relative to the mean
+diagonal of the Gram matrix) or ``procrustes`` (semi-orthogonal map times the best global
+scale). Options: centering, unit-normalizing rows, Zipf-like frequency weighting or fitting
+only on the ``top_k`` most frequent pairs (token id order is the frequency proxy). A random
+``holdout`` share of pairs (10 %) is never fitted on; R², mean cosine and nearest-neighbour
+retrieval accuracy are reported on it.
+
+A mapping file is a safetensors file: tensors ``H``, ``G`` (and ``mean_src``/``mean_tgt`` when
+centered) plus ``__metadata__["steerport.mapping"]``, a JSON document with both models' specs
+and fingerprints, the method and options, pair counts, coverage and diagnostics. A mapping is
+reused only when both fingerprints and the options match.
+
+Example::
+
+    src, tgt = load_embeddings("smollm2-135m"), load_embeddings("gemma3-270m")
+    m = fit_mapping(src, tgt, FitOptions(method="lstsq"))
+    print(m.diagnostics["H"]["r2"]); m.save("smollm2__gemma3.safetensors")
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from steerport.errors import SteerportError
+from steerport.models import ModelEmbeddings
+from steerport.vocab import Alignment, align_vocab
+
+FORMAT = "steerport.mapping"
+VERSION = 1
+METHODS = ("lstsq", "ridge", "procrustes")
+WEIGHTINGS = ("none", "zipf")
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How a map is fitted. ``ridge`` is used by method ``ridge`` only."""
+
+    method: str = "lstsq"
+    ridge: float = 1e-2
+    center: bool = False
+    normalize: bool = False
+    weighting: str = "none"
+    top_k: int | None = None
+    holdout: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise SteerportError(f"unknown mapping method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise SteerportError(f"unknown weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        if not 0 <= self.holdout < 1:
+            raise SteerportError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.ridge < 0:
+            raise SteerportError(f"ridge must be >= 0, got {self.ridge}")
+        if self.top_k is not None and self.top_k < 1:
+            raise SteerportError(f"top_k must be positive, got {self.top_k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.method != "ridge":
+            d.pop("ridge")
+        return d
+
+    def key(self) -> str:
+        """Short hash of the options (part of a cached mapping's name)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+# --------------------------------------------------------------------------- the fit
+
+
+def fit_linear(X: torch.Tensor, Y: torch.Tensor, method: str = "lstsq", *, ridge: float = 1e-2,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """M (p x q) minimising Σ_i w_i ||X_i M − Y_i||²; X: (n, p), Y: (n, q). Float64 inside.
+
+    Returns M (float32) and fit facts (Procrustes scale, ridge λ).
+    """
+    X, Y = X.double(), Y.double()
+    if weights is not None:
+        sw = weights.double().sqrt()[:, None]
+        X, Y = X * sw, Y * sw
+    XtY = X.T @ Y  # (p, q)
+    info: dict[str, float] = {}
+    if method == "procrustes":
+        U, S, Vh = torch.linalg.svd(XtY, full_matrices=False)  # U (p,k), Vh (k,q)
+        scale = float(S.sum() / (X * X).sum())
+        info["scale"] = scale
+        return (scale * (U @ Vh)).float(), info
+    XtX = X.T @ X  # (p, p)
+    if method == "ridge":
+        lam = ridge * float(XtX.diagonal().mean())
+        info["lambda"] = lam
+        M = torch.linalg.solve(XtX + lam * torch.eye(XtX.shape[0], dtype=XtX.dtype), XtY)
+    else:  # lstsq: minimum-norm solution of the normal equations (rank-deficient X is fine)
+        M = torch.linalg.lstsq(XtX, XtY, driver="gelsd").solution
+    return M.float(), info
+
+
+def _prepare(X: torch.Tensor, normalize: bool) -> torch.Tensor:
+    X = X.float()
+    return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12) if normalize else X
+
+
+def map_quality(pred: torch.Tensor, Y: torch.Tensor, candidates: torch.Tensor | None = None,
+                answer: torch.Tensor | None = None, chunk: int = 2048) -> dict[str, float]:
+    """R² (pooled over all coordinates), mean cosine, and top-1 retrieval accuracy.
+
+    pred, Y: (m, q). Retrieval: is row ``answer[i]`` of ``candidates`` (N, q) the nearest
+    (by cosine) to ``pred[i]``? Defaults: candidates = Y (the m evaluated rows, so on held-out
+    pairs: among the held-out rows), answer = arange(m).
+    """
+    ss_res = float(((Y - pred) ** 2).sum())
+    ss_tot = float(((Y - Y.mean(0)) ** 2).sum())
+    cos = torch.nn.functional.cosine_similarity(pred, Y, dim=1)
+    cand = Y if candidates is None else candidates
+    ans = torch.arange(len(Y)) if answer is None else answer
+    cand_n = cand / cand.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    hits = 0
+    for i in range(0, len(pred), chunk):
+        q = pred[i : i + chunk]
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        hits += int(((q @ cand_n.T).argmax(1) == ans[i : i + chunk]).sum())
+    return {"r2": 1 - ss_res / max(ss_tot, 1e-30), "cosine": float(cos.mean()),
+            "nn_acc": hits / max(len(pred), 1), "n": len(pred)}
+
+
+@dataclass
+class DirectedFit:
+    """One direction Y ≈ (X − μx) M + μy of a mapping, with held-out and train diagnostics."""
+
+    M: torch.Tensor
+    mu_x: torch.Tensor | None
+    mu_y: torch.Tensor | None
+    diagnostics: dict[str, Any]
+
+
+def fit_direction(X: torch.Tensor, Y: torch.Tensor, train: torch.Tensor, held: torch.Tensor,
+                  options: FitOptions, weights: torch.Tensor | None) -> DirectedFit:
+    """Fit Y ≈ X M on rows ``train`` and measure on rows ``held`` (X, Y already prepared)."""
+    t0 = time.perf_counter()
+    Xtr, Ytr = X[train], Y[train]
+    mu_x = Xtr.mean(0) if options.center else None
+    mu_y = Ytr.mean(0) if options.center else None
+    if options.center:
+        Xtr, Ytr = Xtr - mu_x, Ytr - mu_y
+    M, info = fit_linear(Xtr, Ytr, options.method, ridge=options.ridge,
+                         weights=None if weights is None else weights[train])
+    fit_s = time.perf_counter() - t0
+
+    def predict(rows: torch.Tensor) -> torch.Tensor:
+        x = X[rows] - mu_x if options.center else X[rows]
+        out = x @ M
+        return out + mu_y if options.center else out
+
+    diag: dict[str, Any] = {"fit_seconds": round(fit_s, 3), **info}
+    sub = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(options.seed))[:5000]]
+    tr = map_quality(predict(sub), Y[sub])
+    diag["train"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in tr.items()}
+    if len(held):
+        ho = map_quality(predict(held), Y[held])
+        diag["heldout"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in ho.items()}
+    return DirectedFit(M, mu_x, mu_y, diag)
+
+
+@dataclass
+class Mapping:
+    """A fitted pair of maps between a source and a target model's output-embedding spaces.
+
+    H: (d_s, d_t) with e_s ≈ H e_t.  G: (d_t, d_s) with e_t ≈ G e_s.
+    """
+
+    H: torch.Tensor
+    G: torch.Tensor
+    source: dict[str, Any]  # spec, fingerprint, hidden_size, vocab_size
+    target: dict[str, Any]
+    options: FitOptions
+    n_pairs: int
+    n_train: int
+    n_heldout: int
+    alignment: dict[str, Any]
+    diagnostics: dict[str, Any]  # {"H": {...}, "G": {...}}
+    mean_src: torch.Tensor | None = None
+    mean_tgt: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- checks
+
+    def matches(self, src_fingerprint: str, tgt_fingerprint: str, options: FitOptions | None = None) -> bool:
+        """True when this mapping was fitted for these two models (and these options, if given)."""
+        same = self.source.get("fingerprint") == src_fingerprint and self.target.get("fingerprint") == tgt_fingerprint
+        return same and (options is None or options.to_dict() == self.options.to_dict())
+
+    def check(self, src_fingerprint: str, tgt_fingerprint: str, where: str = "mapping") -> None:
+        """Refuse a stale mapping: one fitted for other weights/tokenizers than these."""
+        for side, want, have in (("source", src_fingerprint, self.source), ("target", tgt_fingerprint, self.target)):
+            if have.get("fingerprint") != want:
+                raise SteerportError(
+                    f"{where}: stale mapping: made for {side} {have.get('spec')!r} with fingerprint "
+                    f"{have.get('fingerprint')}, but the {side} model now has fingerprint {want}; "
+                    "refit it with steerport map (or drop --mapping to fit a fresh one)"
+                )
+
+    # ---------------------------------------------------------------- files
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION,
+            "source": self.source, "target": self.target,
+            "method": self.options.method, "options": self.options.to_dict(),
+            "n_pairs": self.n_pairs, "n_train": self.n_train, "n_heldout": self.n_heldout,
+            "coverage": {"src": self.alignment.get("coverage_src"), "tgt": self.alignment.get("coverage_tgt")},
+            "alignment": self.alignment, "diagnostics": self.diagnostics, **self.meta,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically as safetensors + JSON metadata."""
+        from safetensors.torch import save as st_save
+
+        from steerport.steer import atomic_write_bytes
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"H": self.H.float().contiguous(), "G": self.G.float().contiguous()}
+        if self.mean_src is not None:
+            tensors["mean_src"] = self.mean_src.float().contiguous()
+            tensors["mean_tgt"] = self.mean_tgt.float().contiguous()
+        data = st_save(tensors, metadata={FORMAT: json.dumps(self.metadata(), ensure_ascii=False)})
+        atomic_write_bytes(path, data)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Mapping":
+        """Read and validate a mapping file; problems become one-line SteerportErrors."""
+        from safetensors.torch import load as st_load
+
+        path = Path(path)
+        if not path.is_file():
+            raise SteerportError(f"{path}: no such mapping file")
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+        if n <= 0 or 8 + n > len(data):
+            raise SteerportError(f"{path}: not a safetensors mapping file (or truncated)")
+        try:
+            header = json.loads(data[8 : 8 + n])
+            meta = json.loads(header["__metadata__"][FORMAT])
+            tensors = st_load(data)
+        except Exception:
+            raise SteerportError(f"{path}: not a steerport mapping file (no valid {FORMAT} metadata)") from None
+        if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int):
+            raise SteerportError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta["version"] > VERSION:
+            raise SteerportError(f"{path}: written by a newer steerport (mapping format {meta['version']})")
+        if "H" not in tensors or "G" not in tensors:
+            raise SteerportError(f"{path}: mapping lacks tensor H or G")
+        H, G = tensors["H"], tensors["G"]
+        ds, dt = meta["source"].get("hidden_size"), meta["target"].get("hidden_size")
+        if tuple(H.shape) != (ds, dt) or tuple(G.shape) != (dt, ds):
+            raise SteerportError(f"{path}: H is {tuple(H.shape)} and G is {tuple(G.shape)}, expected ({ds}, {dt}) and ({dt}, {ds})")
+        if not (torch.isfinite(H).all() and torch.isfinite(G).all()):
+            raise SteerportError(f"{path}: mapping contains NaN or infinite values")
+        core = {"format", "version", "source", "target", "method", "options", "n_pairs", "n_train",
+                "n_heldout", "coverage", "alignment", "diagnostics"}
+        try:
+            options = FitOptions(**meta["options"])
+        except TypeError:
+            raise SteerportError(f"{path}: unknown mapping options {meta['options']}") from None
+        return cls(H=H, G=G, source=meta["source"], target=meta["target"], options=options,
+                   n_pairs=meta["n_pairs"], n_train=meta["n_train"], n_heldout=meta["n_heldout"],
+                   alignment=meta["alignment"], diagnostics=meta["diagnostics"],
+                   mean_src=tensors.get("mean_src"), mean_tgt=tensors.get("mean_tgt"),
+                   meta={k: v for k, v in meta.items() if k not in core})
+
+
+def _side(emb: ModelEmbeddings, convention: str) -> dict[str, Any]:
+    return {"spec": emb.spec, "fingerprint": emb.fingerprint, "hidden_size": emb.hidden_size,
+            "vocab_size": int(emb.embeddings.shape[0]), "convention": convention}
+
+
+def split_pairs(n: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (train, held-out) index split of n pairs; held-out = round(holdout * n)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = int(round(holdout * n))
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
+def fit_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions = FitOptions(), *,
+                alignment: Alignment | None = None) -> Mapping:
+    """Align the vocabularies, fit H and G, and measure them on held-out pairs."""
+    t0 = time.perf_counter()
+    al = alignment if alignment is not None else align_vocab(src.tokenizer, tgt.tokenizer)
+    t_align = time.perf_counter() - t0
+    if al.n < 2:
+        raise SteerportError(f"{src.spec} and {tgt.spec} share only {al.n} tokens after normalization; cannot fit a map")
+    Xs = _prepare(src.embeddings[al.src_ids], options.normalize)  # (n, d_s)
+    Xt = _prepare(tgt.embeddings[al.tgt_ids], options.normalize)  # (n, d_t)
+    train, held = split_pairs(al.n, options.holdout, options.seed)
+    rank = al.frequency_rank()
+    if options.top_k is not None:
+        train = train[rank[train].argsort()[: options.top_k]].sort().values
+    weights = (rank.double() + 1).rsqrt() if options.weighting == "zipf" else None
+    fH = fit_direction(Xt, Xs, train, held, options, weights)  # X_s ≈ X_t M, H = Mᵀ
+    fG = fit_direction(Xs, Xt, train, held, options, weights)  # X_t ≈ X_s M, G = Mᵀ
+    return Mapping(
+        H=fH.M.T.contiguous(), G=fG.M.T.contiguous(),
+        source=_side(src, al.src.convention), target=_side(tgt, al.tgt.convention),
+        options=options, n_pairs=al.n, n_train=len(train), n_heldout=len(held),
+        alignment=al.report(), diagnostics={"H": fH.diagnostics, "G": fG.diagnostics},
+        mean_src=fH.mu_y, mean_tgt=fH.mu_x,
+        meta={"align_seconds": round(t_align, 3), "total_seconds": round(time.perf_counter() - t0, 3),
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "steerport_version": _version()},
+    )
+
+
+def _version() -> str:
+    from steerport import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- finding / reusing
+
+
+def cache_path(src_fingerprint: str, tgt_fingerprint: str, options: FitOptions) -> Path:
+    """Where an automatically fitted mapping is cached: keyed by both fingerprints and the options."""
+    from steerport.catalog import steerport_home
+
+    return steerport_home() / "mappings" / f"{src_fingerprint}_{tgt_fingerprint}_{options.key()}.safetensors"
+
+
+def shipped_dir() -> Path:
+    """The repository's ``mappings/`` folder (mapping files made for the offline catalog)."""
+    return Path(__file__).resolve().parent.parent / "mappings"
+
+
+def shipped_name(src_spec: str, tgt_spec: str) -> str:
+    return f"{src_spec}__{tgt_spec}.safetensors"
+
+
+def get_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions = FitOptions(), *,
+                path: str | os.PathLike | None = None, refit: bool = False,
+                log: Callable[[str], None] = lambda msg: None) -> tuple[Mapping, str]:
+    """The mapping for (src, tgt, options): reused when fresh, otherwise fitted and saved.
+
+    ``path`` given: reuse it if it matches; if it is stale (fingerprints differ), refuse
+    (SteerportError). ``path`` None: look in the cache and in the shipped ``mappings/``; a stale
+    or differently-fitted file there is ignored and a fresh mapping is fitted into the cache.
+    Returns (mapping, where it came from).
+    """
+    if path is not None:
+        path = Path(path)
+        if path.exists() and not refit:
+            m = Mapping.load(path)
+            m.check(src.fingerprint, tgt.fingerprint, where=str(path))
+            return m, f"reused {path}"
+        m = fit_mapping(src, tgt, options)
+        m.save(path)
+        return m, f"fitted, saved to {path}"
+    candidates = [cache_path(src.fingerprint, tgt.fingerprint, options), shipped_dir() / shipped_name(src.spec, tgt.spec)]
+    for cand in candidates:
+        if refit or not cand.is_file():
+            continue
+        try:
+            m = Mapping.load(cand)
+        except SteerportError as e:
+            log(f"ignoring unreadable mapping {e}")
+            continue
+        if m.matches(src.fingerprint, tgt.fingerprint, options):
+            return m, f"reused {cand}"
+        if not m.matches(src.fingerprint, tgt.fingerprint):
+            log(f"{cand} is stale (made for other weights or tokenizer); fitting a fresh mapping")
+    m = fit_mapping(src, tgt, options)
+    dest = candidates[0]
+    m.save(dest)
+    return m, f"fitted, cached at {dest}"

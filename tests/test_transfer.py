@@ -1,0 +1,516 @@
+"""Vocabulary alignment, mapping and transfer: exact identities on tiny models, round-trips, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from steerport.errors import SteerportError
+from steerport.hooks import steered
+from steerport.mapping import FitOptions, Mapping, fit_direction, fit_mapping, get_mapping, split_pairs
+from steerport.models import LoadedModel, ModelEmbeddings
+from steerport.steer import Steer
+from steerport.transfer import TransferOptions, anchor_fit, transfer
+from steerport.vocab import (BYTE_LEVEL, SENTENCEPIECE, WORDPIECE, align_vocab, byte_decoder, detect_convention,
+                             raw_shared_tokens, surface)
+from tests.tiny import CORPUS, D, random_steer_factors, tiny_model, tiny_tokenizer
+
+TEXTS = sorted(set(CORPUS))
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEERPORT_HOME", str(tmp_path / "home"))
+
+
+# --------------------------------------------------------------------------- building targets
+
+
+def _sp_name(token: str) -> str:
+    """A byte-level token renamed the SentencePiece way (▁ for space, <0xNN> for odd bytes)."""
+    raw = bytes(byte_decoder()[c] for c in token)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or (len(raw) == 1 and (raw[0] < 0x20 or raw[0] >= 0x7F)):
+        assert len(raw) == 1
+        return f"<0x{raw[0]:02X}>"
+    return text.replace(" ", "\u2581")
+
+
+def permuted_tokenizer(tok, perm: torch.Tensor, rename: bool) -> PreTrainedTokenizerFast:
+    """The same vocabulary under new ids (new id = perm[old id]); ``rename`` writes it SentencePiece-style.
+
+    Without renaming it is a working BPE tokenizer that splits text exactly like ``tok``; renamed,
+    it only carries the vocabulary (a word-level model) for alignment.
+    """
+    eos = tok.eos_token
+    if not rename:
+        spec = json.loads(tok.backend_tokenizer.to_str())
+        spec["model"]["vocab"] = {t: int(perm[i]) for t, i in spec["model"]["vocab"].items()}
+        for added in spec["added_tokens"]:
+            added["id"] = int(perm[added["id"]])
+        backend = Tokenizer.from_str(json.dumps(spec))
+    else:
+        vocab = {(t if t == eos else _sp_name(t)): int(perm[i]) for t, i in tok.get_vocab().items()}
+        backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        backend.decoder = decoders.Metaspace()
+        backend.add_special_tokens([eos])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos)
+
+
+def transformed_model(lm: LoadedModel, P: torch.Tensor, perm: torch.Tensor, rename: bool = False) -> LoadedModel:
+    """A target that is ``lm`` in another basis and vocabulary order.
+
+    Final hidden state h_t = P h_s (a linear layer appended after the final norm, i.e. right
+    before the LM head); output embeddings E_t[perm[v]] = E_s[v] P⁻¹, so z_t[perm] = z_s exactly;
+    input embeddings only permuted (the body still sees the same vectors).
+    """
+    model = copy.deepcopy(lm.model)
+    E_s = lm.output_embeddings.detach()
+    W_in = model.get_input_embeddings().weight.detach().clone()
+    V, d = E_s.shape
+    inp = torch.nn.Embedding(V, d)
+    inp.weight.data[perm] = W_in
+    model.set_input_embeddings(inp)
+    basis = torch.nn.Linear(d, d, bias=False)
+    basis.weight.data = P.clone()
+    model.model.norm = torch.nn.Sequential(model.model.norm, basis)
+    head = torch.nn.Linear(d, V, bias=False)
+    head.weight.data[perm] = E_s @ torch.linalg.inv(P)
+    model.set_output_embeddings(head)
+    model.config.tie_word_embeddings = False
+    model.eval().requires_grad_(False)
+    return LoadedModel(spec=f"{lm.spec}-transformed", model=model, tokenizer=permuted_tokenizer(lm.tokenizer, perm, rename))
+
+
+def random_basis(d: int, orthogonal: bool, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q1, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    if orthogonal:
+        return Q1
+    Q2, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    s = torch.logspace(-0.3, 0.3, d)  # singular values 0.5 .. 2: invertible, clearly not orthogonal
+    return Q1 @ torch.diag(s) @ Q2
+
+
+def source_steer(lm: LoadedModel, epsilon: float = 0.5) -> Steer:
+    A, B = random_steer_factors(D, 3)
+    return Steer.lm_steer(A, B, epsilon=epsilon, positive="positive",
+                          model={"spec": lm.spec, "fingerprint": lm.fingerprint})
+
+
+@torch.no_grad()
+def logit_shift(lm: LoadedModel, steer: Steer, ids: torch.Tensor, value: float = 1.0) -> torch.Tensor:
+    base = lm.model(input_ids=ids).logits
+    with steered(lm, [(steer, value)]):
+        return lm.model(input_ids=ids).logits - base
+
+
+def _setup(orthogonal: bool, rename: bool):
+    src = tiny_model("llama", seed=0)
+    V = src.output_embeddings.shape[0]
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(7))
+    tgt = transformed_model(src, random_basis(D, orthogonal), perm, rename)
+    ids = src.tokenizer(TEXTS[:3], return_tensors="pt", padding=True)["input_ids"]
+    return src, tgt, perm, ids
+
+
+# --------------------------------------------------------------------------- vocab
+
+
+def test_byte_level_surfaces():
+    assert surface("Ġthe", BYTE_LEVEL) == b" the"
+    assert surface("Ċ", BYTE_LEVEL) == b"\n"
+    assert surface("ĊĠĠ", BYTE_LEVEL) == b"\n  "
+    assert surface("Ã©", BYTE_LEVEL) == "é".encode()  # two byte characters -> one UTF-8 character
+    assert surface("Ã", BYTE_LEVEL) == b"\xc3"  # a lone byte of a multi-byte character
+    assert len(byte_decoder()) == 256 and sorted(byte_decoder().values()) == list(range(256))
+
+
+def test_sentencepiece_surfaces_and_byte_fallback():
+    assert surface("▁the", SENTENCEPIECE) == b" the"
+    assert surface("▁▁", SENTENCEPIECE) == b"  "
+    assert surface("<0x0A>", SENTENCEPIECE) == b"\n"
+    assert surface("<0xC3>", SENTENCEPIECE) == b"\xc3"
+    assert surface("ing", SENTENCEPIECE) == b"ing"
+    # the same surface from both families
+    assert surface("Ġthe", BYTE_LEVEL) == surface("▁the", SENTENCEPIECE)
+    assert surface("Ã", BYTE_LEVEL) == surface("<0xC3>", SENTENCEPIECE)
+
+
+def test_wordpiece_surfaces():
+    assert surface("##ing", WORDPIECE) == b"ing"
+    assert surface("the", WORDPIECE) == b" the"
+    assert surface("##", WORDPIECE) == b" ##"  # a bare "##" is a word, not a continuation marker
+
+
+@pytest.mark.parametrize("tok", ["<|endoftext|>", "<|im_start|>", "<unused12>", "[unused3]", "[CLS]", "<pad>",
+                                 "<eos>", "<mask>", "<start_of_image>", "<extra_id_5>", ""])
+def test_control_tokens_have_no_surface(tok):
+    for conv in (BYTE_LEVEL, SENTENCEPIECE, WORDPIECE):
+        assert surface(tok, conv) is None
+
+
+def _wordpiece_tokenizer():
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "the": 4, "movie": 5, "##ing": 6, "##s": 7, "great": 8, "<|endoftext|>": 9}
+    backend = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+
+
+def test_conventions_detected():
+    tok = tiny_tokenizer()
+    perm = torch.arange(len(tok))
+    assert detect_convention(tok) == BYTE_LEVEL
+    assert detect_convention(permuted_tokenizer(tok, perm, rename=True)) == SENTENCEPIECE
+    assert detect_convention(_wordpiece_tokenizer()) == WORDPIECE
+
+
+def test_alignment_of_renamed_permuted_vocabulary_and_specials_never_aligned():
+    tok = tiny_tokenizer()
+    V = len(tok)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(1))
+    sp = permuted_tokenizer(tok, perm, rename=True)
+    al = align_vocab(tok, sp)
+    eos = tok.eos_token_id
+    assert al.n == V - 1  # everything but the special token
+    assert eos not in al.src_ids.tolist() and int(perm[eos]) not in al.tgt_ids.tolist()
+    assert torch.equal(perm[al.src_ids], al.tgt_ids)  # every pair is the same token
+    assert al.raw_matches < al.n  # raw strings alone miss the Ġ/▁ tokens
+    assert al.src.convention == BYTE_LEVEL and al.tgt.convention == SENTENCEPIECE
+    rep = al.report()
+    assert rep["pairs"] == al.n and rep["source"]["dropped_special"] == 1
+    assert math.isclose(rep["coverage_src"], round(al.n / V, 4))
+
+
+def test_wordpiece_aligns_with_byte_level_and_drops_its_specials():
+    bl = {"Ġthe": 0, "Ġmovie": 1, "ing": 2, "s": 3, "Ġgreat": 4, "<|endoftext|>": 5, "[CLS]": 6}
+    backend = Tokenizer(models.BPE(vocab=bl, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel()
+    backend.decoder = decoders.ByteLevel()
+    byte_tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    al = align_vocab(byte_tok, _wordpiece_tokenizer())
+    pairs = {s.decode(): (int(a), int(b)) for s, a, b in zip(al.surface_strings, al.src_ids, al.tgt_ids)}
+    assert pairs == {" the": (0, 4), " movie": (1, 5), "ing": (2, 6), "s": (3, 7), " great": (4, 8)}
+
+
+def test_raw_shared_tokens_follow_target_vocab_order():
+    tok = tiny_tokenizer()
+    perm = torch.randperm(len(tok), generator=torch.Generator().manual_seed(2))
+    tgt = permuted_tokenizer(tok, perm, rename=False)
+    s, t = raw_shared_tokens(tok, tgt)
+    assert len(s) == len(tok)
+    assert torch.equal(perm[s], t)
+    assert t.tolist() == sorted(t.tolist())  # target vocabulary (file / id) order
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def _planted(n=3000, ds=24, dt=40, noise=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Xt = torch.randn(n, dt, generator=g)
+    H = torch.randn(ds, dt, generator=g) / math.sqrt(dt)
+    Xs = Xt @ H.T + noise * torch.randn(n, ds, generator=g)
+    return Xs, Xt, H
+
+
+@pytest.mark.parametrize("method", ["lstsq", "ridge"])
+def test_planted_linear_relation_recovered(method):
+    Xs, Xt, H = _planted()
+    train, held = split_pairs(len(Xs), 0.1, 0)
+    opts = FitOptions(method=method, ridge=1e-8)
+    f = fit_direction(Xt, Xs, train, held, opts, None)
+    assert torch.allclose(f.M.T, H, atol=1e-4)
+    assert f.diagnostics["heldout"]["r2"] > 0.99999
+    assert f.diagnostics["heldout"]["cosine"] > 0.99999
+    assert f.diagnostics["heldout"]["nn_acc"] == 1.0
+
+
+def test_noise_lowers_heldout_r2_as_expected():
+    r2 = {}
+    for noise in (0.0, 0.3, 1.0):
+        Xs, Xt, _ = _planted(noise=noise)
+        train, held = split_pairs(len(Xs), 0.1, 0)
+        r2[noise] = fit_direction(Xt, Xs, train, held, FitOptions(), None).diagnostics["heldout"]["r2"]
+    assert r2[0.0] > 0.99999 > r2[0.3] > r2[1.0]
+    # signal variance per coordinate ≈ 1 (H has unit-variance rows): R² ≈ 1 / (1 + σ²)
+    assert abs(r2[1.0] - 0.5) < 0.05 and abs(r2[0.3] - 1 / 1.09) < 0.03
+
+
+def test_procrustes_recovers_scaled_rotation():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    Xt = torch.randn(500, 16, generator=g)
+    Xs = 2.5 * Xt @ Q.T
+    train, held = split_pairs(500, 0.1, 0)
+    f = fit_direction(Xt, Xs, train, held, FitOptions(method="procrustes"), None)
+    assert abs(f.diagnostics["scale"] - 2.5) < 1e-4
+    assert torch.allclose(f.M.T, 2.5 * Q, atol=1e-4)
+
+
+def test_centering_fits_an_affine_relation():
+    Xs, Xt, H = _planted()
+    Xs = Xs + 3.0  # an offset a linear map without intercept cannot fit
+    train, held = split_pairs(len(Xs), 0.1, 0)
+    plain = fit_direction(Xt, Xs, train, held, FitOptions(), None).diagnostics["heldout"]["r2"]
+    centred = fit_direction(Xt, Xs, train, held, FitOptions(center=True), None)
+    assert centred.diagnostics["heldout"]["r2"] > 0.9999 > plain
+    assert torch.allclose(centred.M.T, H, atol=1e-4)
+
+
+def test_top_k_and_weighting_options_fit_and_are_recorded():
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    se, te = ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt)
+    m = fit_mapping(se, te, FitOptions(top_k=60, weighting="zipf"))
+    assert m.n_train == 60 and m.metadata()["options"]["top_k"] == 60
+    assert m.diagnostics["H"]["heldout"]["r2"] > 0.9999  # exact relation: any subset recovers it
+
+
+def test_mapping_file_round_trip(tmp_path):
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    se, te = ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt)
+    m = fit_mapping(se, te, FitOptions(center=True))
+    path = m.save(tmp_path / "m.safetensors")
+    back = Mapping.load(path)
+    assert torch.equal(back.H, m.H) and torch.equal(back.G, m.G) and torch.equal(back.mean_src, m.mean_src)
+    assert back.metadata() == json.loads(json.dumps(m.metadata()))
+    assert back.matches(se.fingerprint, te.fingerprint, FitOptions(center=True))
+    assert not back.matches(se.fingerprint, te.fingerprint, FitOptions())
+    meta = back.metadata()
+    assert meta["source"]["fingerprint"] == se.fingerprint and meta["target"]["spec"] == te.spec
+    assert meta["n_pairs"] == m.n_pairs and set(meta["coverage"]) == {"src", "tgt"}
+    assert tuple(back.H.shape) == (D, D)
+    # the exact relation: e_s = H e_t with H = Pᵀ
+    assert m.diagnostics["H"]["heldout"]["r2"] > 0.9999
+
+
+def test_bad_mapping_files_refused(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(b"\x05\x00")
+    with pytest.raises(SteerportError, match="not a safetensors mapping"):
+        Mapping.load(p)
+    with pytest.raises(SteerportError, match="no such mapping"):
+        Mapping.load(tmp_path / "missing.safetensors")
+    steer_file = tmp_path / "s.st"
+    Steer.lm_steer(torch.ones(4, 1), torch.ones(4, 1), epsilon=1.0).save(steer_file)
+    with pytest.raises(SteerportError, match="not a steerport mapping"):
+        Mapping.load(steer_file)
+
+
+def test_stale_mapping_refused_or_recomputed(tmp_path):
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    se, te = ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt)
+    path = tmp_path / "m.safetensors"
+    m, how = get_mapping(se, te, path=path)
+    assert how.startswith("fitted") and path.exists()
+    again, how = get_mapping(se, te, path=path)
+    assert how.startswith("reused") and torch.equal(again.H, m.H)
+    # the target's weights change: its fingerprint changes
+    te2 = ModelEmbeddings(spec=te.spec, embeddings=te.embeddings * 1.5, tokenizer=te.tokenizer)
+    assert te2.fingerprint != te.fingerprint
+    with pytest.raises(SteerportError, match="stale mapping"):
+        get_mapping(se, te2, path=path)
+    # without an explicit file the cache is keyed by fingerprints: a fresh map is fitted, never the old one
+    get_mapping(se, te)  # caches the first
+    fresh, how = get_mapping(se, te2)
+    assert how.startswith("fitted")
+    assert fresh.target["fingerprint"] == te2.fingerprint
+    assert torch.allclose(fresh.H, m.H / 1.5, atol=1e-3)
+    # transfer with an explicit stale mapping file is refused
+    steer = source_steer(src)
+    with pytest.raises(SteerportError, match="stale mapping"):
+        transfer(steer, se, te2, TransferOptions(calibrate="none"), mapping_path=path)
+
+
+# --------------------------------------------------------------------------- exact-map identity
+
+
+def test_logit_form_reproduces_logit_shifts_under_invertible_basis_change():
+    src, tgt, perm, ids = _setup(orthogonal=False, rename=True)
+    steer = source_steer(src)
+    want = logit_shift(src, steer, ids)  # (b, T, V) in source ids
+    assert want.abs().max() > 0.1
+    for form in ("logit", "logit-pinv"):
+        res = transfer(steer, src, tgt, TransferOptions(form=form, calibrate="none"))
+        got = logit_shift(tgt, res.steer, perm[ids])[..., perm]  # back to source vocabulary order
+        assert torch.allclose(got, want, atol=2e-4 * want.abs().max()), form
+    # the paper's HᵀWH is not exact when the change of basis is not orthogonal
+    res = transfer(steer, src, tgt, TransferOptions(form="paper", calibrate="none"))
+    got = logit_shift(tgt, res.steer, perm[ids])[..., perm]
+    assert (got - want).abs().max() > 0.05 * want.abs().max()
+
+
+def test_all_forms_exact_under_orthogonal_basis_change():
+    src, tgt, perm, ids = _setup(orthogonal=True, rename=False)
+    steer = source_steer(src)
+    want = logit_shift(src, steer, ids)
+    for form in ("paper", "logit", "logit-pinv", "hidden"):
+        res = transfer(steer, src, tgt, TransferOptions(form=form, calibrate="none", hidden_texts=TEXTS))
+        got = logit_shift(tgt, res.steer, perm[ids])[..., perm]
+        assert torch.allclose(got, want, atol=2e-4 * want.abs().max()), form
+    assert res.lineage["hidden_map"]["heldout"]["r2"] > 0.9999
+
+
+def test_hidden_form_exact_under_invertible_basis_change():
+    src, tgt, perm, ids = _setup(orthogonal=False, rename=False)
+    steer = source_steer(src)
+    want = logit_shift(src, steer, ids)
+    res = transfer(steer, src, tgt, TransferOptions(form="hidden", calibrate="none", hidden_texts=TEXTS))
+    got = logit_shift(tgt, res.steer, perm[ids])[..., perm]
+    assert torch.allclose(got, want, atol=2e-4 * want.abs().max())
+
+
+# --------------------------------------------------------------------------- calibration, lineage, refusals
+
+
+def test_embed_calibration_is_one_for_an_exact_transfer_and_fixes_a_scaled_map():
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    steer = source_steer(src)
+    res = transfer(steer, src, tgt, TransferOptions(calibrate="embed"))
+    assert abs(res.lineage["calibration"]["factor"] - 1) < 1e-3
+    assert math.isclose(res.steer.epsilon, steer.epsilon, rel_tol=1e-3)
+    # a map that is off by a factor 2 in scale: calibration undoes it
+    m = fit_mapping(ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt))
+    m.H, m.G = m.H * 2, m.G * 2
+    res2 = transfer(steer, src, tgt, TransferOptions(calibrate="embed"), mapping=m)
+    assert abs(res2.lineage["calibration"]["factor"] - 0.25) < 1e-3
+
+
+def test_kl_calibration_matches_kappa():
+    from steerport.scoring import mean_kl
+
+    src, tgt, *_ = _setup(orthogonal=False, rename=False)
+    steer = source_steer(src, epsilon=0.2)
+    res = transfer(steer, src, tgt, TransferOptions(form="paper", calibrate="kl", calib_texts=TEXTS, calib_value=2.0))
+    cal = res.lineage["calibration"]
+    assert cal["method"] == "kl" and cal["factor"] != 1.0
+    k_s = mean_kl(src, TEXTS, [(steer, 2.0)])
+    k_t = mean_kl(tgt, TEXTS, [(res.steer, 2.0)])
+    assert abs(math.log(k_t / k_s)) < 0.05
+    # an exact transfer needs no correction
+    exact = transfer(steer, src, tgt, TransferOptions(form="logit", calibrate="kl", calib_texts=TEXTS, calib_value=2.0))
+    assert abs(exact.lineage["calibration"]["factor"] - 1) < 0.01
+
+
+def test_lineage_recorded_and_survives_the_file(tmp_path):
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    steer = source_steer(src)
+    res = transfer(steer, src, tgt, source_path="pos.st")
+    path = res.steer.save(tmp_path / "pos.tgt.st")
+    back = Steer.load(path)
+    lin = back.meta["lineage"]
+    assert lin["source_steer"]["fingerprint"] == steer.fingerprint and lin["source_steer"]["path"] == "pos.st"
+    assert lin["form"] == "logit" and lin["mapping"]["method"] == "lstsq"
+    assert lin["mapping"]["diagnostics"]["H"]["heldout"]["r2"] > 0.99
+    assert lin["calibration"]["method"] == "embed" and "factor" in lin["calibration"]
+    assert back.model["fingerprint"] == tgt.fingerprint and back.rank == steer.rank
+    with steered(tgt, [(back, 1.0)]):  # applies to the target without --force
+        pass
+
+
+def test_steer_for_another_model_refused():
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    other = tiny_model("llama", seed=5)
+    steer = source_steer(other)
+    with pytest.raises(SteerportError, match="give the steer's own model as SRC"):
+        transfer(steer, src, tgt)
+    transfer(steer, src, tgt, TransferOptions(calibrate="none"), force=True)  # forced: allowed
+    actadd = Steer("actadd", {"vector": torch.ones(D)}, 1.0, model={"fingerprint": src.fingerprint})
+    with pytest.raises(SteerportError, match="only lm-steer"):
+        transfer(actadd, src, tgt)
+
+
+def test_bad_options_refused():
+    with pytest.raises(SteerportError, match="unknown transfer form"):
+        TransferOptions(form="magic")
+    with pytest.raises(SteerportError, match="unknown calibration"):
+        TransferOptions(calibrate="loud")
+    with pytest.raises(SteerportError, match="unknown mapping method"):
+        FitOptions(method="svd")
+
+
+# --------------------------------------------------------------------------- anchor baseline
+
+
+def test_anchor_fit_reduces_loss_and_has_unit_rows():
+    Xs, Xt, _ = _planted(n=500, ds=8, dt=12)
+    N = anchor_fit(Xs, Xt, steps=300, lr=1e-2, top_k=400)
+    assert N.shape == (12, 8)
+    assert torch.allclose(N.norm(dim=1), torch.ones(12), atol=1e-5)
+    N0 = anchor_fit(Xs, Xt, steps=0, top_k=400)
+    err = lambda M: float(((Xt[:400] @ (M / M.norm(dim=1, keepdim=True)) - Xs[:400]) ** 2).mean())  # noqa: E731
+    assert err(N) < err(N0)
+
+
+def test_anchor_form_is_uncalibrated_and_uses_raw_shared_tokens():
+    src, tgt, *_ = _setup(orthogonal=False, rename=False)
+    steer = source_steer(src)
+    res = transfer(steer, src, tgt, TransferOptions(form="anchor", anchor_steps=20))
+    assert res.steer.epsilon == steer.epsilon and res.lineage["calibration"]["method"] == "none"
+    assert res.lineage["anchor"]["raw_shared_tokens"] == len(src.tokenizer)
+    assert res.mapping is None
+
+
+# --------------------------------------------------------------------------- CLI on local directories
+
+
+def _save_dir(lm: LoadedModel, path):
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys):
+    import steerport.models
+    import steerport.transfer
+    from steerport.cli import main
+
+    a = tiny_model("llama", seed=0)
+    b = tiny_model("qwen2", seed=1)
+    da, db = _save_dir(a, tmp_path / "a"), _save_dir(b, tmp_path / "b")
+
+    def no_full_model(*args, **kw):
+        raise AssertionError("full model loaded")
+
+    monkeypatch.setattr(steerport.models, "load_model", no_full_model)
+    monkeypatch.setattr(steerport.transfer, "load_model", no_full_model)
+    fp = steerport.models.load_embeddings(da).fingerprint
+    steer_file = tmp_path / "pos.st"
+    A, B = random_steer_factors(D, 2)
+    Steer.lm_steer(A, B, epsilon=0.1, model={"spec": da, "fingerprint": fp}).save(steer_file)
+
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["steerport", *map(str, args)])
+        try:
+            main()
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    mfile = tmp_path / "ab.safetensors"
+    assert run("map", da, db, "--out", mfile) == 0
+    assert "fitted" in capsys.readouterr().out
+    assert run("map", da, db, "--out", mfile) == 0
+    assert "reused" in capsys.readouterr().out
+    assert run("transfer", da, db, "--steer", steer_file, "--mapping", mfile) == 0
+    out_file = tmp_path / "pos.b.st"
+    assert out_file.exists()
+    assert Steer.load(out_file).meta["lineage"]["mapping"]["source"].startswith("reused")
+    # user errors: one line, exit 1
+    capsys.readouterr()
+    assert run("transfer", db, da, "--steer", steer_file) == 1
+    err = capsys.readouterr().err
+    assert "give the steer's own model as SRC" in err and "Traceback" not in err
+    assert run("transfer", da, db, "--steer", steer_file, "--form", "nope") == 1
