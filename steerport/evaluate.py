@@ -37,7 +37,7 @@ from steerport.models import LoadedModel
 from steerport.scoring import HeadScorer, HiddenCache, capture_hidden, per_text_mean, roc_auc, token_logprobs
 from steerport.steer import Steer
 
-NEUTRAL_TEXT = Path(__file__).parent / "data" / "text" / "wikitext2_test_head.txt"
+NEUTRAL_TEXT = Path(__file__).parent / "data" / "text" / "wikitext2_test_100.txt"  # vendored by the trainer (SOURCE.md)
 
 
 # --------------------------------------------------------------------------- metrics (pure functions)
