@@ -471,6 +471,113 @@ def train(
         if v is not None:
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(table)
+# --------------------------------------------------------------------------- evaluate, judges (evaluator issue)
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    steer: SteerOpt = [],
+    data: Annotated[Path, typer.Option(help="Held-out labeled JSONL (fields --text-field / --label-field).")] = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    positive_label: Annotated[str, typer.Option(help="Label value of the positive class (the steer's + side), e.g. 0 for non-toxic.")] = "1",
+    per_class: Annotated[int, typer.Option(help="Held-out texts per class (seeded sample).")] = 150,
+    native: Annotated[Optional[str], typer.Option(help="Which steer is native (index from 0 or its path); default the first.")] = None,
+    kappa: Annotated[Optional[float], typer.Option(help="KL budget in nats; default: κ of the native steer at its given value.")] = None,
+    reference_text: Annotated[Optional[Path], typer.Option(help="Neutral text, one paragraph per line (default: shipped WikiText-2 slice).")] = None,
+    n_reference: Annotated[int, typer.Option(help="Lines of neutral text to use.")] = 64,
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompts for generation metrics (JSONL prompt.text / prompt / text, or text).")] = None,
+    n_prompts: int = 20,
+    samples: Annotated[int, typer.Option(help="Samples per prompt.")] = 2,
+    max_new_tokens: int = 30,
+    judge: Annotated[Optional[str], typer.Option(help="sentiment | toxicity (shipped offline judges), a .judge file, or hf:MODEL[:LABEL].")] = None,
+    reference_model: Annotated[Optional[str], typer.Option(help="Model for perplexity of generations (another model than MODEL).")] = None,
+    seed: int = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (every number and setting) here.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+):
+    """Compare steers on MODEL at matched KL: separation, retained effect, AUC, agreement, generation."""
+    from steerport.evaluate import EvalSettings, balanced_sample, evaluate_steers, file_info, read_neutral, report_tables
+    from steerport.judges import load_judge, read_jsonl_labeled
+    from steerport.models import load_model
+    from steerport.steer import atomic_write_bytes
+
+    if not steer:
+        raise SteerportError("give at least one --steer FILE.st[:VALUE]")
+    if data is None:
+        raise SteerportError("give held-out labeled data with --data FILE.jsonl")
+    parsed = [parse_steer_arg(a) for a in steer]
+    loaded = load_steers(steer)
+    names = [p.stem if [q.stem for q, _ in parsed].count(p.stem) == 1 else str(p) for p, _ in parsed]
+    nat = 0
+    if native is not None:
+        matches = [i for i, (p, _) in enumerate(parsed) if native in (str(i), str(p), p.name, p.stem)]
+        if not matches:
+            raise SteerportError(f"--native {native!r} is neither an index nor one of the given steers")
+        nat = matches[0]
+    texts, labels = read_jsonl_labeled(data, text_field=text_field, label_field=label_field, positive_label=positive_label)
+    settings = EvalSettings(kappa=kappa, heldout_per_class=per_class, neutral_texts=n_reference, n_prompts=n_prompts,
+                            samples_per_prompt=samples, max_new_tokens=max_new_tokens, seed=seed)
+    heldout = balanced_sample(texts, labels, per_class, seed)
+    neutral = read_neutral(reference_text, n_reference)
+    prompt_list = read_prompts(prompts)[:n_prompts] if prompts else []
+    the_judge = load_judge(judge) if judge else None
+    lm = load_model(model, dtype=dtype, device=device)
+    ref = load_model(reference_model, dtype=dtype, device=device) if reference_model and prompt_list else None
+    with console.status("evaluating") as status:
+        report = evaluate_steers(lm, list(zip(names, (s for s, _ in loaded))), heldout=heldout, neutral=neutral, settings=settings,
+                                 native=nat, native_value=parsed[nat][1], prompts=prompt_list, judge=the_judge, reference=ref,
+                                 force=force, progress=lambda m: status.update(m))
+    from steerport import __version__
+
+    report["steerport_version"] = __version__
+    report["files"] = {"data": file_info(data), "reference_text": file_info(reference_text) if reference_text else "shipped WikiText-2 slice",
+                       "prompts": file_info(prompts), "steers": {n: file_info(p) for n, (p, _) in zip(names, parsed)}}
+    for table in report_tables(report):
+        out.print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(json_out, json.dumps(report, indent=1, default=float).encode())
+        console.print(f"wrote {json_out}")
+
+
+@app.command("judge-train")
+def judge_train(
+    train: Annotated[list[str], typer.Option("--train", help="Training JSONL, optionally with a row range: FILE[@START:STOP]. Repeat.")],
+    heldout: Annotated[list[str], typer.Option("--heldout", help="Held-out JSONL FILE[@START:STOP] for the judge's own accuracy. Repeat.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the .judge file.")],
+    positive: Annotated[str, typer.Option(help="What the positive class means, e.g. 'non-toxic'.")] = "positive",
+    positive_label: Annotated[str, typer.Option(help="Label value of the positive class.")] = "1",
+    text_field: str = "text",
+    label_field: str = "label",
+    c: Annotated[float, typer.Option("--C", help="Inverse L2 strength of the logistic regression.")] = 4.0,
+    max_features: int = 20000,
+):
+    """Train the offline TF-IDF + logistic-regression judge (saved without pickle) and report its held-out accuracy."""
+    from steerport.judges import train_judge
+
+    judge = train_judge(train, heldout, positive=positive, positive_label=positive_label, text_field=text_field,
+                        label_field=label_field, C=c, max_features=max_features)
+    judge.save(out_path)
+    for h in judge.meta["heldout"]:
+        out.print(f"held-out accuracy on {h['file']} ({h['rows']}, n={h['n']}): {h['accuracy']:.3f}")
+    console.print(f"wrote {out_path} ({len(judge.vocabulary)} features)")
+
+
+@app.command("judge-score")
+def judge_score(
+    judge: Annotated[str, typer.Argument(help="sentiment | toxicity | a .judge file | hf:MODEL[:LABEL].")],
+    text: Annotated[list[str], typer.Argument(help="Texts to score.")],
+):
+    """Print the judge's probability of the positive attribute for each text."""
+    from steerport.judges import load_judge
+
+    j = load_judge(judge)
+    for t, p in zip(text, j.score(text)):
+        out.print(f"{p:.3f}  {t}", highlight=False)
 
 
 @app.command()
