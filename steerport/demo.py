@@ -49,8 +49,8 @@ def run_demo(
     *,
     source: str = "smollm2-135m",
     target: str = "gemma3-270m",
-    limit_per_class: int = 500,
-    test_per_class: int = 150,
+    limit_per_class: int = 300,
+    test_per_class: int = 100,
     value: float = 1.0,
     log: Callable[[str], None] = print,
     train_progress: Callable[[str, dict], None] | None = None,
@@ -64,7 +64,7 @@ def run_demo(
     log(f"[1/5] training a sentiment steer on {source} (shipped SST-2 slice, {limit_per_class} per class)")
     src = load_model(source, dtype="auto")
     data = load_data(DataOptions(files=["sst2"], limit_per_class=limit_per_class, seed=0))
-    trained = train(src, data, TrainConfig(seed=0), progress=train_progress)
+    trained = train(src, data, TrainConfig(seed=0, head="topk"), progress=train_progress)
     src_path = trained.steer.save(out_dir / f"positive.{source}.st")
     log(f"      saved {src_path}")
 

@@ -303,7 +303,9 @@ def _embeddings(model: str | ModelEmbeddings | LoadedModel) -> ModelEmbeddings:
 def check_source(steer: Steer, src: ModelEmbeddings, force: bool = False) -> None:
     """Refuse a steer that was not made for the source model (or is not an LM-Steer steer)."""
     if steer.kind != "lm-steer":
-        raise SteerportError(f"only lm-steer steers can be carried by a vocabulary map; this one is {steer.kind!r}")
+        other = {"actadd": "steerport actadd-transfer", "token-prob": "steerport token-transfer"}.get(steer.kind)
+        raise SteerportError(f"only lm-steer steers are carried by a vocabulary map; this one is {steer.kind!r}"
+                             + (f": use `{other}`" if other else ""))
     if steer.hidden_size != src.hidden_size:
         raise SteerportError(f"steer has hidden size {steer.hidden_size} but source {src.spec!r} has {src.hidden_size}")
     want = steer.model.get("fingerprint")
