@@ -1,0 +1,391 @@
+"""The LM-Steer trainer: exact math of the cached fit, resume, determinism, metadata, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from steerport.data import Dataset, Example, tokenize
+from steerport.errors import SteerportError
+from steerport.hooks import steered
+from steerport.steer import Steer
+from steerport.train import (
+    Fitter,
+    TrainConfig,
+    build_cache,
+    head_token_loss,
+    train,
+)
+from tests.tiny import CORPUS, tiny_model
+
+EXTRA = [
+    "A gentle story that made me smile all the way through.",
+    "Dull, lifeless and badly written from start to end.",
+    "An honest, warm and funny film with a great cast.",
+    "The plot is a mess and the jokes fall flat.",
+]
+
+
+def make_data(n_rep: int = 3, heldout: int = 4) -> Dataset:
+    texts = (CORPUS[:6] + EXTRA) * n_rep
+    signs = ([1.0, -1.0, 1.0, -1.0, 0.5, -0.5] + [1.0, -1.0, 1.0, -1.0]) * n_rep  # real values too
+    ex = [Example(t, s, f"mem:{i}") for i, (t, s) in enumerate(zip(texts, signs))]
+    return Dataset(ex[heldout:], ex[:heldout], "positive", {"counts": {}})
+
+
+# --------------------------------------------------------------------------- head loss
+
+
+@pytest.mark.parametrize("cap", [None, 2.5])
+def test_head_loss_equals_cross_entropy_and_its_gradient(cap):
+    g = torch.Generator().manual_seed(0)
+    N, d, V, R = 9, 6, 37, 4
+    h, E, bias = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((N, d), (V, d), (V,)))
+    u = torch.randn(N, R, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(d, R, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (N,), generator=g)
+    loss = head_token_loss(h, u, B, E, bias, y, softcap=cap, chunk=8)  # 5 vocabulary chunks
+    z = (h + u @ B.T) @ E.T + bias
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    ref = F.cross_entropy(z, y, reduction="none")
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(N, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((loss * w).sum(), [u, B])
+    want = torch.autograd.grad((ref * w).sum(), [u, B])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- vs the full model
+
+
+def full_model_loss(lm, params, eps, token_lists, signs, domain=False):
+    """Reference: run the whole model with the steer hooked on the LM head, mean CE over tokens."""
+    T = max(len(t) for t in token_lists)
+    ids = torch.zeros(len(token_lists), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, t in enumerate(token_lists):
+        ids[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(t)] = 1
+    s = torch.tensor(signs, dtype=torch.float32)
+
+    def hook(module, args):
+        h = args[0]
+        shift = (s[:, None, None] * eps) * ((h @ params["A"]) @ params["B"].T)
+        if domain:
+            shift = shift + eps * ((h @ params["domain.A"]) @ params["domain.B"].T)
+        return (h + shift,)
+
+    handle = lm.lm_head.register_forward_pre_hook(hook)
+    try:
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    keep = mask[:, 1:].bool()
+    return F.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep])
+
+
+def setup_fit(lm, data, config):
+    texts = [e.text for e in data.train]
+    labels = torch.tensor([e.label for e in data.train])
+    tl = tokenize(lm.tokenizer, texts, 64)
+    cache = build_cache(lm, tl, cache_dtype=torch.float32, tokens_per_batch=40)
+    return Fitter(lm, cache, labels, config), tl, labels
+
+
+def text_positions(fitter, text_ids):
+    return torch.nonzero(torch.isin(fitter.cache.text, torch.tensor(text_ids))).flatten()
+
+
+@pytest.mark.parametrize("arch, bias, cap", [("llama", False, None), ("gpt2", False, None), ("gemma3_text", False, 3.0),
+                                              ("opt", False, None), ("qwen2", True, None)])
+def test_cached_gradient_equals_autograd_through_full_model(arch, bias, cap):
+    lm = tiny_model(arch, head_bias=bias)
+    if cap:
+        lm.model.config.final_logit_softcapping = cap
+    data = make_data(1, heldout=0)
+    config = TrainConfig(rank=3, epsilon=0.5, init_scale=0.3, domain=True)
+    fitter, tl, labels = setup_fit(lm, data, config)
+    batch = [0, 3, 4, 7]
+    loss = fitter.token_loss(text_positions(fitter, batch)).mean()
+    got = torch.autograd.grad(loss, list(fitter.params.values()))
+    ref_params = {k: v.detach().clone().requires_grad_() for k, v in fitter.params.items()}
+    ref = full_model_loss(lm, ref_params, config.epsilon, [tl[i] for i in batch], labels[batch].tolist(), domain=True)
+    want = torch.autograd.grad(ref, list(ref_params.values()))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        assert b.abs().max() > 1e-4  # the check is not vacuous
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_cached_training_equals_full_model_training():
+    lm = tiny_model("llama")
+    data = make_data(1, heldout=0)
+    config = TrainConfig(rank=2, epsilon=0.3, init_scale=0.2, lr=0.05)
+    fitter, tl, labels = setup_fit(lm, data, config)
+    ref = {k: v.detach().clone().requires_grad_() for k, v in fitter.params.items()}
+    opt = torch.optim.Adam(list(ref.values()), lr=config.lr)
+    batches = [[0, 1, 2], [3, 4, 5], [1, 4], [0, 2, 3, 5]]
+    for b in batches:
+        fitter.step(text_positions(fitter, b))
+        opt.zero_grad()
+        full_model_loss(lm, ref, config.epsilon, [tl[i] for i in b], labels[b].tolist()).backward()
+        opt.step()
+    for k in ref:
+        assert not torch.allclose(fitter.params[k].detach(), fitter.tensors()[k] * 0)
+        torch.testing.assert_close(fitter.params[k].detach(), ref[k].detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_trained_steer_applied_by_hooks_gives_the_fitted_loss():
+    """The saved steer, applied through steerport.hooks, reproduces the trainer's held-out numbers."""
+    lm = tiny_model("gpt2")
+    data = make_data(3)
+    result = train(lm, data, TrainConfig(rank=2, epsilon=0.2, lr=0.05, steps=12, tokens_per_batch=64, cache_dtype="float32"))
+    steer = result.steer
+    texts = [e.text for e in data.heldout]
+    signs = [e.label for e in data.heldout]
+    tl = tokenize(lm.tokenizer, texts, 128)
+    n_tok = sum(len(t) - 1 for t in tl)
+    total = 0.0
+    for t, s in zip(tl, signs):
+        with steered(lm, [(steer, s)]):
+            total += full_model_loss(lm, {"A": torch.zeros(32, 1), "B": torch.zeros(32, 1)}, 0.0, [t], [0.0]).item() * (len(t) - 1)
+    assert abs(total / n_tok - result.results["heldout_loss_steered"]) < 1e-4
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def cfg(**kw):
+    base = dict(rank=2, epsilon=0.2, lr=0.05, steps=10, tokens_per_batch=48, cache_dtype="float32",
+                eval_every=2, checkpoint_every=3, cache_tokens_per_batch=64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_deterministic_with_a_seed():
+    lm = tiny_model("llama")
+    a = train(lm, make_data(), cfg()).steer
+    b = train(lm, make_data(), cfg()).steer
+    c = train(lm, make_data(), cfg(seed=1)).steer
+    assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+    assert not torch.equal(a.A, c.A)
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    lm = tiny_model("llama")
+    whole = train(lm, make_data(), cfg(patience=100), workdir=tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(lm, make_data(), cfg(patience=100), workdir=tmp_path / "b", stop_after_step=4)
+    assert (tmp_path / "b" / "checkpoint.safetensors").exists()
+    resumed = train(lm, make_data(), cfg(patience=100), workdir=tmp_path / "b")
+    assert resumed.results["resumed"] and not whole.results["resumed"]
+    assert torch.equal(whole.steer.A, resumed.steer.A) and torch.equal(whole.steer.B, resumed.steer.B)
+    strip = lambda hist: [{k: v for k, v in h.items() if k != "seconds"} for h in hist]  # noqa: E731
+    assert strip(whole.history) == strip(resumed.history)
+
+
+def test_resume_during_the_body_pass(tmp_path):
+    lm = tiny_model("llama")
+    whole = train(lm, make_data(), cfg(), workdir=tmp_path / "a")
+    seen = []
+
+    def interrupt(phase, info):
+        if phase == "cache":
+            seen.append(info["texts"])
+            if len(seen) == 3:  # after two batches were cached
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(lm, make_data(), cfg(), workdir=tmp_path / "b", progress=interrupt)
+    state = json.loads((tmp_path / "b" / "hidden.json").read_text())
+    assert 0 < state["batches_done"] < state["batches"]
+    resumed = train(lm, make_data(), cfg(), workdir=tmp_path / "b")
+    assert torch.equal(whole.steer.A, resumed.steer.A)
+
+
+def test_changed_settings_restart_the_fit_but_keep_the_cache(tmp_path):
+    lm = tiny_model("llama")
+    with pytest.raises(KeyboardInterrupt):
+        train(lm, make_data(), cfg(), workdir=tmp_path, stop_after_step=4)
+    other = train(lm, make_data(), cfg(lr=0.01), workdir=tmp_path)
+    fresh = train(lm, make_data(), cfg(lr=0.01))
+    assert torch.equal(other.steer.A, fresh.steer.A)
+
+
+def test_early_stopping_and_summary():
+    lm = tiny_model("llama")
+    r = train(lm, make_data(), cfg(steps=200, lr=0.3, patience=2, eval_every=1))
+    assert r.results["stopped"].startswith("early stop") and r.results["steps"] < 200
+    best = min(h["heldout_loss"] for h in r.history)
+    assert abs(r.results["heldout_loss_steered"] - best) < 1e-6  # the kept steer is the best one
+    assert r.results["best_step"] == min(r.history, key=lambda h: h["heldout_loss"])["step"]
+    assert 0.0 <= r.results["heldout_auc"] <= 1.0
+
+
+def test_metadata_records_data_settings_timings(tmp_path):
+    lm = tiny_model("llama")
+    data = make_data()
+    data.summary = {"sources": [{"file": "x.jsonl", "sha256": "0" * 64}], "counts": {"train": {"positive": 1}}}
+    steer = train(lm, data, cfg(domain=True)).steer
+    path = steer.save(tmp_path / "s.st")
+    back = Steer.load(path)
+    assert set(back.tensors) == {"A", "B", "domain.A", "domain.B"}
+    t = back.meta["training"]
+    assert t["settings"]["rank"] == 2 and t["settings"]["domain"] is True
+    assert {"cache_s", "fit_s", "total_s"} <= set(t["timings"])
+    assert "heldout_loss_steered_with_domain" in t["results"] and "include_domain=True" in t["domain"]
+    assert back.meta["data"]["sources"][0]["sha256"] == "0" * 64
+    assert back.epsilon == 0.2 and back.positive == "positive"
+    assert back.model["fingerprint"] == lm.fingerprint
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kw, expect", [
+    ({"rank": 0}, "rank must be at least 1"),
+    ({"lr": -1.0}, "lr must be a positive number"),
+    ({"epsilon": float("nan")}, "epsilon must be a positive number"),
+    ({"steps": 0}, "steps must be at least 1"),
+    ({"epochs": 0.0, "steps": None}, "epochs must be positive"),
+    ({"weight_decay": -1.0}, "weight decay"),
+    ({"cache_dtype": "int8"}, "unknown dtype"),
+])
+def test_bad_settings(kw, expect):
+    with pytest.raises(SteerportError, match=expect):
+        train(tiny_model("llama"), make_data(), cfg(**kw))
+
+
+def test_single_token_texts_and_foreign_heads_are_refused():
+    lm = tiny_model("llama")
+    one = Dataset([Example("a", 1.0, ""), Example("b", -1.0, "")], [], "p")
+    with pytest.raises(SteerportError, match="no tokens to predict"):
+        train(lm, one, cfg())
+    lm.model.config.final_logit_softcapping = None
+    orig = lm.model.forward
+
+    def scaled(*a, **k):  # a model that post-processes its logits (e.g. a logit scale)
+        out = orig(*a, **k)
+        out.logits = out.logits * 2
+        return out
+
+    lm.model.forward = scaled
+    with pytest.raises(SteerportError, match="logits are not E·h"):
+        train(lm, make_data(), cfg())
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_trains_from_text_files_and_reports_errors(tmp_path, capsys):
+    from steerport.cli import main
+
+    lm = tiny_model("llama")
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("\n".join(CORPUS[0::2]))
+    neg.write_text("\n".join(CORPUS[1::2]))
+    out = tmp_path / "s.st"
+    argv = ["train", str(model_dir), "--positive", str(pos), "--negative", str(neg), "--out", str(out),
+            "--steps", "4", "--rank", "2", "--tokens-per-batch", "32", "--positive-name", "even", "--dtype", "float32"]
+    import sys
+
+    old = sys.argv
+    try:
+        sys.argv = ["steerport", *argv]
+        main()
+        steer = Steer.load(out)
+        assert steer.positive == "even" and steer.rank == 2
+        assert not (tmp_path / "s.st.work").exists()  # work folder removed after success
+        sys.argv = ["steerport", "train", str(model_dir), "--data", str(pos), "--out", str(tmp_path / "t.st")]
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 1
+        err = capsys.readouterr().err
+        assert "unknown data format '.txt'" in err and "Traceback" not in err
+        assert not (tmp_path / "t.st").exists()
+    finally:
+        sys.argv = old
+
+
+# --------------------------------------------------------------------------- opt-in top-k head
+
+
+def test_topk_approximation_is_exact_without_a_tail_and_at_zero_steer():
+    from steerport.train import topk_stats, topk_token_loss
+
+    lm = tiny_model("llama", head_bias=True)
+    data = make_data(1, heldout=0)
+    fitter, _, _ = setup_fit(lm, data, TrainConfig(rank=3, epsilon=0.5, init_scale=0.3))
+    idx = torch.arange(fitter.cache.n_tokens)
+    V = fitter.E.shape[0]
+    u = torch.randn(len(idx), 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    B = fitter.params["B"].detach().clone().requires_grad_()
+    exact = head_token_loss(fitter.cache.h[idx], u, B, fitter.E, fitter.bias, fitter.cache.targets[idx])
+    full = topk_stats(fitter.cache, fitter.E, fitter.bias, V)  # every token a candidate: no tail
+    approx = topk_token_loss(full, idx, u, B, fitter.E)
+    torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(approx.sum(), [u, B])
+    ge = torch.autograd.grad(exact.sum(), [u, B])
+    for a, b in zip(ga, ge):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    small = topk_stats(fitter.cache, fitter.E, fitter.bias, 8)
+    zero = torch.zeros_like(u)
+    torch.testing.assert_close(topk_token_loss(small, idx, zero, B, fitter.E),
+                               head_token_loss(fitter.cache.h[idx], zero, B, fitter.E, fitter.bias, fitter.cache.targets[idx]),
+                               rtol=1e-5, atol=1e-5)
+    # first order in the tail: the error shrinks quadratically with the steer's size
+    err = [(topk_token_loss(small, idx, u * a, B, fitter.E)
+            - head_token_loss(fitter.cache.h[idx], u * a, B, fitter.E, fitter.bias, fitter.cache.targets[idx])).abs().mean().item()
+           for a in (0.1, 0.01)]
+    assert err[1] < err[0] / 30
+
+
+def test_topk_training_runs_and_resumes(tmp_path):
+    lm = tiny_model("llama")
+    whole = train(lm, make_data(), cfg(head="topk", topk=16, patience=100), workdir=tmp_path / "a")
+    assert "topk_stats_s" in whole.steer.meta["training"]["timings"]
+    with pytest.raises(KeyboardInterrupt):
+        train(lm, make_data(), cfg(head="topk", topk=16, patience=100), workdir=tmp_path / "b", stop_after_step=5)
+    assert (tmp_path / "b" / "topk16.safetensors").exists()
+    resumed = train(lm, make_data(), cfg(head="topk", topk=16, patience=100), workdir=tmp_path / "b")
+    assert torch.equal(whole.steer.A, resumed.steer.A)
+    with pytest.raises(SteerportError, match="head must be"):
+        train(lm, make_data(), cfg(head="fast"))
+
+
+def test_work_folder_cleanup_only_touches_our_files(tmp_path):
+    from steerport.train import remove_workdir
+
+    lm = tiny_model("llama")
+    (tmp_path / "mine.txt").write_text("keep me")
+    train(lm, make_data(), cfg(steps=2), workdir=tmp_path)
+    assert (tmp_path / "hidden.bin").exists()
+    remove_workdir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+@pytest.mark.integration
+def test_real_model_trains_from_the_vendored_slice(tmp_path):
+    """smollm2-135m on 40 vendored SST-2 sentences: runs end to end, steer applies through hooks."""
+    from steerport.data import DataOptions, load_data
+    from steerport.models import load_model
+
+    lm = load_model("smollm2-135m")
+    data = load_data(DataOptions(files=["sst2"], limit_per_class=20, heldout_fraction=0.2))
+    result = train(lm, data, TrainConfig(steps=4, tokens_per_batch=256, eval_every=2), workdir=tmp_path / "w")
+    r = result.results
+    assert r["steps"] == 4 and r["heldout_texts"] == 8
+    assert r["heldout_loss_unsteered"] > 1.0 and 0.0 <= r["heldout_auc"] <= 1.0
+    steer = result.steer
+    assert steer.hidden_size == 576 and steer.model["fingerprint"] == lm.fingerprint
+    assert steer.meta["data"]["sources"][0]["file"].endswith("sst2_train.jsonl")
+    with steered(lm, [(steer, 1.0)]):
+        pass  # compatible with the model it was trained on

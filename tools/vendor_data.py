@@ -1,0 +1,68 @@
+"""Cut the small data slices shipped inside the package (steerport/data/) from ../shared/data.
+
+Deterministic (seed 0): rerun it to reproduce the vendored files exactly.
+
+    python tools/vendor_data.py /work/shared/data
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "steerport" / "data"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    print(f"{path.relative_to(OUT.parent.parent)}: {len(rows)} rows, {path.stat().st_size // 1024} KB")
+
+
+def balanced(rows: list[dict], per_class: int, rng: random.Random) -> list[dict]:
+    out = []
+    for label in sorted({r["label"] for r in rows}):
+        pool = [r for r in rows if r["label"] == label]
+        out += rng.sample(pool, per_class)
+    rng.shuffle(out)
+    return out
+
+
+def pairs(rows: list[dict], n_pairs: int, rng: random.Random) -> list[dict]:
+    """n_pairs ParaDetox pairs: the toxic sentence and its first non-toxic rewrite."""
+    by_pair: dict[int, dict[int, dict]] = {}
+    for r in rows:
+        by_pair.setdefault(r["pair_id"], {}).setdefault(r["label"], r)
+    ids = sorted(p for p, d in by_pair.items() if 0 in d and 1 in d)
+    out = []
+    for p in sorted(rng.sample(ids, n_pairs)):
+        out += [by_pair[p][1], by_pair[p][0]]
+    return out
+
+
+def main(shared: Path) -> None:
+    rng = random.Random(0)
+    write_jsonl(OUT / "sentiment" / "sst2_train.jsonl", balanced(read_jsonl(shared / "sentiment/sst2/train.jsonl"), 500, rng))
+    write_jsonl(OUT / "sentiment" / "sst2_test.jsonl", balanced(read_jsonl(shared / "sentiment/sst2/test.jsonl"), 200, rng))
+    write_jsonl(OUT / "toxicity" / "paradetox_train.jsonl", pairs(read_jsonl(shared / "toxicity/paradetox/train.jsonl"), 500, rng))
+    write_jsonl(OUT / "toxicity" / "paradetox_test.jsonl", pairs(read_jsonl(shared / "toxicity/paradetox/test.jsonl"), 200, rng))
+    lines = [ln.strip() for ln in (shared / "text/wikitext2_test.raw").read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if len(ln) > 80 and not ln.startswith("=")]
+    text = OUT / "text" / "wikitext2_test_100.txt"
+    text.parent.mkdir(parents=True, exist_ok=True)
+    text.write_text("\n".join(lines[:100]) + "\n", encoding="utf-8")
+    print(f"{text.relative_to(OUT.parent.parent)}: 100 lines, {text.stat().st_size // 1024} KB")
+    neutral = read_jsonl(shared / "prompts/sentiment/neutral_prompts.jsonl")
+    write_jsonl(OUT / "prompts" / "sentiment_neutral_50.jsonl", [{"prompt": {"text": r["prompt"]["text"]}} for r in rng.sample(neutral, 50)])
+    rtp = read_jsonl(shared / "prompts/rtp_nontoxic.jsonl")
+    write_jsonl(OUT / "prompts" / "rtp_nontoxic_50.jsonl", [{"prompt": {"text": r["prompt"]["text"]}} for r in rng.sample(rtp, 50)])
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data"))
