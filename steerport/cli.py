@@ -344,8 +344,12 @@ def _train_progress():
             tasks["cache"] = bar.add_task("1/2 body pass", total=info["tokens"], info="")
             clock["cache"] = time.perf_counter()
         elif phase == "cache":
+            if "cache_from" not in clock:  # first report: what a resumed pass already had
+                clock["cache_from"] = info["tokens"]
+                clock["cache"] = time.perf_counter()
             dt = max(time.perf_counter() - clock["cache"], 1e-9)
-            bar.update(tasks["cache"], completed=info["tokens"], info=f"{info['texts']} texts  {info['tokens'] / dt:,.0f} tok/s")
+            rate = (info["tokens"] - clock["cache_from"]) / dt
+            bar.update(tasks["cache"], completed=info["tokens"], info=f"{info['texts']} texts  {rate:,.0f} tok/s")
         elif phase == "stats-start":
             tasks["stats"] = bar.add_task("   top-k stats", total=info["tokens"], info="")
         elif phase == "stats":
@@ -387,7 +391,7 @@ def train(
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-2,
     epochs: Annotated[float, typer.Option(help="Most passes over the cached tokens (early stopping usually ends sooner).")] = 8.0,
     steps: Annotated[Optional[int], typer.Option(help="Exact number of optimizer steps (overrides --epochs).")] = None,
-    tokens_per_batch: Annotated[int, typer.Option(help="Tokens per optimizer step (batches are packed by tokens).")] = 2048,
+    tokens_per_batch: Annotated[int, typer.Option(help="Tokens per optimizer step (batches are packed by tokens).")] = 512,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay on A and B.")] = 0.0,
     domain: Annotated[bool, typer.Option("--domain/--no-domain", help="Also learn the always-on domain component (anchor's dummy_steer), saved as domain.A/domain.B.")] = False,
     patience: Annotated[int, typer.Option(help="Held-out evaluations without improvement before stopping early.")] = 3,
@@ -460,13 +464,361 @@ def train(
         ("steer-as-classifier ROC AUC (held out)", r.get("heldout_auc")),
         ("steps (best at)", f"{r['steps']} ({r['best_step']}), {r['epochs']} epochs; {r['stopped']}"),
         ("tokens train / held out", f"{r['train_tokens']} / {r['heldout_tokens']}"),
-        ("time: body pass / fit / total", f"{t['cache_s']:.1f} s / {t.get('topk_stats_s', 0) + t['fit_s']:.1f} s / {t['total_s']:.1f} s"
-         + ("  (resumed)" if r.get("resumed") else "")),
+        ("time: body pass / fit / this run", f"{t['cache_s']:.1f} s / {t.get('topk_stats_s', 0) + t['fit_s']:.1f} s / {t['total_s']:.1f} s"
+         + ("  (resumed: the fit time counts every session)" if r.get("resumed") else "")),
     ]
     for k, v in rows:
         if v is not None:
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(table)
+# --------------------------------------------------------------------------- evaluate, judges (evaluator issue)
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    steer: SteerOpt = [],
+    data: Annotated[Path, typer.Option(help="Held-out labeled JSONL (fields --text-field / --label-field).")] = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    positive_label: Annotated[str, typer.Option(help="Label value of the positive class (the steer's + side), e.g. 0 for non-toxic.")] = "1",
+    per_class: Annotated[int, typer.Option(help="Held-out texts per class (seeded sample).")] = 150,
+    native: Annotated[Optional[str], typer.Option(help="Which steer is native (index from 0 or its path); default the first.")] = None,
+    kappa: Annotated[Optional[float], typer.Option(help="KL budget in nats; default: κ of the native steer at its given value.")] = None,
+    reference_text: Annotated[Optional[Path], typer.Option(help="Neutral text, one paragraph per line (default: shipped WikiText-2 slice).")] = None,
+    n_reference: Annotated[int, typer.Option(help="Lines of neutral text to use.")] = 64,
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompts for generation metrics (JSONL prompt.text / prompt / text, or text).")] = None,
+    n_prompts: int = 20,
+    samples: Annotated[int, typer.Option(help="Samples per prompt.")] = 2,
+    max_new_tokens: int = 30,
+    judge: Annotated[Optional[str], typer.Option(help="sentiment | toxicity (shipped offline judges), a .judge file, or hf:MODEL[:LABEL].")] = None,
+    reference_model: Annotated[Optional[str], typer.Option(help="Model for perplexity of generations (another model than MODEL).")] = None,
+    seed: int = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (every number and setting) here.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+):
+    """Compare steers on MODEL at matched KL: separation, retained effect, AUC, agreement, generation."""
+    from steerport.evaluate import EvalSettings, balanced_sample, evaluate_steers, file_info, read_neutral, report_tables
+    from steerport.judges import load_judge, read_jsonl_labeled
+    from steerport.models import load_model
+    from steerport.steer import atomic_write_bytes
+
+    if not steer:
+        raise SteerportError("give at least one --steer FILE.st[:VALUE]")
+    if data is None:
+        raise SteerportError("give held-out labeled data with --data FILE.jsonl")
+    parsed = [parse_steer_arg(a) for a in steer]
+    loaded = load_steers(steer)
+    names = [p.stem if [q.stem for q, _ in parsed].count(p.stem) == 1 else str(p) for p, _ in parsed]
+    nat = 0
+    if native is not None:
+        matches = [i for i, (p, _) in enumerate(parsed) if native in (str(i), str(p), p.name, p.stem)]
+        if not matches:
+            raise SteerportError(f"--native {native!r} is neither an index nor one of the given steers")
+        nat = matches[0]
+    texts, labels = read_jsonl_labeled(data, text_field=text_field, label_field=label_field, positive_label=positive_label)
+    settings = EvalSettings(kappa=kappa, heldout_per_class=per_class, neutral_texts=n_reference, n_prompts=n_prompts,
+                            samples_per_prompt=samples, max_new_tokens=max_new_tokens, seed=seed)
+    heldout = balanced_sample(texts, labels, per_class, seed)
+    neutral = read_neutral(reference_text, n_reference)
+    prompt_list = read_prompts(prompts)[:n_prompts] if prompts else []
+    the_judge = load_judge(judge) if judge else None
+    lm = load_model(model, dtype=dtype, device=device)
+    ref = load_model(reference_model, dtype=dtype, device=device) if reference_model and prompt_list else None
+    with console.status("evaluating") as status:
+        report = evaluate_steers(lm, list(zip(names, (s for s, _ in loaded))), heldout=heldout, neutral=neutral, settings=settings,
+                                 native=nat, native_value=parsed[nat][1], prompts=prompt_list, judge=the_judge, reference=ref,
+                                 force=force, progress=lambda m: status.update(m))
+    from steerport import __version__
+
+    report["steerport_version"] = __version__
+    report["files"] = {"data": file_info(data), "reference_text": file_info(reference_text) if reference_text else "shipped WikiText-2 slice",
+                       "prompts": file_info(prompts), "steers": {n: file_info(p) for n, (p, _) in zip(names, parsed)}}
+    for table in report_tables(report):
+        out.print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(json_out, json.dumps(report, indent=1, default=float).encode())
+        console.print(f"wrote {json_out}")
+
+
+@app.command("judge-train")
+def judge_train(
+    train: Annotated[list[str], typer.Option("--train", help="Training JSONL, optionally with a row range: FILE[@START:STOP]. Repeat.")],
+    heldout: Annotated[list[str], typer.Option("--heldout", help="Held-out JSONL FILE[@START:STOP] for the judge's own accuracy. Repeat.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the .judge file.")],
+    positive: Annotated[str, typer.Option(help="What the positive class means, e.g. 'non-toxic'.")] = "positive",
+    positive_label: Annotated[str, typer.Option(help="Label value of the positive class.")] = "1",
+    text_field: str = "text",
+    label_field: str = "label",
+    c: Annotated[float, typer.Option("--C", help="Inverse L2 strength of the logistic regression.")] = 4.0,
+    max_features: int = 20000,
+):
+    """Train the offline TF-IDF + logistic-regression judge (saved without pickle) and report its held-out accuracy."""
+    from steerport.judges import train_judge
+
+    judge = train_judge(train, heldout, positive=positive, positive_label=positive_label, text_field=text_field,
+                        label_field=label_field, C=c, max_features=max_features)
+    judge.save(out_path)
+    for h in judge.meta["heldout"]:
+        out.print(f"held-out accuracy on {h['file']} ({h['rows']}, n={h['n']}): {h['accuracy']:.3f}")
+    console.print(f"wrote {out_path} ({len(judge.vocabulary)} features)")
+
+
+@app.command("judge-score")
+def judge_score(
+    judge: Annotated[str, typer.Argument(help="sentiment | toxicity | a .judge file | hf:MODEL[:LABEL].")],
+    text: Annotated[list[str], typer.Argument(help="Texts to score.")],
+):
+    """Print the judge's probability of the positive attribute for each text."""
+    from steerport.judges import load_judge
+
+    j = load_judge(judge)
+    for t, p in zip(text, j.score(text)):
+        out.print(f"{p:.3f}  {t}", highlight=False)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the steers and results.json.")] = Path("steerport-demo"),
+    source: Annotated[str, typer.Option(help="Model the steer is trained on.")] = "smollm2-135m",
+    target: Annotated[str, typer.Option(help="Model the steer is transferred to.")] = "gemma3-270m",
+    value: Annotated[float, typer.Option(help="Steer value used for scoring and generation.")] = 1.0,
+):
+    """The main job on shipped data and offline models: train a sentiment steer on SOURCE, transfer it
+    to TARGET, and measure both (held-out AUC, steered generations). A few minutes on 2 CPU cores."""
+    from steerport.demo import run_demo
+
+    bar, update = _train_progress()
+
+    def log(message: str) -> None:
+        (bar.console if bar.live.is_started else console).print(message, highlight=False)
+
+    with bar:
+        r = run_demo(out_dir, source=source, target=target, value=value, log=log, train_progress=update)
+    table = Table("model", "steer", "held-out SST-2 ROC AUC (steer as classifier)", title="sentiment steer")
+    table.add_row(source, "trained natively", f"{r['source']['auc']:.3f}")
+    table.add_row(target, f"transferred ({r['lineage']['form']} form)", f"{r['target']['auc']:.3f}")
+    out.print(table)
+    for model, by_value in r["generations"].items():
+        gen = Table("prompt", *by_value, title=f"{model}: greedy continuations by steer value", show_lines=True)
+        for i, prompt in enumerate(r["prompts"]):
+            gen.add_row(prompt, *(texts[i] for texts in by_value.values()))
+        out.print(gen)
+    console.print(f"[green]done[/] in {r['seconds']:.0f} s; steers and results.json in {out_dir}/")
+
+
+# =========================================================================== seeds: ActAdd and token-probability steering
+# (issue 6; library code in steerport/actadd.py, steerport/tokenprob.py, steerport/align_positions.py)
+
+TextOpt = Annotated[Optional[Path], typer.Option(help="Text file (.txt/.raw one text per line, or .jsonl with text); default: the vendored WikiText-2 slice (100 paragraphs).")]
+LinesOpt = Annotated[int, typer.Option(help="Use at most this many texts.")]
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+
+
+def _texts(path: Optional[Path], lines: int, skip: int = 0) -> list[str]:
+    from steerport.textfiles import read_texts
+
+    return read_texts(path, limit=lines, skip=skip)
+
+
+@app.command("actadd")
+def actadd_cmd(
+    model: ModelArg,
+    plus: Annotated[list[str], typer.Option("--plus", help="Positive prompt, e.g. ' Love'; repeat for several pairs.")],
+    minus: Annotated[list[str], typer.Option("--minus", help="Negative prompt, e.g. ' Hate'; one per --plus, in order.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .st steer.")],
+    layer: Annotated[str, typer.Option(help="Decoder layer: an index (6, -3) or a fraction of depth (0.25).")] = "0.2",
+    coeff: Annotated[float, typer.Option(help="Recommended coefficient c (stored as the base scale; the paper uses 5 for Love-Hate).")] = 5.0,
+    positions: Annotated[str, typer.Option(help="front (paper: the prompt's first P positions) or all.")] = "front",
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+):
+    """ActAdd: the residual-stream difference of prompt pairs at a decoder layer, as a steer."""
+    from steerport.actadd import make_actadd
+    from steerport.models import load_model
+
+    if len(plus) != len(minus):
+        raise SteerportError(f"give one --minus per --plus (got {len(plus)} --plus and {len(minus)} --minus)")
+    lm = load_model(model, dtype=dtype, device=device)
+    steer = make_actadd(lm, list(zip(plus, minus)), layer=layer, coeff=coeff, positions=positions)
+    steer.save(out_path)
+    v = steer.tensors["vector"]
+    console.print(f"[green]wrote[/] {out_path}: layer {steer.meta['layer']}/{steer.meta['n_layers']}, "
+                  f"vector {tuple(v.shape)}, |v| {v.norm():.3g}, coefficient {coeff:g}, {len(plus)} pair(s)")
+
+
+@app.command("actadd-transfer")
+def actadd_transfer_cmd(
+    source: Annotated[str, typer.Argument(help="Model the steer was made on.")],
+    target: Annotated[str, typer.Argument(help="Model to carry it to.")],
+    steer: Annotated[Path, typer.Option("--steer", help="The source .st (kind actadd).")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the target .st.")],
+    method: Annotated[str, typer.Option(help="recipe (recompute on the target, KL-calibrated) or map (least-squares residual map).")] = "recipe",
+    neutral: TextOpt = None,
+    lines: LinesOpt = 64,
+    calibrate: Annotated[bool, typer.Option(help="For map: also calibrate the coefficient to the source's KL.")] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+):
+    """Carry an ActAdd steer to another model (by recipe or by a residual-stream map)."""
+    from steerport.actadd import transfer_actadd
+    from steerport.models import load_model
+    from steerport.steer import Steer
+
+    s = Steer.load(steer)
+    texts = _texts(neutral, lines)
+    src = load_model(source, dtype=dtype, device=device)
+    tgt = load_model(target, dtype=dtype, device=device)
+    with _progress() as bar:
+        task = bar.add_task("pairing positions", total=len(texts))
+        new = transfer_actadd(s, src, tgt, texts, method=method, calibrate=calibrate,
+                              progress=lambda n: bar.advance(task, n))
+    new.save(out_path)
+    lin = new.meta["lineage"]
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in lin.items() if k not in ("source_model",)}
+    console.print(f"[green]wrote[/] {out_path}: layer {new.meta['layer']}/{new.meta['n_layers']}, coefficient {new.epsilon:.4g}; {shown}")
+
+
+@app.command("analyze")
+def analyze_cmd(
+    model: ModelArg,
+    text: TextOpt = None,
+    lines: LinesOpt = 100,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
+    png: Annotated[Optional[Path], typer.Option(help="PCA picture of the output embeddings coloured by probability rank.")] = None,
+    prune_curve: Annotated[bool, typer.Option("--prune-curve", help="Also remove dims progressively and measure KL + generation similarity.")] = False,
+    prune_png: Annotated[Optional[Path], typer.Option(help="PNG of the prune curve (default: next to --png).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompts for the generation-similarity measure (default: 16 texts' first words).")] = None,
+    rank_by: Annotated[str, typer.Option(help="Dimension importance: slope (standardized |A_i|), t, or random.")] = "slope",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full result (slopes, t, log p, curve) as JSON.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+):
+    """Regress -log(average probability) on the output embeddings (Cho et al.): R², slopes, significance."""
+    from steerport.models import load_model
+    from steerport.steer import atomic_write_bytes
+    from steerport import tokenprob as tp
+
+    texts = _texts(text, lines)
+    lm = load_model(model, dtype=dtype, device=device)
+    with _progress() as bar:
+        task = bar.add_task("average distribution", total=len(texts))
+        stats = tp.collect_head_stats(lm, texts, max_tokens=max_tokens, progress=lambda n: bar.advance(task, n))
+    enc = tp.fit_encoding(lm.output_embeddings, stats.log_alpha)
+    summary = enc.summary()
+    table = Table(title=f"{model}: -log α ≈ A·e + B over {enc.n_tokens} tokens, {stats.positions} positions")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("R²", f"{enc.r2:.4f}")
+    table.add_row("adjusted R²", f"{enc.adj_r2:.4f}")
+    table.add_row("dims with p < 0.05", f"{summary['significant_dims_p<0.05']} / {enc.hidden_size}")
+    table.add_row("dims significant after Bonferroni", f"{summary['significant_dims_bonferroni']} / {enc.hidden_size}")
+    out.print(table)
+    dims = Table("dim", "slope A_i", "t", "log10 p", title="most significant dimensions")
+    for row in summary["top_dims"]:
+        dims.add_row(str(row["dim"]), f"{row['slope']:.4g}", f"{row['t']:.1f}", f"{row['log10_p']:.1f}")
+    out.print(dims)
+    result = {"model": model, "texts": len(texts), "positions": stats.positions, **summary,
+              "slopes": enc.slopes.tolist(), "t": enc.t.tolist(), "log_p": enc.log_p.tolist()}
+    if png:
+        tp.plot_pca(lm.output_embeddings, stats.log_alpha, png, title=f"{model}: output embeddings (PCA)")
+        console.print(f"[green]wrote[/] {png}")
+    if prune_curve:
+        gen_prompts = read_prompts(prompts) if prompts else [" ".join(t.split()[:8]) for t in texts[:16]]
+        with _progress() as bar:
+            task = bar.add_task("removing dims", total=10)
+            rows = tp.prune_curve(lm, enc, stats, gen_prompts, rank_by=rank_by, progress=lambda n: bar.advance(task, n))
+        curve = Table("removed", "dims", "KL avg dist", "mean KL per position", "generation similarity", title=f"dimension removal (rank by {rank_by})")
+        for r in rows:
+            curve.add_row(f"{r['fraction']:.0%}", str(r["dims_removed"]), f"{r['kl_avg']:.2e}", f"{r['kl_pos']:.3g}", f"{r['gen_sim']:.3f}")
+        out.print(curve)
+        result["prune_curve"] = rows
+        where = prune_png or (png.with_name(png.stem + "_prune.png") if png else None)
+        if where:
+            tp.plot_prune(rows, where, title=f"{model}: dimension removal")
+            console.print(f"[green]wrote[/] {where}")
+    if json_out:
+        atomic_write_bytes(json_out, json.dumps(result, indent=1).encode())
+
+
+def _parse_token_scales(tokens: list[str], scales: list[float]) -> dict[str, float]:
+    if len(tokens) != len(scales):
+        raise SteerportError(f"give one --scale per --token (got {len(tokens)} --token and {len(scales)} --scale)")
+    return dict(zip(tokens, scales))
+
+
+@app.command("token-steer")
+def token_steer_cmd(
+    model: ModelArg,
+    token: Annotated[list[str], typer.Option("--token", help="A single token's text, e.g. ' great'; repeat.")],
+    scale: Annotated[list[float], typer.Option("--scale", help="Factor r for its average probability; one per --token.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .st steer.")],
+    detect: Annotated[Optional[Path], typer.Option(help="Detect text for the regression; default: vendored WikiText-2 slice.")] = None,
+    lines: LinesOpt = 100,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
+    b: Annotated[float, typer.Option(help="Softness of Ω (0 = uniform over dims).")] = 2.0,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+):
+    """Scale tokens' average probability by moving only their output-embedding rows (Cho et al. Algorithm 1)."""
+    import math
+
+    from steerport.models import load_model
+    from steerport import tokenprob as tp
+
+    wanted = _parse_token_scales(token, scale)
+    texts = _texts(detect, lines)
+    lm = load_model(model, dtype=dtype, device=device)
+    with _progress() as bar:
+        task = bar.add_task("average distribution", total=len(texts))
+        stats = tp.collect_head_stats(lm, texts, max_tokens=max_tokens, progress=lambda n: bar.advance(task, n))
+    enc = tp.fit_encoding(lm.output_embeddings, stats.log_alpha)
+    steer = tp.make_token_steer(lm, enc, wanted, b=b, detect={"file": str(detect or "vendored wikitext2 slice"),
+                                                                "texts": len(texts), "positions": stats.positions})
+    steer.save(out_path)
+    table = Table("token", "id", "r asked", "r̂ on detect text", "|log r - log r̂|", title=f"adjusted R² {enc.adj_r2:.3f}")
+    for (surface, r), tid, delta in zip(wanted.items(), steer.tensors["token_ids"].tolist(), steer.tensors["delta"]):
+        new, _ = tp.steered_log_alpha(lm, stats, tid, delta)
+        r_hat = math.exp(new - float(stats.log_alpha[tid]))
+        table.add_row(repr(surface), str(tid), f"{r:g}", f"{r_hat:.3g}", f"{abs(math.log(r) - math.log(r_hat)):.3f}")
+    out.print(table)
+    console.print(f"[green]wrote[/] {out_path}")
+
+
+@app.command("token-transfer")
+def token_transfer_cmd(
+    steer: Annotated[Path, typer.Option("--steer", help="The source .st (kind token-prob).")],
+    target: Annotated[str, typer.Argument(help="Model to carry it to.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the target .st.")],
+    detect: Annotated[Optional[Path], typer.Option(help="Detect text on the target; default: vendored WikiText-2 slice.")] = None,
+    lines: LinesOpt = 100,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+):
+    """Carry a token-probability steer to another model: same token texts and scales, direction recomputed there."""
+    from steerport.models import load_model
+    from steerport.steer import Steer
+    from steerport.tokenprob import transfer_token_prob
+
+    s = Steer.load(steer)
+    texts = _texts(detect, lines)
+    lm = load_model(target, dtype=dtype, device=device)
+    with _progress() as bar:
+        task = bar.add_task("average distribution", total=len(texts))
+        new, report = transfer_token_prob(s, lm, texts, max_tokens=max_tokens, progress=lambda n: bar.advance(task, n))
+    new.save(out_path)
+    for line in report["dropped"]:
+        console.print(f"[yellow]dropped[/] {line}")
+    console.print(f"[green]wrote[/] {out_path}: tokens {report['kept']}, target adjusted R² {report['adj_r2']:.3f}")
 
 
 # =========================================================================== inspect / explain / score / sweep / merge / llama.cpp

@@ -87,31 +87,57 @@ class FitOptions:
 # --------------------------------------------------------------------------- the fit
 
 
-def fit_linear(X: torch.Tensor, Y: torch.Tensor, method: str = "lstsq", *, ridge: float = 1e-2,
-               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """M (p x q) minimising Σ_i w_i ||X_i M − Y_i||²; X: (n, p), Y: (n, q). Float64 inside.
+def gram(X: torch.Tensor, Y: torch.Tensor, weights: torch.Tensor | None = None,
+         chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """XᵀWX (p, p) and XᵀWY (p, q) in float64, accumulated over row blocks (bounded memory)."""
+    p, q = X.shape[1], Y.shape[1]
+    XtX = torch.zeros(p, p, dtype=torch.float64)
+    XtY = torch.zeros(p, q, dtype=torch.float64)
+    for i in range(0, len(X), chunk):
+        x, y = X[i : i + chunk].double(), Y[i : i + chunk].double()
+        if weights is not None:
+            sw = weights[i : i + chunk].double().sqrt()[:, None]
+            x, y = x * sw, y * sw
+        XtX += x.T @ x
+        XtY += x.T @ y
+    return XtX, XtY
 
-    Returns M (float32) and fit facts (Procrustes scale, ridge λ).
-    """
-    X, Y = X.double(), Y.double()
-    if weights is not None:
-        sw = weights.double().sqrt()[:, None]
-        X, Y = X * sw, Y * sw
-    XtY = X.T @ Y  # (p, q)
+
+def solve_map(XtX: torch.Tensor, XtY: torch.Tensor, method: str = "lstsq",
+              ridge: float = 1e-2) -> tuple[torch.Tensor, dict[str, float]]:
+    """The map M (p x q) from the Gram products; see :func:`fit_linear`."""
     info: dict[str, float] = {}
-    if method == "procrustes":
+    if method == "procrustes":  # max trace(Mᵀ XᵀY) over semi-orthogonal M, then the best scale
         U, S, Vh = torch.linalg.svd(XtY, full_matrices=False)  # U (p,k), Vh (k,q)
-        scale = float(S.sum() / (X * X).sum())
+        scale = float(S.sum() / XtX.trace())
         info["scale"] = scale
         return (scale * (U @ Vh)).float(), info
-    XtX = X.T @ X  # (p, p)
     if method == "ridge":
         lam = ridge * float(XtX.diagonal().mean())
         info["lambda"] = lam
         M = torch.linalg.solve(XtX + lam * torch.eye(XtX.shape[0], dtype=XtX.dtype), XtY)
-    else:  # lstsq: minimum-norm solution of the normal equations (rank-deficient X is fine)
-        M = torch.linalg.lstsq(XtX, XtY, driver="gelsd").solution
+    else:  # lstsq: Cholesky when X has full column rank, else the minimum-norm (pseudo-inverse) solution
+        L, bad = torch.linalg.cholesky_ex(XtX)
+        diag = L.diagonal()
+        if int(bad) == 0 and float((diag.min() / diag.max()) ** 2) > 1e-12:  # well enough conditioned
+            M = torch.cholesky_solve(XtY, L)
+        else:
+            lam, V = torch.linalg.eigh(XtX)  # XtX = V diag(λ) Vᵀ, λ ≥ 0
+            keep = lam > lam.max() * XtX.shape[0] * torch.finfo(XtX.dtype).eps
+            M = V[:, keep] @ ((V[:, keep].T @ XtY) / lam[keep, None])
+            info["rank"] = int(keep.sum())
     return M.float(), info
+
+
+def fit_linear(X: torch.Tensor, Y: torch.Tensor, method: str = "lstsq", *, ridge: float = 1e-2,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """M (p x q) minimising Σ_i w_i ||X_i M − Y_i||²; X: (n, p), Y: (n, q). Float64 inside.
+
+    Returns M (float32) and fit facts (Procrustes scale, ridge λ). Cost: O(n p (p + q)) for the
+    Gram products plus O(p³) for the solve.
+    """
+    XtX, XtY = gram(X, Y, weights)
+    return solve_map(XtX, XtY, method, ridge)
 
 
 def _prepare(X: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -357,7 +383,8 @@ def shipped_name(src_spec: str, tgt_spec: str) -> str:
 
 def get_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions = FitOptions(), *,
                 path: str | os.PathLike | None = None, refit: bool = False,
-                log: Callable[[str], None] = lambda msg: None) -> tuple[Mapping, str]:
+                log: Callable[[str], None] = lambda msg: None,
+                alignment: Alignment | None = None) -> tuple[Mapping, str]:
     """The mapping for (src, tgt, options): reused when fresh, otherwise fitted and saved.
 
     ``path`` given: reuse it if it matches; if it is stale (fingerprints differ), refuse
@@ -371,7 +398,7 @@ def get_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions 
             m = Mapping.load(path)
             m.check(src.fingerprint, tgt.fingerprint, where=str(path))
             return m, f"reused {path}"
-        m = fit_mapping(src, tgt, options)
+        m = fit_mapping(src, tgt, options, alignment=alignment)
         m.save(path)
         return m, f"fitted, saved to {path}"
     candidates = [cache_path(src.fingerprint, tgt.fingerprint, options), shipped_dir() / shipped_name(src.spec, tgt.spec)]
@@ -387,7 +414,7 @@ def get_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions 
             return m, f"reused {cand}"
         if not m.matches(src.fingerprint, tgt.fingerprint):
             log(f"{cand} is stale (made for other weights or tokenizer); fitting a fresh mapping")
-    m = fit_mapping(src, tgt, options)
+    m = fit_mapping(src, tgt, options, alignment=alignment)
     dest = candidates[0]
     m.save(dest)
     return m, f"fitted, cached at {dest}"

@@ -187,7 +187,9 @@ class LoadedModel:
 def load_model(spec: str, *, dtype: str | torch.dtype | None = "float32", device: str = "cpu") -> LoadedModel:
     """Load a causal LM for steering (eval mode, no gradients on its weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # steerport draws its own progress; per-tensor bars are noise
     resolved = resolve_spec(spec)
     where = _local_or_hub(resolved)
     torch_dtype = parse_dtype(dtype, device)

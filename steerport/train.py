@@ -12,6 +12,11 @@ which is exactly the model's loss with the hook ``h ← h + s·ε₀·B(Aᵀh)``
 The softmax is computed chunk by chunk over the vocabulary with a running max, sum and
 gradient accumulator (one pass, memory O(N · chunk)), so a 262k vocabulary is fine.
 
+``head="topk"`` (opt-in) replaces the full softmax of each step by the base model's top
+candidates plus a first-order tail term computed once after the body pass (:class:`TopKStats`):
+steps then cost O(N·K·r) instead of O(N·V·d). Held-out evaluations (early stopping) and the
+final summary always use the exact head.
+
 The optional always-on *domain* component (the anchor code's ``dummy_steer``) adds
 ``ε₀·B_d(A_dᵀh)`` to every text whatever its label; it absorbs what positive and negative
 texts share (their domain), is stored as ``domain.A``/``domain.B`` and is applied by
@@ -30,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -62,7 +66,7 @@ class TrainConfig:
     lr: float = 1e-2
     epochs: float = 8.0  # upper bound; early stopping usually ends sooner
     steps: int | None = None  # if given, overrides epochs
-    tokens_per_batch: int = 2048
+    tokens_per_batch: int = 512
     weight_decay: float = 0.0  # L2 on A, B (Adam's coupled weight decay, as the anchor's regularization)
     seed: int = 0
     domain: bool = False  # learn the always-on domain component too
@@ -779,11 +783,22 @@ def _prepare_workdir(wd: Path | None, cache_key: str, fit_key: str) -> bool:
     return resumed
 
 
+WORK_FILES = ("run.json", "hidden.bin", "hidden.json", "cache.done", "checkpoint.safetensors")
+
+
 def remove_workdir(wd: str | Path) -> None:
-    """Delete a finished run's work folder (only if it is one: it has our run.json)."""
+    """Delete a run's work files (only ours), and the folder itself if that leaves it empty."""
     wd = Path(wd)
-    if (wd / "run.json").exists():
-        shutil.rmtree(wd, ignore_errors=True)
+    if not (wd / "run.json").exists():
+        return
+    for name in WORK_FILES:
+        (wd / name).unlink(missing_ok=True)
+    for stale in wd.glob("topk*.safetensors"):
+        stale.unlink()
+    try:
+        wd.rmdir()
+    except OSError:
+        pass  # the user keeps other files there
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ from steerport.vocab import align_vocab, raw_shared_tokens
 FORMS = ("logit", "logit-pinv", "paper", "hidden", "anchor")
 DEFAULT_FORM = "logit"
 CALIBRATIONS = ("auto", "embed", "kl", "none")
-NEUTRAL_TEXT = Path(__file__).parent / "data" / "neutral_text.txt"
+NEUTRAL_TEXT = Path(__file__).parent / "data" / "text" / "neutral_360.txt"
 Log = Callable[[str], None]
 
 
@@ -137,7 +137,7 @@ def rms_logit_shift(P: torch.Tensor, A: torch.Tensor, X: torch.Tensor, B: torch.
 
 
 def embed_calibration(steer: Steer, factors: dict[str, torch.Tensor], X_s: torch.Tensor, X_t: torch.Tensor,
-                      max_proxies: int = 4096, seed: int = 0) -> dict[str, Any]:
+                      max_proxies: int = 4096, max_pairs: int = 16384, seed: int = 0) -> dict[str, Any]:
     """Factor f for ε₀ so the target's RMS logit shift equals the source's (see module doc).
 
     X_s, X_t: aligned output-embedding rows (n, d_s), (n, d_t). Proxy source hidden states p_s
@@ -145,7 +145,10 @@ def embed_calibration(steer: Steer, factors: dict[str, torch.Tensor], X_s: torch
     least squares (the same logits on shared tokens), T = X_t⁺ X_s (d_t x d_s) — fitted here,
     independent of the map used to carry the steer, so a mis-scaled map is corrected.
     """
-    idx = torch.randperm(len(X_s), generator=torch.Generator().manual_seed(seed))[:max_proxies]
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(X_s), generator=g)[:max_pairs]  # a random subset of pairs is plenty
+    X_s, X_t = X_s[rows], X_t[rows]
+    idx = torch.randperm(len(X_s), generator=g)[:max_proxies]
     P_s = X_s[idx] / X_s[idx].norm(dim=1, keepdim=True).clamp_min(1e-12)  # (m, d_s)
     T, _ = fit_linear(X_t, X_s, "lstsq")  # (d_t, d_s): X_s ≈ X_t T
     P_t = P_s @ T.T  # (m, d_t)
@@ -154,7 +157,7 @@ def embed_calibration(steer: Steer, factors: dict[str, torch.Tensor], X_s: torch
     if rms_t <= 0 or not math.isfinite(rms_t):
         raise SteerportError("transferred steer has no effect on the target's logits; cannot calibrate")
     return {"method": "embed", "factor": rms_s / rms_t, "rms_logit_shift_src": rms_s,
-            "rms_logit_shift_tgt_uncalibrated": rms_t, "n_proxy_states": len(P_s)}
+            "rms_logit_shift_tgt_uncalibrated": rms_t, "n_proxy_states": len(P_s), "n_pairs": len(X_s)}
 
 
 def kl_calibration(steer_s: Steer, steer_t: Steer, src_lm: LoadedModel, tgt_lm: LoadedModel,
@@ -300,7 +303,9 @@ def _embeddings(model: str | ModelEmbeddings | LoadedModel) -> ModelEmbeddings:
 def check_source(steer: Steer, src: ModelEmbeddings, force: bool = False) -> None:
     """Refuse a steer that was not made for the source model (or is not an LM-Steer steer)."""
     if steer.kind != "lm-steer":
-        raise SteerportError(f"only lm-steer steers can be carried by a vocabulary map; this one is {steer.kind!r}")
+        other = {"actadd": "steerport actadd-transfer", "token-prob": "steerport token-transfer"}.get(steer.kind)
+        raise SteerportError(f"only lm-steer steers are carried by a vocabulary map; this one is {steer.kind!r}"
+                             + (f": use `{other}`" if other else ""))
     if steer.hidden_size != src.hidden_size:
         raise SteerportError(f"steer has hidden size {steer.hidden_size} but source {src.spec!r} has {src.hidden_size}")
     want = steer.model.get("fingerprint")
@@ -357,6 +362,9 @@ def transfer(
 
     m: Mapping | None = None
     t = time.perf_counter()
+    al = align_vocab(src_e.tokenizer, tgt_e.tokenizer) if opt.form != "anchor" else None
+    timings["align"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
     if opt.form == "anchor":
         s_ids, t_ids = raw_shared_tokens(src_e.tokenizer, tgt_e.tokenizer)
         if len(s_ids) == 0:
@@ -374,7 +382,7 @@ def transfer(
             m, how = mapping, "given"
             m.check(src_e.fingerprint, tgt_e.fingerprint)
         else:
-            m, how = get_mapping(src_e, tgt_e, opt.fit, path=mapping_path, log=log)
+            m, how = get_mapping(src_e, tgt_e, opt.fit, path=mapping_path, log=log, alignment=al)
         log(f"mapping: {how}")
         H, G = m.H, m.G  # (d_s, d_t), (d_t, d_s)
         lineage["mapping"] = {"source": how, "method": m.options.method, "options": m.options.to_dict(),
@@ -403,7 +411,6 @@ def transfer(
     if calib_method == "none":
         calib: dict[str, Any] = {"method": "none", "factor": 1.0}
     elif calib_method == "embed":
-        al = align_vocab(src_e.tokenizer, tgt_e.tokenizer)
         calib = embed_calibration(steer, factors, src_e.embeddings[al.src_ids], tgt_e.embeddings[al.tgt_ids])
     else:
         texts = list(opt.calib_texts) if opt.calib_texts is not None else neutral_texts("calib")[:32]

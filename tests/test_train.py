@@ -359,3 +359,33 @@ def test_topk_training_runs_and_resumes(tmp_path):
     assert torch.equal(whole.steer.A, resumed.steer.A)
     with pytest.raises(SteerportError, match="head must be"):
         train(lm, make_data(), cfg(head="fast"))
+
+
+def test_work_folder_cleanup_only_touches_our_files(tmp_path):
+    from steerport.train import remove_workdir
+
+    lm = tiny_model("llama")
+    (tmp_path / "mine.txt").write_text("keep me")
+    train(lm, make_data(), cfg(steps=2), workdir=tmp_path)
+    assert (tmp_path / "hidden.bin").exists()
+    remove_workdir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+@pytest.mark.integration
+def test_real_model_trains_from_the_vendored_slice(tmp_path):
+    """smollm2-135m on 40 vendored SST-2 sentences: runs end to end, steer applies through hooks."""
+    from steerport.data import DataOptions, load_data
+    from steerport.models import load_model
+
+    lm = load_model("smollm2-135m")
+    data = load_data(DataOptions(files=["sst2"], limit_per_class=20, heldout_fraction=0.2))
+    result = train(lm, data, TrainConfig(steps=4, tokens_per_batch=256, eval_every=2), workdir=tmp_path / "w")
+    r = result.results
+    assert r["steps"] == 4 and r["heldout_texts"] == 8
+    assert r["heldout_loss_unsteered"] > 1.0 and 0.0 <= r["heldout_auc"] <= 1.0
+    steer = result.steer
+    assert steer.hidden_size == 576 and steer.model["fingerprint"] == lm.fingerprint
+    assert steer.meta["data"]["sources"][0]["file"].endswith("sst2_train.jsonl")
+    with steered(lm, [(steer, 1.0)]):
+        pass  # compatible with the model it was trained on

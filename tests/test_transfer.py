@@ -238,6 +238,19 @@ def test_planted_linear_relation_recovered(method):
     assert f.diagnostics["heldout"]["nn_acc"] == 1.0
 
 
+def test_lstsq_on_rank_deficient_rows_is_the_minimum_norm_solution():
+    from steerport.mapping import fit_linear
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(300, 20, generator=g), torch.randn(300, 5, generator=g)
+    M, info = fit_linear(X, Y)
+    assert "rank" not in info and torch.allclose(M, torch.linalg.lstsq(X, Y).solution, atol=1e-5)
+    X[:, 3] = X[:, 2]  # two identical embedding coordinates
+    M, info = fit_linear(X, Y)
+    assert info["rank"] == 19
+    assert torch.allclose(M, (torch.linalg.pinv(X.double()) @ Y.double()).float(), atol=1e-4)
+
+
 def test_noise_lowers_heldout_r2_as_expected():
     r2 = {}
     for noise in (0.0, 0.3, 1.0):
@@ -473,8 +486,10 @@ def _save_dir(lm: LoadedModel, path):
 
 
 def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys):
+    import sys
+
     import steerport.models
-    import steerport.transfer
+    import steerport.transfer  # noqa: F401
     from steerport.cli import main
 
     a = tiny_model("llama", seed=0)
@@ -485,7 +500,8 @@ def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys
         raise AssertionError("full model loaded")
 
     monkeypatch.setattr(steerport.models, "load_model", no_full_model)
-    monkeypatch.setattr(steerport.transfer, "load_model", no_full_model)
+    monkeypatch.setattr(sys.modules["steerport.transfer"], "load_model", no_full_model)
+    monkeypatch.setattr(sys.modules["steerport.transfer"], "fit_hidden_map", no_full_model)
     fp = steerport.models.load_embeddings(da).fingerprint
     steer_file = tmp_path / "pos.st"
     A, B = random_steer_factors(D, 2)
@@ -514,3 +530,30 @@ def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "give the steer's own model as SRC" in err and "Traceback" not in err
     assert run("transfer", da, db, "--steer", steer_file, "--form", "nope") == 1
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.mark.integration
+def test_real_alignment_and_shipped_mapping_smollm2_gemma3(monkeypatch):
+    """SmolLM2 (byte-level BPE) vs Gemma-3 (SentencePiece): ~46k normalized pairs, ~15k raw."""
+    from steerport.catalog import steerport_home
+    from steerport.mapping import shipped_dir, shipped_name
+    from steerport.models import load_embeddings
+
+    monkeypatch.delenv("STEERPORT_HOME")  # the real model cache
+    assert steerport_home().exists()
+    se, te = load_embeddings("smollm2-135m"), load_embeddings("gemma3-270m")
+    al = align_vocab(se.tokenizer, te.tokenizer)
+    assert 45_000 < al.n < 47_500 and 14_000 < al.raw_matches < 16_000
+    assert al.src.convention == BYTE_LEVEL and al.tgt.convention == SENTENCEPIECE
+    surf = dict(zip(al.surface_strings, zip(al.src_ids.tolist(), al.tgt_ids.tolist())))
+    assert surf[b" the"] == (se.tokenizer.get_vocab()["Ġthe"], te.tokenizer.get_vocab()["▁the"])
+    assert surf[b"\n"][1] == te.tokenizer.get_vocab()["\n"]
+    for tok in (se.tokenizer, te.tokenizer):
+        assert not set(tok.all_special_ids) & set((al.src_ids if tok is se.tokenizer else al.tgt_ids).tolist())
+    shipped = shipped_dir() / shipped_name("smollm2-135m", "gemma3-270m")
+    m = Mapping.load(shipped)
+    assert m.matches(se.fingerprint, te.fingerprint, FitOptions())
+    assert m.n_pairs == al.n and m.diagnostics["H"]["heldout"]["r2"] > 0.2

@@ -1,0 +1,441 @@
+"""ActAdd steering vectors (Turner et al., "Activation Addition", arXiv 2308.10248).
+
+A steering vector is the difference of residual-stream activations at decoder layer L
+between two prompts, e.g. " Love" and " Hate", padded to the same token length::
+
+    v[p] = h_L(plus)[p] - h_L(minus)[p]          v: (P, d), one row per prompt position p
+
+where h_L is the residual stream entering decoder layer L (TransformerLens ``resid_pre``).
+Several pairs are averaged (shorter vectors count as zero at missing positions).
+At inference it is added, times the coefficient c = s·ε₀ (user value s times the stored
+recommended coefficient ε₀), to the residual stream entering layer L::
+
+    front (paper):  h_L[start + p] += c · v[p]     for p < P, start = first real token of the row
+    all:            h_L[t] += c · v                for every position t  (v: (d,), last-token difference)
+
+Positions are absolute sequence positions. In cached generation each forward pass covers
+positions [offset, offset + T); the hook adds only where that window meets the front
+positions, so the prefill pass gets the vector and later one-token passes do not (unless
+the prompt is shorter than P) — the same result as recomputing the whole sequence.
+
+Example::
+
+    steer = make_actadd(lm, [(" Love", " Hate")], layer=0.2, coeff=5.0)
+    steer.save("love.st")
+    print(generate(lm, ["I hate you because"], [(steer, 1.0)])[0])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from steerport.errors import SteerportError
+from steerport.hooks import APPLIERS, SteerValue
+from steerport.models import LoadedModel
+from steerport.steer import Steer
+
+POSITIONS = ("front", "all")
+
+
+# --------------------------------------------------------------------------- finding layers
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of any transformers causal LM, found without per-architecture names.
+
+    The ModuleList whose length is the config's number of hidden layers (GPT-2 ``transformer.h``,
+    Llama/Qwen/Gemma ``model.layers``, NeoX ``gpt_neox.layers``, OPT ``model.decoder.layers``);
+    the one holding most parameters if several match.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if n is not None:
+        matching = [m for m in lists if len(m) == n]
+        if matching:
+            return max(matching, key=lambda m: sum(p.numel() for p in m.parameters()))
+    if lists:  # no usable config field: the biggest list of blocks
+        return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    raise SteerportError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def num_layers(lm: LoadedModel) -> int:
+    return len(decoder_layers(lm.model))
+
+
+def resolve_layer(lm: LoadedModel, layer: int | float | str) -> int:
+    """A layer index from an index (``6``, ``-3``) or a fraction of depth (``0.25``, ``"0.25"``).
+
+    A fraction f maps to round(f · n_layers), kept inside 0 .. n_layers-1.
+    """
+    n = num_layers(lm)
+    if isinstance(layer, str):
+        try:
+            layer = float(layer) if any(c in layer for c in ".eE") else int(layer)
+        except ValueError:
+            raise SteerportError(f"layer must be an index or a fraction of depth, got {layer!r}") from None
+    if isinstance(layer, float):
+        if not 0.0 <= layer <= 1.0:
+            raise SteerportError(f"a fractional layer must lie in [0, 1], got {layer}")
+        return min(round(layer * n), n - 1)
+    index = layer + n if layer < 0 else layer
+    if not 0 <= index < n:
+        raise SteerportError(f"layer {layer} out of range: {lm.spec!r} has {n} decoder layers (0..{n - 1})")
+    return index
+
+
+# --------------------------------------------------------------------------- computing vectors
+
+
+def padded_pair(tokenizer, plus: str, minus: str) -> tuple[list[int], list[int]]:
+    """Token ids of both prompts, the shorter padded on the right with the space token (as the paper does)."""
+    a = tokenizer(plus)["input_ids"]
+    b = tokenizer(minus)["input_ids"]
+    space = tokenizer(" ", add_special_tokens=False)["input_ids"]
+    pad = space[0] if len(space) == 1 else tokenizer.pad_token_id
+    P = max(len(a), len(b))
+    return a + [pad] * (P - len(a)), b + [pad] * (P - len(b))
+
+
+@torch.no_grad()
+def residual_stream(lm: LoadedModel, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Residual stream entering decoder layer ``layer`` for a batch of equal-length ids: (b, T, d) float32."""
+    from steerport.align_positions import _Stop
+
+    got: list[torch.Tensor] = []
+
+    def pre_hook(module, args, kwargs):
+        got.append((args[0] if args else kwargs["hidden_states"]).detach().float().cpu())
+        raise _Stop
+
+    handle = decoder_layers(lm.model)[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        lm.model(input_ids=ids.to(lm.device))
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return got[0]
+
+
+def compute_vector(
+    lm: LoadedModel, pairs: Sequence[tuple[str, str]], layer: int, positions: str = "front"
+) -> torch.Tensor:
+    """The averaged ActAdd vector: (P_max, d) for ``front``, (d,) last-token difference for ``all``."""
+    if not pairs:
+        raise SteerportError("give at least one (plus, minus) prompt pair")
+    if positions not in POSITIONS:
+        raise SteerportError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    diffs = []
+    for plus, minus in pairs:
+        a, b = padded_pair(lm.tokenizer, plus, minus)
+        h = residual_stream(lm, torch.tensor([a, b]), layer)  # (2, P, d)
+        diffs.append(h[0] - h[1])  # (P, d)
+    if positions == "all":
+        return torch.stack([d[-1] for d in diffs]).mean(0)  # (d,)
+    P = max(d.shape[0] for d in diffs)
+    total = torch.zeros(P, diffs[0].shape[1])
+    for d in diffs:
+        total[: d.shape[0]] += d
+    return total / len(diffs)  # (P, d)
+
+
+def make_actadd(
+    lm: LoadedModel,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    layer: int | float | str,
+    coeff: float = 5.0,
+    positions: str = "front",
+    positive: str = "",
+) -> Steer:
+    """Compute an ActAdd steer; ``coeff`` is stored as ε₀ (the recommended coefficient)."""
+    index = resolve_layer(lm, layer)
+    vector = compute_vector(lm, pairs, index, positions)
+    n = num_layers(lm)
+    return Steer(
+        "actadd",
+        {"vector": vector.contiguous()},
+        epsilon=float(coeff),
+        positive=positive or " / ".join(p for p, _ in pairs),
+        model={"spec": lm.spec, "fingerprint": lm.fingerprint},
+        meta={
+            "layer": index,
+            "n_layers": n,
+            "layer_fraction": index / n,
+            "positions": positions,
+            "pairs": [[p, m] for p, m in pairs],
+            "method": "ActAdd (Turner et al. 2023): residual-stream difference entering decoder layer `layer`",
+        },
+    )
+
+
+# --------------------------------------------------------------------------- applying
+
+
+@dataclass
+class _Window:
+    """Which absolute positions the current forward pass covers, per row."""
+
+    offset: int = 0
+    starts: torch.Tensor | None = None  # (b,) first real token of each row (left padding)
+
+
+def _window_pre_hook(window: _Window):
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        T = ids.shape[1] if ids is not None else embeds.shape[1]
+        mask = kwargs.get("attention_mask")
+        past = kwargs.get("past_key_values")
+        if mask is not None and mask.dim() == 2:
+            window.offset = mask.shape[1] - T
+            real = mask != 0
+            window.starts = torch.where(real.any(1), real.int().argmax(1), torch.zeros_like(real[:, 0], dtype=torch.long))
+        else:
+            window.offset = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+            window.starts = None
+        return None
+
+    return hook
+
+
+def _layer_pre_hook(window: _Window, front: torch.Tensor | None, everywhere: torch.Tensor | None):
+    """front: (P, d) summed c·v for front positions; everywhere: (d,) summed c·v for all positions."""
+
+    def hook(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]  # (b, T, d)
+        add = torch.zeros_like(h)
+        if everywhere is not None:
+            add = add + everywhere.to(h.dtype)
+        if front is not None:
+            b, T, _ = h.shape
+            P = front.shape[0]
+            starts = window.starts.to(h.device) if window.starts is not None else torch.zeros(b, dtype=torch.long, device=h.device)
+            rel = window.offset + torch.arange(T, device=h.device)[None, :] - starts[:, None]  # (b, T)
+            hit = (rel >= 0) & (rel < P)
+            if hit.any():
+                add[hit] = add[hit] + front.to(h.device, h.dtype)[rel[hit]]
+        h = h + add
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    return hook
+
+
+def apply_actadd(lm: LoadedModel, items: Sequence[SteerValue]) -> Callable[[], None]:
+    """Register hooks for all ActAdd steers (grouped by layer); returns the remover."""
+    layers = decoder_layers(lm.model)
+    per_layer: dict[int, list[torch.Tensor | None]] = {}
+    for steer, value in items:
+        layer = steer.meta.get("layer")
+        if not isinstance(layer, int) or not 0 <= layer < len(layers):
+            raise SteerportError(f"actadd steer has layer {layer!r}; this model has {len(layers)} decoder layers")
+        c = value * steer.epsilon
+        v = steer.tensors["vector"].float() * c
+        slot = per_layer.setdefault(layer, [None, None])  # [front (P, d), everywhere (d,)]
+        if steer.meta.get("positions", "front") == "all" or v.dim() == 1:
+            v = v if v.dim() == 1 else v.mean(0)
+            slot[1] = v if slot[1] is None else slot[1] + v
+        else:
+            if slot[0] is None:
+                slot[0] = v
+            else:
+                P = max(slot[0].shape[0], v.shape[0])
+                total = torch.zeros(P, v.shape[1])
+                total[: slot[0].shape[0]] += slot[0]
+                total[: v.shape[0]] += v
+                slot[0] = total
+    window = _Window()
+    handles = [lm.model.register_forward_pre_hook(_window_pre_hook(window), with_kwargs=True)]
+    for layer, (front, everywhere) in per_layer.items():
+        front = None if front is None else front.to(lm.device)
+        everywhere = None if everywhere is None else everywhere.to(lm.device)
+        handles.append(layers[layer].register_forward_pre_hook(_layer_pre_hook(window, front, everywhere), with_kwargs=True))
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return remove
+
+
+APPLIERS["actadd"] = apply_actadd
+
+
+# --------------------------------------------------------------------------- calibration and transfer
+
+
+@torch.no_grad()
+def calibrate_value(
+    lm: LoadedModel,
+    steer: Steer,
+    texts: Sequence[str],
+    target_kl: float,
+    *,
+    start: float = 1.0,
+    iters: int = 8,
+    tol: float = 0.03,
+    max_tokens: int = 64,
+    batch_size: int = 8,
+) -> tuple[float, float]:
+    """The value s at which κ(s) (mean KL from the unsteered model on ``texts``) matches ``target_kl``.
+
+    κ of an additive steer grows like a power of s (≈ s² when small), so we step in log-log
+    space: s ← s · (target/κ)^(1/p) with p the measured local exponent (2 at first), until
+    |log κ/target| < ``tol``. The unsteered log-probs are computed once. Returns (s, κ(s)).
+    """
+    from steerport.hooks import steered
+    from steerport.scoring import batches, kl_divergence
+
+    if target_kl <= 0:
+        raise SteerportError(f"target KL must be positive, got {target_kl}")
+    cached = []
+    for batch in batches(lm, texts, batch_size, max_tokens):
+        cached.append((batch, torch.log_softmax(lm.model(**batch).logits.float(), -1)))
+
+    def kappa(s: float) -> float:
+        total, count = 0.0, 0
+        with steered(lm, [(steer, s)], force=True):
+            for batch, base in cached:
+                new = torch.log_softmax(lm.model(**batch).logits.float(), -1)
+                mask = batch["attention_mask"].bool()
+                total += kl_divergence(new, base)[mask].sum().item()
+                count += int(mask.sum())
+        return total / max(count, 1)
+
+    s, k = start, kappa(start)
+    prev = None
+    for _ in range(iters):
+        if k > 0 and abs(math.log(k / target_kl)) < tol:
+            break
+        p = 2.0
+        if prev is not None and prev[1] > 0 and k > 0 and prev[0] != s:
+            p = min(max(math.log(k / prev[1]) / math.log(s / prev[0]), 0.5), 4.0)
+        prev = (s, k)
+        s = s * (target_kl / max(k, 1e-12)) ** (1 / p)
+        k = kappa(s)
+    return s, k
+
+
+def _leading_special(tokenizer, text: str) -> int:
+    ids = tokenizer(text)["input_ids"]
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    n = 0
+    while n < len(ids) and ids[n] in special:
+        n += 1
+    return n
+
+
+def fit_residual_map(Xs: torch.Tensor, Xt: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
+    """Least squares K (d_s, d_t) with centered rows: Xt - μt ≈ (Xs - μs) K; returns K and held-out R².
+
+    The last 20% of rows are held out for R², then K is refit on all rows.
+    """
+
+    def solve(xs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        xs = xs.double() - xs.double().mean(0)
+        xt = xt.double() - xt.double().mean(0)
+        G = xs.T @ xs  # (d_s, d_s)
+        G += ridge * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype)
+        return torch.linalg.solve(G, xs.T @ xt)  # (d_s, d_t)
+
+    n = Xs.shape[0]
+    cut = int(n * 0.8)
+    K = solve(Xs[:cut], Xt[:cut])
+    xs_te = Xs[cut:].double() - Xs[:cut].double().mean(0)
+    xt_te = Xt[cut:].double() - Xt[:cut].double().mean(0)
+    resid = ((xt_te - xs_te @ K) ** 2).sum()
+    total = ((Xt[cut:].double() - Xt[cut:].double().mean(0)) ** 2).sum()
+    r2 = float(1 - resid / total)
+    return solve(Xs, Xt).float(), r2
+
+
+def transfer_actadd(
+    steer: Steer,
+    source: LoadedModel,
+    target: LoadedModel,
+    neutral_texts: Sequence[str],
+    *,
+    method: str = "recipe",
+    calibrate: bool = True,
+    max_tokens: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> Steer:
+    """Carry an ActAdd steer to ``target``.
+
+    ``recipe``: recompute the vector from the stored prompt pairs on the target at the layer of
+    matching relative depth; set ε₀ so the target's κ (mean KL on ``neutral_texts``) at value 1
+    matches the source's.
+    ``map``: fit K with h_t ≈ h_s K on residual streams of the neutral text at positions where both
+    tokenizations end on the same character, and carry v_t = v_s K (front rows re-laid after the
+    target's own leading special tokens); ε₀ is kept, or calibrated like ``recipe`` if ``calibrate``.
+    """
+    if steer.kind != "actadd":
+        raise SteerportError(f"transfer_actadd needs an actadd steer, got {steer.kind!r}")
+    if method not in ("recipe", "map"):
+        raise SteerportError(f"actadd transfer method must be recipe or map, got {method!r}")
+    src_layer = steer.meta["layer"]
+    frac = src_layer / steer.meta.get("n_layers", num_layers(source))
+    tgt_layer = resolve_layer(target, float(frac))
+    positions = steer.meta.get("positions", "front")
+    pairs = [tuple(p) for p in steer.meta.get("pairs", [])]
+    kappa_src = None
+    if calibrate or method == "recipe":
+        from steerport.scoring import mean_kl
+
+        kappa_src = mean_kl(source, neutral_texts, [(steer, 1.0)], max_tokens=max_tokens)
+    lineage = {
+        "source_steer": steer.fingerprint,
+        "source_model": dict(steer.model),
+        "method": method,
+        "source_layer": src_layer,
+        "layer_fraction": frac,
+        "neutral_texts": len(neutral_texts),
+    }
+    if method == "recipe":
+        if not pairs:
+            raise SteerportError("this actadd steer stores no prompt pairs, so it cannot be recomputed; use method='map'")
+        vector = compute_vector(target, pairs, tgt_layer, positions)
+    else:
+        Xs, Xt = _paired(source, target, neutral_texts, src_layer, tgt_layer, max_tokens, progress)
+        K, r2 = fit_residual_map(Xs, Xt)
+        v = steer.tensors["vector"].float()
+        if v.dim() == 1:
+            vector = v @ K
+        else:
+            text = pairs[0][0] if pairs else ""
+            ns, nt = _leading_special(source.tokenizer, text), _leading_special(target.tokenizer, text)
+            body = v[ns:] @ K  # (P - ns, d_t)
+            vector = torch.cat([torch.zeros(nt, K.shape[1]), body])
+        lineage.update({"pairs_fit": int(Xs.shape[0]), "map_heldout_r2": r2})
+    new = Steer(
+        "actadd",
+        {"vector": vector.contiguous()},
+        epsilon=steer.epsilon,
+        positive=steer.positive,
+        model={"spec": target.spec, "fingerprint": target.fingerprint},
+        meta={**{k: v for k, v in steer.meta.items() if k != "lineage"}, "layer": tgt_layer,
+              "n_layers": num_layers(target), "layer_fraction": tgt_layer / num_layers(target)},
+    )
+    if calibrate or method == "recipe":
+        # κ at value 1 of the new steer with ε₀ = 1, then scale ε₀ so κ matches the source's
+        unit = Steer(new.kind, new.tensors, 1.0, new.positive, new.model, new.meta)
+        s, k = calibrate_value(target, unit, neutral_texts, kappa_src, start=steer.epsilon, max_tokens=max_tokens)
+        lineage.update({"calibration": "matched mean KL on neutral text", "kappa_source": kappa_src,
+                        "kappa_target": k, "calibration_factor": s / steer.epsilon})
+        new.epsilon = s
+    new.meta["lineage"] = lineage
+    return new
+
+
+def _paired(source, target, texts, ls, lt, max_tokens, progress):
+    from steerport.align_positions import paired_hidden_states
+
+    return paired_hidden_states(source, target, texts, layer_a=ls, layer_b=lt, max_tokens=max_tokens, progress=progress)

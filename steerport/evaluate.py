@@ -1,0 +1,415 @@
+"""Evaluate steers on one model against the unsteered model and against each other (DESIGN.md §5).
+
+For each steer: the value that reaches a KL budget κ on neutral text (bisection), separation
+and steer-as-classifier ROC AUC on held-out labeled text at that value, retained effect against
+the native steer, Spearman agreement of the per-token log-prob shifts over the vocabulary, and
+(optionally) generation metrics: a judge's attribute rate, perplexity under a reference model,
+distinct-1/2/3 and generation retention.
+
+All log-likelihood metrics run the model body once per text set and recompute only the LM head
+for every steer value (:class:`steerport.scoring.HeadScorer`), so a bisection is cheap.
+
+Example::
+
+    lm = load_model("gemma3-270m")
+    report = evaluate_steers(lm, [("native", native), ("from-smollm2", moved)],
+                             heldout=(texts, labels), neutral=wiki_lines, settings=EvalSettings(kappa=0.05))
+    print(report["steers"]["from-smollm2"]["retained_effect"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from steerport.errors import SteerportError
+from steerport.hooks import check_compatible
+from steerport.models import LoadedModel
+from steerport.scoring import HeadScorer, HiddenCache, capture_hidden, per_text_mean, roc_auc, token_logprobs
+from steerport.steer import Steer
+
+NEUTRAL_TEXT = Path(__file__).parent / "data" / "text" / "wikitext2_test_100.txt"  # vendored by the trainer (SOURCE.md)
+
+
+# --------------------------------------------------------------------------- metrics (pure functions)
+
+
+def separation(lp_pos_s: torch.Tensor, lp_pos_0: torch.Tensor, lp_neg_s: torch.Tensor, lp_neg_0: torch.Tensor) -> float:
+    """Sep = [ℓ_s(D+) − ℓ_0(D+)] − [ℓ_s(D−) − ℓ_0(D−)], ℓ = mean over texts of per-token log-likelihood.
+
+    Positive means the steer favours the positive class. Inputs: per-text mean log-likelihoods.
+    """
+    return float((lp_pos_s - lp_pos_0).double().mean() - (lp_neg_s - lp_neg_0).double().mean())
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n: unique n-grams / all n-grams over whitespace tokens of ``texts`` (0 when none)."""
+    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def mean_distinct(groups: Sequence[Sequence[str]], n: int) -> float:
+    """Distinct-n within each group (the samples of one prompt), averaged over groups (DExperts protocol)."""
+    vals = [distinct_n(g, n) for g in groups if any(t.split() for t in g)]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def retention(base: float, transferred: float, native: float) -> float:
+    """(base − transferred) / (base − native): share of the native steer's change the transferred one makes."""
+    gap = base - native
+    return float((base - transferred) / gap) if gap != 0 else math.nan
+
+
+def spearman(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
+    """Spearman rank correlation of two vectors."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)).statistic)
+
+
+@dataclass
+class BisectResult:
+    value: float
+    kl: float
+    evaluations: int
+    history: list[tuple[float, float]]
+
+
+def find_value_for_kl(
+    kl_at: Callable[[float], float],
+    target: float,
+    *,
+    start: float = 1.0,
+    rel_tol: float = 0.02,
+    max_evals: int = 40,
+    max_value: float = 1e6,
+) -> BisectResult:
+    """The steer value s > 0 with κ(s) = target, for κ increasing in s with κ(0) = 0.
+
+    Brackets the root by growing s, then bisects in log s; each step first tries the guess of
+    a local power law κ ∝ s^p through the bracket ends (κ ≈ c s² near 0) and falls back to the
+    geometric midpoint whenever that guess leaves the bracket, so it converges like bisection
+    at worst and usually in a few evaluations. Stops when |κ − target| ≤ rel_tol · target.
+
+    Example::
+
+        find_value_for_kl(lambda s: 0.01 * s * s, 0.04).value    # ≈ 2.0
+    """
+    if not target > 0:
+        raise SteerportError(f"the KL budget must be positive, got {target}")
+    history: list[tuple[float, float]] = []
+
+    def ev(s: float) -> float:
+        k = float(kl_at(s))
+        history.append((s, k))
+        return k
+
+    lo, klo = 0.0, 0.0
+    hi, khi = start, ev(start)
+    while khi < target:
+        if abs(khi - target) <= rel_tol * target:
+            return BisectResult(hi, khi, len(history), history)
+        lo, klo = hi, khi
+        guess = hi * math.sqrt(target / khi) * 1.5 if khi > 0 else hi * 4
+        hi = min(max(guess, hi * 1.5), hi * 16)
+        if hi > max_value or len(history) >= max_evals:
+            raise SteerportError(f"no steer value up to {hi:g} reaches KL {target:g} (reached {khi:g}); the steer is too weak")
+        khi = ev(hi)
+    best = (hi, khi)
+    while abs(best[1] - target) > rel_tol * target and len(history) < max_evals:
+        if lo > 0 and klo > 0:
+            p = math.log(khi / klo) / math.log(hi / lo) if khi > klo else 2.0
+            guess = lo * (target / klo) ** (1 / p) if p > 0 else math.sqrt(lo * hi)
+            mid = math.sqrt(lo * hi)
+        else:
+            guess = hi * math.sqrt(target / khi)
+            mid = hi / 2
+        s = guess if lo + 0.02 * (hi - lo) < guess < hi - 0.02 * (hi - lo) else mid
+        k = ev(s)
+        if k < target:
+            lo, klo = s, k
+        else:
+            hi, khi = s, k
+        if abs(k - target) < abs(best[1] - target):
+            best = (s, k)
+    return BisectResult(best[0], best[1], len(history), history)
+
+
+# --------------------------------------------------------------------------- settings and data
+
+
+@dataclass
+class EvalSettings:
+    """Every knob of an evaluation; stored in the report next to the numbers."""
+
+    kappa: float | None = None  # KL budget; None: κ of the native steer at its given value
+    rel_tol: float = 0.02  # bisection tolerance on κ
+    neutral_texts: int = 64  # lines of neutral reference text
+    neutral_max_tokens: int = 64
+    heldout_per_class: int = 150
+    heldout_max_tokens: int = 64
+    curve: tuple[float, ...] = ()  # extra multiples of each matched value for separation-vs-κ curves
+    n_prompts: int = 20
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 30
+    temperature: float = 1.0
+    top_p: float = 0.9
+    seed: int = 0
+    batch_size: int = 8
+    chunk: int = 256
+
+
+def file_info(path: str | Path | None) -> dict[str, Any] | None:
+    """Path, size and sha256 of a data file (for the report)."""
+    if path is None:
+        return None
+    p = Path(path)
+    h = hashlib.sha256(p.read_bytes()).hexdigest()
+    return {"path": str(p), "bytes": p.stat().st_size, "sha256": h}
+
+
+def read_neutral(path: str | Path | None, n: int, min_chars: int = 40) -> list[str]:
+    """The first ``n`` lines of plain neutral text with at least ``min_chars`` characters (WikiText headings skipped)."""
+    p = Path(path) if path else NEUTRAL_TEXT
+    if not p.is_file():
+        raise SteerportError(f"{p}: no such reference text file")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if len(ln) >= min_chars and not ln.startswith("=")]
+    if not lines:
+        raise SteerportError(f"{p}: no lines of at least {min_chars} characters")
+    return lines[:n]
+
+
+def balanced_sample(texts: Sequence[str], labels: Sequence[int], per_class: int, seed: int) -> tuple[list[str], list[int]]:
+    """Up to ``per_class`` texts of each label (1 / 0), chosen with a seeded shuffle, positives first."""
+    rng = random.Random(seed)
+    out_t, out_y = [], []
+    for cls in (1, 0):
+        idx = [i for i, y in enumerate(labels) if y == cls]
+        rng.shuffle(idx)
+        for i in idx[:per_class]:
+            out_t.append(texts[i])
+            out_y.append(cls)
+    if len(set(out_y)) != 2:
+        raise SteerportError("held-out data needs texts of both classes")
+    return out_t, out_y
+
+
+# --------------------------------------------------------------------------- generation helpers
+
+
+def sample_continuations(lm: LoadedModel, prompts: Sequence[str], steers, s: EvalSettings) -> list[list[str]]:
+    """``samples_per_prompt`` continuations of each prompt; sample j uses seed ``s.seed + 1000 j``."""
+    from steerport.hooks import generate
+
+    per_sample = [
+        generate(lm, prompts, steers, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                 seed=s.seed + 1000 * j, batch_size=s.batch_size, force=True)
+        for j in range(s.samples_per_prompt)
+    ]
+    return [list(group) for group in zip(*per_sample)]
+
+
+def conditional_perplexity(ref: LoadedModel, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 8) -> float:
+    """exp(− mean log p_ref(continuation tokens | prompt)), pooled over all continuation tokens."""
+    full = [p + c for p, c in zip(prompts, continuations)]
+    lps = token_logprobs(ref, full, batch_size=batch_size, max_tokens=512)
+    total, count = 0.0, 0
+    for p, f, lp in zip(prompts, full, lps):
+        n_cont = len(ref.tokenizer(f)["input_ids"]) - len(ref.tokenizer(p)["input_ids"])
+        if n_cont > 0:
+            total += float(lp[-n_cont:].sum())
+            count += min(n_cont, lp.numel())
+    return math.exp(-total / count) if count else math.nan
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+def _kinds_ok(steers: Sequence[tuple[str, Steer]]) -> None:
+    for name, st in steers:
+        if st.kind == "actadd":
+            raise SteerportError(f"steer {name!r} is an actadd steer: evaluate measures steers that act at the LM head (lm-steer, token-prob)")
+
+
+def evaluate_steers(
+    lm: LoadedModel,
+    steers: Sequence[tuple[str, Steer]],
+    *,
+    heldout: tuple[Sequence[str], Sequence[int]],
+    neutral: Sequence[str],
+    settings: EvalSettings | None = None,
+    native: int = 0,
+    native_value: float = 1.0,
+    prompts: Sequence[str] = (),
+    judge=None,
+    reference: LoadedModel | None = None,
+    force: bool = False,
+    generate_names: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Compare ``steers`` (name, Steer) on ``lm``; ``steers[native]`` is the reference for retention.
+
+    ``generate_names`` limits generation to those steers (default all; the native always runs).
+    Returns a JSON-ready dict: the settings, κ target, and per steer its matched value,
+    separation, retained effect, AUC, agreement with every other steer and generation metrics.
+    """
+    s = settings or EvalSettings()
+    say = progress or (lambda msg: None)
+    if not steers:
+        raise SteerportError("give at least one steer to evaluate")
+    if not 0 <= native < len(steers):
+        raise SteerportError(f"native steer index {native} is out of range for {len(steers)} steers")
+    _kinds_ok(steers)
+    for _, st in steers:
+        check_compatible(lm, st, force=force)
+    names = [n for n, _ in steers]
+    if len(set(names)) != len(names):
+        raise SteerportError(f"steer names must be unique, got {names}")
+    t0 = time.time()
+    timings: dict[str, float] = {}
+
+    # 1. neutral text: body once, κ bisection on the head only
+    say(f"neutral text: {len(neutral)} texts")
+    neutral_scorer = HeadScorer(lm, capture_hidden(lm, neutral, batch_size=s.batch_size, max_tokens=s.neutral_max_tokens), chunk=s.chunk)
+    nat_name, nat_steer = steers[native]
+    kappa = s.kappa if s.kappa is not None else neutral_scorer.stats([(nat_steer, native_value)]).kl
+    results: dict[str, dict[str, Any]] = {}
+    shifts: dict[str, torch.Tensor] = {}
+    for name, st in steers:
+        say(f"bisection for {name}")
+        b = find_value_for_kl(lambda v: neutral_scorer.stats([(st, v)]).kl, kappa, rel_tol=s.rel_tol,
+                              start=1.0 if name != nat_name or s.kappa is not None else native_value)
+        shifts[name] = neutral_scorer.stats([(st, b.value)], shift=True).logprob_shift
+        results[name] = {"value": b.value, "kl": b.kl, "bisection_evals": b.evaluations, "steer_fingerprint": st.fingerprint,
+                         "epsilon": st.epsilon, "rank": st.rank, "positive": st.positive, "lineage": st.meta.get("lineage")}
+    # strength at the same value: κ of each steer at the native's matched value (what calibration aims at)
+    v_nat = results[nat_name]["value"]
+    for (name, st), k in zip(steers, neutral_scorer.stats_many([[(st, v_nat)] for _, st in steers])):
+        results[name]["kl_at_native_value"] = k.kl
+        results[name]["value_ratio"] = results[name]["value"] / v_nat
+    timings["kl_bisection_s"] = time.time() - t0
+
+    # 2. held-out labeled text: separation and AUC at the matched values
+    t1 = time.time()
+    texts, labels = heldout
+    say(f"held-out text: {len(texts)} texts")
+    h_cache: HiddenCache = capture_hidden(lm, texts, batch_size=s.batch_size, max_tokens=s.heldout_max_tokens)
+    h_scorer = HeadScorer(lm, h_cache, chunk=s.chunk, max_base_bytes=0)
+    y = torch.tensor(labels)
+    pos, neg = y == 1, y == 0
+    base = per_text_mean(h_scorer.base_token_logprob, h_cache)
+    # every steer at +v, -v and the curve multiples in one pass over the cache (the head's matmul is shared)
+    plan = [(name, st, m) for name, st in steers for m in (1.0, -1.0, *s.curve)]
+    all_stats = h_scorer.stats_many([[(st, m * results[name]["value"])] for name, st, m in plan])
+    lp = {(name, m): per_text_mean(a.token_logprob, h_cache) for (name, _, m), a in zip(plan, all_stats)}
+    for name, st in steers:
+        v, r = results[name]["value"], results[name]
+        plus, minus = lp[(name, 1.0)], lp[(name, -1.0)]
+        r["separation"] = separation(plus[pos], base[pos], plus[neg], base[neg])
+        r["separation_neg_value"] = separation(minus[pos], base[pos], minus[neg], base[neg])
+        r["auc"] = roc_auc(plus - minus, y)
+        if s.curve:
+            kls = neutral_scorer.stats_many([[(st, m * v)] for m in s.curve])
+            r["curve"] = [{"multiple": m, "value": m * v, "kl": k.kl,
+                           "separation": separation(lp[(name, m)][pos], base[pos], lp[(name, m)][neg], base[neg])}
+                          for m, k in zip(s.curve, kls)]
+    nat_sep = results[nat_name]["separation"]
+    for name in names:
+        results[name]["retained_effect"] = results[name]["separation"] / nat_sep if nat_sep != 0 else math.nan
+        results[name]["agreement"] = {o: spearman(shifts[name], shifts[o]) for o in names if o != name}
+    timings["heldout_s"] = time.time() - t1
+
+    # 3. generation
+    generation = None
+    if prompts:
+        t2 = time.time()
+        keep = set(generate_names or names) | {nat_name}
+        generation = _generation(lm, [(n, st) for n, st in steers if n in keep], results, list(prompts), s, judge,
+                                 reference, nat_name, say)
+        timings["generation_s"] = time.time() - t2
+    timings["total_s"] = time.time() - t0
+    return {
+        "model": {"spec": lm.spec, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch.")},
+        "settings": asdict(s),
+        "kappa_target": kappa,
+        "native": nat_name,
+        "counts": {"neutral_texts": len(neutral), "neutral_positions": neutral_scorer.cache.n_positions,
+                   "heldout_texts": len(texts), "heldout_positive": int(pos.sum()), "heldout_negative": int(neg.sum()),
+                   "heldout_positions": h_cache.n_targets},
+        "steers": results,
+        "generation": generation,
+        "timings": timings,
+    }
+
+
+def _generation(lm, steers, results, prompts, s: EvalSettings, judge, reference, nat_name, say) -> dict[str, Any]:
+    settings_run = [("unsteered", [])] + [(name, [(st, results[name]["value"])]) for name, st in steers]
+    gen: dict[str, Any] = {"n_prompts": len(prompts), "samples_per_prompt": s.samples_per_prompt,
+                           "judge": judge.describe() if judge is not None else None,
+                           "reference_model": None if reference is None else {"spec": reference.spec, "fingerprint": reference.fingerprint},
+                           "runs": {}}
+    texts: dict[str, list[list[str]]] = {}
+    for name, st in settings_run:
+        say(f"generating: {name}")
+        texts[name] = sample_continuations(lm, prompts, st, s)
+    for name, groups in texts.items():
+        flat = [c for g in groups for c in g]
+        run: dict[str, Any] = {f"distinct_{n}": mean_distinct(groups, n) for n in (1, 2, 3)}
+        if judge is not None:
+            p = judge.score(flat)
+            run["attribute_rate"] = float((p > 0.5).mean())
+            run["attribute_mean_prob"] = float(p.mean())
+        if reference is not None:
+            say(f"perplexity under {reference.spec}: {name}")
+            run["perplexity"] = conditional_perplexity(reference, [pp for pp in prompts for _ in range(s.samples_per_prompt)], flat,
+                                                       batch_size=s.batch_size)
+        run["samples"] = [{"prompt": prompts[i], "continuation": groups[i][0]} for i in range(min(3, len(prompts)))]
+        gen["runs"][name] = run
+    if judge is not None:
+        base, nat = gen["runs"]["unsteered"]["attribute_rate"], gen["runs"][nat_name]["attribute_rate"]
+        for name, _ in steers:
+            gen["runs"][name]["generation_retention"] = retention(base, gen["runs"][name]["attribute_rate"], nat)
+    return gen
+
+
+# --------------------------------------------------------------------------- presentation
+
+
+def report_tables(report: dict[str, Any]) -> list:
+    """Rich tables, one row per steer: likelihood metrics at matched κ, then generation metrics."""
+    from rich.table import Table
+
+    def f(x, fmt=".3f"):
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+    nat = report["native"]
+    t = Table(title=f"{report['model']['spec']}: matched κ = {report['kappa_target']:.4g} nats, native = {nat}")
+    for col in ("steer", "value", "κ", "separation", "retained", "AUC", "ρ vs native"):
+        t.add_column(col, justify="left" if col == "steer" else "right")
+    for name, r in report["steers"].items():
+        t.add_row(name, f(r["value"], ".4g"), f(r["kl"], ".4f"), f(r["separation"], ".4f"), f(r["retained_effect"], ".2f"),
+                  f(r["auc"]), "1" if name == nat else f(r["agreement"].get(nat), ".2f"))
+    tables = [t]
+    gen = report.get("generation")
+    if gen:
+        judge = gen.get("judge") or {}
+        acc = ", ".join(f"{h['accuracy']:.2f}" for h in judge.get("heldout", []))
+        g = Table(title=f"generation: {gen['n_prompts']} prompts x {gen['samples_per_prompt']} samples; "
+                        f"judge {judge.get('kind', '—')} ({judge.get('positive', '')}; held-out acc. {acc or '—'})")
+        for col in ("run", "attr. rate", "retention", "ppl", "dist-1", "dist-2", "dist-3"):
+            g.add_column(col, justify="left" if col == "run" else "right")
+        for name, r in gen["runs"].items():
+            g.add_row(name, f(r.get("attribute_rate")), f(r.get("generation_retention"), ".2f"), f(r.get("perplexity"), ".1f"),
+                      *(f(r[f"distinct_{n}"], ".2f") for n in (1, 2, 3)))
+        tables.append(g)
+    return tables
