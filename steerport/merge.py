@@ -217,6 +217,9 @@ def save_merged(
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
     try:
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
