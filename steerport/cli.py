@@ -62,29 +62,10 @@ def load_steers(args: list[str]):
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Prompts from a .jsonl file (field prompt.text, prompt or text) or one per line of a text file."""
-    if not path.is_file():
-        raise SteerportError(f"{path}: no such prompts file")
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise SteerportError(f"{path}:{n}: not valid JSON") from None
-            p = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
-            if isinstance(p, dict):
-                p = p.get("text")
-            if not isinstance(p, str):
-                raise SteerportError(f"{path}:{n}: no prompt.text, prompt or text field")
-            prompts.append(p)
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise SteerportError(f"{path}: no prompts")
-    return prompts
+    """Prompts from a .jsonl file (field text, prompt or prompt.text) or one per line of a text file."""
+    from steerport.textfiles import read_texts
+
+    return read_texts(path, min_chars=1)
 
 
 @app.command()
@@ -825,18 +806,6 @@ def token_transfer_cmd(
 # (issue 7: looking inside a steer and shipping it)
 
 
-def _read_lines_or_jsonl(path: Path) -> list[str]:
-    """Texts from a .jsonl (text / prompt.text / prompt) or a plain text file (non-empty lines)."""
-    if path.suffix == ".jsonl":
-        return read_prompts(path)
-    if not path.is_file():
-        raise SteerportError(f"{path}: no such text file")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
-        raise SteerportError(f"{path}: no text")
-    return lines
-
-
 def _one_steer(arg: str):
     """A single --steer FILE.st[:VALUE] -> (Steer, value, path)."""
     from steerport.steer import Steer
@@ -877,7 +846,7 @@ def show_keywords(steer, model: str, *, k: int, value: float, n_directions: int,
     if k < 1:
         raise SteerportError("--keywords must be at least 1")
     lm = load_model(model, dtype=dtype)
-    texts = _read_lines_or_jsonl(neutral)[:64] if neutral else None
+    texts = read_prompts(neutral)[:64] if neutral else None
     with console.status("computing keywords"):
         kw = steer_keywords(lm, steer, k=k, n_directions=n_directions, value=value, texts=texts, force=force)
     if as_json:
@@ -1057,8 +1026,8 @@ def sweep(
         pos = [t for t, y in zip(texts, labels) if y][: limit // 2]
         neg = [t for t, y in zip(texts, labels) if not y][: limit // 2]
         labeled = (pos + neg, [1] * len(pos) + [0] * len(neg))
-    prompt_texts = _read_lines_or_jsonl(prompts)[:limit] if prompts else []
-    neutral_texts = _read_lines_or_jsonl(neutral)[:limit] if neutral else default_neutral(min(limit, 16))
+    prompt_texts = read_prompts(prompts)[:limit] if prompts else []
+    neutral_texts = read_prompts(neutral)[:limit] if neutral else default_neutral(min(limit, 16))
     if judge_fn is None and labeled is None:
         console.print("[yellow]note:[/] no --data and no --judge: the sweep shows κ only")
     lm = load_model(model, dtype=dtype, device=device)
