@@ -48,7 +48,7 @@ SHARED = Path("/work/shared/data/sentiment/sst2/train.jsonl")
 def plain_forward_seconds(lm, token_lists, tokens_per_batch: int) -> float:
     """One ordinary forward pass (logits included) over all texts, length-packed batches."""
     pad = lm.tokenizer.pad_token_id or 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for batch in pack_by_length([len(t) for t in token_lists], tokens_per_batch):
         T = max(len(token_lists[i]) for i in batch)
         ids = torch.full((len(batch), T), pad)
@@ -57,7 +57,7 @@ def plain_forward_seconds(lm, token_lists, tokens_per_batch: int) -> float:
             ids[r, : len(token_lists[i])] = torch.tensor(token_lists[i])
             mask[r, : len(token_lists[i])] = 1
         lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.sum()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def anchor_loop(lm, data, config: TrainConfig, batch_texts: int, judge, eval_every: int):
@@ -72,7 +72,7 @@ def anchor_loop(lm, data, config: TrainConfig, batch_texts: int, judge, eval_eve
     texts = [e.text for e in data.train]
     labels = torch.tensor([e.label for e in data.train])
     tok = lm.tokenizer
-    history, clock, step = [], 0.0, 0
+    history, clock, cpu, step = [], 0.0, 0.0, 0
     epoch = 0
     while step < config.steps:
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
@@ -80,7 +80,7 @@ def anchor_loop(lm, data, config: TrainConfig, batch_texts: int, judge, eval_eve
         for k in range(0, len(order) - batch_texts + 1, batch_texts):
             if step >= config.steps:
                 break
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             rows = order[k : k + batch_texts]
             enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True,
                       max_length=config.max_tokens)
@@ -95,11 +95,12 @@ def anchor_loop(lm, data, config: TrainConfig, batch_texts: int, judge, eval_eve
             opt.step()
             step += 1
             clock += time.perf_counter() - t0
+            cpu += time.process_time() - c0
             if step % eval_every == 0 or step == config.steps:
                 held = judge({"A": A.detach().clone(), "B": B.detach().clone()})["heldout_loss_steered"]
-                history.append({"step": step, "heldout_loss": held, "seconds": round(clock, 3)})
+                history.append({"step": step, "heldout_loss": held, "seconds": round(clock, 3), "cpu_seconds": round(cpu, 3)})
                 print(f"anchor step {step}: held-out {held:.5f} ({clock:.1f} s)", flush=True)
-    return {"A": A.detach(), "B": B.detach()}, clock, history
+    return {"A": A.detach(), "B": B.detach()}, clock, cpu, history
 
 
 def time_to(history, target: float, offset: float = 0.0) -> float | None:
@@ -150,24 +151,25 @@ def main() -> None:
         return summarize(judge_fit, all_idx, 0, data)
 
     # 0. one plain forward pass over the training tokens
-    t_fwd = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch)
+    t_fwd, cpu_fwd = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch)
     print(f"plain forward over the training tokens: {t_fwd:.1f} s", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         # 1. steerport, exact head
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         exact = train(lm, data, config, workdir=tmp)
-        t_exact = time.perf_counter() - t0
+        t_exact, cpu_exact = time.perf_counter() - t0, time.process_time() - c0
         cache_s = exact.steer.meta["training"]["timings"]["cache_s"]
         print(f"steerport exact: {t_exact:.1f} s (body pass {cache_s:.1f} s)", flush=True)
         # 2. steerport, top-k head (same cache: add the body pass time measured in run 1)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         topk = train(lm, data, TrainConfig(**{**config.__dict__, "head": "topk", "topk": args.topk}), workdir=tmp)
         t_topk = time.perf_counter() - t0 + cache_s
+        cpu_topk = time.process_time() - c0  # without the reused body pass
         print(f"steerport topk: {t_topk:.1f} s (incl. the body pass)", flush=True)
 
     # 3. anchor-style loop
-    anchor_tensors, t_anchor, anchor_hist = anchor_loop(lm, data, config, args.batch_texts, judge, args.eval_every)
+    anchor_tensors, t_anchor, cpu_anchor, anchor_hist = anchor_loop(lm, data, config, args.batch_texts, judge, args.eval_every)
 
     res_anchor = judge(anchor_tensors)
     res_exact = judge({k: exact.steer.tensors[k] for k in ("A", "B")})
@@ -191,6 +193,9 @@ def main() -> None:
                      "train_texts": len(data.train), "heldout_texts": len(data.heldout),
                      "train_tokens": sum(len(t) - 1 for t in train_tokens)},
         "plain_forward_s": t_fwd,
+        "cpu_seconds": {"plain_forward": cpu_fwd, "steerport_exact": cpu_exact, "steerport_topk_without_body_pass": cpu_topk,
+                        "anchor": cpu_anchor,
+                        "note": "process CPU time (all threads): the fairer measure when the machine is oversubscribed"},
         "runs": {
             "anchor": {"seconds": t_anchor, "heldout": res_anchor, "history": anchor_hist},
             "steerport_exact": {"seconds": t_exact, "timings": exact.steer.meta["training"]["timings"], "heldout": res_exact,
@@ -236,6 +241,8 @@ def main() -> None:
         f"{res_topk['heldout_loss_unsteered']:.5f} | {f(res_topk.get('heldout_auc'))} | {f(ttq_topk, '{:.1f} s')} |",
         "",
         f"- one plain forward pass over the training tokens: {t_fwd:.1f} s",
+        f"- process CPU seconds (fairer under contention): plain forward {cpu_fwd:.0f}, steerport exact {cpu_exact:.0f}, "
+        f"steerport top-k {cpu_topk:.0f} + the exact run's body pass, anchor {cpu_anchor:.0f}",
         f"- wall ratio anchor / steerport at equal steps: exact {R['anchor_over_steerport_exact_equal_steps']:.2f}×, "
         f"top-k {R['anchor_over_steerport_topk_equal_steps']:.2f}×",
         f"- final held-out loss, relative difference steerport-exact vs anchor: {R['heldout_loss_rel_diff_exact_vs_anchor']:.2%}; "
