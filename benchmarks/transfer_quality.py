@@ -96,6 +96,7 @@ class Plan:
     samples: int = 2
     max_new_tokens: int = 20
     anchor_steps: int = 1500
+    hidden_texts: int = 120
     warm_steps: int = 12
     warm_eval_every: int = 2
     curve: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0)
@@ -103,7 +104,7 @@ class Plan:
 
 QUICK = Plan(per_class=40, train_max_tokens=24, rank=4, steps=6, tokens_per_batch=256, lr=5e-2, epsilon=0.3, kappa=0.01,
              heldout_per_class=12, heldout_max_tokens=24, neutral_texts=6, neutral_max_tokens=32, n_prompts=3, samples=2,
-             max_new_tokens=6, anchor_steps=50, warm_steps=4, warm_eval_every=2, curve=(0.5, 1.0, 2.0))
+             max_new_tokens=6, anchor_steps=50, hidden_texts=20, warm_steps=4, warm_eval_every=2, curve=(0.5, 1.0, 2.0))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -150,9 +151,9 @@ def train_config(plan: Plan, seed: int):
                        patience=100, head=plan.head)
 
 
-def load(spec: str) -> LoadedModel:
+def load(spec: str, dtype: str = "float32") -> LoadedModel:
     t = time.time()
-    lm = load_model(spec, dtype="float32")
+    lm = load_model(spec, dtype=dtype)
     log(f"loaded {spec} in {time.time() - t:.1f}s")
     return lm
 
@@ -160,7 +161,8 @@ def load(spec: str) -> LoadedModel:
 # --------------------------------------------------------------------------- stage 1: native steers
 
 
-def stage_train(models: list[str], task_list: list[Task], seeds_for: dict[str, int], plan: Plan, work: Path) -> dict:
+def stage_train(models: list[str], task_list: list[Task], seeds_for: dict[str, int], plan: Plan, work: Path,
+                only_existing: bool = False) -> dict:
     from steerport.train import train
 
     info: dict[str, Any] = {}
@@ -169,6 +171,8 @@ def stage_train(models: list[str], task_list: list[Task], seeds_for: dict[str, i
         for task in task_list:
             for seed in range(seeds_for[spec]):
                 path = work / "native" / task.name / f"{short(spec)}.s{seed}.st"
+                if only_existing and not path.exists():
+                    continue
                 if not path.exists():
                     lm = lm or load(spec)
                     data = load_task_data(task, work, plan, seed)
@@ -189,22 +193,27 @@ def stage_train(models: list[str], task_list: list[Task], seeds_for: dict[str, i
 
 def ablation_options(plan: Plan) -> dict[str, Any]:
     from steerport.mapping import FitOptions
-    from steerport.transfer import TransferOptions
+    from steerport.transfer import TransferOptions, neutral_texts
 
+    # Retained effect, AUC and agreement are measured at matched κ, so they do not depend on the
+    # calibration factor; the form/method ablations therefore skip calibration (it only scales ε₀ and
+    # costs a vocabulary alignment each) — their "value ratio" is then uncalibrated by design.
+    none = dict(calibrate="none")
     return {
         "default": TransferOptions(),
-        "form=paper": TransferOptions(form="paper"),
-        "form=logit-pinv": TransferOptions(form="logit-pinv"),
-        "form=hidden": TransferOptions(form="hidden"),
-        "method=ridge": TransferOptions(fit=FitOptions(method="ridge")),
-        "method=procrustes": TransferOptions(fit=FitOptions(method="procrustes")),
-        "calibration=none": TransferOptions(calibrate="none"),
-        "calibration=kl": TransferOptions(calibrate="kl"),
+        "calibration=none": TransferOptions(**none),
+        "form=paper": TransferOptions(form="paper", **none),
+        "form=logit-pinv": TransferOptions(form="logit-pinv", **none),
         "anchor": TransferOptions(form="anchor", anchor_steps=plan.anchor_steps),
+        # the hidden-state map on 120 neutral paragraphs of <= 64 tokens (the transfer default is 300 x 128)
+        "form=hidden": TransferOptions(form="hidden", hidden_texts=neutral_texts("hidden")[:plan.hidden_texts], hidden_max_tokens=64),
+        "method=procrustes": TransferOptions(fit=FitOptions(method="procrustes"), **none),
+        "method=ridge": TransferOptions(fit=FitOptions(method="ridge"), **none),
+        "calibration=kl": TransferOptions(calibrate="kl"),
     }
 
 
-def stage_transfer(models, task_list, seeds_for, plan, work, ablation_pair) -> dict:
+def stage_transfer(models, task_list, seeds_for, plan, work, ablation_pair, only_existing: bool = False) -> dict:
     from steerport.transfer import transfer
 
     info: dict[str, Any] = {}
@@ -219,6 +228,8 @@ def stage_transfer(models, task_list, seeds_for, plan, work, ablation_pair) -> d
                 for seed in range(min(seeds_for[src], seeds_for[tgt])):
                     for var in variants if seed == 0 else ["default"]:
                         out = work / "transferred" / task.name / f"{short(src)}-to-{short(tgt)}.{var}.s{seed}.st"
+                        if only_existing and not out.exists():
+                            continue
                         if not out.exists():
                             steer = Steer.load(work / "native" / task.name / f"{short(src)}.s{seed}.st")
                             opt = opts_all[var]
@@ -246,20 +257,23 @@ def stage_transfer(models, task_list, seeds_for, plan, work, ablation_pair) -> d
 # --------------------------------------------------------------------------- stage 3: evaluation
 
 
-def reference_for(target: str, models: list[str]) -> str | None:
-    """Perplexity reference: another model of the ladder (the smallest that is not the target)."""
+def reference_for(target: str, models: list[str], preferred: str | None = None) -> str | None:
+    """Perplexity reference: ``preferred`` unless it is the target, else the first other model in the list."""
+    if preferred and short(preferred) != short(target):
+        return preferred
     others = [m for m in models if m != target]
     return others[0] if others else None
 
 
-def stage_evaluate(models, task_list, seeds_for, plan, work, ablation_pair, generation: bool) -> dict:
+def stage_evaluate(models, task_list, seeds_for, plan, work, ablation_pair, generation: bool, targets=None,
+                   plan_reference: str | None = None) -> dict:
     out: dict[str, Any] = {}
     settings = EvalSettings(kappa=plan.kappa, neutral_texts=plan.neutral_texts, neutral_max_tokens=plan.neutral_max_tokens,
                             heldout_per_class=plan.heldout_per_class, heldout_max_tokens=plan.heldout_max_tokens,
                             curve=plan.curve, n_prompts=plan.n_prompts, samples_per_prompt=plan.samples,
                             max_new_tokens=plan.max_new_tokens, seed=0)
     neutral = read_neutral(None, plan.neutral_texts)
-    for tgt in models:
+    for tgt in targets or models:
         lm = None
         for task in task_list:
             path = work / "eval" / task.name / f"{short(tgt)}.json"
@@ -277,8 +291,8 @@ def stage_evaluate(models, task_list, seeds_for, plan, work, ablation_pair, gene
             texts, labels = read_jsonl_labeled(task.heldout, positive_label=task.positive_label)
             heldout = balanced_sample(texts, labels, plan.heldout_per_class, seed=0)
             prompts = [json.loads(ln)["prompt"]["text"] for ln in Path(task.prompts).read_text().splitlines()[: plan.n_prompts]]
-            ref_spec = reference_for(tgt, models) if generation else None
-            ref = load(ref_spec) if ref_spec else None
+            ref_spec = reference_for(tgt, models, plan_reference) if generation else None
+            ref = load(ref_spec, dtype="bfloat16") if ref_spec else None  # bf16: half the memory; ppl changes < 0.5%
             gen_names = [n for n, _ in steers if n.endswith(".default.s0") or n == "native.s0"]
             t = time.time()
             report = evaluate_steers(lm, steers, heldout=heldout, neutral=neutral, settings=settings, native=0,
@@ -433,6 +447,14 @@ def markdown(result: dict, models: list[str]) -> str:
              "Rows: source model (steer trained there); columns: target model. Diagonal: the native steer itself "
              "(retained effect 1 by definition; AUC shows the native steer's own held-out AUC). "
              "Mean ± std over seeds where n > 1.", ""]
+    if result.get("native"):
+        lines += ["## Native steers (trainer's own summary on its 10% held-out split of the training pool, value 1)", "",
+                  "| task / model / seed | held-out AUC | separation | train tokens | wall time (s) |", "|---|---|---|---|---|"]
+        for key, n in result["native"].items():
+            r, t = n.get("results") or {}, n.get("timings") or {}
+            lines.append(f"| {key} | {r.get('heldout_auc', float('nan')):.3f} | {r.get('separation', float('nan')):.3f} | "
+                         f"{r.get('train_tokens')} | {t.get('total_s', float('nan')):.0f} |")
+        lines.append("")
     for task, summ in result["summary"].items():
         lines += [f"## {task}", ""]
         for key, title in (("retained_effect", "Retained effect Sep_transferred / Sep_native at matched κ"),
@@ -604,6 +626,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warm-pair", default=None, help="SRC:TGT for the warm start (default: first model -> second)")
     ap.add_argument("--no-generation", action="store_true")
     ap.add_argument("--no-warm", action="store_true")
+    ap.add_argument("--no-ablations", action="store_true", help="only the default transfer on every pair")
+    ap.add_argument("--reference", default=None, help="perplexity reference model (default: the first other model in --models)")
+    ap.add_argument("--eval-targets", default=None, help="evaluate only these targets (comma-separated; default all)")
     ap.add_argument("--data-root", type=Path, default=SHARED)
     ap.add_argument("--work", type=Path, default=None, help="work folder (caches every stage; default benchmarks/work/...)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -615,7 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
     for kv in a.set:
         k, _, v = kv.partition("=")
         cur = getattr(plan, k)
-        plan = replace(plan, **{k: type(cur)(v) if not isinstance(cur, tuple) else tuple(float(x) for x in v.split(","))})
+        plan = replace(plan, **{k: type(cur)(v) if not isinstance(cur, tuple) else tuple(float(x) for x in v.split(",") if x)})
     work = a.work or ROOT / "benchmarks" / "work" / ("quick" if a.quick else "ladder")
     work.mkdir(parents=True, exist_ok=True)
     models = tiny_models(work) if a.quick else [m.strip() for m in a.models.split(",") if m.strip()]
@@ -635,11 +660,11 @@ def main(argv: list[str] | None = None) -> dict:
         lookup = {short(m): m for m in models}
         return (lookup.get(s, s), lookup.get(t, t))
 
-    ablation_pair = pair(a.ablation_pair, (models[1], models[0]))
+    ablation_pair = None if a.no_ablations else pair(a.ablation_pair, (models[1], models[0]))
     warm_pair = pair(a.warm_pair, (models[0], models[1]))
     stages = set(a.stages.split(","))
     result: dict[str, Any] = {"quick": a.quick, "models": models, "tasks": {t.name: asdict(t) for t in task_list},
-                              "plan": asdict(plan), "seeds": seeds_for, "ablation_pair": list(ablation_pair),
+                              "plan": asdict(plan), "seeds": seeds_for, "ablation_pair": list(ablation_pair) if ablation_pair else None,
                               "command": "python benchmarks/transfer_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                               "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
                                           "torch": torch.__version__}}
@@ -654,12 +679,21 @@ def main(argv: list[str] | None = None) -> dict:
         timings["transfer_s"] = time.time() - t
     if "evaluate" in stages:
         t = time.time()
-        result["evaluations"] = stage_evaluate(models, task_list, seeds_for, plan, work, ablation_pair, not a.no_generation)
+        targets = [m for m in models if not a.eval_targets or short(m) in a.eval_targets.split(",")]
+        result["evaluations"] = stage_evaluate(models, task_list, seeds_for, plan, work, ablation_pair, not a.no_generation,
+                                               targets=targets, plan_reference=a.reference)
         timings["evaluate_s"] = time.time() - t
     if "warm" in stages and not a.no_warm:
         t = time.time()
         result["warm"] = {f"{task.name}": stage_warm(warm_pair, task, plan, work) for task in task_list}
         timings["warm_s"] = time.time() - t
+    if "report" in stages and "evaluate" not in stages:  # report only: collect whatever stages have finished
+        result["evaluations"] = {f"{t.name}/{short(m)}": json.loads((work / "eval" / t.name / f"{short(m)}.json").read_text())
+                                 for t in task_list for m in models if (work / "eval" / t.name / f"{short(m)}.json").exists()}
+        result["native"] = stage_train(models, task_list, seeds_for, plan, work, only_existing=True)
+        result["transfers"] = stage_transfer(models, task_list, seeds_for, plan, work, ablation_pair, only_existing=True)
+        if not a.no_warm:
+            result["warm"] = {p.stem.split("_")[0]: json.loads(p.read_text()) for p in sorted((work / "warm").glob("*.json"))}
     if "report" in stages and "evaluations" in result:
         from steerport import __version__
 

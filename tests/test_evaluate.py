@@ -101,7 +101,7 @@ def test_head_scorer_equals_full_forward(arch):
     assert abs(zero.kl) < 1e-6
 
 
-def test_head_scorer_with_a_generic_head_steer_kind():
+def test_head_scorer_with_a_generic_head_steer_kind(monkeypatch):
     """A steer kind registered in APPLIERS that hooks the LM head goes through its own hook."""
     from steerport import hooks
 
@@ -110,11 +110,9 @@ def test_head_scorer_with_a_generic_head_steer_kind():
     cache = capture_hidden(lm, TEXTS, batch_size=4)
     # register a fake head-acting kind that behaves exactly like the lm-steer hook
     fake = Steer("token-prob", {"token_ids": torch.tensor([1, 2]), "delta": torch.zeros(2, D)}, model=s.model)
-    hooks.APPLIERS["token-prob"] = lambda lm_, items: hooks._hook_lm_steer(lm_, [(s, v) for _, v in items], False)
-    try:
-        a = HeadScorer(lm, cache).stats([(fake, 2.0)])
-    finally:
-        del hooks.APPLIERS["token-prob"]
+    monkeypatch.setitem(hooks.APPLIERS, "token-prob",
+                        lambda lm_, items: hooks._hook_lm_steer(lm_, [(s, v) for _, v in items], False))
+    a = HeadScorer(lm, cache).stats([(fake, 2.0)])
     b = HeadScorer(lm, cache).stats([(s, 2.0)])
     assert a.kl == pytest.approx(b.kl, rel=1e-4)
 
