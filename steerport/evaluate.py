@@ -310,7 +310,7 @@ def evaluate_steers(
     base = per_text_mean(h_scorer.base_token_logprob, h_cache)
     # every steer at +v, -v and the curve multiples in one pass over the cache (the head's matmul is shared)
     plan = [(name, st, m) for name, st in steers for m in (1.0, -1.0, *s.curve)]
-    all_stats = h_scorer.stats_many([[(st, m * results[name]["value"])] for name, st, m in plan])
+    all_stats = h_scorer.stats_many([[(st, m * results[name]["value"])] for name, st, m in plan], kl=False)
     lp = {(name, m): per_text_mean(a.token_logprob, h_cache) for (name, _, m), a in zip(plan, all_stats)}
     for name, st in steers:
         v, r = results[name]["value"], results[name]

@@ -277,8 +277,11 @@ class HeadScorer:
         return self.stats_many([steers], shift=shift)[0]
 
     @torch.no_grad()
-    def stats_many(self, settings: Sequence[Sequence[SteerValue]], *, shift: bool = False) -> list[HeadStats]:
-        """:meth:`stats` for several settings in one pass: the unsteered logits are computed once per chunk."""
+    def stats_many(self, settings: Sequence[Sequence[SteerValue]], *, shift: bool = False, kl: bool = True) -> list[HeadStats]:
+        """:meth:`stats` for several settings in one pass: the unsteered logits are computed once per chunk.
+
+        ``kl=False`` skips the KL (reported as NaN) when only the log-probs are needed.
+        """
         k = len(settings)
         total_kl, n = [0.0] * k, 0
         tgt: list[list[torch.Tensor]] = [[] for _ in range(k)]
@@ -288,14 +291,15 @@ class HeadScorer:
             targets = self.cache.targets[i : i + raw.shape[0]]
             for j, steers in enumerate(settings):
                 lps = torch.log_softmax(self._cap(self._steered_raw(i, raw, steers)), -1)  # (n, V)
-                total_kl[j] += kl_divergence(lps, lp0).sum().item()
+                if kl:
+                    total_kl[j] += kl_divergence(lps, lp0).sum().item()
                 tgt[j].append(_gather_targets(lps, targets))
                 if shift_sum is not None:
                     shift_sum[j] += (lps - lp0).sum(0).cpu()
             n += raw.shape[0]
         return [
             HeadStats(
-                kl=total_kl[j] / max(n, 1),
+                kl=total_kl[j] / max(n, 1) if kl else float("nan"),
                 token_logprob=torch.cat(tgt[j]) if tgt[j] else torch.zeros(0),
                 logprob_shift=None if shift_sum is None else shift_sum[j] / max(n, 1),
             )

@@ -97,6 +97,10 @@ def test_head_scorer_equals_full_forward(arch):
         base = torch.cat(token_logprobs(lm, TEXTS, batch_size=4))
         torch.testing.assert_close(sc.base_token_logprob[cache.targets >= 0], base, atol=1e-4, rtol=1e-4)
         assert st.logprob_shift.shape == (len(lm.tokenizer),)
+        no_kl, again = sc.stats_many([[(s, 2.0)], [(s, -1.0)]], kl=False)
+        assert math.isnan(no_kl.kl)
+        torch.testing.assert_close(no_kl.token_logprob, st.token_logprob, equal_nan=True)
+        assert again.kl != again.kl and not torch.equal(again.token_logprob[cache.targets >= 0], mine)
     zero = sc.stats([(s, 0.0)])
     assert abs(zero.kl) < 1e-6
 
