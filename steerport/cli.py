@@ -263,10 +263,14 @@ def transfer_cmd(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Carry a steer whose model fingerprint differs from SRC.")] = False,
+    actadd_method: Annotated[str, typer.Option(help="ActAdd steers: recipe (recompute from the stored prompt pairs on TGT) or map (residual-stream map; loads both models).")] = "recipe",
 ):
     """Carry a steer from SRC to TGT: steerport transfer gpt2 gpt-j --steer toxic.st.
 
-    The default form reads only both models' output embeddings and tokenizers.
+    For LM-Steer steers the default form reads only both models' output embeddings and
+    tokenizers. ActAdd steers go by recipe or by a residual-stream map (see --actadd-method);
+    token-probability steers keep their token texts and scales and recompute the direction on
+    TGT (--calib-text is then the detect text). Both load the full models.
     """
     from steerport.steer import Steer
     from steerport.transfer import TransferOptions, transfer
@@ -282,12 +286,19 @@ def transfer_cmd(
         return texts
 
     source = Steer.load(steer)
+    dest = out_file or steer.with_name(f"{steer.stem}.{_spec_slug(tgt)}.st")
+    if source.kind == "actadd":  # ActAdd: by recipe or residual-stream map (needs both full models)
+        _carry_actadd(source, src, tgt, dest, method=actadd_method, texts=_texts(calib_text, 64),
+                      calibrate=actadd_method == "map", dtype=dtype, device=device)
+        return
+    if source.kind == "token-prob":  # token-probability steer: same surfaces and scales, direction recomputed
+        _carry_token_prob(source, tgt, dest, texts=_texts(calib_text, 100), max_tokens=128, dtype=dtype, device=device)
+        return
     options = TransferOptions(
         form=form, fit=_fit_options(method, ridge, center, normalize, weighting, top_k, 0.1, 0),
         calibrate=calibrate, calib_value=calib_value, calib_texts=lines(calib_text), hidden_texts=lines(hidden_text),
         anchor_steps=anchor_steps, dtype=dtype, device=device,
     )
-    dest = out_file or steer.with_name(f"{steer.stem}.{_spec_slug(tgt)}.st")
     with console.status(f"transferring {steer} {src} -> {tgt} ({form})"):
         res = transfer(source, src, tgt, options, mapping_path=mapping, source_path=str(steer), force=force,
                        log=lambda msg: console.print(msg, highlight=False))
@@ -650,16 +661,21 @@ def actadd_transfer_cmd(
     device: DeviceOpt = "cpu",
 ):
     """Carry an ActAdd steer to another model (by recipe or by a residual-stream map)."""
-    from steerport.actadd import transfer_actadd
-    from steerport.models import load_model
     from steerport.steer import Steer
 
-    s = Steer.load(steer)
-    texts = _texts(neutral, lines)
+    _carry_actadd(Steer.load(steer), source, target, out_path, method=method, texts=_texts(neutral, lines),
+                  calibrate=calibrate, dtype=dtype, device=device)
+
+
+def _carry_actadd(s, source: str, target: str, out_path: Path, *, method: str, texts: list[str], calibrate: bool,
+                  dtype: str, device: str) -> None:
+    from steerport.actadd import transfer_actadd
+    from steerport.models import load_model
+
     src = load_model(source, dtype=dtype, device=device)
     tgt = load_model(target, dtype=dtype, device=device)
     with _progress() as bar:
-        task = bar.add_task("pairing positions", total=len(texts))
+        task = bar.add_task("pairing positions" if method == "map" else "calibrating", total=len(texts))
         new = transfer_actadd(s, src, tgt, texts, method=method, calibrate=calibrate,
                               progress=lambda n: bar.advance(task, n))
     new.save(out_path)
@@ -786,12 +802,16 @@ def token_transfer_cmd(
     device: DeviceOpt = "cpu",
 ):
     """Carry a token-probability steer to another model: same token texts and scales, direction recomputed there."""
-    from steerport.models import load_model
     from steerport.steer import Steer
+
+    _carry_token_prob(Steer.load(steer), target, out_path, texts=_texts(detect, lines), max_tokens=max_tokens,
+                      dtype=dtype, device=device)
+
+
+def _carry_token_prob(s, target: str, out_path: Path, *, texts: list[str], max_tokens: int, dtype: str, device: str) -> None:
+    from steerport.models import load_model
     from steerport.tokenprob import transfer_token_prob
 
-    s = Steer.load(steer)
-    texts = _texts(detect, lines)
     lm = load_model(target, dtype=dtype, device=device)
     with _progress() as bar:
         task = bar.add_task("average distribution", total=len(texts))

@@ -70,6 +70,23 @@ def test_token_steer_analyze_transfer_and_mixed_generate(model_dirs, tmp_path):
     assert Steer.load(dst).model["spec"] == llama
 
 
+def test_transfer_command_carries_every_kind(model_dirs, tmp_path):
+    """`steerport transfer` dispatches on the steer's kind: ActAdd by recipe/map, token-prob by surface."""
+    gpt2, llama, text = model_dirs
+    act, tok = tmp_path / "act.st", tmp_path / "tok.st"
+    ok(["actadd", gpt2, "--plus", " love", "--minus", " hate", "--layer", "1", "--out", str(act)])
+    ok(["token-steer", gpt2, "--token", "o", "--scale", "5", "--detect", text, "--dtype", "float32", "--out", str(tok)])
+    for method in ("recipe", "map"):
+        dst = tmp_path / f"act.{method}.st"
+        ok(["transfer", gpt2, llama, "--steer", str(act), "--actadd-method", method, "--calib-text", text, "--out", str(dst)])
+        moved = Steer.load(dst)
+        assert moved.kind == "actadd" and moved.meta["lineage"]["method"] == method and moved.model["spec"] == llama
+    dst = tmp_path / "tok.llama.st"
+    ok(["transfer", gpt2, llama, "--steer", str(tok), "--calib-text", text, "--out", str(dst)])
+    moved = Steer.load(dst)
+    assert moved.kind == "token-prob" and moved.meta["tokens"] == ["o"] and moved.model["spec"] == llama
+
+
 def test_user_errors_are_one_line(model_dirs, tmp_path, capsys, monkeypatch):
     gpt2, _, _ = model_dirs
     for argv in (
