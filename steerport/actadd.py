@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from steerport.errors import SteerportError
-from steerport.hooks import APPLIERS, SteerValue
+from steerport.hooks import APPLIERS, SteerValue, input_of
 from steerport.models import LoadedModel
 from steerport.steer import Steer
 
@@ -105,22 +105,7 @@ def padded_pair(tokenizer, plus: str, minus: str) -> tuple[list[int], list[int]]
 @torch.no_grad()
 def residual_stream(lm: LoadedModel, ids: torch.Tensor, layer: int) -> torch.Tensor:
     """Residual stream entering decoder layer ``layer`` for a batch of equal-length ids: (b, T, d) float32."""
-    from steerport.align_positions import _Stop
-
-    got: list[torch.Tensor] = []
-
-    def pre_hook(module, args, kwargs):
-        got.append((args[0] if args else kwargs["hidden_states"]).detach().float().cpu())
-        raise _Stop
-
-    handle = decoder_layers(lm.model)[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        lm.model(input_ids=ids.to(lm.device))
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return got[0]
+    return input_of(lm.model, decoder_layers(lm.model)[layer], input_ids=ids.to(lm.device)).float().cpu()
 
 
 def compute_vector(

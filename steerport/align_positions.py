@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from steerport.errors import SteerportError
+from steerport.hooks import input_of
 from steerport.models import LoadedModel
 
 
@@ -61,38 +62,14 @@ def paired_positions(tok_a, tok_b, text: str, *, max_tokens: int | None = None, 
     return pair_by_end_offset(ea, eb, skip_first=skip_first)
 
 
-def hidden_capture(lm: LoadedModel, layer: int | None) -> tuple[torch.nn.Module, Callable]:
-    """The module whose *input* is the wanted hidden state: decoder layer ``layer`` or, for None, the LM head."""
-    if layer is None:
-        return lm.lm_head, lambda args, kwargs: args[0] if args else kwargs["input"]
-    from steerport.actadd import decoder_layers
-
-    return decoder_layers(lm.model)[layer], lambda args, kwargs: args[0] if args else kwargs["hidden_states"]
-
-
 @torch.no_grad()
 def hidden_states(lm: LoadedModel, text: str, layer: int | None, max_tokens: int | None = None) -> torch.Tensor:
     """Hidden states (T, d) of one text: input of decoder layer ``layer`` (residual stream) or of the LM head (None)."""
-    module, pick = hidden_capture(lm, layer)
-    got: list[torch.Tensor] = []
+    from steerport.actadd import decoder_layers
 
-    def pre_hook(mod, args, kwargs):
-        got.append(pick(args, kwargs)[0].detach().float().cpu())
-        raise _Stop
-
+    module = lm.lm_head if layer is None else decoder_layers(lm.model)[layer]
     enc = lm.tokenizer(text, return_tensors="pt", truncation=max_tokens is not None, max_length=max_tokens)
-    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        lm.model(input_ids=enc["input_ids"].to(lm.device))
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return got[0]
-
-
-class _Stop(Exception):
-    """Raised in a hook to skip the rest of the forward pass once the wanted state is captured."""
+    return input_of(lm.model, module, input_ids=enc["input_ids"].to(lm.device))[0].float().cpu()
 
 
 def paired_hidden_states(

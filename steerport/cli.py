@@ -1012,7 +1012,6 @@ def sweep(
     force: ForceOpt = False,
 ):
     """κ (KL budget) and separation / attribute rate against the steer value: sweep.json + sweep.png."""
-    import importlib.util
 
     from rich.progress import Progress
 
@@ -1027,14 +1026,10 @@ def sweep(
     st, _, path = _one_steer(steer)
     judge_fn = None
     if judge is not None:
-        if importlib.util.find_spec("steerport.judges") is None:
-            raise SteerportError("--judge needs steerport's judges module, which this version lacks; use --data for separation")
-        from steerport import judges  # the evaluator's module
+        from steerport import judges
 
         judge_model = judges.load_judge(judge)
-
-        def judge_fn(texts: list[str]) -> float:
-            return judges.attribute_rate(judge_model, texts)["rate"]
+        judge_fn = lambda texts: judges.attribute_rate(judge_model, texts)["rate"]  # noqa: E731
     labeled = None
     if data is not None:
         positive = _positive_labels(st, positive_label)

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from steerport.errors import SteerportError
-from steerport.hooks import check_compatible, steered
+from steerport.hooks import check_compatible, input_of, steered
 from steerport.models import LoadedModel
 from steerport.scoring import batches, token_logprobs
 from steerport.steer import Steer
@@ -185,23 +185,12 @@ def svd_keywords(
 def mean_hidden(lm: LoadedModel, texts: Sequence[str], *, batch_size: int = 8, max_tokens: int = 128) -> torch.Tensor:
     """Mean final hidden state h̄ (d,) at the LM-head input over the tokens of ``texts``."""
     total, count = None, 0
-    captured: list[torch.Tensor] = []
-
-    def pre_hook(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["input"]).detach())
-
-    remove = lm.lm_head.register_forward_pre_hook(pre_hook, with_kwargs=True).remove
-    try:
-        for batch in batches(lm, texts, batch_size, max_tokens):
-            captured.clear()
-            lm.model(**batch)
-            h = captured[-1].float()  # (b, T, d)
-            mask = batch["attention_mask"].bool()
-            s = h[mask].sum(0)
-            total = s if total is None else total + s
-            count += int(mask.sum())
-    finally:
-        remove()
+    for batch in batches(lm, texts, batch_size, max_tokens):
+        h = input_of(lm.model, lm.lm_head, **batch).float()  # (b, T, d)
+        mask = batch["attention_mask"].bool()
+        s = h[mask].sum(0)
+        total = s if total is None else total + s
+        count += int(mask.sum())
     if total is None or count == 0:
         raise SteerportError("no tokens in the neutral text")
     return (total / count).cpu()

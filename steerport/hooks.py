@@ -35,6 +35,65 @@ def lm_steer_shift(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.T
     return (h @ A) @ B.T
 
 
+class _StopForward(Exception):
+    """Raised by a capture hook to end a forward pass once the wanted input is in hand."""
+
+
+def _main_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A module's main input: its first positional argument, else ``input`` (the LM head's
+    Linear) or ``hidden_states`` (decoder layers) among its keywords."""
+    if args:
+        return args[0]
+    for key in ("input", "hidden_states"):
+        if key in kwargs:
+            return kwargs[key]
+    raise SteerportError(f"cannot find the input of a module called with keywords {sorted(kwargs)}")
+
+
+def edit_input(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    """From now on ``module`` sees fn(x) instead of its main input x; returns the remover.
+
+    Example (the LM-Steer hook below)::
+
+        remove = edit_input(lm.lm_head, lambda h: h + lm_steer_shift(h, A, B))
+    """
+
+    def pre_hook(mod, args, kwargs):
+        x = fn(_main_input(args, kwargs))
+        if args:
+            return (x, *args[1:]), kwargs
+        key = "input" if "input" in kwargs else "hidden_states"
+        return args, {**kwargs, key: x}
+
+    return module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove
+
+
+@torch.no_grad()
+def input_of(model: torch.nn.Module, module: torch.nn.Module, **forward_kwargs) -> torch.Tensor:
+    """``module``'s main input from one forward pass of ``model`` that stops right there.
+
+    Example: the final hidden states (b, T, d), without computing the LM head::
+
+        h = input_of(lm.model, lm.lm_head, input_ids=ids, attention_mask=mask)
+    """
+    got: list[torch.Tensor] = []
+
+    def pre_hook(mod, args, kwargs):
+        got.append(_main_input(args, kwargs))
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        model(**forward_kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise SteerportError(f"the forward pass of {type(model).__name__} never reached {type(module).__name__}")
+    return got[0]
+
+
 def check_compatible(lm: LoadedModel, steer: Steer, *, force: bool = False) -> None:
     """Refuse a steer made for another hidden size always, for another model unless forced."""
     if steer.hidden_size != lm.hidden_size:
@@ -62,14 +121,7 @@ def _hook_lm_steer(lm: LoadedModel, items: Sequence[SteerValue], include_domain:
     A = torch.cat(As, dim=1).to(lm.device, lm.dtype)  # (d, Σr), scales folded in
     B = torch.cat(Bs, dim=1).to(lm.device, lm.dtype)  # (d, Σr)
 
-    def pre_hook(module, args, kwargs):
-        if args:
-            h = args[0]
-            return (h + lm_steer_shift(h, A, B), *args[1:]), kwargs
-        h = kwargs["input"]
-        return args, {**kwargs, "input": h + lm_steer_shift(h, A, B)}
-
-    return lm.lm_head.register_forward_pre_hook(pre_hook, with_kwargs=True).remove
+    return edit_input(lm.lm_head, lambda h: h + lm_steer_shift(h, A, B))
 
 
 # kind -> function(lm, [(steer, value), ...]) -> remover. Other steer kinds register here.

@@ -86,7 +86,6 @@ class TfidfJudge:
         meta: dict[str, Any] | None = None,
     ) -> "TfidfJudge":
         """Fit on texts with labels 1 (positive attribute) / 0."""
-        from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
         y = np.asarray(labels).astype(int)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from steerport.hooks import SteerValue, steered
+from steerport.hooks import SteerValue, input_of, steered
 from steerport.models import LoadedModel
 
 
@@ -115,10 +115,6 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 #     Δz = Σ_i s_i ε_i (h A_i)(E B_i)ᵀ        h: (n, d), A_i, B_i: (d, r_i), E: (V, d), Δz: (n, V)
 
 
-class _StopForward(Exception):
-    """Raised inside the LM-head pre-hook: we have the hidden states and skip the head itself."""
-
-
 @dataclass
 class HiddenCache:
     """Final hidden states (LM-head inputs) of every real token position of a text set.
@@ -157,33 +153,18 @@ def capture_hidden(
         cache = capture_hidden(lm, ["A neutral sentence."])
         cache.hidden.shape        # (n_tokens, d)
     """
-    captured: list[torch.Tensor] = []
-
-    def pre_hook(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["input"]).detach())
-        raise _StopForward
-
     hiddens, targets, text_ids = [], [], []
-    handle = lm.lm_head.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        for start, batch in zip(range(0, len(texts), batch_size), batches(lm, texts, batch_size, max_tokens)):
-            captured.clear()
-            try:
-                lm.model(**batch, use_cache=False)
-            except _StopForward:
-                pass
-            h = captured[0].float().cpu()  # (b, T, d)
-            ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
-            nxt = torch.full_like(ids, -1)
-            nxt[:, :-1] = torch.where(mask[:, 1:], ids[:, 1:], -1)
-            row = torch.arange(start, start + ids.shape[0]).unsqueeze(1).expand_as(ids)
-            hiddens.append(h[mask])
-            targets.append(nxt[mask])
-            text_ids.append(row[mask])
-            if progress:
-                progress(ids.shape[0])
-    finally:
-        handle.remove()
+    for start, batch in zip(range(0, len(texts), batch_size), batches(lm, texts, batch_size, max_tokens)):
+        h = input_of(lm.model, lm.lm_head, **batch, use_cache=False).float().cpu()  # (b, T, d)
+        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+        nxt = torch.full_like(ids, -1)
+        nxt[:, :-1] = torch.where(mask[:, 1:], ids[:, 1:], -1)
+        row = torch.arange(start, start + ids.shape[0]).unsqueeze(1).expand_as(ids)
+        hiddens.append(h[mask])
+        targets.append(nxt[mask])
+        text_ids.append(row[mask])
+        if progress:
+            progress(ids.shape[0])
     d = lm.hidden_size
     return HiddenCache(
         hidden=torch.cat(hiddens) if hiddens else torch.zeros(0, d),

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from steerport.errors import SteerportError
-from steerport.hooks import APPLIERS, SteerValue
+from steerport.hooks import APPLIERS, SteerValue, edit_input, input_of
 from steerport.models import LoadedModel
 from steerport.steer import Steer
 
@@ -98,40 +98,24 @@ def collect_head_stats(
     progress: Callable[[int], None] | None = None,
 ) -> HeadStats:
     """One pass over ``texts``: LM-head inputs, log-normalizers and log α (log-mean-exp over positions)."""
-    from steerport.align_positions import _Stop
     from steerport.scoring import batches
 
     _check_plain_head(lm)
     Hs, lses = [], []
     log_sum = None  # (V,) float64: log Σ_t p_t
-    captured: list[torch.Tensor] = []
-
-    def pre_hook(module, args, kwargs):
-        captured.append(args[0] if args else kwargs["input"])
-        raise _Stop  # the head is recomputed below in float32
-
     E = lm.output_embeddings.detach().float().cpu()  # (V, d)
     bias = _head_bias(lm)
-    handle = lm.lm_head.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        for batch in batches(lm, texts, batch_size, max_tokens):
-            captured.clear()
-            try:
-                lm.model(**batch)
-            except _Stop:
-                pass
-            mask = batch["attention_mask"].bool().cpu()
-            H = captured[0].float().cpu()[mask]  # (n, d)
-            z = H @ E.T if bias is None else H @ E.T + bias  # (n, V): float32 logits, as the evaluation uses
-            lse = torch.logsumexp(z, -1)  # (n,)
-            part = torch.logsumexp((z - lse[:, None]).double(), 0)  # (V,)
-            log_sum = part if log_sum is None else torch.logaddexp(log_sum, part)
-            Hs.append(H)
-            lses.append(lse)
-            if progress:
-                progress(len(batch["input_ids"]))
-    finally:
-        handle.remove()
+    for batch in batches(lm, texts, batch_size, max_tokens):
+        mask = batch["attention_mask"].bool().cpu()
+        H = input_of(lm.model, lm.lm_head, **batch).float().cpu()[mask]  # (n, d); the head is recomputed in float32
+        z = H @ E.T if bias is None else H @ E.T + bias  # (n, V): float32 logits, as the evaluation uses
+        lse = torch.logsumexp(z, -1)  # (n,)
+        part = torch.logsumexp((z - lse[:, None]).double(), 0)  # (V,)
+        log_sum = part if log_sum is None else torch.logaddexp(log_sum, part)
+        Hs.append(H)
+        lses.append(lse)
+        if progress:
+            progress(len(batch["input_ids"]))
     if log_sum is None:
         raise SteerportError("no text to measure the average distribution on")
     H, lse = torch.cat(Hs), torch.cat(lses)
@@ -398,16 +382,11 @@ def removed_dims(lm: LoadedModel, dims: torch.Tensor):
     keep = torch.ones(lm.hidden_size, device=lm.device, dtype=lm.dtype)
     keep[dims.to(lm.device)] = 0
 
-    def pre_hook(module, args, kwargs):
-        if args:
-            return (args[0] * keep, *args[1:]), kwargs
-        return args, {**kwargs, "input": kwargs["input"] * keep}
-
-    handle = lm.lm_head.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    remove = edit_input(lm.lm_head, lambda h: h * keep)
     try:
         yield lm
     finally:
-        handle.remove()
+        remove()
 
 
 @torch.no_grad()

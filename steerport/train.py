@@ -37,8 +37,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from safetensors.torch import load_file, save
 
 from steerport.data import Dataset, pack_by_length, tokenize
 from steerport.errors import SteerportError
+from steerport.hooks import input_of
 from steerport.models import LoadedModel, parse_dtype
 from steerport.steer import Steer, atomic_write_bytes
 
@@ -191,10 +191,6 @@ def head_token_loss(
 # --------------------------------------------------------------------------- caching
 
 
-class _StopForward(Exception):
-    """Raised by the LM-head pre-hook once it has captured the hidden states."""
-
-
 @dataclass
 class HiddenCache:
     """Final hidden states of every predicted position, flat over texts.
@@ -212,33 +208,10 @@ class HiddenCache:
         return self.targets.shape[0]
 
 
-@contextmanager
-def capture_head_input(lm: LoadedModel) -> Iterator[list[torch.Tensor]]:
-    """While active, a forward pass stops at the LM head and appends its input to the list."""
-    got: list[torch.Tensor] = []
-
-    def pre_hook(module, args, kwargs):
-        got.append(args[0] if args else kwargs["input"])
-        raise _StopForward
-
-    handle = lm.lm_head.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        yield got
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def body_hidden(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states (b, T, d) from one forward pass that skips the LM head."""
-    with capture_head_input(lm) as got:
-        try:
-            lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-    if not got:
-        raise SteerportError(f"{lm.spec}: the forward pass never reached the LM head")
-    return got[0]
+    return input_of(lm.model, lm.lm_head, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 
 def _head_softcap(lm: LoadedModel) -> float | None:
@@ -660,7 +633,6 @@ def train(
             _write_json(wd / "cache.done", {"key": cache_key, "seconds": timings["cache_s"]})
 
         # ---- phase 2: the fit on the cache
-        t1 = time.perf_counter()
         fitter = Fitter(lm, cache, labels, config)
         if config.head == "topk":
             if fitter.softcap:

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from steerport.errors import SteerportError
+from steerport.hooks import input_of
 from steerport.mapping import FitOptions, Mapping, fit_linear, get_mapping, map_quality, split_pairs
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model
 from steerport.steer import Steer
@@ -201,31 +202,21 @@ def final_hidden_states(lm: LoadedModel, texts: Sequence[str], *, max_tokens: in
     tok = lm.tokenizer
     if not getattr(tok, "is_fast", False):
         raise SteerportError(f"{lm.spec}: the hidden-state map needs a fast tokenizer (character offsets)")
-    captured: list[torch.Tensor] = []
-
-    def grab(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["input"]).detach().float().cpu())
-
-    handle = lm.lm_head.register_forward_pre_hook(grab, with_kwargs=True)
     out = []
-    try:
-        for i in range(0, len(texts), batch_size):
-            chunk = list(texts[i : i + batch_size])
-            enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens,
-                      return_offsets_mapping=True, return_special_tokens_mask=True)
-            captured.clear()
-            lm.model(input_ids=enc["input_ids"].to(lm.device), attention_mask=enc["attention_mask"].to(lm.device))
-            h = captured[0]  # (b, T, d)
-            for b in range(len(chunk)):
-                ends: dict[int, int] = {}
-                for pos, ((s, e), m, sp) in enumerate(zip(enc["offset_mapping"][b].tolist(),
-                                                           enc["attention_mask"][b].tolist(),
-                                                           enc["special_tokens_mask"][b].tolist())):
-                    if m and not sp and e > s:
-                        ends[e] = pos
-                out.append((h[b], ends))
-    finally:
-        handle.remove()
+    for i in range(0, len(texts), batch_size):
+        chunk = list(texts[i : i + batch_size])
+        enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens,
+                  return_offsets_mapping=True, return_special_tokens_mask=True)
+        h = input_of(lm.model, lm.lm_head, input_ids=enc["input_ids"].to(lm.device),
+                     attention_mask=enc["attention_mask"].to(lm.device)).float().cpu()  # (b, T, d)
+        for b in range(len(chunk)):
+            ends: dict[int, int] = {}
+            for pos, ((s, e), m, sp) in enumerate(zip(enc["offset_mapping"][b].tolist(),
+                                                       enc["attention_mask"][b].tolist(),
+                                                       enc["special_tokens_mask"][b].tolist())):
+                if m and not sp and e > s:
+                    ends[e] = pos
+            out.append((h[b], ends))
     return out
 
 
