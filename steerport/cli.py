@@ -1006,7 +1006,7 @@ def sweep(
     text_field: str = "text",
     label_field: str = "label",
     positive_label: Annotated[Optional[list[str]], typer.Option(help="Label value(s) meaning the steer's positive class; default 1.")] = None,
-    judge: Annotated[Optional[str], typer.Option(help="An attribute judge (needs steerport's judges module).")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="Attribute judge for the continuations: sentiment, toxicity (bundled offline judges), a .judge file or a HF text-classification model.")] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
