@@ -417,7 +417,8 @@ def _leading_special(tokenizer, text: str) -> int:
 def fit_residual_map(Xs: torch.Tensor, Xt: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
     """Least squares K (d_s, d_t) with centered rows: Xt - μt ≈ (Xs - μs) K; returns K and held-out R².
 
-    The last 20% of rows are held out for R², then K is refit on all rows.
+    The ridge added to XsᵀXs is ``ridge`` times its mean diagonal. The last 20% of rows are held
+    out for R², then K is refit on all rows.
     """
 
     def solve(xs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
@@ -456,6 +457,7 @@ def transfer_actadd(
     method: str = "recipe",
     calibrate: bool = True,
     max_tokens: int = 64,
+    ridge: float = 1e-3,
     progress: Callable[[int], None] | None = None,
 ) -> Steer:
     """Carry an ActAdd steer to ``target``.
@@ -465,8 +467,8 @@ def transfer_actadd(
     matches the source's. Single-layer steers only.
     ``map``: fit K with h_t ≈ h_s K on residual streams of the neutral text at positions where both
     tokenizations end on the same character, and carry v_t = v_s K (front rows re-laid after the
-    target's own leading special tokens); ε₀ is kept, or calibrated like ``recipe`` if ``calibrate``.
-    A multi-layer steer gets one map per listed layer (all fitted from one forward pass per text
+    target's own leading special tokens); ε₀ is kept, or calibrated like ``recipe`` if ``calibrate``;
+    ``ridge`` is the map's relative ridge (see ``fit_residual_map``). A multi-layer steer gets one map per listed layer (all fitted from one forward pass per text
     and model), each at the target layer of matching depth; rows landing on the same target layer
     are summed (as llama.cpp sums directions naming the same layer).
     """
@@ -506,7 +508,7 @@ def transfer_actadd(
                                        max_tokens=max_tokens, progress=progress)
         carried, r2s = [], []
         for (Xs, Xt), v in zip(fits, vectors):
-            K, r2 = fit_residual_map(Xs, Xt)  # (d_s, d_t)
+            K, r2 = fit_residual_map(Xs, Xt, ridge)  # (d_s, d_t)
             r2s.append(r2)
             if v.dim() == 1:
                 carried.append(v @ K)  # (d_t,)
