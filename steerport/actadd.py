@@ -13,6 +13,13 @@ recommended coefficient ε₀), to the residual stream entering layer L::
     front (paper):  h_L[start + p] += c · v[p]     for p < P, start = first real token of the row
     all:            h_L[t] += c · v                for every position t  (v: (d,), last-token difference)
 
+Several layers (e.g. an imported llama.cpp / repeng control vector): metadata ``layers`` =
+[L1, ...] and a (len(layers), d) vector, row i added at every position at layer ``layers[i]``.
+Layer n_layers is the stream *leaving* the last decoder block (before the final norm); it is
+added by a forward hook on that block's output::
+
+    multi-layer:    h_{L_i}[t] += c · v[i]      for every position t and every listed layer L_i
+
 Positions are absolute sequence positions. In cached generation each forward pass covers
 positions [offset, offset + T); the hook adds only where that window meets the front
 positions, so the prefill pass gets the vector and later one-token passes do not (unless
@@ -87,6 +94,58 @@ def resolve_layer(lm: LoadedModel, layer: int | float | str) -> int:
     if not 0 <= index < n:
         raise SteerportError(f"layer {layer} out of range: {lm.spec!r} has {n} decoder layers (0..{n - 1})")
     return index
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def actadd_layers(steer: Steer, n_layers: int | None = None) -> tuple[list[int], list[torch.Tensor]]:
+    """Where an ActAdd steer acts, validated: ``vectors[i]`` (float32) is added at layer ``layers[i]``.
+
+    Metadata ``layer`` (an int) with ``vector`` (d,) or (P, d) gives one layer; metadata ``layers``
+    (distinct ints) with ``vector`` (len(layers), d) gives one row per layer, all positions.
+    Layer L is the stream entering decoder block L, and L = n_layers the stream leaving the last
+    block; with ``n_layers`` given, every layer must lie in 0 .. n_layers.
+
+    Example::
+
+        layers, vectors = actadd_layers(steer, num_layers(lm))    # [2, 3], [(d,), (d,)]
+    """
+    if steer.kind != "actadd":
+        raise SteerportError(f"expected an actadd steer, got {steer.kind!r}")
+    vec = steer.tensors["vector"].float()
+    meta = steer.meta
+    if "layers" in meta:
+        layers = meta["layers"]
+        if not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers):
+            raise SteerportError(f"actadd metadata 'layers' must be a non-empty list of layer indices, got {layers!r}")
+        if len(set(layers)) != len(layers):
+            raise SteerportError(f"actadd metadata 'layers' repeats a layer: {layers}")
+        if meta.get("positions", "all") != "all":
+            raise SteerportError(f"a multi-layer actadd steer acts on all positions, but its metadata says {meta['positions']!r}")
+        rows = vec.reshape(1, -1) if vec.dim() == 1 else vec  # (len(layers), d)
+        if rows.shape[0] != len(layers):
+            raise SteerportError(f"actadd steer lists {len(layers)} layers but its vector has {rows.shape[0]} rows")
+        vectors = list(rows)
+    else:
+        layer = meta.get("layer")
+        if not _is_int(layer):
+            raise SteerportError("actadd steer has no integer 'layer' (nor a 'layers' list) in its metadata")
+        layers, vectors = [layer], [vec]
+    if n_layers is not None:
+        for layer in layers:
+            if not 0 <= layer <= n_layers:
+                raise SteerportError(
+                    f"actadd steer acts at layer {layer}, but this model has {n_layers} decoder layers "
+                    f"(valid: 0..{n_layers}, where {n_layers} is the stream after the last one)"
+                )
+    return list(layers), vectors
+
+
+def _block_hidden(output):
+    """The hidden states in a decoder block's output: a tensor, or a tuple whose first element is one."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 # --------------------------------------------------------------------------- computing vectors
@@ -190,11 +249,10 @@ def _window_pre_hook(window: _Window):
     return hook
 
 
-def _layer_pre_hook(window: _Window, front: torch.Tensor | None, everywhere: torch.Tensor | None):
-    """front: (P, d) summed c·v for front positions; everywhere: (d,) summed c·v for all positions."""
+def _adder(window: _Window, front: torch.Tensor | None, everywhere: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h -> h + the vectors; front: (P, d) summed c·v for front positions; everywhere: (d,) summed c·v."""
 
-    def hook(module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]  # (b, T, d)
+    def add_to(h: torch.Tensor) -> torch.Tensor:  # h: (b, T, d)
         add = torch.zeros_like(h)
         if everywhere is not None:
             add = add + everywhere.to(h.dtype)
@@ -206,30 +264,49 @@ def _layer_pre_hook(window: _Window, front: torch.Tensor | None, everywhere: tor
             hit = (rel >= 0) & (rel < P)
             if hit.any():
                 add[hit] = add[hit] + front.to(h.device, h.dtype)[rel[hit]]
-        h = h + add
+        return h + add
+
+    return add_to
+
+
+def _pre_hook(add_to: Callable[[torch.Tensor], torch.Tensor]):
+    """On decoder block L: change the stream entering it."""
+
+    def hook(module, args, kwargs):
         if args:
-            return (h, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": h}
+            return (add_to(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": add_to(kwargs["hidden_states"])}
+
+    return hook
+
+
+def _post_hook(add_to: Callable[[torch.Tensor], torch.Tensor]):
+    """On the last decoder block: change the stream leaving it (layer n_layers)."""
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (add_to(output[0]), *output[1:])
+        return add_to(output)
 
     return hook
 
 
 def apply_actadd(lm: LoadedModel, items: Sequence[SteerValue]) -> Callable[[], None]:
-    """Register hooks for all ActAdd steers (grouped by layer); returns the remover."""
-    layers = decoder_layers(lm.model)
+    """Register hooks for all ActAdd steers (summed per layer); returns the remover."""
+    blocks = decoder_layers(lm.model)
+    n = len(blocks)
     per_layer: dict[int, list[torch.Tensor | None]] = {}
     for steer, value in items:
-        layer = steer.meta.get("layer")
-        if not isinstance(layer, int) or not 0 <= layer < len(layers):
-            raise SteerportError(f"actadd steer has layer {layer!r}; this model has {len(layers)} decoder layers")
         c = value * steer.epsilon
-        v = steer.tensors["vector"].float() * c
-        slot = per_layer.setdefault(layer, [None, None])  # [front (P, d), everywhere (d,)]
-        if steer.meta.get("positions", "front") == "all" or v.dim() == 1:
-            v = v if v.dim() == 1 else v.mean(0)
-            slot[1] = v if slot[1] is None else slot[1] + v
-        else:
-            if slot[0] is None:
+        layers, vectors = actadd_layers(steer, n)
+        all_positions = steer.meta.get("positions", "front") == "all" or "layers" in steer.meta
+        for layer, v in zip(layers, vectors):
+            v = v * c
+            slot = per_layer.setdefault(layer, [None, None])  # [front (P, d), everywhere (d,)]
+            if all_positions or v.dim() == 1:
+                v = v if v.dim() == 1 else v.mean(0)
+                slot[1] = v if slot[1] is None else slot[1] + v
+            elif slot[0] is None:
                 slot[0] = v
             else:
                 P = max(slot[0].shape[0], v.shape[0])
@@ -242,7 +319,11 @@ def apply_actadd(lm: LoadedModel, items: Sequence[SteerValue]) -> Callable[[], N
     for layer, (front, everywhere) in per_layer.items():
         front = None if front is None else front.to(lm.device)
         everywhere = None if everywhere is None else everywhere.to(lm.device)
-        handles.append(layers[layer].register_forward_pre_hook(_layer_pre_hook(window, front, everywhere), with_kwargs=True))
+        add_to = _adder(window, front, everywhere)
+        if layer < n:
+            handles.append(blocks[layer].register_forward_pre_hook(_pre_hook(add_to), with_kwargs=True))
+        else:  # layer n: the stream after the last block, before the final norm
+            handles.append(blocks[n - 1].register_forward_hook(_post_hook(add_to)))
 
     def remove() -> None:
         for h in handles:
@@ -321,7 +402,8 @@ def _leading_special(tokenizer, text: str) -> int:
 def fit_residual_map(Xs: torch.Tensor, Xt: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
     """Least squares K (d_s, d_t) with centered rows: Xt - μt ≈ (Xs - μs) K; returns K and held-out R².
 
-    The last 20% of rows are held out for R², then K is refit on all rows.
+    The ridge added to XsᵀXs is ``ridge`` times its mean diagonal. The last 20% of rows are held
+    out for R², then K is refit on all rows.
     """
 
     def solve(xs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
@@ -342,6 +424,15 @@ def fit_residual_map(Xs: torch.Tensor, Xt: torch.Tensor, ridge: float = 1e-3) ->
     return solve(Xs, Xt).float(), r2
 
 
+def matching_layer(layer: int, n_source: int, n_target: int) -> int:
+    """The target layer at the relative depth of source ``layer`` (round(layer/n_source · n_target));
+    a layer inside the network stays inside (≤ n_target - 1), the stream after the last block
+    (layer n_source) maps to the target's (n_target)."""
+    if layer >= n_source:
+        return n_target
+    return min(round(layer / n_source * n_target), n_target - 1)
+
+
 def transfer_actadd(
     steer: Steer,
     source: LoadedModel,
@@ -351,26 +442,35 @@ def transfer_actadd(
     method: str = "recipe",
     calibrate: bool = True,
     max_tokens: int = 64,
+    ridge: float = 1e-3,
     progress: Callable[[int], None] | None = None,
 ) -> Steer:
     """Carry an ActAdd steer to ``target``.
 
     ``recipe``: recompute the vector from the stored prompt pairs on the target at the layer of
     matching relative depth; set ε₀ so the target's κ (mean KL on ``neutral_texts``) at value 1
-    matches the source's.
+    matches the source's. Single-layer steers only.
     ``map``: fit K with h_t ≈ h_s K on residual streams of the neutral text at positions where both
     tokenizations end on the same character, and carry v_t = v_s K (front rows re-laid after the
-    target's own leading special tokens); ε₀ is kept, or calibrated like ``recipe`` if ``calibrate``.
+    target's own leading special tokens); ε₀ is kept, or calibrated like ``recipe`` if ``calibrate``;
+    ``ridge`` is the map's relative ridge (see ``fit_residual_map``). A multi-layer steer gets one map per listed layer (all fitted from one forward pass per text
+    and model), each at the target layer of matching depth; rows landing on the same target layer
+    are summed (as llama.cpp sums directions naming the same layer).
     """
     if steer.kind != "actadd":
         raise SteerportError(f"transfer_actadd needs an actadd steer, got {steer.kind!r}")
     if method not in ("recipe", "map"):
         raise SteerportError(f"actadd transfer method must be recipe or map, got {method!r}")
-    src_layer = steer.meta["layer"]
-    frac = src_layer / steer.meta.get("n_layers", num_layers(source))
-    tgt_layer = resolve_layer(target, float(frac))
-    positions = steer.meta.get("positions", "front")
+    src_layers, vectors = actadd_layers(steer)
+    multi = "layers" in steer.meta
     pairs = [tuple(p) for p in steer.meta.get("pairs", [])]
+    if method == "recipe" and not pairs:
+        raise SteerportError("this actadd steer stores no prompt pairs, so it cannot be recomputed; use method='map'")
+    if method == "recipe" and multi:
+        raise SteerportError(f"recipe transfer recomputes a single-layer steer; this one acts on {len(src_layers)} layers, use method='map'")
+    n_src, n_tgt = steer.meta.get("n_layers", num_layers(source)), num_layers(target)
+    tgt_layers = [matching_layer(layer, n_src, n_tgt) for layer in src_layers]
+    positions = steer.meta.get("positions", "front")
     kappa_src = None
     if calibrate or method == "recipe":
         from steerport.scoring import mean_kl
@@ -380,34 +480,47 @@ def transfer_actadd(
         "source_steer": steer.fingerprint,
         "source_model": dict(steer.model),
         "method": method,
-        "source_layer": src_layer,
-        "layer_fraction": frac,
+        **({"source_layers": src_layers, "target_layers": tgt_layers} if multi else
+           {"source_layer": src_layers[0], "layer_fraction": src_layers[0] / n_src}),
         "neutral_texts": len(neutral_texts),
     }
     if method == "recipe":
-        if not pairs:
-            raise SteerportError("this actadd steer stores no prompt pairs, so it cannot be recomputed; use method='map'")
-        vector = compute_vector(target, pairs, tgt_layer, positions)
+        carried = [compute_vector(target, pairs, tgt_layers[0], positions)]
     else:
-        Xs, Xt = _paired(source, target, neutral_texts, src_layer, tgt_layer, max_tokens, progress)
-        K, r2 = fit_residual_map(Xs, Xt)
-        v = steer.tensors["vector"].float()
-        if v.dim() == 1:
-            vector = v @ K
-        else:
-            text = pairs[0][0] if pairs else ""
-            ns, nt = _leading_special(source.tokenizer, text), _leading_special(target.tokenizer, text)
-            body = v[ns:] @ K  # (P - ns, d_t)
-            vector = torch.cat([torch.zeros(nt, K.shape[1]), body])
-        lineage.update({"pairs_fit": int(Xs.shape[0]), "map_heldout_r2": r2})
+        from steerport.align_positions import paired_hidden_states_at
+
+        fits = paired_hidden_states_at(source, target, neutral_texts, layers_a=src_layers, layers_b=tgt_layers,
+                                       max_tokens=max_tokens, progress=progress)
+        carried, r2s = [], []
+        for (Xs, Xt), v in zip(fits, vectors):
+            K, r2 = fit_residual_map(Xs, Xt, ridge)  # (d_s, d_t)
+            r2s.append(r2)
+            if v.dim() == 1:
+                carried.append(v @ K)  # (d_t,)
+            else:
+                text = pairs[0][0] if pairs else ""
+                ns, nt = _leading_special(source.tokenizer, text), _leading_special(target.tokenizer, text)
+                body = v[ns:] @ K  # (P - ns, d_t)
+                carried.append(torch.cat([torch.zeros(nt, K.shape[1]), body]))
+        lineage.update({"pairs_fit": int(fits[0][0].shape[0]), "map_heldout_r2": r2s if multi else r2s[0]})
+    meta = {k: v for k, v in steer.meta.items() if k not in ("lineage", "layer", "layers", "layer_fraction")}
+    meta["n_layers"] = n_tgt
+    if multi:
+        by_layer: dict[int, torch.Tensor] = {}
+        for layer, row in zip(tgt_layers, carried):
+            by_layer[layer] = by_layer[layer] + row if layer in by_layer else row
+        meta["layers"] = sorted(by_layer)
+        vector = torch.stack([by_layer[layer] for layer in meta["layers"]])  # (len(layers), d_t)
+    else:
+        meta.update({"layer": tgt_layers[0], "layer_fraction": tgt_layers[0] / n_tgt})
+        vector = carried[0]
     new = Steer(
         "actadd",
         {"vector": vector.contiguous()},
         epsilon=steer.epsilon,
         positive=steer.positive,
         model={"spec": target.spec, "fingerprint": target.fingerprint},
-        meta={**{k: v for k, v in steer.meta.items() if k != "lineage"}, "layer": tgt_layer,
-              "n_layers": num_layers(target), "layer_fraction": tgt_layer / num_layers(target)},
+        meta=meta,
     )
     if calibrate or method == "recipe":
         # κ at value 1 of the new steer with ε₀ = 1, then scale ε₀ so κ matches the source's
@@ -418,9 +531,3 @@ def transfer_actadd(
         new.epsilon = s
     new.meta["lineage"] = lineage
     return new
-
-
-def _paired(source, target, texts, ls, lt, max_tokens, progress):
-    from steerport.align_positions import paired_hidden_states
-
-    return paired_hidden_states(source, target, texts, layer_a=ls, layer_b=lt, max_tokens=max_tokens, progress=progress)

@@ -681,7 +681,8 @@ def _carry_actadd(s, source: str, target: str, out_path: Path, *, method: str, t
     new.save(out_path)
     lin = new.meta["lineage"]
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in lin.items() if k not in ("source_model",)}
-    console.print(f"[green]wrote[/] {out_path}: layer {new.meta['layer']}/{new.meta['n_layers']}, coefficient {new.epsilon:.4g}; {shown}")
+    where = f"layers {new.meta['layers']}" if "layers" in new.meta else f"layer {new.meta['layer']}"
+    console.print(f"[green]wrote[/] {out_path}: {where}/{new.meta['n_layers']}, coefficient {new.epsilon:.4g}; {shown}")
 
 
 @app.command("analyze")

@@ -23,10 +23,13 @@ layer ``layer - 1``. So::
 
 Layers 0 and 1 cannot be exported (llama.cpp has no direction.-1 / direction.0), and
 llama.cpp's last direction (n_layers - 1) imports as layer n_layers: the stream after the last
-decoder layer, before the final norm. Only all-positions steers (one d-vector) can be exported:
-llama.cpp adds the vector at every position. Several layers: metadata ``layers`` = [L1, ...]
-with ``vector`` of shape (n_layers, d), row i for layer ``layers[i]``; one layer: ``layer``
-and a (d,) vector.
+decoder layer, before the final norm, which the ActAdd applier adds with a forward hook on
+the last block. Only all-positions steers (one d-vector per layer) can be exported: llama.cpp
+adds the vector at every position. Several layers: metadata ``layers`` = [L1, ...] with
+``vector`` of shape (n_layers, d), row i for layer ``layers[i]``; one layer: ``layer`` and a
+(d,) vector. Both kinds apply with ``steered`` like any ActAdd steer, and carry to other
+models with ``transfer_actadd(..., method="map")`` (an imported file has no prompt pairs to
+recompute from).
 
 Example::
 
@@ -43,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steerport.actadd import actadd_layers
 from steerport.errors import SteerportError
 from steerport.steer import Steer
 
@@ -50,36 +54,19 @@ ARCH = "controlvector"
 LAYER_OFFSET = 1  # steerport layer L (input of block L) == llama.cpp direction.(L - 1) (output of block L - 1)
 
 
-def actadd_layers(steer: Steer) -> tuple[list[int], torch.Tensor]:
+def control_rows(steer: Steer) -> tuple[list[int], torch.Tensor]:
     """The layers of an all-positions ActAdd steer and its vectors, (n_layers, d) float32."""
     if steer.kind != "actadd":
         raise SteerportError(f"only actadd steers can become control vectors; this steer is {steer.kind!r}")
-    vec = steer.tensors["vector"].float()
-    meta = steer.meta
-    if "layers" in meta:
-        layers = meta["layers"]
-        if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-            raise SteerportError(f"actadd metadata 'layers' must be a list of layer indices, got {layers!r}")
-        rows = vec.reshape(1, -1) if vec.dim() == 1 else vec
-        if rows.shape[0] != len(layers):
-            raise SteerportError(f"actadd steer lists {len(layers)} layers but its vector has {rows.shape[0]} rows")
-        if len(set(layers)) != len(layers):
-            raise SteerportError(f"actadd metadata 'layers' repeats a layer: {layers}")
-    else:
-        layer = meta.get("layer")
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise SteerportError("actadd steer has no integer 'layer' in its metadata")
-        layers = [layer]
-        positions = meta.get("positions", "all" if vec.dim() == 1 else "front")
-        if positions != "all" or vec.dim() != 1:
-            raise SteerportError(
-                f"this actadd steer acts on {positions!r} positions ({tuple(vec.shape)}); llama.cpp adds a control "
-                "vector at every position, so only the all-positions variant (one d-vector) can be exported"
-            )
-        rows = vec.reshape(1, -1)
-    if meta.get("positions", "all") != "all":
-        raise SteerportError(f"only all-positions actadd steers can be exported, this one is {meta.get('positions')!r}")
-    return list(layers), rows
+    layers, vectors = actadd_layers(steer)  # validates 'layer' / 'layers'
+    positions = steer.meta.get("positions", "all" if "layers" in steer.meta or vectors[0].dim() == 1 else "front")
+    if positions != "all" or any(v.dim() != 1 for v in vectors):
+        shape = tuple(steer.tensors["vector"].shape)
+        raise SteerportError(
+            f"this actadd steer acts on {positions!r} positions ({shape}); llama.cpp adds a control "
+            "vector at every position, so only the all-positions variant (one d-vector per layer) can be exported"
+        )
+    return layers, torch.stack(vectors)
 
 
 def export_control_vector(
@@ -97,7 +84,7 @@ def export_control_vector(
     """
     import gguf
 
-    layers, rows = actadd_layers(steer)
+    layers, rows = control_rows(steer)
     for layer in layers:
         if layer - LAYER_OFFSET < 1:
             raise SteerportError(

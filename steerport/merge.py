@@ -16,9 +16,10 @@ LM-Steer-shifted h, so the fold is E' = (E + D)(I + Σ s ε₀ W)ᵀ, D holding 
 
 ActAdd steers add a vector to the residual stream inside the network, not at the head:
 front-position ActAdd acts only at the first prompt positions, which no weight can do, and
-is refused; all-positions ActAdd is refused too (folding it would need a bias on the layer's
-last residual write, which most architectures lack); export it as a llama.cpp control vector
-instead (``steerport export-cvec``).
+is refused; all-positions ActAdd (one layer or several, e.g. an imported llama.cpp control
+vector) is refused too (folding it would need a bias on the previous layer's last residual
+write, which most architectures lack); export it as a llama.cpp control vector instead
+(``steerport export-cvec``).
 
 Example::
 
@@ -50,7 +51,7 @@ FOLDABLE = ("lm-steer", "token-prob")
 
 ACTADD_REFUSAL = (
     "ActAdd steers cannot be folded into the LM head: they add a vector to the residual stream entering "
-    "decoder layer {layer}{where}, inside the network. {why}Apply it with hooks (steerport generate --steer) "
+    "decoder {layer}{where}, inside the network. {why}Apply it with hooks (steerport generate --steer) "
     "or export it as a llama.cpp control vector (steerport export-cvec)."
 )
 
@@ -74,8 +75,11 @@ def check_foldable(steer: Steer, name: str = "steer") -> None:
     if steer.kind in FOLDABLE:
         return
     if steer.kind == "actadd":
-        positions = steer.meta.get("positions", "front" if steer.tensors["vector"].dim() == 2 else "all")
-        layer = steer.meta.get("layer", steer.meta.get("layers", "?"))
+        layers = steer.meta.get("layers")
+        multi = isinstance(layers, list)
+        default = "all" if multi or steer.tensors["vector"].dim() == 1 else "front"
+        positions = steer.meta.get("positions", default)
+        layer = f"layers {', '.join(map(str, layers))}" if multi else f"layer {steer.meta.get('layer', '?')}"
         why = (
             "Front-position ActAdd acts only on the first prompt positions; weights act the same "
             "at every position, so no checkpoint can reproduce it. "

@@ -1,5 +1,7 @@
 """ActAdd steers: exact additions at the chosen layer and positions, layer lookup, transfer, files."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -222,3 +224,227 @@ def test_recipe_transfer_matches_the_source_kl():
     assert k_tgt == pytest.approx(k_src, rel=0.05)
     with pytest.raises(SteerportError, match="recompute"):
         transfer_actadd(Steer("actadd", s.tensors, 1.0, meta={"layer": 1, "n_layers": 2}), src, tgt, texts)
+
+
+# ---------------------------------------------------------------- several layers, and layer n_layers
+
+FINAL_NORMS = {
+    "gpt2": "transformer.ln_f", "gptj": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm",
+    "llama": "model.norm", "qwen2": "model.norm", "gemma3_text": "model.norm", "opt": "model.decoder.final_layer_norm",
+}
+MULTI_ARCHS = ["llama", "gpt2", "qwen2", "gemma3_text", "gptj"]  # gptj blocks return tuples, the others tensors
+
+
+def multi_steer(lm, rows, layers, eps=2.0):
+    return Steer("actadd", {"vector": rows}, epsilon=eps, model={"spec": lm.spec, "fingerprint": lm.fingerprint},
+                 meta={"layers": layers, "positions": "all"})
+
+
+@contextmanager
+def added_by_hand(lm, adds):
+    """Reference: adds[L] goes to the stream entering block L the llama.cpp way, i.e. onto the *output* of
+    block L - 1 (forward hook); only L = 0 uses a pre-hook on block 0."""
+    blocks = decoder_layers(lm.model)
+
+    def pre(v):
+        return lambda m, a, k: ((a[0] + v, *a[1:]), k) if a else (a, {**k, "hidden_states": k["hidden_states"] + v})
+
+    def post(v):
+        return lambda m, a, o: (o[0] + v, *o[1:]) if isinstance(o, tuple) else o + v
+
+    handles = [blocks[0].register_forward_pre_hook(pre(v), with_kwargs=True) if L == 0 else
+               blocks[L - 1].register_forward_hook(post(v)) for L, v in adds.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def logits_of(lm, batch):
+    with torch.no_grad():
+        return lm.model(**batch).logits
+
+
+@pytest.mark.parametrize("arch", MULTI_ARCHS)
+def test_multi_layer_steer_adds_each_row_at_its_layer_and_every_position(arch):
+    lm = tiny_model(arch, n_layers=4)
+    batch = batch_of(lm, side="left")
+    layers = [3, 0, 4, 1]  # unsorted; 4 = after the last block
+    rows = torch.randn(4, D, generator=torch.Generator().manual_seed(7))
+    s = multi_steer(lm, rows, layers, eps=2.0)
+    c = -0.75 * 2.0
+    before = layer_inputs(lm, 0, batch)
+    with steered(lm, [(s, -0.75)]):
+        after = layer_inputs(lm, 0, batch)
+        got = logits_of(lm, batch)
+    torch.testing.assert_close(after - before, (c * rows[1]).expand_as(before), atol=1e-6, rtol=0)
+    with added_by_hand(lm, {L: c * rows[i] for i, L in enumerate(layers)}):
+        expected = logits_of(lm, batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - logits_of(lm, batch)).abs().max() > 1e-2, "the steer should change the logits"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_multi_layer_vector_changes_nothing(arch):
+    lm = tiny_model(arch)
+    batch = batch_of(lm)
+    base = logits_of(lm, batch)
+    with steered(lm, [(multi_steer(lm, torch.zeros(3, D), [0, 1, 2]), 9.0)]):
+        assert torch.equal(logits_of(lm, batch), base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_n_layers_adds_after_the_last_block_before_the_final_norm(arch):
+    lm = tiny_model(arch)
+    batch = batch_of(lm)
+    norm = lm.model.get_submodule(FINAL_NORMS[arch])
+
+    def norm_input():
+        got = []
+        h = norm.register_forward_pre_hook(lambda m, a, k: got.append((a[0] if a else k["hidden_states"]).clone()),
+                                           with_kwargs=True)
+        try:
+            logits = logits_of(lm, batch)
+        finally:
+            h.remove()
+        return got[0], logits
+
+    v = torch.randn(D, generator=torch.Generator().manual_seed(8))
+    before, _ = norm_input()
+    with added_by_hand(lm, {2: 3.0 * v}):
+        expected = logits_of(lm, batch)
+    for s in (actadd_steer(lm, v, layer=2, positions="all"), multi_steer(lm, v[None], [2])):
+        with steered(lm, [(s, 1.5)]):
+            after, got = norm_input()
+        torch.testing.assert_close(after - before, (3.0 * v).expand_as(before), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_layer_steers_sum_per_layer_and_compose_with_lm_steer():
+    lm = tiny_model("qwen2", n_layers=3)
+    g = torch.Generator().manual_seed(9)
+    multi = multi_steer(lm, torch.randn(2, D, generator=g), [1, 3], eps=2.0)
+    single = actadd_steer(lm, torch.randn(D, generator=g), layer=3, positions="all", eps=0.5)
+    front = actadd_steer(lm, torch.randn(2, D, generator=g), layer=1, eps=1.0)
+    A, B = random_steer_factors()
+    lms = Steer.lm_steer(A, B, epsilon=0.5, model={"spec": lm.spec, "fingerprint": lm.fingerprint})
+    batch = batch_of(lm)
+    rows = multi.tensors["vector"]
+    summed = multi_steer(lm, torch.stack([3.0 * rows[0], 3.0 * rows[1] - 1.0 * single.tensors["vector"]]), [1, 3], eps=1.0)
+    with steered(lm, [(multi, 1.5), (single, -2.0), (front, 1.0)]):
+        alone = logits_of(lm, batch)
+    with steered(lm, [(summed, 1.0), (front, 1.0)]):
+        torch.testing.assert_close(logits_of(lm, batch), alone, atol=1e-5, rtol=1e-5)
+    heads = []
+    hook = lm.lm_head.register_forward_pre_hook(lambda m, a: heads.append(a[0].clone()))
+    try:
+        with steered(lm, [(multi, 1.5), (single, -2.0), (front, 1.0)]):
+            logits_of(lm, batch)
+    finally:
+        hook.remove()
+    h = heads[0]
+    expected = (h + 2.0 * 0.5 * (h @ A) @ B.T) @ lm.output_embeddings.T
+    with steered(lm, [(multi, 1.5), (lms, 2.0), (single, -2.0), (front, 1.0)]):
+        torch.testing.assert_close(logits_of(lm, batch), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("meta,rows,match", [
+    ({"layers": [1, 1]}, 2, r"'layers' repeats a layer: \[1, 1\]"),
+    ({"layers": [0, 3]}, 2, "acts at layer 3, but this model has 2 decoder layers"),
+    ({"layers": [-1, 1]}, 2, "acts at layer -1"),
+    ({"layers": [0, 1, 2]}, 2, "lists 3 layers but its vector has 2 rows"),
+    ({"layers": [0, 1], "positions": "front"}, 2, "acts on all positions"),
+    ({"layers": "0,1"}, 2, "list of layer indices"),
+    ({"layer": 3}, None, "acts at layer 3"),
+    ({}, None, "no integer 'layer'"),
+])
+def test_bad_layer_metadata_is_a_one_line_error(meta, rows, match):
+    lm = tiny_model("llama")
+    s = Steer("actadd", {"vector": torch.ones(D) if rows is None else torch.ones(rows, D)}, meta={"positions": "all", **meta})
+    with pytest.raises(SteerportError, match=match) as err:
+        with steered(lm, [(s, 1.0)]):
+            pass
+    assert "\n" not in str(err.value)
+
+
+def mixed_texts(n, seed=0):
+    """n distinct word salads from the corpus vocabulary (distinct positions for fitting maps)."""
+    import random
+
+    words = " ".join(dict.fromkeys(CORPUS)).split()
+    rng = random.Random(seed)
+    return [" ".join(rng.sample(words, 12)) for _ in range(n)]
+
+
+def test_multi_layer_map_transfer_to_a_shallower_model():
+    src, tgt = tiny_model("llama", n_layers=4), tiny_model("gpt2")
+    s = multi_steer(src, torch.randn(4, D, generator=torch.Generator().manual_seed(10)), [1, 2, 3, 4], eps=2.0)
+    texts = mixed_texts(16)
+    t = transfer_actadd(s, src, tgt, texts, method="map", calibrate=False)
+    lin = t.meta["lineage"]
+    assert lin["source_layers"] == [1, 2, 3, 4] and lin["target_layers"] == [0, 1, 1, 2]  # round(f·2), 4 -> after the last
+    assert t.meta["layers"] == [0, 1, 2] and "layer" not in t.meta and t.meta["n_layers"] == 2
+    assert t.tensors["vector"].shape == (3, D) and len(lin["map_heldout_r2"]) == 4
+    # rows landing on the same target layer are summed; each is what a single-layer transfer carries
+
+    def one(L):  # source row for layer L carried alone, as a single-layer steer
+        single = Steer("actadd", {"vector": s.tensors["vector"][L - 1]}, epsilon=2.0,
+                       meta={"layer": L, "n_layers": 4, "positions": "all"})
+        return transfer_actadd(single, src, tgt, texts, method="map", calibrate=False).tensors["vector"]
+
+    torch.testing.assert_close(t.tensors["vector"][1], one(2) + one(3), atol=1e-5, rtol=1e-5)
+    assert t.epsilon == s.epsilon and mean_kl(tgt, texts, [(t, 1.0)], max_tokens=64) > 1e-4  # applies on the target
+    with pytest.raises(SteerportError, match="no prompt pairs.*method='map'"):
+        transfer_actadd(s, src, tgt, texts, method="recipe")
+    s.meta["pairs"] = [[" love", " hate"]]
+    with pytest.raises(SteerportError, match="acts on 4 layers, use method='map'"):
+        transfer_actadd(s, src, tgt, texts, method="recipe")
+
+
+def rebased_llama(lm, alpha, S):
+    """A copy of a tiny llama whose residual stream is alpha · h · S at every layer (S a signed permutation),
+    computing the same function: readers W ← W S, writers W ← alpha Sᵀ W, RMSNorm weights permuted."""
+    import copy
+
+    from steerport.models import LoadedModel
+
+    model = copy.deepcopy(lm.model)
+    perm = S.abs().argmax(0)  # S[perm[j], j] = ±1
+    m = model.model
+    with torch.no_grad():
+        m.embed_tokens.weight.copy_(alpha * m.embed_tokens.weight @ S)
+        norms = [m.norm] + [n for block in m.layers for n in (block.input_layernorm, block.post_attention_layernorm)]
+        for norm in norms:
+            norm.weight.copy_(norm.weight[perm])
+        for block in m.layers:
+            for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.mlp.gate_proj, block.mlp.up_proj):
+                lin.weight.copy_(lin.weight @ S)
+            for lin in (block.self_attn.o_proj, block.mlp.down_proj):
+                lin.weight.copy_(alpha * S.T @ lin.weight)
+        model.lm_head.weight.copy_(model.lm_head.weight @ S)
+    return LoadedModel("tiny-llama-rebased", model, lm.tokenizer)
+
+
+def test_multi_layer_map_transfer_through_a_change_of_basis_reproduces_the_effect():
+    src = tiny_model("llama")
+    for module in src.model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 1e-12  # RMSNorm then ignores the scale alpha (to ~1e-8)
+    g = torch.Generator().manual_seed(11)
+    S = torch.eye(D)[torch.randperm(D, generator=g)] * torch.where(torch.rand(D, generator=g) < 0.5, -1.0, 1.0)
+    tgt = rebased_llama(src, 3.0, S)
+    batch = batch_of(src)
+    torch.testing.assert_close(logits_of(tgt, batch), logits_of(src, batch), atol=1e-5, rtol=1e-5)
+    rows = torch.randn(3, D, generator=g) * 0.05
+    s = multi_steer(src, rows, [0, 1, 2], eps=1.0)
+    # a negligible ridge, so the least-squares map is exactly K = alpha S (the default 1e-3 shrinks rare directions)
+    t = transfer_actadd(s, src, tgt, mixed_texts(40), method="map", calibrate=False, ridge=1e-9)
+    assert t.meta["layers"] == [0, 1, 2] and min(t.meta["lineage"]["map_heldout_r2"]) > 0.99999
+    torch.testing.assert_close(t.tensors["vector"], 3.0 * rows @ S, atol=1e-4, rtol=0)
+    with steered(src, [(s, 1.0)]):
+        want = logits_of(src, batch)
+    with steered(tgt, [(t, 1.0)]):
+        got = logits_of(tgt, batch)
+    assert (want - logits_of(src, batch)).abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -158,3 +158,41 @@ def test_imported_vector_acts_where_llama_cpp_adds_it(tmp_path):
     with torch.no_grad(), steered(lm, [(steer, 1.0)]):
         got = model(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma3_text", "gptj"])
+def test_multi_layer_file_acts_where_llama_cpp_adds_it(tmp_path, arch):
+    """A cvector-generator-style file (directions 1 .. n_layers-1): import -> apply, and export -> import -> apply,
+    both equal llama.cpp's semantics, emulated by forward hooks adding direction.N to the output of block N."""
+    from steerport.actadd import decoder_layers
+    from steerport.hooks import steered
+    from tests.tiny import tiny_model
+
+    lm = tiny_model(arch, n_layers=4)
+    rng = np.random.default_rng(0)
+    dirs = {N: rng.standard_normal(D).astype(np.float32) for N in (1, 2, 3)}  # 3: after the last block
+    steer = import_control_vector(write_raw(tmp_path / "c.gguf", {f"direction.{N}": d for N, d in dirs.items()}))
+    assert steer.meta["layers"] == [2, 3, 4] and steer.tensors["vector"].shape == (3, D)
+    batch = lm.tokenizer(["The movie was wonderful.", "I hate it."], return_tensors="pt", padding=True)
+
+    def llama_cpp(scale):
+        def add(d):
+            return lambda m, a, o: (o[0] + d, *o[1:]) if isinstance(o, tuple) else o + d
+
+        blocks = decoder_layers(lm.model)
+        handles = [blocks[N].register_forward_hook(add(scale * torch.from_numpy(d))) for N, d in dirs.items()]
+        try:
+            with torch.no_grad():
+                return lm.model(**batch).logits
+        finally:
+            for h in handles:
+                h.remove()
+
+    with torch.no_grad(), steered(lm, [(steer, 1.0)]):
+        got = lm.model(**batch).logits
+    torch.testing.assert_close(got, llama_cpp(1.0), atol=1e-5, rtol=1e-5)
+    again = import_control_vector(export_control_vector(steer, tmp_path / "again.gguf", value=-2.0, model_hint=arch))
+    assert again.meta["layers"] == [2, 3, 4]
+    with torch.no_grad(), steered(lm, [(again, 1.0)]):
+        got = lm.model(**batch).logits
+    torch.testing.assert_close(got, llama_cpp(-2.0), atol=1e-5, rtol=1e-5)

@@ -189,3 +189,11 @@ def test_refuses_foreign_steer_and_empty_list():
         merge_into_model(lm, [])
     with pytest.raises(SteerportError, match="vocabulary"):
         merge_into_model(tiny_model("gpt2"), [(Steer("token-prob", {"token_ids": torch.tensor([10**6]), "delta": torch.ones(1, D)}), 1.0)])
+
+
+def test_refuses_multi_layer_actadd():
+    lm = tiny_model("gpt2")
+    act = Steer("actadd", {"vector": torch.ones(3, D)}, meta={"layers": [0, 1, 2], "positions": "all"})
+    with pytest.raises(SteerportError, match=r"cannot be folded.*decoder layers 0, 1, 2 \(all positions\).*bias") as err:
+        merge_into_model(lm, [(act, 2.0)])
+    assert "\n" not in str(err.value)

@@ -57,13 +57,17 @@ CONFIGS = {
 ARCHS = list(CONFIGS)
 
 
-def tiny_model(arch: str = "llama", *, tied: bool | None = None, head_bias: bool = False, seed: int = 0) -> LoadedModel:
-    """A random tiny model of ``arch``; ``tied`` overrides weight tying, ``head_bias`` adds an LM-head bias."""
+def tiny_model(arch: str = "llama", *, tied: bool | None = None, head_bias: bool = False, seed: int = 0,
+               n_layers: int | None = None) -> LoadedModel:
+    """A random tiny model of ``arch``; ``tied`` overrides weight tying, ``head_bias`` adds an LM-head bias,
+    ``n_layers`` changes the number of decoder layers (default 2)."""
     from transformers import AutoConfig
 
     tok = tiny_tokenizer()
     kw = dict(CONFIGS[arch])
     model_type = kw.pop("model_type")
+    if n_layers is not None:
+        kw["n_layer" if "n_layer" in kw else "num_hidden_layers"] = n_layers
     kw.update(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
               pad_token_id=tok.pad_token_id)
     if tied is not None:
