@@ -209,9 +209,8 @@ def test_pull_returns_cached_model_without_work(home, monkeypatch):
 
 @pytest.mark.integration
 def test_cached_smollm2_is_a_real_model():
-    """If smollm2-135m is in the cache, it loads as a plain HF model and is a sane LM."""
-    if not is_cached("smollm2-135m"):
-        pytest.skip("smollm2-135m not pulled (run steerport.catalog.pull('smollm2-135m'))")
+    """The pulled smollm2-135m loads as a plain HF model and is a sane LM (pulled first if not cached)."""
+    pull("smollm2-135m", progress=False)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
