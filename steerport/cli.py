@@ -397,6 +397,7 @@ def train(
     workdir: Annotated[Optional[Path], typer.Option(help="Folder for the cache and checkpoints (default OUT.work); rerun the same command to resume.")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard saved progress in the work folder and start over.")] = False,
     keep_cache: Annotated[bool, typer.Option("--keep-cache", help="Keep the work folder (cache, checkpoint) after success.")] = False,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Warm start: begin from this steer of MODEL (e.g. one transferred from another model) instead of random factors; its rank is used.")] = None,
 ):
     """Train an LM-Steer steer: one pass of the frozen model caches its final hidden states, then
     the low-rank steer is fitted on the LM head alone. Ctrl-C (or a kill) keeps the progress:
@@ -411,12 +412,17 @@ def train(
       steerport train smollm2-135m --data sst5_train.jsonl --label-field lmsteer_label --real-labels --out sst5.st
 
       steerport train smollm2-135m --positive happy.txt --negative sad.txt --out mood.st
+
+      steerport train gemma3-270m --data sst2 --init positive.gemma3.st --steps 20 --out positive.native.st
     """
 
     from steerport.data import DataOptions, load_data
     from steerport.models import load_model
+    from steerport.steer import Steer
     from steerport.train import TrainConfig, remove_workdir
     from steerport.train import train as do_train
+
+    init_steer = Steer.load(init) if init is not None else None
 
     if out_path.suffix != ".st":
         raise SteerportError(f"{out_path}: the output should be a .st file")
@@ -439,7 +445,7 @@ def train(
     bar, update = _train_progress()
     try:
         with bar:
-            result = do_train(lm, dataset, config, workdir=wd, progress=update)
+            result = do_train(lm, dataset, config, workdir=wd, progress=update, init=init_steer)
     except KeyboardInterrupt:
         console.print(f"[yellow]stopped[/]: progress saved in {wd}; run the same command again to resume")
         raise SystemExit(130) from None

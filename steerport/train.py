@@ -38,7 +38,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -589,6 +589,7 @@ def train(
     workdir: str | Path | None = None,
     progress: ProgressFn | None = None,
     stop_after_step: int | None = None,
+    init: Steer | None = None,
 ) -> TrainResult:
     """Train an LM-Steer steer on ``data``: cache the body's output once, fit A, B on the head.
 
@@ -596,8 +597,13 @@ def train(
     (Ctrl-C, SIGTERM, kill) resumes where it stopped; identical data and settings give the
     identical steer either way. ``progress(phase, info)`` receives updates ("cache", "fit",
     "eval"). ``stop_after_step`` simulates an interruption after that step (tests).
+    ``init`` starts the fit from an existing steer of this model (a warm start, e.g. from a
+    transferred steer) instead of random factors; its rank replaces ``config.rank``.
     """
     config = config or TrainConfig()
+    if init is not None:
+        _check_init(lm, init)
+        config = replace(config, rank=init.rank)
     config.check()
     t_start = time.perf_counter()
     texts = [e.text for e in data.train] + [e.text for e in data.heldout]
@@ -610,6 +616,7 @@ def train(
     cache_key = _key({"model": lm.fingerprint, "spec": lm.spec, "tokens": _key(token_lists), "dtype": str(model_dtype),
                       "cache_dtype": config.cache_dtype})
     fit_key = _key({"cache": cache_key, "labels": labels.tolist(), "n_train": n_train_texts,
+                    "init": init.fingerprint if init is not None else None,
                     **{k: v for k, v in asdict(config).items() if k not in ("cache_tokens_per_batch", "checkpoint_every")}})
     wd = Path(workdir) if workdir is not None else None
     resumed = _prepare_workdir(wd, cache_key, fit_key)
@@ -634,6 +641,8 @@ def train(
 
         # ---- phase 2: the fit on the cache
         fitter = Fitter(lm, cache, labels, config)
+        if init is not None:  # the init steer's scale folded into A, at this run's base scale ε₀
+            fitter.load_tensors({**fitter.tensors(), "A": init.A * (init.epsilon / config.epsilon), "B": init.B})
         if config.head == "topk":
             if fitter.softcap:
                 raise SteerportError(f"{lm.spec}: head='topk' does not support logit softcapping; use head='exact'")
@@ -701,6 +710,7 @@ def train(
         "results": results,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "history": state["history"],
+        "init": {"steer": init.fingerprint, "model": dict(init.model), "epsilon": init.epsilon} if init is not None else None,
         "domain": ("always-on domain component domain.A/domain.B at base scale; applied by "
                    "steerport.hooks.steered only with include_domain=True") if config.domain else None,
     }
@@ -712,6 +722,18 @@ def train(
         meta={"training": training, "data": data.summary, "steerport_version": __version__},
     )
     return TrainResult(steer, results, state["history"])
+
+
+def _check_init(lm: LoadedModel, init: Steer) -> None:
+    if init.kind != "lm-steer":
+        raise SteerportError(f"a warm start needs an lm-steer steer, this one is {init.kind!r}")
+    if init.hidden_size != lm.hidden_size:
+        raise SteerportError(f"the init steer has hidden size {init.hidden_size} but {lm.spec!r} has {lm.hidden_size}; "
+                             "transfer it to this model first (steerport transfer)")
+    want = init.model.get("fingerprint")
+    if want and want != lm.fingerprint:
+        raise SteerportError(f"the init steer was made for {init.model.get('spec')!r} (fingerprint {want}), not for "
+                             f"{lm.spec!r} ({lm.fingerprint}); transfer it to this model first")
 
 
 def _cached_topk_stats(fitter: Fitter, wd: Path | None, cache_key: str, k: int, notify: ProgressFn) -> TopKStats:

@@ -176,6 +176,20 @@ def test_deterministic_with_a_seed():
     assert not torch.equal(a.A, c.A)
 
 
+def test_warm_start_begins_at_the_init_steer_and_checks_it():
+    lm = tiny_model("llama")
+    first = train(lm, make_data(), cfg(rank=3)).steer
+    first.epsilon *= 4  # a transferred steer carries its own scale; the fit folds it into A
+    # a learning rate too small to move anything: the result is the init steer at this run's ε₀
+    again = train(lm, make_data(), cfg(rank=8, lr=1e-30, patience=100), init=first)
+    assert again.steer.rank == 3 and again.steer.meta["training"]["init"]["steer"] == first.fingerprint
+    assert torch.allclose(again.steer.A * again.steer.epsilon, first.A * first.epsilon)
+    assert torch.equal(again.steer.B, first.B)
+    other = tiny_model("gpt2")
+    with pytest.raises(SteerportError, match="transfer it to this model first"):
+        train(other, make_data(), cfg(), init=first)
+
+
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     lm = tiny_model("llama")
     whole = train(lm, make_data(), cfg(patience=100), workdir=tmp_path / "a")
