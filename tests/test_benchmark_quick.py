@@ -29,6 +29,10 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     assert {"default", "form=paper", "form=hidden", "method=ridge", "method=procrustes", "calibration=none", "anchor"} <= set(abl)
     warm = data["warm"]["sentiment"]
     assert warm["curves"]["scratch"][0]["step"] == 0 and len(warm["curves"]["warm"]) >= 2
+    # the warm-small run trains on fewer texts, so its body pass is its own and shorter in texts
+    assert warm["runs"]["warm-small"]["texts"] < warm["runs"]["scratch"]["texts"]
+    # step 0 of both warm runs is the transferred steer itself, on the same held-out texts
+    assert warm["curves"]["warm"][0]["auc"] == warm["curves"]["warm-small"][0]["auc"]
     # a second run reuses every cached stage
     again = main(["--quick", "--task", "sentiment", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out2"),
                   "--stages", "train,transfer,evaluate,report", "--no-warm"])
