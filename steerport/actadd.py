@@ -346,7 +346,7 @@ def calibrate_value(
     target_kl: float,
     *,
     start: float = 1.0,
-    iters: int = 8,
+    iters: int = 16,
     tol: float = 0.03,
     max_tokens: int = 64,
     batch_size: int = 8,
@@ -354,7 +354,8 @@ def calibrate_value(
     """The value s at which κ(s) (mean KL from the unsteered model on ``texts``) matches ``target_kl``.
 
     κ of an additive steer grows like a power of s (≈ s² when small), so we step in log-log
-    space: s ← s · (target/κ)^(1/p) with p the measured local exponent (2 at first), until
+    space: s ← s · (target/κ)^(1/p) with p the measured local exponent (2 at first), bisecting
+    the bracket of values seen so far when that step leaves it, until
     |log κ/target| < ``tol``. The unsteered log-probs are computed once. Returns (s, κ(s)).
     """
     from steerport.hooks import steered
@@ -378,14 +379,21 @@ def calibrate_value(
 
     s, k = start, kappa(start)
     prev = None
+    lo, hi = 0.0, math.inf  # values known to fall short of / overshoot the target
     for _ in range(iters):
         if k > 0 and abs(math.log(k / target_kl)) < tol:
             break
+        if k < target_kl:
+            lo = max(lo, s)
+        else:
+            hi = min(hi, s)
         p = 2.0
         if prev is not None and prev[1] > 0 and k > 0 and prev[0] != s:
             p = min(max(math.log(k / prev[1]) / math.log(s / prev[0]), 0.5), 4.0)
         prev = (s, k)
         s = s * (target_kl / max(k, 1e-12)) ** (1 / p)
+        if not lo < s < hi and lo > 0 and hi < math.inf:  # the power-law step left the bracket: bisect it
+            s = math.sqrt(lo * hi)
         k = kappa(s)
     return s, k
 

@@ -7,7 +7,9 @@ a hub id (org/name), a local model directory or a .gguf file.
 from __future__ import annotations
 
 import json
+import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -636,21 +638,34 @@ def actadd_cmd(
     layer: Annotated[str, typer.Option(help="Decoder layer: an index (6, -3) or a fraction of depth (0.25).")] = "0.2",
     coeff: Annotated[float, typer.Option(help="Recommended coefficient c (stored as the base scale; the paper uses 5 for Love-Hate).")] = 5.0,
     positions: Annotated[str, typer.Option(help="front (paper: the prompt's first P positions) or all.")] = "front",
+    kappa: Annotated[Optional[float], typer.Option(help="Instead of --coeff: the coefficient at which the mean KL from the unsteered model on neutral text (bundled WikiText-2) is KAPPA nats/token, e.g. 0.1. Recommended for --positions all.")] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
 ):
     """ActAdd: the residual-stream difference of prompt pairs at a decoder layer, as a steer."""
-    from steerport.actadd import make_actadd
+    from steerport.actadd import calibrate_value, make_actadd
     from steerport.models import load_model
 
     if len(plus) != len(minus):
         raise SteerportError(f"give one --minus per --plus (got {len(plus)} --plus and {len(minus)} --minus)")
+    if kappa is not None and not (kappa > 0 and math.isfinite(kappa)):
+        raise SteerportError(f"--kappa must be a positive number of nats per token, got {kappa}")
     lm = load_model(model, dtype=dtype, device=device)
     steer = make_actadd(lm, list(zip(plus, minus)), layer=layer, coeff=coeff, positions=positions)
+    note = ""
+    if kappa is not None:
+        with console.status(f"finding the coefficient for κ = {kappa:g} nats/token"):
+            unit = replace(steer, epsilon=1.0)
+            steer.epsilon, reached = calibrate_value(lm, unit, _texts(None, 16), kappa, start=coeff)
+        steer.meta["coefficient_for_kappa"] = {"kappa": kappa, "reached": reached, "neutral_texts": 16}
+        note = f" (κ = {reached:.3g} nats/token on neutral text)"
+        if abs(math.log(reached / kappa)) > 0.1:
+            console.print(f"[yellow]note:[/] κ = {kappa:g} was not reached (closest {reached:.3g}); this vector's effect "
+                          "may saturate below it at this layer")
     steer.save(out_path)
     v = steer.tensors["vector"]
     console.print(f"[green]wrote[/] {out_path}: layer {steer.meta['layer']}/{steer.meta['n_layers']}, "
-                  f"vector {tuple(v.shape)}, |v| {v.norm():.3g}, coefficient {coeff:g}, {len(plus)} pair(s)")
+                  f"vector {tuple(v.shape)}, |v| {v.norm():.3g}, coefficient {steer.epsilon:.4g}{note}, {len(plus)} pair(s)")
 
 
 @app.command("actadd-transfer")

@@ -70,6 +70,18 @@ def test_token_steer_analyze_transfer_and_mixed_generate(model_dirs, tmp_path):
     assert Steer.load(dst).model["spec"] == llama
 
 
+def test_actadd_coefficient_for_a_kl_budget(model_dirs, tmp_path):
+    gpt2, _, _ = model_dirs
+    st = tmp_path / "calm.st"
+    ok(["actadd", gpt2, "--plus", " love", "--minus", " hate", "--layer", "1", "--positions", "all",
+        "--kappa", "0.002", "--out", str(st)])
+    s = Steer.load(st)
+    rec = s.meta["coefficient_for_kappa"]
+    assert rec["kappa"] == 0.002 and abs(rec["reached"] / 0.002 - 1) < 0.05 and s.epsilon != 5.0
+    res = runner.invoke(app, ["actadd", gpt2, "--plus", "a", "--minus", "b", "--kappa", "-1", "--out", str(st)])
+    assert res.exit_code != 0
+
+
 def test_transfer_command_carries_every_kind(model_dirs, tmp_path):
     """`steerport transfer` dispatches on the steer's kind: ActAdd by recipe/map, token-prob by surface."""
     gpt2, llama, text = model_dirs
