@@ -187,7 +187,7 @@ def main() -> None:
         "benchmark": "bench_train", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "fast_bf16": cpu_has_fast_bf16(), "load_average_at_end": os.getloadavg(),
-                    "note": "2 CPU cores shared with other engineers' jobs while this ran; compare ratios, not seconds"},
+                    "note": "compare ratios, not seconds; a load average above the core count means other jobs shared the CPU"},
         "settings": {**vars(args), "out": str(args.out), "tokens_per_batch": tokens_per_batch,
                      "model_dtype": str(lm.dtype).removeprefix("torch."),
                      "train_texts": len(data.train), "heldout_texts": len(data.heldout),
@@ -229,8 +229,9 @@ def main() -> None:
         f"{result['date']}; model {args.model} ({result['settings']['model_dtype']}); data {args.data}: "
         f"{len(data.train)} train / {len(data.heldout)} held-out texts, {result['settings']['train_tokens']} train tokens; "
         f"rank {args.rank}, lr {args.lr}, ε₀ {args.epsilon}, {args.steps} steps of {args.batch_texts} texts "
-        f"(~{tokens_per_batch} tokens), seed {args.seed}. CPU: {os.cpu_count()} cores **shared with other jobs** "
-        f"(load average at the end {os.getloadavg()[0]:.1f}); bf16 fast path: {cpu_has_fast_bf16()}.", "",
+        f"(~{tokens_per_batch} tokens), seed {args.seed}. CPU: {os.cpu_count()} cores "
+        f"(load average at the end {os.getloadavg()[0]:.1f}: above ~2 means other jobs shared them); "
+        f"bf16 fast path: {cpu_has_fast_bf16()}.", "",
         "| run | wall s (equal steps) | held-out loss | unsteered | held-out AUC | time to anchor's final loss |",
         "|---|---|---|---|---|---|",
         f"| anchor-style loop (body every step, padded) | {t_anchor:.1f} | {res_anchor['heldout_loss_steered']:.5f} | "
