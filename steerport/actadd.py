@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from steerport.errors import SteerportError
-from steerport.hooks import APPLIERS, SteerValue, input_of
+from steerport.hooks import APPLIERS, SteerValue, edit_input, input_of
 from steerport.models import LoadedModel
 from steerport.steer import Steer
 
@@ -269,17 +269,6 @@ def _adder(window: _Window, front: torch.Tensor | None, everywhere: torch.Tensor
     return add_to
 
 
-def _pre_hook(add_to: Callable[[torch.Tensor], torch.Tensor]):
-    """On decoder block L: change the stream entering it."""
-
-    def hook(module, args, kwargs):
-        if args:
-            return (add_to(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": add_to(kwargs["hidden_states"])}
-
-    return hook
-
-
 def _post_hook(add_to: Callable[[torch.Tensor], torch.Tensor]):
     """On the last decoder block: change the stream leaving it (layer n_layers)."""
 
@@ -315,19 +304,19 @@ def apply_actadd(lm: LoadedModel, items: Sequence[SteerValue]) -> Callable[[], N
                 total[: v.shape[0]] += v
                 slot[0] = total
     window = _Window()
-    handles = [lm.model.register_forward_pre_hook(_window_pre_hook(window), with_kwargs=True)]
+    removers = [lm.model.register_forward_pre_hook(_window_pre_hook(window), with_kwargs=True).remove]
     for layer, (front, everywhere) in per_layer.items():
         front = None if front is None else front.to(lm.device)
         everywhere = None if everywhere is None else everywhere.to(lm.device)
         add_to = _adder(window, front, everywhere)
-        if layer < n:
-            handles.append(blocks[layer].register_forward_pre_hook(_pre_hook(add_to), with_kwargs=True))
+        if layer < n:  # the stream entering block `layer`
+            removers.append(edit_input(blocks[layer], add_to))
         else:  # layer n: the stream after the last block, before the final norm
-            handles.append(blocks[n - 1].register_forward_hook(_post_hook(add_to)))
+            removers.append(blocks[n - 1].register_forward_hook(_post_hook(add_to)).remove)
 
     def remove() -> None:
-        for h in handles:
-            h.remove()
+        for r in removers:
+            r()
 
     return remove
 
