@@ -277,21 +277,19 @@ class Mapping:
         """Read and validate a mapping file; problems become one-line SteerportErrors."""
         from safetensors.torch import load as st_load
 
+        from steerport.steer import read_json_metadata
+
         path = Path(path)
         if not path.is_file():
             raise SteerportError(f"{path}: no such mapping file")
         data = path.read_bytes()
-        n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-        if n <= 0 or 8 + n > len(data):
-            raise SteerportError(f"{path}: not a safetensors mapping file (or truncated)")
+        meta = read_json_metadata(path, data, FORMAT, "a steerport mapping file")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("version"), int):
+            raise SteerportError(f"{path}: metadata format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
         try:
-            header = json.loads(data[8 : 8 + n])
-            meta = json.loads(header["__metadata__"][FORMAT])
             tensors = st_load(data)
-        except Exception:
-            raise SteerportError(f"{path}: not a steerport mapping file (no valid {FORMAT} metadata)") from None
-        if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int):
-            raise SteerportError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
+        except Exception as e:  # safetensors raises several types for broken files
+            raise SteerportError(f"{path}: damaged safetensors data ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         if meta["version"] > VERSION:
             raise SteerportError(f"{path}: written by a newer steerport (mapping format {meta['version']})")
         if "H" not in tensors or "G" not in tensors:

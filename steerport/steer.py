@@ -185,8 +185,9 @@ def _one_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
-    """Parse the safetensors header by hand so broken files get precise messages."""
+def read_json_metadata(path: Path, data: bytes, key: str, what: str) -> Any:
+    """The JSON document stored under ``key`` in a safetensors file's metadata, parsed by hand
+    from the header so that broken files get precise one-line messages (``what``: "a .st steer")."""
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK":
         raise SteerportError(f"{path}: this is a pickle/zip file, not safetensors; steerport never unpickles files")
     if len(data) < 8:
@@ -196,15 +197,20 @@ def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
         raise SteerportError(f"{path}: not a safetensors file, or truncated (header of {n} bytes in a {len(data)}-byte file)")
     try:
         header = json.loads(data[8 : 8 + n])
-        doc = header.get("__metadata__", {}).get("steerport")
+        doc = header.get("__metadata__", {}).get(key)
     except (ValueError, AttributeError):
         raise SteerportError(f"{path}: corrupted safetensors header") from None
     if doc is None:
-        raise SteerportError(f"{path}: a safetensors file without steerport metadata; not a .st steer")
+        raise SteerportError(f"{path}: a safetensors file without {key} metadata; not {what}")
     try:
-        meta = json.loads(doc)
+        return json.loads(doc)
     except ValueError:
-        raise SteerportError(f"{path}: steerport metadata is not valid JSON") from None
+        raise SteerportError(f"{path}: {key} metadata is not valid JSON") from None
+
+
+def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
+    """The validated steerport metadata of a .st file."""
+    meta = read_json_metadata(path, data, "steerport", "a .st steer")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SteerportError(f"{path}: metadata format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
     version = meta.get("version")

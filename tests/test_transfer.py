@@ -312,7 +312,7 @@ def test_mapping_file_round_trip(tmp_path):
 def test_bad_mapping_files_refused(tmp_path):
     p = tmp_path / "x.safetensors"
     p.write_bytes(b"\x05\x00")
-    with pytest.raises(SteerportError, match="not a safetensors mapping"):
+    with pytest.raises(SteerportError, match="truncated"):
         Mapping.load(p)
     with pytest.raises(SteerportError, match="no such mapping"):
         Mapping.load(tmp_path / "missing.safetensors")
