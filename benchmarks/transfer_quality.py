@@ -437,8 +437,8 @@ def summarize(evals: dict, models: list[str], task_names: list[str], seeds_for: 
             rep = evals.get(f"{task}/{short(ablation_pair[1])}")
             if rep:
                 S = rep["steers"]
-                for name, r in S.items():
-                    if name.startswith(f"{short(ablation_pair[0])}."):
+                for name, r in S.items():  # seed 0 only: the variants other than "default" exist for seed 0
+                    if name.startswith(f"{short(ablation_pair[0])}.") and name.endswith(".s0"):
                         var = name.split(".", 1)[1].rsplit(".s", 1)[0]
                         abl[var] = {"retained_effect": r["retained_effect"], "auc": r["auc"],
                                     "agreement": r["agreement"]["native.s0"], "value_ratio": r["value_ratio"],
