@@ -258,19 +258,13 @@ class Mapping:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically as safetensors + JSON metadata."""
-        from safetensors.torch import save as st_save
+        from steerport.steer import write_json_safetensors
 
-        from steerport.steer import atomic_write_bytes
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"H": self.H.float().contiguous(), "G": self.G.float().contiguous()}
         if self.mean_src is not None:
             tensors["mean_src"] = self.mean_src.float().contiguous()
             tensors["mean_tgt"] = self.mean_tgt.float().contiguous()
-        data = st_save(tensors, metadata={FORMAT: json.dumps(self.metadata(), ensure_ascii=False)})
-        atomic_write_bytes(path, data)
-        return path
+        return write_json_safetensors(path, tensors, FORMAT, self.metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Mapping":

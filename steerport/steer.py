@@ -128,12 +128,8 @@ class Steer:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a temporary file in the same folder, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
-        data = st_save(tensors, metadata={"steerport": json.dumps(self.metadata(), ensure_ascii=False)})
-        atomic_write_bytes(path, data)
-        return path
+        return write_json_safetensors(path, tensors, "steerport", self.metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Steer":
@@ -183,6 +179,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def _one_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def write_json_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], key: str, doc: Any) -> Path:
+    """Write ``tensors`` as safetensors with the JSON document ``doc`` under metadata ``key``,
+    atomically (the counterpart of :func:`read_json_metadata`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, st_save(tensors, metadata={key: json.dumps(doc, ensure_ascii=False)}))
+    return path
 
 
 def read_json_metadata(path: Path, data: bytes, key: str, what: str) -> Any:
