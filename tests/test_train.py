@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steerport.data import Dataset, Example, tokenize
+from steerport.capture import cache_hidden, tokenize
+from steerport.data import Dataset, Example
 from steerport.errors import SteerportError
 from steerport.hooks import steered
 from steerport.steer import Steer
 from steerport.train import (
     Fitter,
     TrainConfig,
-    build_cache,
     head_token_loss,
     train,
 )
@@ -93,12 +93,12 @@ def setup_fit(lm, data, config):
     texts = [e.text for e in data.train]
     labels = torch.tensor([e.label for e in data.train])
     tl = tokenize(lm.tokenizer, texts, 64)
-    cache = build_cache(lm, tl, cache_dtype=torch.float32, tokens_per_batch=40)
+    cache = cache_hidden(lm, token_lists=tl, predicted_only=True, dtype=torch.float32, tokens_per_batch=40)
     return Fitter(lm, cache, labels, config), tl, labels
 
 
 def text_positions(fitter, text_ids):
-    return torch.nonzero(torch.isin(fitter.cache.text, torch.tensor(text_ids))).flatten()
+    return torch.nonzero(torch.isin(fitter.cache.text_id, torch.tensor(text_ids))).flatten()
 
 
 @pytest.mark.parametrize("arch, bias, cap", [("llama", False, None), ("gpt2", False, None), ("gemma3_text", False, 3.0),
@@ -275,6 +275,19 @@ def test_bad_settings(kw, expect):
         train(tiny_model("llama"), make_data(), cfg(**kw))
 
 
+@pytest.mark.parametrize("name", ["lr", "epsilon", "init_scale", "epochs", "weight_decay", "min_improvement"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_float_settings_are_refused(name, value):
+    """Every float setting must be finite, even where the run would not read it (epochs beside steps)."""
+    config = cfg(**{name: value})
+    with pytest.raises(SteerportError) as e:
+        config.check()
+    msg = str(e.value)
+    assert "\n" not in msg and name.replace("_", " ") in msg.replace("_", " ")
+    assert ("finite" in msg or "positive" in msg) and str(value) in msg
+    cfg().check()  # the finite defaults pass
+
+
 def test_single_token_texts_and_foreign_heads_are_refused():
     lm = tiny_model("llama")
     one = Dataset([Example("a", 1.0, ""), Example("b", -1.0, "")], [], "p")
@@ -338,7 +351,7 @@ def test_topk_approximation_is_exact_without_a_tail_and_at_zero_steer():
     lm = tiny_model("llama", head_bias=True)
     data = make_data(1, heldout=0)
     fitter, _, _ = setup_fit(lm, data, TrainConfig(rank=3, epsilon=0.5, init_scale=0.3))
-    idx = torch.arange(fitter.cache.n_tokens)
+    idx = torch.arange(fitter.cache.n_positions)
     V = fitter.E.shape[0]
     u = torch.randn(len(idx), 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
     B = fitter.params["B"].detach().clone().requires_grad_()
@@ -373,6 +386,12 @@ def test_topk_training_runs_and_resumes(tmp_path):
     assert torch.equal(whole.steer.A, resumed.steer.A)
     with pytest.raises(SteerportError, match="head must be"):
         train(lm, make_data(), cfg(head="fast"))
+
+
+def test_a_damaged_work_folder_manifest_is_a_one_line_error(tmp_path):
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(SteerportError, match="run.json: unreadable work-folder manifest .*delete the work folder"):
+        train(tiny_model("llama"), make_data(), cfg(steps=1), workdir=tmp_path)
 
 
 def test_work_folder_cleanup_only_touches_our_files(tmp_path):
