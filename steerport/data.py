@@ -280,10 +280,10 @@ def load_data(opts: DataOptions) -> Dataset:
         examples += ex
         counts = {k: counts[k] + c[k] for k in counts}
         sources.append({"file": str(path), "sha256": sha256_file(path), "examples": len(ex), **class_counts(ex)})
-    if pair[0] is not None:
-        ex = read_text_pair(*pair)
+    if opts.positive_file is not None and opts.negative_file is not None:
+        ex = read_text_pair(opts.positive_file, opts.negative_file)
         examples += ex
-        for path, sign in ((Path(pair[0]), 1), (Path(pair[1]), -1)):
+        for path, sign in ((Path(opts.positive_file), 1), (Path(opts.negative_file), -1)):
             sources.append({"file": str(path), "sha256": sha256_file(path),
                             "examples": sum((e.label > 0) == (sign > 0) for e in ex), "class": "positive" if sign > 0 else "negative"})
     train, heldout = split(examples, limit_per_class=opts.limit_per_class,

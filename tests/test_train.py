@@ -155,6 +155,26 @@ def test_trained_steer_applied_by_hooks_gives_the_fitted_loss():
         with steered(lm, [(steer, s)]):
             total += full_model_loss(lm, {"A": torch.zeros(32, 1), "B": torch.zeros(32, 1)}, 0.0, [t], [0.0]).item() * (len(t) - 1)
     assert abs(total / n_tok - result.results["heldout_loss_steered"]) < 1e-4
+    # separation and AUC, recomputed from the full model: mean per-token log-likelihood of each text at s = 0, +1, -1
+    none = {"A": torch.zeros(32, 1), "B": torch.zeros(32, 1)}
+
+    def loglik(value):
+        out = []
+        for t in tl:
+            if value:
+                with steered(lm, [(steer, value)]):
+                    out.append(-full_model_loss(lm, none, 0.0, [t], [0.0]).item())
+            else:
+                out.append(-full_model_loss(lm, none, 0.0, [t], [0.0]).item())
+        return torch.tensor(out, dtype=torch.float64)
+
+    lp0, lpp, lpn = loglik(0.0), loglik(1.0), loglik(-1.0)
+    pos, neg = torch.tensor(signs) > 0, torch.tensor(signs) < 0
+    sep = float((lpp[pos] - lp0[pos]).mean() - (lpp[neg] - lp0[neg]).mean())
+    assert sep > 0 and abs(result.results["separation"] - sep) < 1e-4
+    score = lpp - lpn  # the steer as a classifier; AUC = share of (positive, negative) pairs ranked right
+    auc = float(sum((score[i] > score[j]) + 0.5 * (score[i] == score[j]) for i in torch.nonzero(pos) for j in torch.nonzero(neg)))
+    assert result.results["heldout_auc"] == pytest.approx(auc / (int(pos.sum()) * int(neg.sum())))
 
 
 # --------------------------------------------------------------------------- runs
@@ -238,7 +258,8 @@ def test_early_stopping_and_summary():
     best = min(h["heldout_loss"] for h in r.history)
     assert abs(r.results["heldout_loss_steered"] - best) < 1e-6  # the kept steer is the best one
     assert r.results["best_step"] == min(r.history, key=lambda h: h["heldout_loss"])["step"]
-    assert 0.0 <= r.results["heldout_auc"] <= 1.0
+    assert r.results["heldout_loss_steered"] < r.results["heldout_loss_unsteered"]
+    assert r.results["separation"] > 0 and r.results["heldout_auc"] == 1.0  # held-out texts also occur in training
 
 
 def test_metadata_records_data_settings_timings(tmp_path):
@@ -406,19 +427,22 @@ def test_work_folder_cleanup_only_touches_our_files(tmp_path):
 
 
 @pytest.mark.integration
-def test_real_model_trains_from_the_vendored_slice(tmp_path):
+def test_real_model_trains_from_the_vendored_slice(tmp_path, catalog_model):
     """smollm2-135m on 40 vendored SST-2 sentences: runs end to end, steer applies through hooks."""
     from steerport.data import DataOptions, load_data
-    from steerport.models import load_model
 
-    lm = load_model("smollm2-135m")
+    lm = catalog_model("smollm2-135m")
     data = load_data(DataOptions(files=["sst2"], limit_per_class=20, heldout_fraction=0.2))
     result = train(lm, data, TrainConfig(steps=4, tokens_per_batch=256, eval_every=2), workdir=tmp_path / "w")
     r = result.results
     assert r["steps"] == 4 and r["heldout_texts"] == 8
-    assert r["heldout_loss_unsteered"] > 1.0 and 0.0 <= r["heldout_auc"] <= 1.0
+    assert r["heldout_loss_unsteered"] > 1.0 and r["heldout_loss_steered"] != r["heldout_loss_unsteered"]
+    assert {"separation", "heldout_auc"} <= set(r)
     steer = result.steer
     assert steer.hidden_size == 576 and steer.model["fingerprint"] == lm.fingerprint
     assert steer.meta["data"]["sources"][0]["file"].endswith("sst2_train.jsonl")
-    with steered(lm, [(steer, 1.0)]):
-        pass  # compatible with the model it was trained on
+    ids = lm.tokenizer(["The movie was"], return_tensors="pt")
+    base = lm.model(**ids).logits
+    with steered(lm, [(steer, 100.0)]):  # compatible with the model it was trained on, and it moves the logits
+        moved = lm.model(**ids).logits
+    assert not torch.allclose(base, moved)

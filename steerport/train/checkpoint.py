@@ -138,7 +138,6 @@ class StopFlag:
             raise KeyboardInterrupt
         self.stop = True
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-        return False
