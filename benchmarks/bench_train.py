@@ -29,6 +29,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +67,12 @@ def anchor_loop(lm, data, config: TrainConfig, batch_texts: int, judge, eval_eve
     labels = torch.tensor([e.label for e in data.train])
     tok = lm.tokenizer
     history, clock, cpu, step = [], 0.0, 0.0, 0
-    epoch = 0
-    while step < config.steps:
+    epoch, steps = 0, config.steps or 0  # main() always sets steps
+    while step < steps:
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
         epoch += 1
         for k in range(0, len(order) - batch_texts + 1, batch_texts):
-            if step >= config.steps:
+            if step >= steps:
                 break
             t0, c0 = time.perf_counter(), time.process_time()
             rows = order[k : k + batch_texts]
@@ -89,7 +90,7 @@ def anchor_loop(lm, data, config: TrainConfig, batch_texts: int, judge, eval_eve
             step += 1
             clock += time.perf_counter() - t0
             cpu += time.process_time() - c0
-            if step % eval_every == 0 or step == config.steps:
+            if step % eval_every == 0 or step == steps:
                 held = judge({"A": A.detach().clone(), "B": B.detach().clone()})["heldout_loss_steered"]
                 history.append({"step": step, "heldout_loss": held, "seconds": round(clock, 3), "cpu_seconds": round(cpu, 3)})
                 print(f"anchor step {step}: held-out {held:.5f} ({clock:.1f} s)", flush=True)
@@ -176,7 +177,7 @@ def main() -> None:
     def rel(a, b):
         return abs(a - b) / abs(b)
 
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "bench_train", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "fast_bf16": cpu_has_fast_bf16(), "load_average_at_end": os.getloadavg(),

@@ -246,7 +246,12 @@ def test_changed_settings_restart_the_fit_but_keep_the_cache(tmp_path):
     lm = tiny_model("llama")
     with pytest.raises(KeyboardInterrupt):
         train(lm, make_data(), cfg(), workdir=tmp_path, stop_after_step=4)
-    other = train(lm, make_data(), cfg(lr=0.01), workdir=tmp_path)
+    seen = []
+    other = train(lm, make_data(), cfg(lr=0.01), workdir=tmp_path, progress=lambda phase, info: seen.append((phase, info)))
+    n_texts = len(make_data().train) + len(make_data().heldout)
+    cache_updates = [info["texts"] for phase, info in seen if phase == "cache"]
+    assert cache_updates == [n_texts]  # the whole cache was already there: no batch ran again
+    assert other.results["resumed"]
     fresh = train(lm, make_data(), cfg(lr=0.01))
     assert torch.equal(other.steer.A, fresh.steer.A)
 
