@@ -102,15 +102,6 @@ def _label_key(value: Any) -> str:
     return str(value).strip()
 
 
-def _is_unicode(text: str) -> bool:
-    """True if ``text`` is encodable as UTF-8 (no unpaired surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def read_labeled(
     path: str | Path,
     *,
@@ -149,8 +140,6 @@ def read_labeled(
             raise SteerportError(f"{where}: field {text_field!r} is {type(t).__name__}, not text")
         if not t.strip():
             raise SteerportError(f"{where}: empty text")
-        if not _is_unicode(t):  # JSON can escape a lone surrogate (\ud800) that no tokenizer accepts
-            raise SteerportError(f"{where}: field {text_field!r} is not valid Unicode (an unpaired surrogate escape)")
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             raise SteerportError(f"{where}: empty label")
         key = _label_key(raw)

@@ -184,7 +184,7 @@ def test_unpaired_surrogate_escapes_are_refused_with_file_and_line(tmp_path):
     """JSON can spell text that is not Unicode ("\\ud800"); it reached the tokenizer as an obscure TypeError."""
     f = write_jsonl(tmp_path / "d.jsonl", ['{"text": "fine", "label": 1}', '{"text": "good \\ud800 film", "label": -1}'])
     msg = err(read_labeled, f)
-    assert msg.startswith(f"{f}:2: field 'text' is not valid Unicode")
+    assert msg.startswith(f"{f}:2: not valid Unicode")
     assert err(load_data, DataOptions(files=[f])) == msg
 
 
