@@ -148,7 +148,7 @@ def test_read_labeled(tmp_path):
     t.write_text("one\ntwo\n")
     assert read_labeled(t) == (["one", "two"], None)
     for content, match in [('{"text": "a", "label": 1}\n{"text": "b"}\n', "no 'label'"),
-                           ('{"text": "a"}\n{"text": "b", "label": 1}\n', "lack"),
+                           ('{"text": "a"}\n{"text": "b", "label": 1}\n', r"d.jsonl:2: has a 'label' field, but earlier rows do not"),
                            ('{"txt": "a"}\n', "no string field"), ("{oops\n", "not valid JSON"), ("\n", "no texts")]:
         p.write_text(content)
         with pytest.raises(SteerportError, match=match):
