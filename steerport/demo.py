@@ -32,7 +32,7 @@ from steerport.models import load_model
 from steerport.scoring import steer_scores
 from steerport.texts import bundled, read_texts_and_labels
 from steerport.train import TrainConfig, train
-from steerport.transfer import TransferOptions, transfer_steer
+from steerport.transfer import TransferOptions, transfer
 
 PROMPTS = ["The movie was", "My neighbour's new restaurant", "I finally read the book, and", "The weather this weekend"]
 
@@ -75,7 +75,7 @@ def run_demo(
     results["source"] = {"model": source, "steer": str(src_path), "auc": auc_src, "train": trained.results}
 
     log(f"[3/5] transferring the steer to {target}")
-    moved = transfer_steer(trained.steer, source, target, TransferOptions(), log=lambda m: log(f"      {m}"))
+    moved = transfer(trained.steer, source, target, TransferOptions(), log=lambda m: log(f"      {m}"))
     tgt_path = moved.steer.save(out_dir / f"positive.{target}.st")
     results["lineage"] = moved.lineage
 

@@ -10,7 +10,12 @@ import torch
 
 from steerport import Steer, SteerportError
 from steerport.capture import cache_hidden
-from steerport.evaluate import EvalSettings, conditional_perplexity, evaluate_steers, sample_continuations
+from steerport.evaluate import (
+    EvalSettings,
+    conditional_perplexity,
+    evaluate_steers,
+    sample_continuations,
+)
 from steerport.metrics import (
     distinct_n,
     find_value_for_kl,
@@ -218,8 +223,8 @@ def test_evaluate_refuses_a_steer_made_for_another_model_unless_forced():
     lm = tiny_model("gpt2")
     A, B = random_steer_factors(seed=1)
     foreign = Steer.lm_steer(A, B, epsilon=0.5, model={"spec": "elsewhere", "fingerprint": "0123456789abcdef"})
-    kw = dict(heldout=(TEXTS, [1, 0, 1, 0, 0, 1]), neutral=TEXTS, prompts=["The movie"],
-              settings=EvalSettings(kappa=0.01, samples_per_prompt=1, max_new_tokens=3))
+    kw = {"heldout": (TEXTS, [1, 0, 1, 0, 0, 1]), "neutral": TEXTS, "prompts": ["The movie"],
+          "settings": EvalSettings(kappa=0.01, samples_per_prompt=1, max_new_tokens=3)}
     with pytest.raises(SteerportError, match="fingerprint"):
         evaluate_steers(lm, [("a", foreign)], **kw)
     rep = evaluate_steers(lm, [("a", foreign)], force=True, **kw)

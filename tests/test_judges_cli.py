@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from steerport import Steer, SteerportError
-from steerport.judges import HFJudge, Judge, TfidfJudge, builtin_judges, load_judge, train_judge
+from steerport.judges import (
+    HFJudge,
+    Judge,
+    TfidfJudge,
+    builtin_judges,
+    load_judge,
+    train_judge,
+)
 from tests.tiny import random_steer_factors, tiny_model, tiny_tokenizer
 
 POS = ["a lovely , moving film", "great acting and a wonderful story", "i love it , truly good", "good fun , great cast"]
@@ -17,7 +24,7 @@ NEG = ["a dull , tedious mess", "awful acting and a boring story", "i hate it , 
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "steerport.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "steerport.cli", *args], capture_output=True, text=True, check=False)
 
 
 def fitted():
