@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from steerport.errors import SteerportError
+from steerport.errors import SteerportError, one_line
 from steerport.fileio import (
     read_json_safetensors,
     require_fields,
@@ -193,7 +193,7 @@ class HFJudge:
             self.tokenizer = AutoTokenizer.from_pretrained(spec)
             self.model = AutoModelForSequenceClassification.from_pretrained(spec).to(device).eval()
         except (OSError, ValueError) as e:
-            raise SteerportError(f"could not load judge model {spec!r}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            raise SteerportError(f"could not load judge model {spec!r}: {one_line(e)}") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:

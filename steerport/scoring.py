@@ -142,7 +142,7 @@ class _Scorer:
     text_id: torch.Tensor  # (N,) which text each position belongs to
     n_texts: int
     base_token_logprob: torch.Tensor  # (N,) log p_0(next token), NaN where there is none
-    _checked: set[str]  # fingerprints of the steers already checked against the model
+    _checked: set[tuple[str, str | None]]  # (steer fingerprint, made-for fingerprint) already checked
 
     def _chunks(self, settings: list[list[SteerValue]]) -> Iterator[Chunk]:
         raise NotImplementedError
@@ -154,11 +154,11 @@ class _Scorer:
         out = [as_items(list(s)) for s in settings]
         for setting in out:
             for steer, _ in setting:
-                fp = steer.fingerprint
-                if fp not in self._checked:
+                key = (steer.fingerprint, steer.model.get("fingerprint"))
+                if key not in self._checked:
                     self._allowed(steer)
                     check_compatible(self.lm, steer, force=self.force)
-                    self._checked.add(fp)
+                    self._checked.add(key)
         return out
 
     def stats(self, steers: Sequence[SteerValue], *, shift: bool = False) -> SteerStats:
@@ -262,15 +262,12 @@ class HeadScorer(_Scorer):
             self._eb[key] = self.E @ steer.B.float().to(self.E.device)  # (V, r)
         return self._eb[key]
 
-    def _steered_raw(self, h: torch.Tensor, raw: torch.Tensor, steers: Sequence[SteerValue]) -> torch.Tensor:
+    def _steered_raw(self, h: torch.Tensor, raw: torch.Tensor, low_rank: list[tuple[torch.Tensor, torch.Tensor]],
+                     others: list[SteerValue]) -> torch.Tensor:
+        """Steered raw logits (n, V): ``low_rank`` holds (s ε A (d, r), E B (V, r)) per LM-Steer steer."""
         z = raw.clone()
-        others = []
-        for steer, value in steers:
-            if steer.kind == "lm-steer":
-                coef = (h @ steer.A.float().to(h.device)) * (float(value) * steer.epsilon)  # (n, r)
-                z += coef @ self._eb_of(steer).T  # (n, V)
-            else:
-                others.append((steer, value))
+        for A, EB in low_rank:
+            z += (h @ A) @ EB.T  # (n, r) @ (r, V)
         if others:  # another head kind: its own hook on the head, minus the unsteered head
             head, x = self.lm.lm_head, h.to(self.lm.device, self.lm.dtype)
             with steered(self.lm, others, force=self.force):
@@ -279,11 +276,16 @@ class HeadScorer(_Scorer):
         return z
 
     def _chunks(self, settings: list[list[SteerValue]]) -> Iterator[Chunk]:
+        prepared = []  # per setting: the LM-Steer factors ready for the low-rank shift, and the other steers
+        for steers in settings:
+            low_rank = [(steer.A.float().to(self.E.device) * (value * steer.epsilon), self._eb_of(steer))
+                        for steer, value in steers if steer.kind == "lm-steer"]
+            prepared.append((low_rank, [(st, v) for st, v in steers if st.kind != "lm-steer"]))
         for i, raw in self._raw_chunks():
             h = self._hidden(i, raw.shape[0])
             lp0 = torch.log_softmax(self._cap(raw), -1)
             yield lp0, self.cache.targets[i : i + raw.shape[0]], [
-                torch.log_softmax(self._cap(self._steered_raw(h, raw, steers)), -1) for steers in settings]
+                torch.log_softmax(self._cap(self._steered_raw(h, raw, low_rank, others)), -1) for low_rank, others in prepared]
 
 
 class ForwardScorer(_Scorer):
