@@ -34,6 +34,7 @@ import torch
 from steerport.capture import HiddenCache, cache_hidden, text_batches
 from steerport.errors import SteerportError
 from steerport.hooks import SteerValue, as_items, check_compatible, steered
+from steerport.kinds import get_kind, kind_names
 from steerport.metrics import BisectResult, find_value_for_kl, kl_divergence, roc_auc
 from steerport.models import LoadedModel
 from steerport.steer import Steer
@@ -46,7 +47,7 @@ batches = text_batches  # the older name of the token batcher, kept importable
 
 # Kinds whose hook acts on the LM head (its input or its output) and nowhere else, so the
 # body's hidden states are the same with and without them.
-HEAD_KINDS = frozenset({"lm-steer", "token-prob"})
+HEAD_KINDS = frozenset(name for name in kind_names() if get_kind(name).acts_at_head)
 
 Chunk = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]  # lp0 (n, V), targets (n,), lps per setting (n, V)
 
@@ -390,5 +391,6 @@ def per_text_mean(token_logprob: torch.Tensor, cache: HiddenCache | _Scorer) -> 
     (``targets``, ``text_id``, ``n_texts`` of a cache or a scorer), shape (n_texts,)."""
     ok = cache.targets >= 0
     sums = torch.zeros(cache.n_texts, dtype=torch.float64).index_add_(0, cache.text_id[ok], token_logprob[ok].double())
-    counts = torch.zeros(cache.n_texts, dtype=torch.float64).index_add_(0, cache.text_id[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
+    ones = torch.ones(int(ok.sum()), dtype=torch.float64)
+    counts = torch.zeros(cache.n_texts, dtype=torch.float64).index_add_(0, cache.text_id[ok], ones)
     return (sums / counts.clamp(min=1)).float()

@@ -92,6 +92,7 @@ KIND = SteerKind(
     hidden_size=lambda s: int(s.tensors["A"].shape[0]),
     rank=lambda s: int(s.tensors["A"].shape[1]),
     apply=apply,
+    acts_at_head=True,
     fold=fold,
     fold_order=1,  # acts on the rows token-prob steers have already moved, as the hooks compose
     transfer="steerport.transfer:carry_lm_steer",
