@@ -161,6 +161,8 @@ class Mapping:
     def load(cls, path: str | os.PathLike) -> "Mapping":
         """Read and validate a mapping file; problems become one-line SteerportErrors."""
         path = Path(path)
+        if not path.is_file():
+            raise SteerportError(f"{path}: no such mapping file")
         meta, tensors = read_json_safetensors(path, FORMAT, "a steerport mapping file")
         require_fields(path, meta, ("format", "version"), "mapping")
         if meta["format"] != FORMAT or not isinstance(meta["version"], int):

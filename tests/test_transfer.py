@@ -13,10 +13,11 @@ from transformers import PreTrainedTokenizerFast
 
 from steerport.errors import SteerportError
 from steerport.hooks import steered
-from steerport.mapping import FitOptions, Mapping, fit_direction, fit_mapping, get_mapping, split_pairs
+from steerport.linmap import fit_linear, split_pairs
+from steerport.mapping import FitOptions, Mapping, _fit_direction, fit_mapping, get_mapping
 from steerport.models import LoadedModel, ModelEmbeddings
 from steerport.steer import Steer
-from steerport.transfer import TransferOptions, anchor_fit, transfer
+from steerport.transfer import TransferOptions, anchor_fit, carry_lm_steer, transfer, transfer_steer
 from steerport.vocab import (BYTE_LEVEL, SENTENCEPIECE, WORDPIECE, align_vocab, byte_decoder, detect_convention,
                              raw_shared_tokens, surface)
 from tests.tiny import CORPUS, D, random_steer_factors, tiny_model, tiny_tokenizer
@@ -231,16 +232,14 @@ def test_planted_linear_relation_recovered(method):
     Xs, Xt, H = _planted()
     train, held = split_pairs(len(Xs), 0.1, 0)
     opts = FitOptions(method=method, ridge=1e-8)
-    f = fit_direction(Xt, Xs, train, held, opts, None)
+    f, diag = _fit_direction(Xt, Xs, train, held, opts, None)
     assert torch.allclose(f.M.T, H, atol=1e-4)
-    assert f.diagnostics["heldout"]["r2"] > 0.99999
-    assert f.diagnostics["heldout"]["cosine"] > 0.99999
-    assert f.diagnostics["heldout"]["nn_acc"] == 1.0
+    assert diag["heldout"]["r2"] > 0.99999
+    assert diag["heldout"]["cosine"] > 0.99999
+    assert diag["heldout"]["nn_acc"] == 1.0
 
 
 def test_lstsq_on_rank_deficient_rows_is_the_minimum_norm_solution():
-    from steerport.mapping import fit_linear
-
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(300, 20, generator=g), torch.randn(300, 5, generator=g)
     M, info = fit_linear(X, Y)
@@ -256,7 +255,7 @@ def test_noise_lowers_heldout_r2_as_expected():
     for noise in (0.0, 0.3, 1.0):
         Xs, Xt, _ = _planted(noise=noise)
         train, held = split_pairs(len(Xs), 0.1, 0)
-        r2[noise] = fit_direction(Xt, Xs, train, held, FitOptions(), None).diagnostics["heldout"]["r2"]
+        r2[noise] = _fit_direction(Xt, Xs, train, held, FitOptions(), None)[1]["heldout"]["r2"]
     assert r2[0.0] > 0.99999 > r2[0.3] > r2[1.0]
     # signal variance per coordinate ≈ 1 (H has unit-variance rows): R² ≈ 1 / (1 + σ²)
     assert abs(r2[1.0] - 0.5) < 0.05 and abs(r2[0.3] - 1 / 1.09) < 0.03
@@ -268,8 +267,8 @@ def test_procrustes_recovers_scaled_rotation():
     Xt = torch.randn(500, 16, generator=g)
     Xs = 2.5 * Xt @ Q.T
     train, held = split_pairs(500, 0.1, 0)
-    f = fit_direction(Xt, Xs, train, held, FitOptions(method="procrustes"), None)
-    assert abs(f.diagnostics["scale"] - 2.5) < 1e-4
+    f, diag = _fit_direction(Xt, Xs, train, held, FitOptions(method="procrustes"), None)
+    assert abs(diag["scale"] - 2.5) < 1e-4
     assert torch.allclose(f.M.T, 2.5 * Q, atol=1e-4)
 
 
@@ -277,9 +276,9 @@ def test_centering_fits_an_affine_relation():
     Xs, Xt, H = _planted()
     Xs = Xs + 3.0  # an offset a linear map without intercept cannot fit
     train, held = split_pairs(len(Xs), 0.1, 0)
-    plain = fit_direction(Xt, Xs, train, held, FitOptions(), None).diagnostics["heldout"]["r2"]
-    centred = fit_direction(Xt, Xs, train, held, FitOptions(center=True), None)
-    assert centred.diagnostics["heldout"]["r2"] > 0.9999 > plain
+    plain = _fit_direction(Xt, Xs, train, held, FitOptions(), None)[1]["heldout"]["r2"]
+    centred, diag = _fit_direction(Xt, Xs, train, held, FitOptions(center=True), None)
+    assert diag["heldout"]["r2"] > 0.9999 > plain
     assert torch.allclose(centred.M.T, H, atol=1e-4)
 
 
@@ -397,7 +396,7 @@ def test_embed_calibration_is_one_for_an_exact_transfer_and_fixes_a_scaled_map()
     # a map that is off by a factor 2 in scale: calibration undoes it
     m = fit_mapping(ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt))
     m.H, m.G = m.H * 2, m.G * 2
-    res2 = transfer(steer, src, tgt, TransferOptions(calibrate="embed"), mapping=m)
+    res2 = carry_lm_steer(steer, src, tgt, TransferOptions(calibrate="embed"), mapping=m)
     assert abs(res2.lineage["calibration"]["factor"] - 0.25) < 1e-3
 
 
@@ -442,7 +441,7 @@ def test_steer_for_another_model_refused():
     transfer(steer, src, tgt, TransferOptions(calibrate="none"), force=True)  # forced: allowed
     actadd = Steer("actadd", {"vector": torch.ones(D)}, 1.0, model={"fingerprint": src.fingerprint})
     with pytest.raises(SteerportError, match="only lm-steer"):
-        transfer(actadd, src, tgt)
+        carry_lm_steer(actadd, src, tgt)
 
 
 def test_bad_options_refused():
