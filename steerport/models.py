@@ -104,14 +104,19 @@ def resolve_spec(spec: str, *, pull: bool = True) -> ResolvedSpec:
 
 
 def _gguf_as_dir(gguf_path: str) -> str:
-    """Convert a user's .gguf once to a cached safetensors directory (GGUF parsing is slow)."""
-    from steerport import catalog
+    """Convert a user's .gguf once to a cached safetensors folder (GGUF parsing is slow).
+
+    The copy is keyed by the file's path, size and modification time, and is converted again
+    when it was made by another conversion version (e.g. stored in another precision).
+    """
+    from steerport.catalog import steerport_home
+    from steerport.gguf import gguf_to_hf, is_current_conversion
 
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{Path(gguf_path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = catalog.steerport_home() / "gguf-converted" / key
-    if not (out / "config.json").exists():
-        catalog.gguf_to_hf(Path(gguf_path), out)
+    out = steerport_home() / "gguf-converted" / key
+    if not is_current_conversion(out):
+        gguf_to_hf(Path(gguf_path), out)
     return str(out)
 
 
@@ -268,7 +273,7 @@ class ModelEmbeddings:
         return self.embeddings.shape[1]
 
     @classmethod
-    def from_loaded(cls, lm: LoadedModel) -> "ModelEmbeddings":
+    def from_loaded(cls, lm: LoadedModel) -> ModelEmbeddings:
         bias = lm.lm_head_bias
         return cls(
             spec=lm.spec,
@@ -355,7 +360,7 @@ def load_embeddings(spec: str) -> ModelEmbeddings:
             if single is None:  # no safetensors (old pickled checkpoint): load the model the slow way
                 return ModelEmbeddings.from_loaded(load_model(spec))
             with safe_open(str(single), "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
     except OSError as e:
         raise SteerportError(f"could not read model {spec!r} from {where}: {str(e).splitlines()[0]}") from None
 
