@@ -145,6 +145,9 @@ class TransferOptions:
 
 @dataclass
 class TransferResult:
+    """What every kind's transfer returns: the target steer, the vocabulary map used (LM-Steer's
+    map forms; else None) and the lineage (also stored in ``steer.meta["lineage"]``)."""
+
     steer: Steer  # the target steer, lineage in steer.meta["lineage"]
     mapping: Mapping | None
     lineage: dict[str, Any]
