@@ -100,7 +100,9 @@ def kl_calibration(steer_s: Steer, steer_t: Steer, src_lm: LoadedModel, tgt_lm: 
 
     found = find_value_for_kl(kl_at, k_s, start=value, rel_tol=rel_tol, max_evals=max_evals)
     trace = [{"factor": s / value, "kappa_tgt": k} for s, k in found.history]
+    converged = abs(found.kl - k_s) <= rel_tol * k_s  # else the closest value within max_evals evaluations
     return {"method": "kl", "factor": found.value / value, "reference_value": value, "kappa_src": k_s,
-            "kappa_tgt": found.kl, "n_texts": len(texts), "max_tokens": max_tokens, "iterations": trace}
+            "kappa_tgt": found.kl, "converged": converged, "n_texts": len(texts), "max_tokens": max_tokens,
+            "iterations": trace}
 
 

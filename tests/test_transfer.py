@@ -430,7 +430,7 @@ def test_kl_calibration_matches_kappa():
     steer = source_steer(src, epsilon=0.2)
     res = transfer(steer, src, tgt, TransferOptions(form="paper", calibrate="kl", calib_texts=TEXTS, calib_value=2.0))
     cal = res.lineage["calibration"]
-    assert cal["method"] == "kl" and cal["factor"] != 1.0
+    assert cal["method"] == "kl" and cal["factor"] != 1.0 and cal["converged"]
     k_s = mean_kl(src, TEXTS, [(steer, 2.0)])
     k_t = mean_kl(tgt, TEXTS, [(res.steer, 2.0)])
     assert abs(math.log(k_t / k_s)) < 0.05
