@@ -201,6 +201,32 @@ def test_conventions_detected():
     assert detect_convention(_wordpiece_tokenizer()) == WORDPIECE
 
 
+def test_unserializable_backend_falls_back_to_the_vocabulary_and_other_errors_propagate():
+    """A custom (Python) pre-tokenizer cannot be serialized: the vocabulary decides. Any other
+    failure of the backend is a bug and is not swallowed."""
+    from types import SimpleNamespace
+
+    from tokenizers import pre_tokenizers
+
+    class Split:
+        def pre_tokenize(self, pretok):
+            pass
+
+    tok = tiny_tokenizer()
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.PreTokenizer.custom(Split())
+    backend.decoder = decoders.Metaspace()  # the description would say SentencePiece; it cannot be read
+    vocab = {**{f"Ġword{i}": i for i in range(40)}, **{f"piece{i}": 40 + i for i in range(20)}}
+    custom = SimpleNamespace(backend_tokenizer=backend, get_vocab=lambda: vocab)
+    assert detect_convention(custom) == BYTE_LEVEL  # from the Ġ-marked vocabulary
+
+    def broken():
+        raise RuntimeError("backend bug")
+
+    with pytest.raises(RuntimeError, match="backend bug"):
+        detect_convention(SimpleNamespace(backend_tokenizer=SimpleNamespace(to_str=broken), get_vocab=tok.get_vocab))
+
+
 def test_alignment_of_renamed_permuted_vocabulary_and_specials_never_aligned():
     tok = tiny_tokenizer()
     V = len(tok)
