@@ -1,7 +1,7 @@
 """Kind ``lm-steer``: a low-rank map W = A Bᵀ of the output embeddings (LM-Steer, Han et al. 2024).
 
 Tensors ``A``, ``B`` (d x r); optional always-on domain component ``domain.A``, ``domain.B``.
-Applied at the LM head's input (DESIGN.md §3)::
+Applied at the LM head's input (the final hidden state h, after the final norm)::
 
     h ← h + Σ_i s_i ε_i B_i (A_iᵀ h)        h: (..., d), A_i, B_i: (d, r_i)
 
