@@ -327,15 +327,9 @@ def stage_warm(pair: tuple[str, str], task: Task, plan: Plan, work: Path) -> dic
     body pass over its training texts, the top-k head statistics and the fit; the body pass over the
     held-out texts (used only to measure quality) is counted for none of them.
     """
-    from steerport.data import tokenize
+    from steerport.capture import HiddenCache, cache_hidden
     from steerport.metrics import roc_auc
-    from steerport.train import (
-        Fitter,
-        HiddenCache,
-        batch_for_step,
-        build_cache,
-        topk_stats,
-    )
+    from steerport.train import Fitter, batch_for_step, topk_stats
 
     path = work / "warm" / f"{task.name}_{short(pair[0])}-to-{short(pair[1])}.json"
     if path.exists():
@@ -352,8 +346,8 @@ def stage_warm(pair: tuple[str, str], task: Task, plan: Plan, work: Path) -> dic
 
     def body(texts: list[str]) -> tuple[HiddenCache, float]:
         t = time.time()
-        c = build_cache(lm, tokenize(lm.tokenizer, texts, cfg.max_tokens), cache_dtype=torch.bfloat16,
-                        tokens_per_batch=cfg.cache_tokens_per_batch)
+        c = cache_hidden(lm, texts, max_tokens=cfg.max_tokens, predicted_only=True, dtype=torch.bfloat16,
+                         tokens_per_batch=cfg.cache_tokens_per_batch)
         return c, time.time() - t
 
     held, _ = body(held_texts)
@@ -361,7 +355,8 @@ def stage_warm(pair: tuple[str, str], task: Task, plan: Plan, work: Path) -> dic
     small, small_s = body(train_texts[:n_small])
 
     def with_held(c: HiddenCache) -> HiddenCache:  # held-out texts keep ids n_train.. so labels line up
-        return HiddenCache(torch.cat([c.h, held.h]), torch.cat([c.targets, held.targets]), torch.cat([c.text, held.text + n_train]))
+        return HiddenCache(torch.cat([c.h, held.h]), torch.cat([c.targets, held.targets]),
+                           torch.cat([c.text_id, held.text_id + n_train]), n_train + held.n_texts)
 
     moved = Steer.load(work / "transferred" / task.name / f"{short(src)}-to-{short(tgt)}.default.s0.st")
     runs = (("scratch", full, full_s, None, plan.steps), ("warm", full, full_s, moved, plan.warm_steps),
@@ -370,7 +365,7 @@ def stage_warm(pair: tuple[str, str], task: Task, plan: Plan, work: Path) -> dic
     stats_of: dict[int, tuple[Any, float]] = {}  # per training cache: top-k statistics and the seconds they took
     for name, train_cache, body_s, init, total in runs:
         cache = with_held(train_cache)
-        is_train = cache.text < n_train
+        is_train = cache.text_id < n_train
         train_idx, held_idx = torch.nonzero(is_train).flatten(), torch.nonzero(~is_train).flatten()
         f = Fitter(lm, cache, labels, cfg)
         stats_s = 0.0
