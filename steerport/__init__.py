@@ -63,7 +63,47 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "transfer_token_prob": ("steerport.tokenprob", "transfer_token_prob"),
 }
 
-__all__ = sorted(["SteerportError", *_EXPORTS])
+__all__ = [
+    "DataOptions",
+    "Dataset",
+    "EvalSettings",
+    "FitOptions",
+    "HFJudge",
+    "HeadScorer",
+    "LoadedModel",
+    "Mapping",
+    "ModelEmbeddings",
+    "Steer",
+    "SteerportError",
+    "TfidfJudge",
+    "TrainConfig",
+    "TrainResult",
+    "TransferOptions",
+    "align_vocab",
+    "capture_hidden",
+    "evaluate_steers",
+    "explain_text",
+    "export_control_vector",
+    "fit_mapping",
+    "generate",
+    "get_mapping",
+    "import_control_vector",
+    "load_data",
+    "load_embeddings",
+    "load_judge",
+    "load_model",
+    "make_actadd",
+    "make_token_steer",
+    "merge_into_model",
+    "merge_to_dir",
+    "resolve_spec",
+    "steer_keywords",
+    "steered",
+    "train_steer",
+    "transfer_actadd",
+    "transfer_steer",
+    "transfer_token_prob",
+]
 
 
 def __getattr__(name: str) -> Any:

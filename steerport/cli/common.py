@@ -262,6 +262,7 @@ OneSteerOpt = Annotated[str, typer.Option("--steer", "-s", help="The steer, FILE
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU runs it fast), float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Apply steers even if made for a model with another fingerprint.")]
-TextOpt = Annotated[Optional[Path], file_option(what="text file", help="Text file (.txt/.raw one text per line, or .jsonl with text); default: the bundled neutral text.")]
+TextOpt = Annotated[Optional[Path], file_option(what="text file", help="Text file (.txt/.raw one text per line, or .jsonl with text); "
+        "default: the bundled neutral text.")]
 LinesOpt = Annotated[int, typer.Option(help="Use at most this many texts.")]
 MethodOpt = Annotated[str, typer.Option(help="Mapping fit: lstsq, ridge or procrustes (closed form).")]

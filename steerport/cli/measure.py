@@ -43,7 +43,8 @@ from steerport.cli.common import (
 from steerport.errors import SteerportError
 
 DataOpt = Annotated[Path, file_option(what="data file", help="JSONL with a text field (and optional labels) or a text file.")]
-PositiveLabelsOpt = Annotated[Optional[list[str]], typer.Option(help="Label value(s) meaning the steer's positive class; default 1. Repeat for several.")]
+PositiveLabelsOpt = Annotated[Optional[list[str]], typer.Option(help="Label value(s) meaning the steer's positive class; default 1. "
+        "Repeat for several.")]
 
 
 def _labeled(path: Path, text_field: str, label_field: str, positive: list[str], *, require: bool):
@@ -78,20 +79,26 @@ def _note_mapping(steer, given, positive: list[str], label_field: str) -> None:
 def evaluate(
     model: ModelArg,
     steer: SteerOpt = [],
-    data: Annotated[Optional[Path], file_option(what="data file", help="Held-out labeled JSONL (fields --text-field / --label-field).")] = None,
+    data: Annotated[Optional[Path], file_option(what="data file", help="Held-out labeled JSONL (fields --text-field / "
+            "--label-field).")] = None,
     text_field: str = "text",
     label_field: str = "label",
-    positive_label: Annotated[str, typer.Option(help="Label value of the positive class (the steer's + side), e.g. 0 for non-toxic.")] = "1",
+    positive_label: Annotated[str, typer.Option(help="Label value of the positive class (the steer's + side), e.g. 0 for "
+            "non-toxic.")] = "1",
     per_class: Annotated[int, typer.Option(help="Held-out texts per class (seeded sample).")] = 150,
     native: Annotated[Optional[str], typer.Option(help="Which steer is native (index from 0 or its path); default the first.")] = None,
-    kappa: Annotated[Optional[float], finite_option(bound=POSITIVE, help="KL budget in nats; default: κ of the native steer at its given value.")] = None,
-    reference_text: Annotated[Optional[Path], file_option(what="text file", help="Neutral text, one paragraph per line (default: bundled neutral text).")] = None,
+    kappa: Annotated[Optional[float], finite_option(bound=POSITIVE, help="KL budget in nats; default: κ of the native steer at its "
+            "given value.")] = None,
+    reference_text: Annotated[Optional[Path], file_option(what="text file", help="Neutral text, one paragraph per line (default: "
+            "bundled neutral text).")] = None,
     n_reference: Annotated[int, typer.Option(help="Lines of neutral text to use.")] = 64,
-    prompts: Annotated[Optional[Path], file_option(what="prompts file", help="Prompts for generation metrics (JSONL prompt.text / prompt / text, or text).")] = None,
+    prompts: Annotated[Optional[Path], file_option(what="prompts file", help="Prompts for generation metrics (JSONL prompt.text / "
+            "prompt / text, or text).")] = None,
     n_prompts: int = 20,
     samples: Annotated[int, typer.Option(help="Samples per prompt.")] = 2,
     max_new_tokens: int = 30,
-    judge: Annotated[Optional[str], typer.Option(help="sentiment | toxicity (shipped offline judges), a .judge file, or hf:MODEL[:LABEL].")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="sentiment | toxicity (shipped offline judges), a .judge file, or "
+            "hf:MODEL[:LABEL].")] = None,
     reference_model: Annotated[Optional[str], typer.Option(help="Model for perplexity of generations (another model than MODEL).")] = None,
     seed: int = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (every number and setting) here.")] = None,
@@ -196,9 +203,11 @@ def sweep(
     model: ModelArg,
     steer: Annotated[str, typer.Option("--steer", "-s", help="The steer file (a value here is ignored).")],
     values: Annotated[str, typer.Option(help="START:STOP:COUNT or a comma list.")] = "-10:10:11",
-    prompts: Annotated[Optional[Path], file_option(what="prompts file", help="Prompts to continue at each value (samples in the JSON).")] = None,
+    prompts: Annotated[Optional[Path], file_option(what="prompts file", help="Prompts to continue at each value (samples in the "
+            "JSON).")] = None,
     data: Annotated[Optional[Path], file_option(what="data file", help="Labeled JSONL for the separation Sep(s).")] = None,
-    neutral: Annotated[Optional[Path], file_option(what="text file", help="Neutral text for κ, one per line (default: 16 bundled neutral paragraphs).")] = None,
+    neutral: Annotated[Optional[Path], file_option(what="text file", help="Neutral text for κ, one per line (default: 16 bundled "
+            "neutral paragraphs).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for sweep.json and sweep.png.")] = Path("sweep"),
     limit: Annotated[int, typer.Option(help="Use at most N texts of each of data / neutral / prompts.")] = 64,
     samples: Annotated[int, typer.Option(help="Prompts to continue per value (0: none).")] = 3,
@@ -206,7 +215,8 @@ def sweep(
     text_field: str = "text",
     label_field: str = "label",
     positive_label: PositiveLabelsOpt = None,
-    judge: Annotated[Optional[str], typer.Option(help="Attribute judge for the continuations: sentiment, toxicity (bundled offline judges), a .judge file or a HF text-classification model.")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="Attribute judge for the continuations: sentiment, toxicity (bundled offline "
+            "judges), a .judge file or a HF text-classification model.")] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,

@@ -47,9 +47,11 @@ def actadd_cmd(
     minus: Annotated[list[str], typer.Option("--minus", help="Negative prompt, e.g. ' Hate'; one per --plus, in order.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .st steer.")],
     layer: Annotated[str, typer.Option(help="Decoder layer: an index (6, -3) or a fraction of depth (0.25).")] = "0.2",
-    coeff: Annotated[float, finite_option(bound=FINITE, help="Recommended coefficient c (stored as the base scale; the paper uses 5 for Love-Hate).")] = 5.0,
+    coeff: Annotated[float, finite_option(bound=FINITE, help="Recommended coefficient c (stored as the base scale; the paper uses 5 for "
+            "Love-Hate).")] = 5.0,
     positions: Annotated[str, typer.Option(help="front (paper: the prompt's first P positions) or all.")] = "front",
-    kappa: Annotated[Optional[float], finite_option(bound=POSITIVE, help="Instead of --coeff: the coefficient at which the mean KL from the unsteered model on neutral text (bundled) is KAPPA nats/token, e.g. 0.1. Recommended for --positions all.")] = None,
+    kappa: Annotated[Optional[float], finite_option(bound=POSITIVE, help="Instead of --coeff: the coefficient at which the mean KL from "
+            "the unsteered model on neutral text (bundled) is KAPPA nats/token, e.g. 0.1. Recommended for --positions all.")] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
 ):
@@ -85,9 +87,11 @@ def analyze_cmd(
     lines: LinesOpt = 100,
     max_tokens: MaxTokensOpt = 128,
     png: Annotated[Optional[Path], typer.Option(help="PCA picture of the output embeddings coloured by probability rank.")] = None,
-    prune_curve: Annotated[bool, typer.Option("--prune-curve", help="Also remove dims progressively and measure KL + generation similarity.")] = False,
+    prune_curve: Annotated[bool, typer.Option("--prune-curve", help="Also remove dims progressively and measure KL + generation "
+            "similarity.")] = False,
     prune_png: Annotated[Optional[Path], typer.Option(help="PNG of the prune curve (default: next to --png).")] = None,
-    prompts: Annotated[Optional[Path], file_option(what="prompts file", help="Prompts for the generation-similarity measure (default: 16 texts' first words).")] = None,
+    prompts: Annotated[Optional[Path], file_option(what="prompts file", help="Prompts for the generation-similarity measure (default: "
+            "16 texts' first words).")] = None,
     rank_by: Annotated[str, typer.Option(help="Dimension importance: slope (standardized |A_i|), t, or random.")] = "slope",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full result (slopes, t, log p, curve) as JSON.")] = None,
     dtype: DtypeOpt = "auto",
@@ -145,7 +149,8 @@ def token_steer_cmd(
     token: Annotated[list[str], typer.Option("--token", help="A single token's text, e.g. ' great'; repeat.")],
     scale: Annotated[list[float], finite_option("--scale", bound=POSITIVE, help="Factor r for its average probability; one per --token.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .st steer.")],
-    detect: Annotated[Optional[Path], file_option(what="text file", help="Detect text for the regression; default: the bundled neutral text.")] = None,
+    detect: Annotated[Optional[Path], file_option(what="text file", help="Detect text for the regression; default: the bundled neutral "
+            "text.")] = None,
     lines: LinesOpt = 100,
     max_tokens: MaxTokensOpt = 128,
     b: Annotated[float, finite_option(bound=FINITE, help="Softness of Ω (0 = uniform over dims).")] = 2.0,

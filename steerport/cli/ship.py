@@ -24,7 +24,8 @@ def merge(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the merged checkpoint.")],
     include_domain: Annotated[bool, typer.Option(help="Also fold LM-Steer domain components (as hooks' include_domain).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
-    verify: Annotated[bool, typer.Option(help="Reload the checkpoint with plain transformers and compare logits with the hooked model.")] = True,
+    verify: Annotated[bool, typer.Option(help="Reload the checkpoint with plain transformers and compare logits with the hooked "
+            "model.")] = True,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,

@@ -44,7 +44,8 @@ def generate(
     model: ModelArg,
     steer: SteerOpt = [],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for several.")] = [],
-    prompts: Annotated[Optional[Path], file_option(what="prompts file", help="JSONL (prompt.text / prompt / text) or text file, one prompt per line.")] = None,
+    prompts: Annotated[Optional[Path], file_option(what="prompts file", help="JSONL (prompt.text / prompt / text) or text file, one "
+            "prompt per line.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 40,
     temperature: Annotated[float, finite_option(bound=NON_NEGATIVE, help="0 = greedy; above 0 samples.")] = 0.0,
@@ -91,7 +92,8 @@ def inspect(
     keywords: Annotated[int, typer.Option("--keywords", "-k", help="Keywords per list (with --model).")] = 20,
     value: Annotated[float, finite_option("--value", help="Steer value for the raised/lowered tokens.")] = 1.0,
     directions: Annotated[int, typer.Option("--directions", help="Leading singular directions to list.")] = 3,
-    neutral: Annotated[Optional[Path], file_option(what="text file", help="Neutral text (one per line / JSONL) for the logit shifts (default: bundled neutral paragraphs).")] = None,
+    neutral: Annotated[Optional[Path], file_option(what="text file", help="Neutral text (one per line / JSONL) for the logit shifts "
+            "(default: bundled neutral paragraphs).")] = None,
     dtype: DtypeOpt = "float32",
     force: ForceOpt = False,
 ):

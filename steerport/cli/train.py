@@ -75,38 +75,50 @@ TextFile = file_option(what="text file")
 def train(
     model: ModelArg,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the steer (.st).")],
-    data: Annotated[list[str], typer.Option("--data", "-d", help="Labeled JSONL/CSV/TSV file, or a built-in slice: sst2, paradetox. Repeatable.")] = [],
-    positive: Annotated[Optional[Path], file_option("--positive", what="text file", help="Plain-text file of positive texts, one per line (with --negative).")] = None,
-    negative: Annotated[Optional[Path], file_option("--negative", what="text file", help="Plain-text file of negative texts, one per line (with --positive).")] = None,
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Labeled JSONL/CSV/TSV file, or a built-in slice: sst2, paradetox. "
+            "Repeatable.")] = [],
+    positive: Annotated[Optional[Path], file_option("--positive", what="text file", help="Plain-text file of positive texts, one per "
+            "line (with --negative).")] = None,
+    negative: Annotated[Optional[Path], file_option("--negative", what="text file", help="Plain-text file of negative texts, one per "
+            "line (with --positive).")] = None,
     text_field: Annotated[str, typer.Option(help="Field (JSONL) or column (CSV) holding the text.")] = "text",
     label_field: Annotated[str, typer.Option(help="Field or column holding the label.")] = "label",
-    positive_label: Annotated[list[str], typer.Option("--positive-label", help="Label value(s) trained at +1 (e.g. 0 for non-toxic); all others at -1 unless --negative-label is given.")] = [],
-    negative_label: Annotated[list[str], typer.Option("--negative-label", help="Label value(s) trained at -1; rows with other labels are skipped.")] = [],
-    real_labels: Annotated[bool, typer.Option("--real-labels", help="Use numeric labels as the steer value itself, e.g. SST-5's lmsteer_label in [-1, 1].")] = False,
+    positive_label: Annotated[list[str], typer.Option("--positive-label", help="Label value(s) trained at +1 (e.g. 0 for non-toxic); "
+            "all others at -1 unless --negative-label is given.")] = [],
+    negative_label: Annotated[list[str], typer.Option("--negative-label", help="Label value(s) trained at -1; rows with other labels "
+            "are skipped.")] = [],
+    real_labels: Annotated[bool, typer.Option("--real-labels", help="Use numeric labels as the steer value itself, e.g. SST-5's "
+            "lmsteer_label in [-1, 1].")] = False,
     positive_name: Annotated[str, typer.Option(help="What +1 means, stored in the file (e.g. 'non-toxic').")] = "",
     limit_per_class: Annotated[Optional[int], typer.Option(help="Use at most N texts per class (after a seeded shuffle).")] = None,
     heldout: Annotated[float, finite_option(bound=FRACTION, help="Fraction of texts held out for early stopping and the summary.")] = 0.1,
     max_tokens: Annotated[int, typer.Option(help="Truncate each text to this many tokens.")] = 128,
     rank: Annotated[int, typer.Option(help="Rank r of W = A Bᵀ.")] = 8,
-    epsilon: Annotated[float, finite_option(bound=POSITIVE, help="Base scale ε₀ stored in the file (steer value s gives ε = s·ε₀).")] = 1e-3,
+    epsilon: Annotated[float, finite_option(bound=POSITIVE, help="Base scale ε₀ stored in the file (steer value s gives ε = "
+            "s·ε₀).")] = 1e-3,
     lr: Annotated[float, finite_option(bound=POSITIVE, help="Adam learning rate.")] = 1e-2,
-    epochs: Annotated[float, finite_option(bound=POSITIVE, help="Most passes over the cached tokens (early stopping usually ends sooner).")] = 8.0,
+    epochs: Annotated[float, finite_option(bound=POSITIVE, help="Most passes over the cached tokens (early stopping usually ends "
+            "sooner).")] = 8.0,
     steps: Annotated[Optional[int], typer.Option(help="Exact number of optimizer steps (overrides --epochs).")] = None,
     tokens_per_batch: Annotated[int, typer.Option(help="Tokens per optimizer step (batches are packed by tokens).")] = 512,
     weight_decay: Annotated[float, finite_option(bound=NON_NEGATIVE, help="L2 weight decay on A and B.")] = 0.0,
-    domain: Annotated[bool, typer.Option("--domain/--no-domain", help="Also learn the always-on domain component (anchor's dummy_steer), saved as domain.A/domain.B.")] = False,
+    domain: Annotated[bool, typer.Option("--domain/--no-domain", help="Also learn the always-on domain component (anchor's "
+            "dummy_steer), saved as domain.A/domain.B.")] = False,
     patience: Annotated[int, typer.Option(help="Held-out evaluations without improvement before stopping early.")] = 3,
     eval_every: Annotated[Optional[int], typer.Option(help="Steps between held-out evaluations (default: twice per epoch).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and batch order.")] = 0,
     dtype: DtypeOpt = "auto",
     cache_dtype: Annotated[str, typer.Option(help="Storage dtype of the cached hidden states: bfloat16, float16 or float32.")] = "bfloat16",
-    head: Annotated[str, typer.Option(help="exact: full softmax at every step. topk: opt-in approximation (normaliser over the base model's top candidates plus a first-order tail term computed once), much faster; the summary is always exact.")] = "exact",
+    head: Annotated[str, typer.Option(help="exact: full softmax at every step. topk: opt-in approximation (normaliser over the base "
+            "model's top candidates plus a first-order tail term computed once), much faster; the summary is always exact.")] = "exact",
     topk: Annotated[int, typer.Option(help="Candidates per token for --head topk.")] = 64,
     device: DeviceOpt = "cpu",
-    workdir: Annotated[Optional[Path], typer.Option(help="Folder for the cache and checkpoints (default OUT.work); rerun the same command to resume.")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="Folder for the cache and checkpoints (default OUT.work); rerun the same "
+            "command to resume.")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard saved progress in the work folder and start over.")] = False,
     keep_cache: Annotated[bool, typer.Option("--keep-cache", help="Keep the work folder (cache, checkpoint) after success.")] = False,
-    init: Annotated[Optional[Path], file_option("--init", what="steer file", help="Warm start: begin from this steer of MODEL (e.g. one transferred from another model) instead of random factors; its rank is used.")] = None,
+    init: Annotated[Optional[Path], file_option("--init", what="steer file", help="Warm start: begin from this steer of MODEL (e.g. one "
+            "transferred from another model) instead of random factors; its rank is used.")] = None,
 ):
     """Train an LM-Steer steer: one pass of the frozen model caches its final hidden states, then
     the low-rank steer is fitted on the LM head alone. Ctrl-C (or a kill) keeps the progress:

@@ -160,24 +160,30 @@ def transfer_cmd(
     tgt: ModelArg,
     steer: SteerFileOpt,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .st (default: STEER.TGT.st next to the steer).")] = None,
-    form: Annotated[str, typer.Option(help="logit (default, fitted G), logit-pinv, paper (HᵀWH), hidden (needs both full models) or anchor (baseline).")] = "logit",
-    mapping: Annotated[Optional[Path], typer.Option(help="Mapping file to use (refused if stale; fitted and written there if missing).")] = None,
+    form: Annotated[str, typer.Option(help="logit (default, fitted G), logit-pinv, paper (HᵀWH), hidden (needs both full models) or "
+            "anchor (baseline).")] = "logit",
+    mapping: Annotated[Optional[Path], typer.Option(help="Mapping file to use (refused if stale; fitted and written there if "
+            "missing).")] = None,
     method: MethodOpt = "lstsq",
     ridge: RidgeOpt = 1e-2,
     center: Annotated[bool, typer.Option("--center", help="Center embedding rows before fitting.")] = False,
     normalize: Annotated[bool, typer.Option("--normalize", help="Unit-normalize embedding rows before fitting.")] = False,
     weighting: WeightingOpt = "none",
     top_k: TopKOpt = None,
-    calibrate: Annotated[str, typer.Option(help="auto (kl for the hidden form, else embed), embed (embeddings only), kl (loads both models) or none.")] = "auto",
+    calibrate: Annotated[str, typer.Option(help="auto (kl for the hidden form, else embed), embed (embeddings only), kl (loads both "
+            "models) or none.")] = "auto",
     calib_value: Annotated[float, finite_option(bound=POSITIVE, help="Reference steer value at which strengths are matched.")] = 1.0,
-    calib_text: Annotated[Optional[Path], file_option(what="text file", help="Neutral text for kl calibration, one text per line (default: bundled neutral text); for ActAdd and token-probability steers the neutral / detect text.")] = None,
-    hidden_text: Annotated[Optional[Path], file_option(what="text file", help="Neutral text for the hidden-state map, one text per line (default: bundled).")] = None,
+    calib_text: Annotated[Optional[Path], file_option(what="text file", help="Neutral text for kl calibration, one text per line "
+            "(default: bundled neutral text); for ActAdd and token-probability steers the neutral / detect text.")] = None,
+    hidden_text: Annotated[Optional[Path], file_option(what="text file", help="Neutral text for the hidden-state map, one text per line "
+            "(default: bundled).")] = None,
     lines: Annotated[Optional[int], typer.Option(help="Use at most this many texts of --calib-text / --hidden-text.")] = None,
     anchor_steps: Annotated[int, typer.Option(help="Adam steps of the anchor baseline (its default 10000).")] = 10_000,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Carry a steer whose model fingerprint differs from SRC.")] = False,
-    actadd_method: Annotated[str, typer.Option(help="ActAdd steers: recipe (recompute from the stored prompt pairs on TGT) or map (residual-stream map; loads both models).")] = "recipe",
+    actadd_method: Annotated[str, typer.Option(help="ActAdd steers: recipe (recompute from the stored prompt pairs on TGT) or map "
+            "(residual-stream map; loads both models).")] = "recipe",
 ):
     """Carry a steer from SRC to TGT: steerport transfer gpt2 gpt-j --steer toxic.st.
 
@@ -206,7 +212,8 @@ def actadd_transfer_cmd(
     target: Annotated[str, typer.Argument(help="Model to carry it to.")],
     steer: Annotated[Path, file_option("--steer", what="steer file", help="The source .st (kind actadd).")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the target .st.")],
-    method: Annotated[str, typer.Option(help="recipe (recompute on the target, KL-calibrated) or map (least-squares residual map).")] = "recipe",
+    method: Annotated[str, typer.Option(help="recipe (recompute on the target, KL-calibrated) or map (least-squares residual "
+            "map).")] = "recipe",
     neutral: TextOpt = None,
     lines: LinesOpt = 64,
     calibrate: Annotated[bool, typer.Option(help="For map: also calibrate the coefficient to the source's KL.")] = False,
@@ -225,7 +232,8 @@ def token_transfer_cmd(
     steer: Annotated[Path, file_option("--steer", what="steer file", help="The source .st (kind token-prob).")],
     target: Annotated[str, typer.Argument(help="Model to carry it to.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the target .st.")],
-    detect: Annotated[Optional[Path], file_option(what="text file", help="Detect text on the target; default: the bundled neutral text.")] = None,
+    detect: Annotated[Optional[Path], file_option(what="text file", help="Detect text on the target; default: the bundled neutral "
+            "text.")] = None,
     lines: LinesOpt = 100,
     max_tokens: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
     dtype: DtypeOpt = "auto",
@@ -237,11 +245,12 @@ def token_transfer_cmd(
     from steerport.transfer import TransferOptions
 
     check_at_least("--max-tokens", max_tokens, 1)
+    texts = read_lines(detect, lines)
     source = Steer.load(steer)
     made_on = source.model.get("spec")
     if not made_on:
         raise SteerportError(f"{steer}: records no source model; use `steerport transfer SRC {target} --steer {steer}`")
-    options = TransferOptions(texts=read_lines(detect, lines), max_tokens=max_tokens, dtype=dtype, device=device)
+    options = TransferOptions(texts=texts, max_tokens=max_tokens, dtype=dtype, device=device)
     run_transfer(steer, made_on, target, options, out_path, source=source)
 
 
