@@ -252,7 +252,8 @@ def test_transfer_and_its_aliases_make_the_same_library_call(files, recorder, mo
                 meta={"layer": 1, "n_layers": 2, "positions": "all"})
     act.save(files / "act.st")
     tok = Steer("token-prob", {"token_ids": torch.tensor([3]), "delta": torch.ones(1, D)},
-                model={"spec": "src-model", "fingerprint": "f"}, meta={"tokens": ["a"], "scales": [2.0]})
+                model={"spec": "src-model", "fingerprint": "f"},
+                meta={"tokens": ["a"], "scales": [2.0], "regression": {"adj_r2": 0.5}})
     tok.save(files / "tok.st")
     text = files / "neutral.txt"
     lines = [f"neutral paragraph number {i} with enough characters to be kept" for i in range(3)]
@@ -299,3 +300,17 @@ def test_optional_command_groups_register_when_present(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["hello"])
     assert r.exit_code == 0 and "hello from an optional group" in r.output
     assert CliRunner().invoke(app, ["inspect", "--help"]).exit_code == 0
+
+
+def test_a_steer_whose_header_length_looks_like_a_pickle_magic_loads(tmp_path, monkeypatch, capsys):
+    """A safetensors header of 1408 bytes starts the file with 80 05 (pickle protocol 5's magic)."""
+    A, B = random_steer_factors(seed=3)
+    path = tmp_path / "s.st"
+    for pad in range(1200):
+        Steer.lm_steer(A, B, epsilon=1.0, positive="x" * pad).save(path)
+        if path.read_bytes()[:2] == b"\x80\x05":
+            break
+    assert path.read_bytes()[:2] == b"\x80\x05"
+    code, out, err = main_run(monkeypatch, capsys, "inspect", path, "--json")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "lm-steer"

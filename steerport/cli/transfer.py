@@ -132,16 +132,14 @@ def run_transfer(steer_path: Path, src: str, tgt: str, options: TransferOptions,
 
 
 def describe(source: Steer, res: TransferResult, dest: Path) -> list[str]:
-    """What a transfer did, in a line (and one per dropped token), by the steer's kind."""
+    """What a transfer did, in a line, by the steer's kind."""
     new, lin = res.steer, res.lineage
     if new.kind == "actadd":
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in lin.items() if k != "source_model"}
         where = f"layers {new.meta['layers']}" if "layers" in new.meta else f"layer {new.meta['layer']}"
         return [f"wrote {dest}: {where}/{new.meta['n_layers']}, coefficient {new.epsilon:.4g}; {shown}"]
-    if new.kind == "token-prob":
-        dropped = [f"dropped {line}" for line in lin.get("dropped", [])]
-        fit = new.meta.get("regression", {})
-        return [*dropped, f"wrote {dest}: tokens {new.meta['tokens']}, target adjusted R² {fit.get('adj_r2', float('nan')):.3f}"]
+    if new.kind == "token-prob":  # (dropped tokens are reported through log)
+        return [f"wrote {dest}: tokens {new.meta['tokens']}, target adjusted R² {new.meta['regression']['adj_r2']:.3f}"]
     cal = lin["calibration"]
     msg = f"wrote {dest}: form {lin['form']}, rank {new.rank}, hidden {new.hidden_size}, "
     msg += f"calibration {cal['method']} x{cal['factor']:.4g} (epsilon {source.epsilon:.4g} -> {new.epsilon:.4g})"
