@@ -34,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "FILE[@START:STOP]" must not be read as a rich tag
 )
 
 COMMAND_GROUPS = (
