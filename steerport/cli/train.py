@@ -69,9 +69,6 @@ def train_progress() -> tuple[Progress, Callable[[str, dict], None]]:
     return bar, update
 
 
-TextFile = file_option(what="text file")
-
-
 def train(
     model: ModelArg,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the steer (.st).")],
