@@ -290,10 +290,12 @@ def explain(
     from steerport.models import load_model
     from steerport.texts import read_file_text
 
-    if (text is None) == (text_file is None):
+    if text is not None and text_file is not None:
         raise SteerportError("give exactly one of --text or --file")
     if text_file is not None:
         text = read_file_text(text_file)
+    if text is None:
+        raise SteerportError("give exactly one of --text or --file")
     st, value, path = one_steer(steer)
     lm = load_model(model, dtype=dtype, device=device)
     ex = explain_text(lm, st, text, value, k=spans, force=force)

@@ -31,13 +31,13 @@ from steerport.cli.common import (
 from steerport.errors import SteerportError
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
+    from rich.progress import Progress, TaskID
 
 
 def train_progress() -> tuple[Progress, Callable[[str, dict], None]]:
     """The progress display for both training phases and the trainer's ``progress(phase, info)`` callback."""
     bar = make_progress(info=True, remaining=True)
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
     clock: dict[str, float] = {}
 
     def update(phase: str, info: dict) -> None:
