@@ -142,3 +142,17 @@ def random_direction(u: torch.Tensor, seed: int = 0) -> torch.Tensor:
     v = torch.randn(u.shape[0], generator=torch.Generator().manual_seed(seed)).to(u.dtype)
     v = v * (u.norm() / v.norm())
     return v if float(v @ u) >= 0 else -v
+
+
+def steady_direction(H: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """The row change (d,) whose logit offset h·δ is as constant as possible over the positions
+    of H (N, d) at mean 1: δ = Σ⁻¹μ / (μᵀΣ⁻¹μ), Σ the covariance of h plus ``ridge`` · mean
+    variance, μ the mean. A constant offset log r scales p_t,w by about r at every position of
+    any text (where p_t,w ≪ 1), so the achieved factor depends little on the text.
+    """
+    X = H.double()
+    mu = X.mean(0)  # (d,)
+    C = torch.cov(X.T)  # (d, d)
+    C = C + ridge * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=C.dtype)
+    w = torch.linalg.solve(C, mu)  # Σ⁻¹μ
+    return (w / float(mu @ w)).float()

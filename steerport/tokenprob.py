@@ -54,6 +54,7 @@ from steerport.tokenencoding import (  # noqa: F401  (re-exported)
     omega,
     random_direction,
     shuffled_direction,
+    steady_direction,
 )
 from steerport.tokenprune import importance, prune_curve, removed_dims  # noqa: F401  (re-exported)
 from steerport.tokenstats import (  # noqa: F401  (re-exported)
@@ -62,6 +63,7 @@ from steerport.tokenstats import (  # noqa: F401  (re-exported)
     TokenStats,
     collect_head_stats,
     remaining_kl,
+    remaining_kls,
     scale_errors,
     steered_log_alpha,
     steered_log_alpha_from,
@@ -70,6 +72,8 @@ from steerport.tokenstats import (  # noqa: F401  (re-exported)
 
 STEPS = ("corrected", "paper")
 DEFAULT_STEP = "corrected"
+DIRECTIONS = ("regression", "steady")
+DEFAULT_DIRECTION = "regression"
 PAPER_METHOD = "Cho et al. Algorithm 1: e_w' = e_w - log(r) Ω ⊙ A⁻¹, applied as a logit offset"
 CORRECTED_METHOD = ("Cho et al. Algorithm 1 direction u = -Ω ⊙ A⁻¹; step t solved so that log r̂(t·u) = log r "
                     "on the detect set (Brent's method), applied as a logit offset")
@@ -106,7 +110,17 @@ class Step:
 
 def solve_step(lm: LoadedModel, stats: TokenStats, tid: int, u: torch.Tensor, r: float, *,
                xtol: float = 1e-12, max_doublings: int = 60, surface: str = "") -> Step:
-    """t with log r̂(t·u) = log r on ``stats`` (exact, from the cached head inputs).
+    """t with log r̂(t·u) = log r on ``stats`` (exact, from the cached head inputs); see :func:`solve_step_from`."""
+    z = token_logits(lm, stats, tid)  # (N,)
+    s = (stats.H @ u.float().cpu()).double()  # (N,): logit offset per unit step
+    return solve_step_from(z, s, stats.lse, float(stats.log_alpha[tid]), r, lm.softcap, xtol=xtol,
+                           max_doublings=max_doublings, name=surface or str(tid))
+
+
+def solve_step_from(z: torch.Tensor, s: torch.Tensor, lse: torch.Tensor, base: float, r: float, cap: float | None, *,
+                    xtol: float = 1e-12, max_doublings: int = 60, name: str = "token") -> Step:
+    """The step for pre-cap logits z (N,), offsets per unit step s = H·u (N,), normalizers lse (N,)
+    and the unsteered log α_w ``base``.
 
     f(t) = log α'_w(t·u) − log α_w − log r has f(0) = −log r. Starting at the paper's step
     t₀ = log r, the step is doubled until f changes sign, then Brent's method (scipy ``brentq``)
@@ -119,14 +133,11 @@ def solve_step(lm: LoadedModel, stats: TokenStats, tid: int, u: torch.Tensor, r:
     log_r = math.log(r)
     if log_r == 0.0:
         return Step(0.0, 0.0, 0)
-    z = token_logits(lm, stats, tid)  # (N,)
-    s = (stats.H @ u.float().cpu()).double()  # (N,): logit offset per unit step
-    base, cap = float(stats.log_alpha[tid]), lm.softcap
     calls = [0]
 
     def f(t: float) -> float:
         calls[0] += 1
-        return steered_log_alpha_from(z, stats.lse, t * s, cap)[0] - base - log_r
+        return steered_log_alpha_from(z, lse, t * s, cap)[0] - base - log_r
 
     def bracket(start: float) -> tuple[float, float, float] | None:
         """(lo, hi, f(hi)) with f(lo), f(hi) of opposite signs (or f(hi) = 0), doubling from ``start``."""
@@ -142,7 +153,7 @@ def solve_step(lm: LoadedModel, stats: TokenStats, tid: int, u: torch.Tensor, r:
     # the paper's side first; on the other side when u moves this token's α the wrong way
     found = bracket(log_r) or bracket(-log_r)
     if found is None:
-        raise SteerportError(f"{surface or tid!r}: no step along the direction scales its average probability by "
+        raise SteerportError(f"{name!r}: no step along the direction scales its average probability by "
                              f"{r:g} on the detect set; ask for less")
     lo, hi, f_hi = found
     t = hi if f_hi == 0 else brentq(f, min(lo, hi), max(lo, hi), xtol=xtol, rtol=4 * torch.finfo(torch.float64).eps)
@@ -161,20 +172,26 @@ def make_token_steer(
     detect: dict | None = None,
     stats: TokenStats | None = None,
     step: str = DEFAULT_STEP,
+    direction_rule: str = DEFAULT_DIRECTION,
 ) -> Steer:
     """A ``token-prob`` steer scaling each token's average probability by its factor r (ε₀ = 1).
 
-    delta_w = t_w · u with u = -Ω ⊙ A⁻¹; ``step="corrected"`` (default) solves t_w so that r̂ = r
-    exactly on the detect set ``stats`` (which it then needs), ``step="paper"`` uses t_w = log r.
+    delta_w = t_w · u. ``direction_rule="regression"`` (default, the paper's): u = -Ω ⊙ A⁻¹;
+    ``"steady"``: u = :func:`steady_direction` of the detect set's head inputs (a logit offset
+    as constant as possible over positions, so the factor depends little on the text).
+    ``step="corrected"`` (default) solves t_w so that r̂ = r exactly on the detect set ``stats``
+    (which it then needs), ``step="paper"`` uses t_w = log r.
     """
     if step not in STEPS:
         raise SteerportError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
-    if step == "corrected" and stats is None:
-        raise SteerportError("the corrected step needs the detect-set statistics: pass stats=collect_head_stats(...) "
-                             "(or step='paper' for the paper's uncorrected step)")
+    if direction_rule not in DIRECTIONS:
+        raise SteerportError(f"direction rule must be one of {', '.join(DIRECTIONS)}, got {direction_rule!r}")
+    if stats is None and (step == "corrected" or direction_rule == "steady"):
+        raise SteerportError("the corrected step and the steady direction need the detect-set statistics: pass "
+                             "stats=collect_head_stats(...) (or step='paper' for the paper's uncorrected step)")
     if not scales:
         raise SteerportError("give at least one token and scale")
-    u = direction(enc, b)  # (d,)
+    u = direction(enc, b) if direction_rule == "regression" else steady_direction(stats.H)  # (d,)
     ids, rows, steps, reached = [], [], [], []
     for surface, r in scales.items():
         if not (r > 0 and math.isfinite(r)):
@@ -199,9 +216,11 @@ def make_token_steer(
         "omega": OMEGA_RULE,
         "step": step,
         "steps": steps,
+        "direction": direction_rule,
         "regression": {"adj_r2": enc.adj_r2, "r2": enc.r2, "n_tokens": enc.n_tokens},
         "detect": detect or {},
-        "method": CORRECTED_METHOD if step == "corrected" else PAPER_METHOD,
+        "method": (CORRECTED_METHOD if step == "corrected" else PAPER_METHOD)
+        + ("" if direction_rule == "regression" else "; direction: steady (Σ⁻¹μ of the detect head inputs)"),
     }
     if stats is not None:
         meta["detect_r_hat"] = reached
@@ -222,6 +241,7 @@ def token_steer(
     *,
     b: float = DEFAULT_B,
     step: str = DEFAULT_STEP,
+    direction_rule: str = DEFAULT_DIRECTION,
     max_tokens: int = 128,
     detect: dict | None = None,
     progress: Callable[[int], None] | None = None,
@@ -230,7 +250,8 @@ def token_steer(
     stats = collect_head_stats(lm, detect_texts, max_tokens=max_tokens, progress=progress)
     enc = fit_encoding(lm.output_embeddings, stats.log_alpha)
     info = {"texts": len(detect_texts), "positions": stats.positions, "max_tokens": max_tokens, **(detect or {})}
-    return make_token_steer(lm, enc, scales, b=b, detect=info, stats=stats, step=step), stats, enc
+    steer = make_token_steer(lm, enc, scales, b=b, detect=info, stats=stats, step=step, direction_rule=direction_rule)
+    return steer, stats, enc
 
 
 # --------------------------------------------------------------------------- transfer
@@ -252,7 +273,7 @@ def transfer_token_prob(
     Tokens are matched by surface string (the text the user gave, e.g. " great"), which must be a
     single token on the target too; tokens that are not are dropped and reported. ``b`` and
     ``step`` default to the source steer's (``step``: the corrected step for steers that do not
-    record one). Returns the new steer and a report (regression fit on the target, dropped tokens).
+    record one; the direction rule is the source's). Returns the new steer and a report (regression fit on the target, dropped tokens).
     """
     if steer.kind != "token-prob":
         raise SteerportError(f"transfer_token_prob needs a token-prob steer, got {steer.kind!r}")
@@ -270,7 +291,9 @@ def transfer_token_prob(
         raise SteerportError(f"none of the steer's tokens is a single token on {target.spec}: {'; '.join(dropped)}")
     b = steer.meta.get("b", DEFAULT_B) if b is None else b
     step = steer.meta.get("step", DEFAULT_STEP) if step is None else step
-    new, _, enc = token_steer(target, detect_texts, kept, b=b, step=step, max_tokens=max_tokens, progress=progress)
+    rule = steer.meta.get("direction", DEFAULT_DIRECTION)
+    new, _, enc = token_steer(target, detect_texts, kept, b=b, step=step, direction_rule=rule, max_tokens=max_tokens,
+                              progress=progress)
     new.meta["lineage"] = {
         "source_steer": steer.fingerprint,
         "source_model": dict(steer.model),

@@ -192,22 +192,34 @@ def deltas_scale_errors(lm: LoadedModel, stats: TokenStats, rows: Sequence[tuple
 
 
 @torch.no_grad()
-def remaining_kl(lm: LoadedModel, stats: TokenStats, tid: int, delta: torch.Tensor, *, max_positions: int = 2048) -> float:
-    """KL(ᾱ' ‖ ᾱ) of the average distribution over all tokens but w, each renormalized.
+def remaining_kls(lm: LoadedModel, stats: TokenStats, rows: Sequence[tuple[int, torch.Tensor]], *,
+                  max_positions: int = 2048) -> list[float]:
+    """KL(ᾱ' ‖ ᾱ) of the average distribution over all tokens but w, each renormalized, for
+    several (token id w, delta (d,)) rows in one sweep over the vocabulary.
 
-    Only z_w changes, so p'_t,v = p_t,v · ρ_t for v ≠ w; computed on the first ``max_positions`` positions.
+    Only z_w changes, so p'_t,v = p_t,v · ρ_t for v ≠ w; computed on the first ``max_positions``
+    positions. Cost: one (n, V) logit pass plus a (K, n) x (n, V) product for K rows.
     """
     part = stats.head(min(max_positions, stats.positions))
-    _, rho = steered_log_alpha(lm, part, tid, delta)  # (n,)
+    rho = torch.stack([steered_log_alpha(lm, part, tid, delta)[1] for tid, delta in rows])  # (K, n)
     E, bias, cap = head_weights(lm)
-    old = torch.zeros(E.shape[0], dtype=torch.float64)
-    new = torch.zeros(E.shape[0], dtype=torch.float64)
+    old = torch.zeros(E.shape[0], dtype=torch.float64)  # (V,)
+    new = torch.zeros(len(rows), E.shape[0], dtype=torch.float32)  # (K, V); float32 keeps K·V in memory
     n = chunk_rows(E.shape[0])
     for i in range(0, part.positions, n):
-        p = torch.exp(head_logits(part.H[i : i + n], E, bias, cap) - part.lse[i : i + n, None]).double()  # (c, V)
-        old += p.sum(0)
-        new += (rho[i : i + n, None] * p).sum(0)
-    keep = new > 0  # tokens whose probability underflows everywhere add nothing
-    keep[tid] = False
-    old, new = old[keep] / old[keep].sum(), new[keep] / new[keep].sum()  # (V - 1,) each
-    return float(kl_divergence(new.log(), old.log()))
+        p = torch.exp(head_logits(part.H[i : i + n], E, bias, cap) - part.lse[i : i + n, None])  # (c, V)
+        old += p.sum(0).double()
+        new += rho[:, i : i + n].float() @ p
+    out = []
+    for k, (tid, _) in enumerate(rows):
+        keep = old > 0  # tokens whose probability underflows everywhere add nothing
+        keep[tid] = False
+        a = new[k, keep].double()
+        a, b = a / a.sum(), old[keep] / old[keep].sum()  # (V - 1,) each
+        out.append(float(kl_divergence(a.log(), b.log())))
+    return out
+
+
+def remaining_kl(lm: LoadedModel, stats: TokenStats, tid: int, delta: torch.Tensor, *, max_positions: int = 2048) -> float:
+    """KL(ᾱ' ‖ ᾱ) of the average distribution over all tokens but w (see :func:`remaining_kls`)."""
+    return remaining_kls(lm, stats, [(tid, delta)], max_positions=max_positions)[0]

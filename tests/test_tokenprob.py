@@ -279,3 +279,39 @@ def test_plots_write_png_files(tmp_path):
     plot_prune(rows, tmp_path / "prune.png", baseline=rows)
     for name in ("a/pca.png", "prune.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_steady_direction_gives_an_almost_constant_offset():
+    from steerport.tokenprob import steady_direction
+
+    lm = tiny_model("qwen2")
+    stats = collect_head_stats(lm, TEXTS)
+    enc = fit_encoding(lm.output_embeddings, stats.log_alpha)
+    v = steady_direction(stats.H)
+    offsets = stats.H @ v  # (N,)
+    assert float(offsets.mean()) == pytest.approx(1.0, abs=1e-4)
+    assert float(offsets.std()) < 0.5 * float((stats.H @ direction(enc)).std() / (stats.H @ direction(enc)).mean().abs())
+    for rule in ("regression", "steady"):
+        steer = make_token_steer(lm, enc, {"o": 5.0}, stats=stats, direction_rule=rule)
+        assert steer.meta["direction"] == rule and steer.meta["detect_r_hat"][0] == pytest.approx(5.0, rel=1e-3)
+    torch.testing.assert_close(steer.tensors["delta"][0] / steer.meta["steps"][0], v)
+    with pytest.raises(SteerportError, match="direction rule"):
+        make_token_steer(lm, enc, {"o": 2.0}, stats=stats, direction_rule="random")
+
+
+@pytest.mark.parametrize("n", [640, 896, 1152, 1408, 19280])
+def test_a_safetensors_header_whose_length_starts_like_a_pickle_is_read(n):
+    """Header lengths 0x280, 0x380, ... begin with the bytes of a pickle protocol marker (and 0x4B50 with 'PK')."""
+    import json as _json
+    from pathlib import Path
+
+    from steerport.fileio import read_json_metadata
+
+    doc = {"__metadata__": {"steerport": _json.dumps({"kind": "token-prob"})}}
+    header = _json.dumps(doc).encode()
+    header += b" " * (n - len(header))
+    data = n.to_bytes(8, "little") + header
+    assert data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK")
+    assert read_json_metadata(Path("x.st"), data, "steerport", "a .st steer") == {"kind": "token-prob"}
+    with pytest.raises(SteerportError, match="pickle"):
+        read_json_metadata(Path("x.st"), b"\x80\x04" + b"\x00" * 30, "steerport", "a .st steer")
