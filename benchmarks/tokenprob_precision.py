@@ -96,8 +96,13 @@ def run(args) -> None:
     held = paragraphs[HELD_START : HELD_START + args.held]
     ood = read_texts(SST, min_chars=20, limit=args.ood)
     sets = {}
+    cache = Path(args.cache) / f"tokenprob_{args.model.replace('/', '_')}_{args.detect}_{args.held}_{args.ood}_{args.max_tokens}.pt"
+    if cache.exists():  # the statistics of an interrupted run with the same sizes
+        sets = {k: tp.TokenStats(*v) for k, v in torch.load(cache).items()}
     for name, texts in (("detect", detect), ("held-out", held), ("out-of-domain", ood)):
-        sets[name] = tp.collect_head_stats(lm, texts, max_tokens=args.max_tokens)
+        if name not in sets:
+            sets[name] = tp.collect_head_stats(lm, texts, max_tokens=args.max_tokens)
+            torch.save({k: (v.H, v.lse, v.log_alpha) for k, v in sets.items()}, cache)
         log(name, len(texts), "texts", sets[name].positions, "positions", f"{time.time() - t0:.0f}s")
     stats = sets["detect"]
     enc = tp.fit_encoding(lm.output_embeddings, stats.log_alpha)
@@ -166,14 +171,19 @@ def run(args) -> None:
                                                max_positions=args.prune_positions)
         log("prune", rank_by, [(r["fraction"], round(r["kl_avg"], 4), round(r["gen_sim"], 2)) for r in res["prune"][rank_by]])
         save(args.model, res)
-    from steerport.plots import plot_prune
-
-    plot_prune(res["prune"]["slope"], ROOT / "benchmarks" / f"seeds_prune_{args.model.replace('/', '_')}.png",
-               title=f"{args.model}: dimension removal", baseline=res["prune"]["random"])
+    plot(args.model, res)
     res["seconds"] = time.time() - t0
     res["machine"] = machine()
     save(args.model, res)
     log("done", f"{res['seconds']:.0f}s")
+
+
+def plot(model: str, res: dict) -> None:
+    """The prune curve picture, benchmarks/seeds_prune_MODEL.png (slope ranking, random baseline dashed)."""
+    from steerport.plots import plot_prune
+
+    plot_prune(res["prune"]["slope"], ROOT / "benchmarks" / f"seeds_prune_{model.replace('/', '_')}.png",
+               title=f"{model}: dimension removal", baseline=res["prune"]["random"])
 
 
 def machine() -> dict:
@@ -211,7 +221,7 @@ def render() -> str:
                 f"positions); out-of-domain {res['texts']['out-of-domain']} SST-2 test sentences ({res['positions']['out-of-domain']} positions). "
                 f"Regression: adjusted R² {res['adj_r2']:.3f}, {res['significant_dims_bonferroni']} / {res['hidden_size']} dims significant "
                 f"after Bonferroni. {len(res['tokens'])} tokens ({', '.join(repr(t) for t in res['tokens'][:10])}, …), b = {res['b']:g}. "
-                f"Run: {res.get('seconds', 0):.0f} s on {m.get('cpu', '?')}, {m.get('cores', '?')} threads; load at the end: "
+                f"Run: {res.get('seconds', 0):.0f} s on {m.get('cpu', '?')} (2 shared cores), {m.get('cores', '?')} torch thread(s); load at the end: "
                 f"`{m.get('load', '?')}`."), ""]
         out += ["Scale error |log r − log r̂| (mean over tokens ± 95 % interval; pooled = all 14 scales 1/20 … 20):", "",
                 "| direction / step | set | " + " | ".join(f"{r:.3g}" for r in res["scales"]) + " | pooled | unreachable |",
@@ -268,10 +278,16 @@ def main() -> None:
     p.add_argument("--prune-positions", type=int, default=512)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=16)
+    p.add_argument("--cache", default="/tmp", help="folder for the head statistics of an interrupted run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is much faster on a crowded machine)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.part == "run":
         run(args)
     else:
+        for model, res in json.loads(RESULTS.read_text()).items():
+            if "random" in res.get("prune", {}):
+                plot(model, res)
         atomic_write_text(REPORT, render())
         print(REPORT)
 

@@ -21,6 +21,14 @@ inputs, the default step (``step="corrected"``) solves log r̂(t·u) = log r on 
 the scalar t (bracketing, then Brent's method: a few dozen O(N) evaluations);
 ``step="paper"`` keeps Algorithm 1's t = log r. The steer's metadata records which.
 
+**The direction.** Measured on held-out and out-of-domain text (``benchmarks/SEEDS.md``), most
+of the remaining error comes from h_t · u varying from position to position: the p-weighted mean
+of the offset differs between texts. The default direction (``direction_rule="steady"``) is the
+row change whose offset h·u is as constant as possible over the detect positions at mean 1,
+u = Σ⁻¹μ / (μᵀΣ⁻¹μ) (:func:`steady_direction`); then log r shifts token w's logit by about log r
+at every position of any text. ``direction_rule="regression"`` keeps the paper's u = -Ω ⊙ A⁻¹;
+``direction_rule="regression", step="paper"`` is Algorithm 1 exactly.
+
 A ``token-prob`` steer stores delta_w = e_w' - e_w at value 1 and adds s · (delta_w · h) to token
 w's logit only (a hook on the LM head's output); the V x d matrix is never copied, the input
 embeddings are untouched. At value s the step is s·t (the factor is r̂(s·t), about r^s).
@@ -73,7 +81,7 @@ from steerport.tokenstats import (  # noqa: F401  (re-exported)
 STEPS = ("corrected", "paper")
 DEFAULT_STEP = "corrected"
 DIRECTIONS = ("regression", "steady")
-DEFAULT_DIRECTION = "regression"
+DEFAULT_DIRECTION = "steady"
 PAPER_METHOD = "Cho et al. Algorithm 1: e_w' = e_w - log(r) Ω ⊙ A⁻¹, applied as a logit offset"
 CORRECTED_METHOD = ("Cho et al. Algorithm 1 direction u = -Ω ⊙ A⁻¹; step t solved so that log r̂(t·u) = log r "
                     "on the detect set (Brent's method), applied as a logit offset")
@@ -176,9 +184,9 @@ def make_token_steer(
 ) -> Steer:
     """A ``token-prob`` steer scaling each token's average probability by its factor r (ε₀ = 1).
 
-    delta_w = t_w · u. ``direction_rule="regression"`` (default, the paper's): u = -Ω ⊙ A⁻¹;
-    ``"steady"``: u = :func:`steady_direction` of the detect set's head inputs (a logit offset
-    as constant as possible over positions, so the factor depends little on the text).
+    delta_w = t_w · u. ``direction_rule="steady"`` (default): u = :func:`steady_direction` of the
+    detect set's head inputs (a logit offset as constant as possible over positions, so the
+    factor depends little on the text); ``"regression"`` (the paper's): u = -Ω ⊙ A⁻¹.
     ``step="corrected"`` (default) solves t_w so that r̂ = r exactly on the detect set ``stats``
     (which it then needs), ``step="paper"`` uses t_w = log r.
     """
@@ -188,7 +196,8 @@ def make_token_steer(
         raise SteerportError(f"direction rule must be one of {', '.join(DIRECTIONS)}, got {direction_rule!r}")
     if stats is None and (step == "corrected" or direction_rule == "steady"):
         raise SteerportError("the corrected step and the steady direction need the detect-set statistics: pass "
-                             "stats=collect_head_stats(...) (or step='paper' for the paper's uncorrected step)")
+                             "stats=collect_head_stats(...) (or step='paper', direction_rule='regression' for the "
+                             "paper's Algorithm 1)")
     if not scales:
         raise SteerportError("give at least one token and scale")
     u = direction(enc, b) if direction_rule == "regression" else steady_direction(stats.H)  # (d,)
@@ -273,7 +282,8 @@ def transfer_token_prob(
     Tokens are matched by surface string (the text the user gave, e.g. " great"), which must be a
     single token on the target too; tokens that are not are dropped and reported. ``b`` and
     ``step`` default to the source steer's (``step``: the corrected step for steers that do not
-    record one; the direction rule is the source's). Returns the new steer and a report (regression fit on the target, dropped tokens).
+    record one; the direction rule is the source's, else the default). Returns the new steer and
+    a report (regression fit on the target, dropped tokens).
     """
     if steer.kind != "token-prob":
         raise SteerportError(f"transfer_token_prob needs a token-prob steer, got {steer.kind!r}")

@@ -142,12 +142,14 @@ def steered_log_alpha_from(z: torch.Tensor, lse: torch.Tensor, shift: torch.Tens
     cz = cap_logits(z, cap)
     dz = cap_logits(z + shift, cap) - cz  # (N,)
     log_p = (cz - lse.double()).clamp(max=0.0)  # log p_t,w
-    log_q = torch.log1p(-torch.exp(log_p))  # log(1 - p)
     # exact near dz = 0 (log1p/expm1); for large offsets the saturating forms (no inf - inf)
-    small = dz < 30
-    dlse = torch.where(small, torch.log1p(torch.exp(log_p) * torch.expm1(dz.clamp(max=30))),
-                       torch.logaddexp(log_q, log_p + dz))  # (N,)
-    new_log_p = torch.where(small, log_p + dz - dlse, -torch.logaddexp(torch.zeros_like(dz), log_q - log_p - dz))
+    dlse = torch.log1p(torch.exp(log_p) * torch.expm1(dz.clamp(max=30)))  # (N,)
+    new_log_p = log_p + dz - dlse
+    big = dz >= 30
+    if bool(big.any()):
+        log_q = torch.log1p(-torch.exp(log_p))  # log(1 - p)
+        dlse = torch.where(big, torch.logaddexp(log_q, log_p + dz), dlse)
+        new_log_p = torch.where(big, -torch.logaddexp(torch.zeros_like(dz), log_q - log_p - dz), new_log_p)
     return float(torch.logsumexp(new_log_p, 0) - math.log(len(z))), torch.exp(-dlse)
 
 

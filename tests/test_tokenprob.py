@@ -81,7 +81,7 @@ def test_planted_log_linear_model_fits_and_hits_the_requested_scale():
     assert enc.adj_r2 > 0.99
     base = measured_log_alpha(lm, TEXTS)
     for surface, r in (("o", 5.0), ("a", 0.2), ("e", 1.5)):
-        steer = make_token_steer(lm, enc, {surface: r}, stats=stats, step="paper")
+        steer = make_token_steer(lm, enc, {surface: r}, stats=stats, step="paper", direction_rule="regression")
         tid = token_id(lm.tokenizer, surface)
         new = measured_log_alpha(lm, TEXTS, [(steer, 1.0)])
         r_hat = math.exp(float(new[tid] - base[tid]))
@@ -122,6 +122,7 @@ def test_token_prob_round_trip_and_composition_with_other_kinds(tmp_path):
     assert torch.equal(back.tensors["delta"], tp.tensors["delta"]) and back.meta["tokens"] == ["o"]
     assert back.meta["scales"] == [3.0] and back.meta["b"] == 2.0
     assert back.meta["step"] == "corrected" and back.meta["detect_r_hat"][0] == pytest.approx(3.0, rel=1e-6)
+    assert back.meta["direction"] == "steady"  # the default
     A, B = random_steer_factors()
     lms = Steer.lm_steer(A, B, epsilon=0.5, model={"spec": lm.spec, "fingerprint": lm.fingerprint})
     act = Steer("actadd", {"vector": torch.randn(2, D)}, 1.0, model=dict(lms.model), meta={"layer": 1, "positions": "front"})
@@ -190,7 +191,7 @@ def test_scale_errors_kl_and_prune_curve_basics():
 def test_transfer_by_surface_recomputes_the_direction_on_the_target():
     src, tgt = tiny_model("gpt2"), tiny_model("qwen2")
     enc = fit_encoding(src.output_embeddings, collect_head_stats(src, TEXTS).log_alpha)
-    steer = make_token_steer(src, enc, {"o": 3.0, "a": 0.5}, step="paper")
+    steer = make_token_steer(src, enc, {"o": 3.0, "a": 0.5}, step="paper", direction_rule="regression")
     new, report = transfer_token_prob(steer, tgt, TEXTS, step="paper")
     assert new.model["fingerprint"] == tgt.fingerprint and report["kept"] == ["o", "a"]
     tgt_enc = fit_encoding(tgt.output_embeddings, collect_head_stats(tgt, TEXTS).log_alpha)
@@ -212,8 +213,8 @@ def test_corrected_step_hits_the_requested_scale_on_the_detect_set_and_the_paper
             tid = token_id(lm.tokenizer, surface)
             base = float(stats.log_alpha[tid])
             for r in scales:
-                fixed = make_token_steer(lm, enc, {surface: r}, stats=stats)
-                paper = make_token_steer(lm, enc, {surface: r}, stats=stats, step="paper")
+                fixed = make_token_steer(lm, enc, {surface: r}, stats=stats, direction_rule="regression")
+                paper = make_token_steer(lm, enc, {surface: r}, stats=stats, step="paper", direction_rule="regression")
                 got, _ = steered_log_alpha(lm, stats, tid, fixed.tensors["delta"][0])
                 assert abs(got - base - math.log(r)) < 1e-3, (lm.spec, surface, r)
                 assert fixed.meta["detect_r_hat"][0] == pytest.approx(r, rel=1e-3)
