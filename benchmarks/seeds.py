@@ -1,4 +1,4 @@
-"""Real-model numbers for ActAdd and token-probability steering (issue 6); results -> benchmarks/seeds_results.json.
+"""Real-model numbers for ActAdd and token-probability steering; results -> benchmarks/seeds_results.json.
 
 Each part runs in its own process and merges its result into the JSON file, so parts can run
 separately (and in parallel) on a busy machine:
