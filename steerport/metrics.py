@@ -1,7 +1,7 @@
 """The numbers steerport reports, as pure functions of tensors and scores.
 
 * :func:`roc_auc` — the steer as a classifier (scikit-learn's ``roc_auc_score``).
-* :func:`separation` — Sep = [ℓ_s(D+) − ℓ_0(D+)] − [ℓ_s(D−) − ℓ_0(D−)] (DESIGN.md §5).
+* :func:`separation` — Sep = [ℓ_s(D+) − ℓ_0(D+)] − [ℓ_s(D−) − ℓ_0(D−)].
 * :func:`kl_divergence` — KL(p ‖ q) per position from log-probabilities; the KL budget κ is its mean.
 * :func:`spearman`, :func:`retention`, :func:`distinct_n`, :func:`mean_distinct`.
 * :func:`find_value_for_kl` — the one value-for-κ solver: bracket the root, then

