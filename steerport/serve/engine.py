@@ -1,0 +1,320 @@
+"""The batching engine: one worker thread decodes many requests together, each row with its own
+steer values, sampling settings and stop conditions, in the same forward passes.
+
+Design::
+
+    HTTP handlers ──submit(rows)──► pending queue ──► worker thread
+                                                      │ collect rows arriving within `window_s`
+                                                      │ (up to `max_batch`), then one decode loop:
+                                                      │   left-pad prompts, attention mask, position ids
+                                                      │   prefill, then one token per step with a KV cache
+                                                      │   per-row steer values (serve.rows.apply_rows)
+                                                      │   per-row temperature / top_p / seed / stop / max_tokens
+                                                      │   finished or cancelled rows leave the batch
+                                                      ▼
+    asyncio queue per row ◄── events (text delta, finish) ◄──┘
+
+Left padding with a mask and positions counted from each row's first real token makes a row's
+computation the same alone or in a batch, so greedy output does not depend on the neighbours
+(tested exactly in float32). Jobs that must not overlap a decode loop (explanations, which hook
+the model themselves) run on the same thread between batches (:meth:`Engine.call`).
+
+Example::
+
+    engine = Engine(lm, {"positive": steer})
+    engine.start()
+    row = Row(prompt_ids=[...], max_tokens=16, values={"positive": 3.0})
+    engine.submit([row])              # events arrive on row.events (set by the caller)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from steerport.models import LoadedModel
+from steerport.serve.rows import apply_rows
+from steerport.steer import Steer
+
+log = logging.getLogger("steerport.serve")
+
+
+@dataclass
+class Event:
+    """What a row reports: new text, and at the end why it stopped."""
+
+    text: str = ""
+    tokens: int = 0  # completion tokens so far
+    finish: str | None = None  # "stop" | "length" | "error" (last event only)
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    """One sequence to generate (one choice of one request)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    values: dict[str, float] = field(default_factory=dict)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    deadline: float = math.inf  # time.monotonic() after which the row is ended
+    # set by the caller: where events go
+    emit: Callable[[Event], None] = lambda e: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # decoding state (engine only)
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of text already emitted
+    done: bool = False
+
+
+def async_emitter(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Callable[[Event], None]:
+    """An ``emit`` callback that hands events from the worker thread to an asyncio queue."""
+    return lambda e: loop.call_soon_threadsafe(q.put_nowait, e)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """One token from a row of logits (V,): argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        p, order = torch.sort(probs, descending=True)
+        keep = (torch.cumsum(p, 0) - p) < top_p  # the smallest prefix reaching top_p (at least one)
+        p = p * keep
+        return int(order[torch.multinomial(p / p.sum(), 1, generator=gen)])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class Engine:
+    """Owns the model; batches rows from many requests into shared decode loops."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        steers: dict[str, Steer],
+        *,
+        max_batch: int = 32,
+        window_s: float = 0.015,
+    ):
+        self.lm = lm
+        self.names = list(steers)
+        self.steers = [steers[n] for n in self.names]
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self._pending: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        tok = lm.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        self.eos_ids = eos
+        import inspect
+
+        params = inspect.signature(lm.model.forward).parameters
+        self._keep_arg = "logits_to_keep" in params
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self.stats = {"batches": 0, "rows": 0, "steps": 0, "max_rows_in_batch": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="steerport-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._pending.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, rows: Sequence[Row]) -> None:
+        """Queue rows for generation; their events go to each row's ``emit``."""
+        for r in rows:
+            self._pending.put(r)
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the engine thread between batches (it may hook the model); returns a Future."""
+        fut: Future = Future()
+        self._pending.put((fn, fut))
+        return fut
+
+    # ------------------------------------------------------------------ worker
+
+    def _run(self) -> None:
+        carry: list = []
+        while not self._stop.is_set():
+            item = carry.pop(0) if carry else self._pending.get()
+            if item is None:
+                break
+            if isinstance(item, tuple):
+                self._run_job(*item)
+                continue
+            batch = [item]
+            end = time.monotonic() + self.window_s
+            while len(batch) < self.max_batch:
+                left = end - time.monotonic()
+                try:
+                    nxt = self._pending.get(timeout=max(left, 0)) if left > 0 else self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or isinstance(nxt, tuple):
+                    carry.append(nxt)
+                    break
+                batch.append(nxt)
+            batch = [r for r in batch if not r.cancelled.is_set()]
+            if batch:
+                try:
+                    self._decode(batch)
+                except Exception as e:  # never kill the worker: fail these rows, keep serving
+                    log.exception("decode loop failed")
+                    for r in batch:
+                        if not r.done:
+                            r.done = True
+                            r.emit(Event(finish="error", error=f"generation failed: {e}", tokens=len(r.ids)))
+
+    @staticmethod
+    def _run_job(fn: Callable[[], Any], fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # delivered to the waiting handler
+            fut.set_exception(e)
+
+    # ------------------------------------------------------------------ decoding
+
+    def _values(self, rows: Sequence[Row]) -> torch.Tensor:
+        """(b, k): each row's value for every loaded steer (0 where not asked)."""
+        return torch.tensor([[r.values.get(n, 0.0) for n in self.names] for r in rows], dtype=torch.float32)
+
+    def _forward(self, **kw) -> tuple[torch.Tensor, Any]:
+        if self._keep_arg:
+            kw["logits_to_keep"] = 1
+        if "cache" in kw:
+            kw[self._cache_arg] = kw.pop("cache")
+        out = self.lm.model(**kw, use_cache=True)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = out.past_key_values
+        return out.logits[:, -1, :].float(), cache  # (b, V)
+
+    def _advance(self, r: Row, token: int) -> None:
+        """Record one token for a row, emit the text that is safe to show, finish it if due."""
+        finish = None
+        if token in self.eos_ids:
+            finish = "stop"
+        else:
+            r.ids.append(token)
+        text = self.lm.tokenizer.decode(r.ids, skip_special_tokens=True)
+        if r.stop:
+            hits = [i for i in (text.find(s) for s in r.stop) if i >= 0]
+            if hits:
+                text, finish = text[: min(hits)], "stop"
+        if finish is None and len(r.ids) >= r.max_tokens:
+            finish = "length"
+        if finish is None and time.monotonic() > r.deadline:
+            finish = "length"  # the server's time limit; OpenAI has no finish reason for it
+        if finish is None:
+            safe = len(text) - _held_back(text, r.stop)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                safe = min(safe, len(text.rstrip("\ufffd")))
+            if safe > r.sent:
+                r.emit(Event(text=text[r.sent : safe], tokens=len(r.ids)))
+                r.sent = safe
+            return
+        r.done = True
+        r.emit(Event(text=text[r.sent :], tokens=len(r.ids), finish=finish))
+        r.sent = len(text)
+
+    @torch.no_grad()
+    def _decode(self, rows: list[Row]) -> None:
+        lm, dev = self.lm, self.lm.device
+        b = len(rows)
+        self.stats["batches"] += 1
+        self.stats["rows"] += b
+        self.stats["max_rows_in_batch"] = max(self.stats["max_rows_in_batch"], b)
+        L = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((b, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, L), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding
+            n = len(r.prompt_ids)
+            ids[i, L - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, L - n :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L): positions from each row's first real token
+        gens = []
+        for r in rows:
+            g = None
+            if r.temperature > 0:
+                g = torch.Generator().manual_seed(int(r.seed))
+            gens.append(g)
+        active = list(range(b))  # indices into rows of the rows still in the batch
+        values = self._values(rows)
+        remove = apply_rows(lm, self.steers, values)
+        try:
+            logits, cache = self._forward(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+            last_pos = pos[:, -1]  # (b,)
+            while True:
+                self.stats["steps"] += 1
+                nxt = []
+                for j, i in enumerate(active):
+                    r = rows[i]
+                    if r.cancelled.is_set():
+                        r.done = True
+                        nxt.append(self.pad_id)
+                        continue
+                    t = sample_next(logits[j], r.temperature, r.top_p, gens[i])
+                    self._advance(r, t)
+                    nxt.append(t)
+                keep = [j for j, i in enumerate(active) if not rows[i].done]
+                if not keep:
+                    break
+                if len(keep) < len(active):  # finished rows leave the batch (and its hooks)
+                    sel = torch.tensor(keep, dtype=torch.long)
+                    cache.batch_select_indices(sel.to(dev))
+                    mask, last_pos = mask[sel], last_pos[sel]
+                    nxt = [nxt[j] for j in keep]
+                    active = [active[j] for j in keep]
+                    remove()
+                    remove = apply_rows(lm, self.steers, values[torch.tensor(active)])
+                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], 1)
+                last_pos = last_pos + 1
+                logits, cache = self._forward(
+                    input_ids=torch.tensor(nxt, dtype=torch.long)[:, None].to(dev),
+                    attention_mask=mask.to(dev),
+                    position_ids=last_pos[:, None].to(dev),
+                    cache=cache,
+                )
+        finally:
+            remove()
+            for r in rows:
+                if not r.done and r.cancelled.is_set():
+                    r.done = True
+                    r.emit(Event(finish="cancelled", tokens=len(r.ids)))
