@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from steerport.errors import SteerportError
-from steerport.hooks import APPLIERS, SteerValue, edit_input, input_of
-from steerport.models import LoadedModel
+from steerport.capture import input_of
+from steerport.kinds.actadd import actadd_layers as actadd_layers  # noqa: F401  (re-exported)
+from steerport.models import LoadedModel, decoder_layers
 from steerport.steer import Steer
 
 POSITIONS = ("front", "all")
@@ -52,27 +53,8 @@ POSITIONS = ("front", "all")
 # --------------------------------------------------------------------------- finding layers
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of any transformers causal LM, found without per-architecture names.
-
-    The ModuleList whose length is the config's number of hidden layers (GPT-2 ``transformer.h``,
-    Llama/Qwen/Gemma ``model.layers``, NeoX ``gpt_neox.layers``, OPT ``model.decoder.layers``);
-    the one holding most parameters if several match.
-    """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n = getattr(config, "num_hidden_layers", None)
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if n is not None:
-        matching = [m for m in lists if len(m) == n]
-        if matching:
-            return max(matching, key=lambda m: sum(p.numel() for p in m.parameters()))
-    if lists:  # no usable config field: the biggest list of blocks
-        return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-    raise SteerportError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
 def num_layers(lm: LoadedModel) -> int:
-    return len(decoder_layers(lm.model))
+    return lm.n_layers
 
 
 def resolve_layer(lm: LoadedModel, layer: int | float | str) -> int:
@@ -94,58 +76,6 @@ def resolve_layer(lm: LoadedModel, layer: int | float | str) -> int:
     if not 0 <= index < n:
         raise SteerportError(f"layer {layer} out of range: {lm.spec!r} has {n} decoder layers (0..{n - 1})")
     return index
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def actadd_layers(steer: Steer, n_layers: int | None = None) -> tuple[list[int], list[torch.Tensor]]:
-    """Where an ActAdd steer acts, validated: ``vectors[i]`` (float32) is added at layer ``layers[i]``.
-
-    Metadata ``layer`` (an int) with ``vector`` (d,) or (P, d) gives one layer; metadata ``layers``
-    (distinct ints) with ``vector`` (len(layers), d) gives one row per layer, all positions.
-    Layer L is the stream entering decoder block L, and L = n_layers the stream leaving the last
-    block; with ``n_layers`` given, every layer must lie in 0 .. n_layers.
-
-    Example::
-
-        layers, vectors = actadd_layers(steer, num_layers(lm))    # [2, 3], [(d,), (d,)]
-    """
-    if steer.kind != "actadd":
-        raise SteerportError(f"expected an actadd steer, got {steer.kind!r}")
-    vec = steer.tensors["vector"].float()
-    meta = steer.meta
-    if "layers" in meta:
-        layers = meta["layers"]
-        if not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers):
-            raise SteerportError(f"actadd metadata 'layers' must be a non-empty list of layer indices, got {layers!r}")
-        if len(set(layers)) != len(layers):
-            raise SteerportError(f"actadd metadata 'layers' repeats a layer: {layers}")
-        if meta.get("positions", "all") != "all":
-            raise SteerportError(f"a multi-layer actadd steer acts on all positions, but its metadata says {meta['positions']!r}")
-        rows = vec.reshape(1, -1) if vec.dim() == 1 else vec  # (len(layers), d)
-        if rows.shape[0] != len(layers):
-            raise SteerportError(f"actadd steer lists {len(layers)} layers but its vector has {rows.shape[0]} rows")
-        vectors = list(rows)
-    else:
-        layer = meta.get("layer")
-        if not _is_int(layer):
-            raise SteerportError("actadd steer has no integer 'layer' (nor a 'layers' list) in its metadata")
-        layers, vectors = [layer], [vec]
-    if n_layers is not None:
-        for layer in layers:
-            if not 0 <= layer <= n_layers:
-                raise SteerportError(
-                    f"actadd steer acts at layer {layer}, but this model has {n_layers} decoder layers "
-                    f"(valid: 0..{n_layers}, where {n_layers} is the stream after the last one)"
-                )
-    return list(layers), vectors
-
-
-def _block_hidden(output):
-    """The hidden states in a decoder block's output: a tensor, or a tuple whose first element is one."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 # --------------------------------------------------------------------------- computing vectors
@@ -222,106 +152,6 @@ def make_actadd(
 # --------------------------------------------------------------------------- applying
 
 
-@dataclass
-class _Window:
-    """Which absolute positions the current forward pass covers, per row."""
-
-    offset: int = 0
-    starts: torch.Tensor | None = None  # (b,) first real token of each row (left padding)
-
-
-def _window_pre_hook(window: _Window):
-    def hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        T = ids.shape[1] if ids is not None else embeds.shape[1]
-        mask = kwargs.get("attention_mask")
-        past = kwargs.get("past_key_values")
-        if mask is not None and mask.dim() == 2:
-            window.offset = mask.shape[1] - T
-            real = mask != 0
-            window.starts = torch.where(real.any(1), real.int().argmax(1), torch.zeros_like(real[:, 0], dtype=torch.long))
-        else:
-            window.offset = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-            window.starts = None
-        return None
-
-    return hook
-
-
-def _adder(window: _Window, front: torch.Tensor | None, everywhere: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """h -> h + the vectors; front: (P, d) summed c·v for front positions; everywhere: (d,) summed c·v."""
-
-    def add_to(h: torch.Tensor) -> torch.Tensor:  # h: (b, T, d)
-        add = torch.zeros_like(h)
-        if everywhere is not None:
-            add = add + everywhere.to(h.dtype)
-        if front is not None:
-            b, T, _ = h.shape
-            P = front.shape[0]
-            starts = window.starts.to(h.device) if window.starts is not None else torch.zeros(b, dtype=torch.long, device=h.device)
-            rel = window.offset + torch.arange(T, device=h.device)[None, :] - starts[:, None]  # (b, T)
-            hit = (rel >= 0) & (rel < P)
-            if hit.any():
-                add[hit] = add[hit] + front.to(h.device, h.dtype)[rel[hit]]
-        return h + add
-
-    return add_to
-
-
-def _post_hook(add_to: Callable[[torch.Tensor], torch.Tensor]):
-    """On the last decoder block: change the stream leaving it (layer n_layers)."""
-
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (add_to(output[0]), *output[1:])
-        return add_to(output)
-
-    return hook
-
-
-def apply_actadd(lm: LoadedModel, items: Sequence[SteerValue]) -> Callable[[], None]:
-    """Register hooks for all ActAdd steers (summed per layer); returns the remover."""
-    blocks = decoder_layers(lm.model)
-    n = len(blocks)
-    per_layer: dict[int, list[torch.Tensor | None]] = {}
-    for steer, value in items:
-        c = value * steer.epsilon
-        layers, vectors = actadd_layers(steer, n)
-        all_positions = steer.meta.get("positions", "front") == "all" or "layers" in steer.meta
-        for layer, v in zip(layers, vectors):
-            v = v * c
-            slot = per_layer.setdefault(layer, [None, None])  # [front (P, d), everywhere (d,)]
-            if all_positions or v.dim() == 1:
-                v = v if v.dim() == 1 else v.mean(0)
-                slot[1] = v if slot[1] is None else slot[1] + v
-            elif slot[0] is None:
-                slot[0] = v
-            else:
-                P = max(slot[0].shape[0], v.shape[0])
-                total = torch.zeros(P, v.shape[1])
-                total[: slot[0].shape[0]] += slot[0]
-                total[: v.shape[0]] += v
-                slot[0] = total
-    window = _Window()
-    removers = [lm.model.register_forward_pre_hook(_window_pre_hook(window), with_kwargs=True).remove]
-    for layer, (front, everywhere) in per_layer.items():
-        front = None if front is None else front.to(lm.device)
-        everywhere = None if everywhere is None else everywhere.to(lm.device)
-        add_to = _adder(window, front, everywhere)
-        if layer < n:  # the stream entering block `layer`
-            removers.append(edit_input(blocks[layer], add_to))
-        else:  # layer n: the stream after the last block, before the final norm
-            removers.append(blocks[n - 1].register_forward_hook(_post_hook(add_to)).remove)
-
-    def remove() -> None:
-        for r in removers:
-            r()
-
-    return remove
-
-
-APPLIERS["actadd"] = apply_actadd
 
 
 # --------------------------------------------------------------------------- calibration and transfer

@@ -67,7 +67,8 @@ def _capture_hook(lm: LoadedModel, layer: int | None, keep: Callable[[torch.Tens
     (``layer`` = n_layers: leaving the last one) or, for None, the LM head input. Returns the handle."""
     if layer is None:
         return lm.lm_head.register_forward_pre_hook(lambda m, args, kwargs: keep(args[0] if args else kwargs["input"]), with_kwargs=True)
-    from steerport.actadd import _block_hidden, decoder_layers
+    from steerport.capture import block_output as _block_hidden
+    from steerport.models import decoder_layers
 
     blocks = decoder_layers(lm.model)
     if layer == len(blocks):

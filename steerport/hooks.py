@@ -1,97 +1,34 @@
 """Apply one or several steers to a loaded model, and generate text with them.
 
-LM-Steer acts on the LM head's input (DESIGN.md section 3)::
-
-    h ← h + Σ_i s_i · ε_i · B_i (A_iᵀ h)        h: (..., d), A_i, B_i: (d, r_i)
-
-which equals rebuilding the output embeddings as E (I + Σ s_i ε_i W_i)ᵀ with W = A Bᵀ,
-at O(d·r) per token instead of touching the V x d matrix.
+:func:`steered` hooks every steer onto the model for the duration of a ``with`` block; each
+kind (``steerport.kinds``) says where and how it acts. Several steers compose by adding their
+terms; each gets its value s (ε = s·ε₀), or — with ``rows`` — one value per batch row, so a
+batch can carry different steer settings in one forward pass (the server does this).
 
 Example::
 
     with steered(lm, [(detox, 5.0), (positive, 2.0)]):
         logits = lm.model(**batch).logits
+    with steered(lm, [(positive, 0.0)], rows=torch.tensor([[3.0], [-3.0]])):   # row 0 at +3, row 1 at -3
+        logits = lm.model(**two_row_batch).logits
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
 
+from steerport.capture import edit_input, input_of  # noqa: F401  (re-exported: the hook mechanics)
 from steerport.errors import SteerportError
+from steerport.kinds import get_kind
+from steerport.kinds.lm_steer import lm_steer_shift  # noqa: F401  (re-exported)
 from steerport.models import LoadedModel
 from steerport.steer import Steer
 
 SteerValue = tuple[Steer, float]
-
-
-def lm_steer_shift(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """The LM-Steer term B (Aᵀ h) for a batch of hidden states.
-
-    h: (..., d); A, B: (d, r) with any scale already folded into A. Returns (..., d).
-    """
-    return (h @ A) @ B.T
-
-
-class _StopForward(Exception):
-    """Raised by a capture hook to end a forward pass once the wanted input is in hand."""
-
-
-def _main_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """A module's main input: its first positional argument, else ``input`` (the LM head's
-    Linear) or ``hidden_states`` (decoder layers) among its keywords."""
-    if args:
-        return args[0]
-    for key in ("input", "hidden_states"):
-        if key in kwargs:
-            return kwargs[key]
-    raise SteerportError(f"cannot find the input of a module called with keywords {sorted(kwargs)}")
-
-
-def edit_input(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
-    """From now on ``module`` sees fn(x) instead of its main input x; returns the remover.
-
-    Example (the LM-Steer hook below)::
-
-        remove = edit_input(lm.lm_head, lambda h: h + lm_steer_shift(h, A, B))
-    """
-
-    def pre_hook(mod, args, kwargs):
-        x = fn(_main_input(args, kwargs))
-        if args:
-            return (x, *args[1:]), kwargs
-        key = "input" if "input" in kwargs else "hidden_states"
-        return args, {**kwargs, key: x}
-
-    return module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove
-
-
-@torch.no_grad()
-def input_of(model: torch.nn.Module, module: torch.nn.Module, **forward_kwargs) -> torch.Tensor:
-    """``module``'s main input from one forward pass of ``model`` that stops right there.
-
-    Example: the final hidden states (b, T, d), without computing the LM head::
-
-        h = input_of(lm.model, lm.lm_head, input_ids=ids, attention_mask=mask)
-    """
-    got: list[torch.Tensor] = []
-
-    def pre_hook(mod, args, kwargs):
-        got.append(_main_input(args, kwargs))
-        raise _StopForward
-
-    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        model(**forward_kwargs)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not got:
-        raise SteerportError(f"the forward pass of {type(model).__name__} never reached {type(module).__name__}")
-    return got[0]
 
 
 def check_compatible(lm: LoadedModel, steer: Steer, *, force: bool = False) -> None:
@@ -109,23 +46,22 @@ def check_compatible(lm: LoadedModel, steer: Steer, *, force: bool = False) -> N
         )
 
 
-def _hook_lm_steer(lm: LoadedModel, items: Sequence[SteerValue], include_domain: bool) -> Callable[[], None]:
-    """One pre-hook on the LM head carrying every LM-Steer steer, concatenated along rank."""
-    As, Bs = [], []
-    for steer, value in items:
-        As.append(steer.A * (value * steer.epsilon))
-        Bs.append(steer.B)
-        if include_domain and "domain.A" in steer.tensors:
-            As.append(steer.tensors["domain.A"] * steer.epsilon)
-            Bs.append(steer.tensors["domain.B"])
-    A = torch.cat(As, dim=1).to(lm.device, lm.dtype)  # (d, Σr), scales folded in
-    B = torch.cat(Bs, dim=1).to(lm.device, lm.dtype)  # (d, Σr)
+def as_items(steers: Steer | SteerValue | Sequence[SteerValue]) -> list[SteerValue]:
+    """A steer, a (steer, value) pair or a list of pairs, as a list of pairs with float values.
 
-    return edit_input(lm.lm_head, lambda h: h + lm_steer_shift(h, A, B))
-
-
-# kind -> function(lm, [(steer, value), ...]) -> remover. Other steer kinds register here.
-APPLIERS: dict[str, Callable[..., Callable[[], None]]] = {}
+    A value that is not a finite number is a one-line error (NaN would silently ruin every logit).
+    """
+    if isinstance(steers, Steer):
+        steers = [(steers, 1.0)]
+    elif isinstance(steers, tuple) and len(steers) == 2 and isinstance(steers[0], Steer):
+        steers = [steers]  # type: ignore[list-item]
+    items = []
+    for steer, value in steers:  # type: ignore[misc]
+        v = float(value)
+        if not math.isfinite(v):
+            raise SteerportError(f"steer value must be a finite number, got {value!r}")
+        items.append((steer, v))
+    return items
 
 
 @contextmanager
@@ -135,32 +71,32 @@ def steered(
     *,
     force: bool = False,
     include_domain: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> Iterator[LoadedModel]:
     """Apply steers (each with its value s) for the duration of the ``with`` block.
 
-    ``include_domain`` also applies an LM-Steer steer's always-on domain component at its
-    base scale (off by default: the steer then measures only the ± direction).
-    Hooks are removed on exit, also when the block raises.
+    ``rows`` (b, k): value of steer j for batch row i (the values in the pairs are then unused);
+    every forward pass inside the block must then have batch size b. ``include_domain`` also
+    applies an LM-Steer steer's always-on domain component at its base scale (off by default:
+    the steer then measures only the ± direction). Hooks are removed on exit, also on errors.
     """
-    if isinstance(steers, Steer):
-        steers = [(steers, 1.0)]
-    elif isinstance(steers, tuple) and len(steers) == 2 and isinstance(steers[0], Steer):
-        steers = [steers]
-    items = [(s, float(v)) for s, v in steers]
+    items = as_items(steers)
     for steer, _ in items:
         check_compatible(lm, steer, force=force)
-    by_kind: dict[str, list[SteerValue]] = {}
-    for steer, value in items:
-        by_kind.setdefault(steer.kind, []).append((steer, value))
+    if rows is not None:
+        rows = torch.as_tensor(rows, dtype=torch.float32)
+        if rows.dim() != 2 or rows.shape[1] != len(items):
+            raise SteerportError(f"per-row values must be (batch, {len(items)}), got {tuple(rows.shape)}")
+        if not torch.isfinite(rows).all():
+            raise SteerportError("per-row steer values must be finite numbers")
+    by_kind: dict[str, list[int]] = {}
+    for j, (steer, _) in enumerate(items):
+        by_kind.setdefault(steer.kind, []).append(j)
     with ExitStack() as stack:
-        for kind, group in by_kind.items():
-            if kind == "lm-steer":
-                remove = _hook_lm_steer(lm, group, include_domain)
-            elif kind in APPLIERS:
-                remove = APPLIERS[kind](lm, group)
-            else:
-                raise SteerportError(f"steers of kind {kind!r} cannot be applied by this steerport version")
-            stack.callback(remove)
+        for kind, js in by_kind.items():
+            group = [items[j][0] for j in js]
+            values = torch.tensor([items[j][1] for j in js]) if rows is None else rows[:, js]
+            stack.callback(get_kind(kind).apply(lm, group, values, include_domain=include_domain))
         yield lm
 
 

@@ -39,13 +39,17 @@ from typing import Any, Callable
 import torch
 
 from steerport.errors import SteerportError
+from steerport.fileio import read_json_safetensors, require_fields, write_json_safetensors
+from steerport.linmap import LinearFit, fit_map, split_pairs
+from steerport.linmap import METHODS as METHODS
 from steerport.models import ModelEmbeddings
 from steerport.vocab import Alignment, align_vocab
 
 FORMAT = "steerport.mapping"
 VERSION = 1
-METHODS = ("lstsq", "ridge", "procrustes")
 WEIGHTINGS = ("none", "zipf")
+CORE_FIELDS = ("format", "version", "source", "target", "method", "options", "n_pairs", "n_train", "n_heldout",
+               "coverage", "alignment", "diagnostics")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class FitOptions:
     top_k: int | None = None
     holdout: float = 0.1
     seed: int = 0
+    diagnostic_rows: int = 5000  # training rows sampled for the train-side R² / cosine / NN accuracy
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -74,7 +79,9 @@ class FitOptions:
             raise SteerportError(f"top_k must be positive, got {self.top_k}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The options that decide the fitted maps (the file's ``options``; the cache key)."""
         d = asdict(self)
+        d.pop("diagnostic_rows")  # changes only the reported train-side numbers
         if self.method != "ridge":
             d.pop("ridge")
         return d
@@ -87,123 +94,9 @@ class FitOptions:
 # --------------------------------------------------------------------------- the fit
 
 
-def gram(X: torch.Tensor, Y: torch.Tensor, weights: torch.Tensor | None = None,
-         chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """XᵀWX (p, p) and XᵀWY (p, q) in float64, accumulated over row blocks (bounded memory)."""
-    p, q = X.shape[1], Y.shape[1]
-    XtX = torch.zeros(p, p, dtype=torch.float64)
-    XtY = torch.zeros(p, q, dtype=torch.float64)
-    for i in range(0, len(X), chunk):
-        x, y = X[i : i + chunk].double(), Y[i : i + chunk].double()
-        if weights is not None:
-            sw = weights[i : i + chunk].double().sqrt()[:, None]
-            x, y = x * sw, y * sw
-        XtX += x.T @ x
-        XtY += x.T @ y
-    return XtX, XtY
-
-
-def solve_map(XtX: torch.Tensor, XtY: torch.Tensor, method: str = "lstsq",
-              ridge: float = 1e-2) -> tuple[torch.Tensor, dict[str, float]]:
-    """The map M (p x q) from the Gram products; see :func:`fit_linear`."""
-    info: dict[str, float] = {}
-    if method == "procrustes":  # max trace(Mᵀ XᵀY) over semi-orthogonal M, then the best scale
-        U, S, Vh = torch.linalg.svd(XtY, full_matrices=False)  # U (p,k), Vh (k,q)
-        scale = float(S.sum() / XtX.trace())
-        info["scale"] = scale
-        return (scale * (U @ Vh)).float(), info
-    if method == "ridge":
-        lam = ridge * float(XtX.diagonal().mean())
-        info["lambda"] = lam
-        M = torch.linalg.solve(XtX + lam * torch.eye(XtX.shape[0], dtype=XtX.dtype), XtY)
-    else:  # lstsq: Cholesky when X has full column rank, else the minimum-norm (pseudo-inverse) solution
-        L, bad = torch.linalg.cholesky_ex(XtX)
-        diag = L.diagonal()
-        if int(bad) == 0 and float((diag.min() / diag.max()) ** 2) > 1e-12:  # well enough conditioned
-            M = torch.cholesky_solve(XtY, L)
-        else:
-            lam, V = torch.linalg.eigh(XtX)  # XtX = V diag(λ) Vᵀ, λ ≥ 0
-            keep = lam > lam.max() * XtX.shape[0] * torch.finfo(XtX.dtype).eps
-            M = V[:, keep] @ ((V[:, keep].T @ XtY) / lam[keep, None])
-            info["rank"] = int(keep.sum())
-    return M.float(), info
-
-
-def fit_linear(X: torch.Tensor, Y: torch.Tensor, method: str = "lstsq", *, ridge: float = 1e-2,
-               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """M (p x q) minimising Σ_i w_i ||X_i M − Y_i||²; X: (n, p), Y: (n, q). Float64 inside.
-
-    Returns M (float32) and fit facts (Procrustes scale, ridge λ). Cost: O(n p (p + q)) for the
-    Gram products plus O(p³) for the solve.
-    """
-    XtX, XtY = gram(X, Y, weights)
-    return solve_map(XtX, XtY, method, ridge)
-
-
 def _prepare(X: torch.Tensor, normalize: bool) -> torch.Tensor:
     X = X.float()
     return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12) if normalize else X
-
-
-def map_quality(pred: torch.Tensor, Y: torch.Tensor, candidates: torch.Tensor | None = None,
-                answer: torch.Tensor | None = None, chunk: int = 2048) -> dict[str, float]:
-    """R² (pooled over all coordinates), mean cosine, and top-1 retrieval accuracy.
-
-    pred, Y: (m, q). Retrieval: is row ``answer[i]`` of ``candidates`` (N, q) the nearest
-    (by cosine) to ``pred[i]``? Defaults: candidates = Y (the m evaluated rows, so on held-out
-    pairs: among the held-out rows), answer = arange(m).
-    """
-    ss_res = float(((Y - pred) ** 2).sum())
-    ss_tot = float(((Y - Y.mean(0)) ** 2).sum())
-    cos = torch.nn.functional.cosine_similarity(pred, Y, dim=1)
-    cand = Y if candidates is None else candidates
-    ans = torch.arange(len(Y)) if answer is None else answer
-    cand_n = cand / cand.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    hits = 0
-    for i in range(0, len(pred), chunk):
-        q = pred[i : i + chunk]
-        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        hits += int(((q @ cand_n.T).argmax(1) == ans[i : i + chunk]).sum())
-    return {"r2": 1 - ss_res / max(ss_tot, 1e-30), "cosine": float(cos.mean()),
-            "nn_acc": hits / max(len(pred), 1), "n": len(pred)}
-
-
-@dataclass
-class DirectedFit:
-    """One direction Y ≈ (X − μx) M + μy of a mapping, with held-out and train diagnostics."""
-
-    M: torch.Tensor
-    mu_x: torch.Tensor | None
-    mu_y: torch.Tensor | None
-    diagnostics: dict[str, Any]
-
-
-def fit_direction(X: torch.Tensor, Y: torch.Tensor, train: torch.Tensor, held: torch.Tensor,
-                  options: FitOptions, weights: torch.Tensor | None) -> DirectedFit:
-    """Fit Y ≈ X M on rows ``train`` and measure on rows ``held`` (X, Y already prepared)."""
-    t0 = time.perf_counter()
-    Xtr, Ytr = X[train], Y[train]
-    mu_x = Xtr.mean(0) if options.center else None
-    mu_y = Ytr.mean(0) if options.center else None
-    if options.center:
-        Xtr, Ytr = Xtr - mu_x, Ytr - mu_y
-    M, info = fit_linear(Xtr, Ytr, options.method, ridge=options.ridge,
-                         weights=None if weights is None else weights[train])
-    fit_s = time.perf_counter() - t0
-
-    def predict(rows: torch.Tensor) -> torch.Tensor:
-        x = X[rows] - mu_x if options.center else X[rows]
-        out = x @ M
-        return out + mu_y if options.center else out
-
-    diag: dict[str, Any] = {"fit_seconds": round(fit_s, 3), **info}
-    sub = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(options.seed))[:5000]]
-    tr = map_quality(predict(sub), Y[sub])
-    diag["train"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in tr.items()}
-    if len(held):
-        ho = map_quality(predict(held), Y[held])
-        diag["heldout"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in ho.items()}
-    return DirectedFit(M, mu_x, mu_y, diag)
 
 
 @dataclass
@@ -258,8 +151,6 @@ class Mapping:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically as safetensors + JSON metadata."""
-        from steerport.steer import write_json_safetensors
-
         tensors = {"H": self.H.float().contiguous(), "G": self.G.float().contiguous()}
         if self.mean_src is not None:
             tensors["mean_src"] = self.mean_src.float().contiguous()
@@ -269,33 +160,24 @@ class Mapping:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Mapping":
         """Read and validate a mapping file; problems become one-line SteerportErrors."""
-        from safetensors.torch import load as st_load
-
-        from steerport.steer import read_json_metadata
-
         path = Path(path)
-        if not path.is_file():
-            raise SteerportError(f"{path}: no such mapping file")
-        data = path.read_bytes()
-        meta = read_json_metadata(path, data, FORMAT, "a steerport mapping file")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("version"), int):
-            raise SteerportError(f"{path}: metadata format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
-        try:
-            tensors = st_load(data)
-        except Exception as e:  # safetensors raises several types for broken files
-            raise SteerportError(f"{path}: damaged safetensors data ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        meta, tensors = read_json_safetensors(path, FORMAT, "a steerport mapping file")
+        require_fields(path, meta, ("format", "version"), "mapping")
+        if meta["format"] != FORMAT or not isinstance(meta["version"], int):
+            raise SteerportError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
         if meta["version"] > VERSION:
             raise SteerportError(f"{path}: written by a newer steerport (mapping format {meta['version']})")
+        require_fields(path, meta, CORE_FIELDS, "mapping")
         if "H" not in tensors or "G" not in tensors:
             raise SteerportError(f"{path}: mapping lacks tensor H or G")
         H, G = tensors["H"], tensors["G"]
+        if not isinstance(meta["source"], dict) or not isinstance(meta["target"], dict):
+            raise SteerportError(f"{path}: mapping metadata 'source' and 'target' must be JSON objects")
         ds, dt = meta["source"].get("hidden_size"), meta["target"].get("hidden_size")
         if tuple(H.shape) != (ds, dt) or tuple(G.shape) != (dt, ds):
             raise SteerportError(f"{path}: H is {tuple(H.shape)} and G is {tuple(G.shape)}, expected ({ds}, {dt}) and ({dt}, {ds})")
         if not (torch.isfinite(H).all() and torch.isfinite(G).all()):
             raise SteerportError(f"{path}: mapping contains NaN or infinite values")
-        core = {"format", "version", "source", "target", "method", "options", "n_pairs", "n_train",
-                "n_heldout", "coverage", "alignment", "diagnostics"}
         try:
             options = FitOptions(**meta["options"])
         except TypeError:
@@ -304,19 +186,24 @@ class Mapping:
                    n_pairs=meta["n_pairs"], n_train=meta["n_train"], n_heldout=meta["n_heldout"],
                    alignment=meta["alignment"], diagnostics=meta["diagnostics"],
                    mean_src=tensors.get("mean_src"), mean_tgt=tensors.get("mean_tgt"),
-                   meta={k: v for k, v in meta.items() if k not in core})
+                   meta={k: v for k, v in meta.items() if k not in CORE_FIELDS})
+
+
+def _fit_direction(X: torch.Tensor, Y: torch.Tensor, train: torch.Tensor, held: torch.Tensor,
+                   options: FitOptions, weights: torch.Tensor | None) -> tuple[LinearFit, dict[str, Any]]:
+    """One direction Y ≈ X M of a mapping on rows ``train``, with its diagnostics dict."""
+    t0 = time.perf_counter()
+    fit = fit_map(X, Y, method=options.method, ridge=options.ridge, center=options.center, weights=weights,
+                  train_rows=train, held_rows=held, seed=options.seed, diagnostic_rows=options.diagnostic_rows)
+    diag: dict[str, Any] = {"fit_seconds": round(time.perf_counter() - t0, 3), **fit.info, "train": fit.train}
+    if fit.heldout:
+        diag["heldout"] = fit.heldout
+    return fit, diag
 
 
 def _side(emb: ModelEmbeddings, convention: str) -> dict[str, Any]:
     return {"spec": emb.spec, "fingerprint": emb.fingerprint, "hidden_size": emb.hidden_size,
             "vocab_size": int(emb.embeddings.shape[0]), "convention": convention}
-
-
-def split_pairs(n: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random (train, held-out) index split of n pairs; held-out = round(holdout * n)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    k = int(round(holdout * n))
-    return perm[k:].sort().values, perm[:k].sort().values
 
 
 def fit_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions = FitOptions(), *,
@@ -334,14 +221,14 @@ def fit_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions 
     if options.top_k is not None:
         train = train[rank[train].argsort()[: options.top_k]].sort().values
     weights = (rank.double() + 1).rsqrt() if options.weighting == "zipf" else None
-    fH = fit_direction(Xt, Xs, train, held, options, weights)  # X_s ≈ X_t M, H = Mᵀ
-    fG = fit_direction(Xs, Xt, train, held, options, weights)  # X_t ≈ X_s M, G = Mᵀ
+    fH = _fit_direction(Xt, Xs, train, held, options, weights)  # X_s ≈ X_t M, H = Mᵀ
+    fG = _fit_direction(Xs, Xt, train, held, options, weights)  # X_t ≈ X_s M, G = Mᵀ
     return Mapping(
-        H=fH.M.T.contiguous(), G=fG.M.T.contiguous(),
+        H=fH[0].M.T.contiguous(), G=fG[0].M.T.contiguous(),
         source=_side(src, al.src.convention), target=_side(tgt, al.tgt.convention),
         options=options, n_pairs=al.n, n_train=len(train), n_heldout=len(held),
-        alignment=al.report(), diagnostics={"H": fH.diagnostics, "G": fG.diagnostics},
-        mean_src=fH.mu_y, mean_tgt=fH.mu_x,
+        alignment=al.report(), diagnostics={"H": fH[1], "G": fG[1]},
+        mean_src=fH[0].mu_y, mean_tgt=fH[0].mu_x,
         meta={"align_seconds": round(t_align, 3), "total_seconds": round(time.perf_counter() - t0, 3),
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "steerport_version": _version()},
@@ -365,8 +252,8 @@ def cache_path(src_fingerprint: str, tgt_fingerprint: str, options: FitOptions) 
 
 
 def shipped_dir() -> Path:
-    """The repository's ``mappings/`` folder (mapping files made for the offline catalog)."""
-    return Path(__file__).resolve().parent.parent / "mappings"
+    """The mapping files made for the offline catalog, shipped inside the package (``steerport/mappings``)."""
+    return Path(__file__).resolve().parent / "mappings"
 
 
 def shipped_name(src_spec: str, tgt_spec: str) -> str:

@@ -44,17 +44,9 @@ from torch import nn
 
 from steerport.errors import SteerportError
 from steerport.hooks import SteerValue, check_compatible, steered
+from steerport.kinds import get_kind
 from steerport.models import LoadedModel, fingerprint
 from steerport.steer import Steer
-
-FOLDABLE = ("lm-steer", "token-prob")
-
-ACTADD_REFUSAL = (
-    "ActAdd steers cannot be folded into the LM head: they add a vector to the residual stream entering "
-    "decoder {layer}{where}, inside the network. {why}Apply it with hooks (steerport generate --steer) "
-    "or export it as a llama.cpp control vector (steerport export-cvec)."
-)
-
 
 @dataclass
 class MergeRecord:
@@ -72,23 +64,11 @@ class MergeRecord:
 
 def check_foldable(steer: Steer, name: str = "steer") -> None:
     """Raise a clear SteerportError for steers that cannot be folded into the head."""
-    if steer.kind in FOLDABLE:
+    kind = get_kind(steer.kind)
+    if kind.fold is not None:
         return
-    if steer.kind == "actadd":
-        layers = steer.meta.get("layers")
-        multi = isinstance(layers, list)
-        default = "all" if multi or steer.tensors["vector"].dim() == 1 else "front"
-        positions = steer.meta.get("positions", default)
-        layer = f"layers {', '.join(map(str, layers))}" if multi else f"layer {steer.meta.get('layer', '?')}"
-        why = (
-            "Front-position ActAdd acts only on the first prompt positions; weights act the same "
-            "at every position, so no checkpoint can reproduce it. "
-            if positions == "front"
-            else "An all-positions vector would have to become a bias on the previous layer's last residual "
-            "write, which most architectures lack, so steerport does not fold it. "
-        )
-        raise SteerportError(f"{name}: " + ACTADD_REFUSAL.format(layer=layer, where=f" ({positions} positions)", why=why))
-    raise SteerportError(f"{name}: steers of kind {steer.kind!r} cannot be folded into a checkpoint")
+    why = kind.fold_refusal(steer) if kind.fold_refusal else f"steers of kind {steer.kind!r} cannot be folded into a checkpoint"
+    raise SteerportError(f"{name}: {why}")
 
 
 def _output_is_tied(model: nn.Module) -> bool:
@@ -109,28 +89,21 @@ def _set_untied(model: nn.Module) -> None:
 def merged_head(lm: LoadedModel, steers: Sequence[SteerValue], *, include_domain: bool = False) -> torch.Tensor:
     """E' (V x d, float32): the output embeddings with the steers folded in (model untouched).
 
-    Token-prob rows go in first, then the LM-Steer map acts on all rows, matching the hooks,
-    where the token-prob shift δ·h sees the LM-Steer-shifted h.
+    Kinds fold in their ``fold_order`` (token-prob rows first, then the LM-Steer map acts on all
+    rows), matching the hooks, where the token-prob shift δ·h sees the LM-Steer-shifted h.
     """
     E = lm.output_embeddings.detach().float()  # (V, d)
-    base = E.clone()
+    by_kind: dict[str, list[SteerValue]] = {}
     for steer, value in steers:
-        if steer.kind == "token-prob":
-            ids = steer.tensors["token_ids"].to(E.device)  # (k,)
-            if int(ids.max()) >= E.shape[0]:
-                raise SteerportError(f"token-prob steer names token id {int(ids.max())} but the vocabulary has {E.shape[0]}")
-            delta = steer.tensors["delta"].to(E.device, torch.float32)  # (k, d)
-            base.index_add_(0, ids, value * steer.epsilon * delta)
-    new = base.clone()
-    for steer, value in steers:
-        if steer.kind == "lm-steer":
-            parts = [(steer.A, steer.B, value * steer.epsilon)]
-            if include_domain and "domain.A" in steer.tensors:
-                parts.append((steer.tensors["domain.A"], steer.tensors["domain.B"], steer.epsilon))
-            for A, B, scale in parts:
-                A, B = A.to(E.device), B.to(E.device)  # (d, r)
-                new += scale * (base @ B) @ A.T  # E Wᵀ = (E B) Aᵀ: (V, r) @ (r, d)
-    return new
+        check_foldable(steer)
+        by_kind.setdefault(steer.kind, []).append((steer, value))
+    for name in sorted(by_kind, key=lambda k: get_kind(k).fold_order):
+        group = by_kind[name]
+        fold = get_kind(name).fold
+        assert fold is not None  # check_foldable above
+        E = fold(E, [s for s, _ in group], torch.tensor([v for _, v in group], dtype=torch.float32),
+                 include_domain=include_domain)
+    return E
 
 
 def merge_into_model(

@@ -183,6 +183,16 @@ class LoadedModel:
     def fingerprint(self) -> str:
         return fingerprint(self.output_embeddings, self.tokenizer.get_vocab())
 
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder blocks."""
+        return len(decoder_layers(self.model))
+
+    @property
+    def softcap(self) -> float | None:
+        """The final logit soft-cap, or None (see :func:`logit_softcap`)."""
+        return logit_softcap(self.model)
+
 
 def load_model(spec: str, *, dtype: str | torch.dtype | None = "float32", device: str = "cpu") -> LoadedModel:
     """Load a causal LM for steering (eval mode, no gradients on its weights)."""
@@ -203,6 +213,37 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = "float32", device
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer)
+
+
+def text_config(model: nn.Module):
+    """The config that describes the language model (the text part of a multimodal config)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """Gemma-2 style final logit soft-capping ``cap · tanh(z / cap)``, or None: read in one place."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is None:
+        cap = getattr(text_config(model), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a transformers causal LM, found without per-architecture names.
+
+    The ModuleList whose length is the config's ``num_hidden_layers`` (GPT-2 ``transformer.h``,
+    Llama/Qwen/Gemma ``model.layers``, NeoX ``gpt_neox.layers``, OPT ``model.decoder.layers``);
+    the one holding most parameters if several match. A model whose config does not give the
+    number of layers, or that has no list of that length, is refused rather than guessed at.
+    """
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise SteerportError(f"{type(model).__name__}: its config gives no num_hidden_layers, so its decoder layers cannot be found")
+    matching = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not matching:
+        raise SteerportError(f"{type(model).__name__}: no list of {n} decoder layers (num_hidden_layers) among its modules")
+    return max(matching, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 # --------------------------------------------------------------------------- embeddings only

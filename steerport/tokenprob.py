@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from steerport.errors import SteerportError
-from steerport.hooks import APPLIERS, SteerValue, edit_input, input_of
+from steerport.capture import edit_input, input_of
 from steerport.models import LoadedModel
 from steerport.steer import Steer
 
@@ -265,23 +265,6 @@ def make_token_steer(
     )
 
 
-def apply_token_prob(lm: LoadedModel, items: Sequence[SteerValue]) -> Callable[[], None]:
-    """One forward hook on the LM head: z[..., w] += s · (delta_w · h) for the steered tokens only."""
-    ids = torch.cat([s.tensors["token_ids"] for s, _ in items]).to(lm.device)  # (k,)
-    delta = torch.cat([s.tensors["delta"].float() * (v * s.epsilon) for s, v in items]).to(lm.device)  # (k, d)
-    V = lm.output_embeddings.shape[0]
-    if int(ids.max()) >= V:
-        raise SteerportError(f"token-prob steer names token id {int(ids.max())} but the model has {V} tokens")
-
-    def hook(module, args, kwargs, output):
-        h = args[0] if args else kwargs["input"]  # (..., d)
-        shift = (h.float() @ delta.T).to(output.dtype)  # (..., k)
-        return output.index_add(-1, ids, shift)
-
-    return lm.lm_head.register_forward_hook(hook, with_kwargs=True).remove
-
-
-APPLIERS["token-prob"] = apply_token_prob
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -53,7 +53,8 @@ import torch
 
 from steerport.errors import SteerportError
 from steerport.hooks import input_of
-from steerport.mapping import FitOptions, Mapping, fit_linear, get_mapping, map_quality, split_pairs
+from steerport.linmap import fit_linear, map_quality, split_pairs
+from steerport.mapping import FitOptions, Mapping, get_mapping
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model
 from steerport.steer import Steer
 from steerport.vocab import align_vocab, raw_shared_tokens

@@ -106,16 +106,20 @@ def test_head_scorer_equals_full_forward(arch):
 
 
 def test_head_scorer_with_a_generic_head_steer_kind(monkeypatch):
-    """A steer kind registered in APPLIERS that hooks the LM head goes through its own hook."""
-    from steerport import hooks
+    """A registered steer kind that hooks the LM head goes through its own hook."""
+    import dataclasses
+
+    from steerport import kinds
+    from steerport.kinds import lm_steer
 
     lm = tiny_model("llama")
     s = steer_for(lm)
     cache = capture_hidden(lm, TEXTS, batch_size=4)
     # register a fake head-acting kind that behaves exactly like the lm-steer hook
     fake = Steer("token-prob", {"token_ids": torch.tensor([1, 2]), "delta": torch.zeros(2, D)}, model=s.model)
-    monkeypatch.setitem(hooks.APPLIERS, "token-prob",
-                        lambda lm_, items: hooks._hook_lm_steer(lm_, [(s, v) for _, v in items], False))
+    fake_kind = dataclasses.replace(kinds.get_kind("token-prob"),
+                                    apply=lambda lm_, steers, values, **kw: lm_steer.apply(lm_, [s] * len(steers), values))
+    monkeypatch.setitem(kinds._discover(), "token-prob", fake_kind)
     a = HeadScorer(lm, cache).stats([(fake, 2.0)])
     b = HeadScorer(lm, cache).stats([(s, 2.0)])
     assert a.kl == pytest.approx(b.kl, rel=1e-4)

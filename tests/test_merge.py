@@ -7,7 +7,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steerport import Steer, SteerportError, steered
-from steerport.hooks import APPLIERS
 from steerport.merge import merge_into_model, merge_to_dir, merged_head
 from tests.tiny import ARCHS, D, random_steer_factors, tiny_model
 
@@ -101,9 +100,8 @@ def test_token_prob_fold(arch):
     expected = logits(lm).clone()
     for k, tid in enumerate(ids):
         expected[..., tid] += 2.5 * tp.epsilon * (h @ tp.tensors["delta"][k])
-    if "token-prob" in APPLIERS:  # the seeds module's hook, when present, must agree
-        with steered(lm, [(tp, 2.5)]):
-            torch.testing.assert_close(logits(lm), expected, atol=1e-5, rtol=1e-5)
+    with steered(lm, [(tp, 2.5)]):  # the kind's hook must agree with the fold
+        torch.testing.assert_close(logits(lm), expected, atol=1e-5, rtol=1e-5)
     merge_into_model(lm, [(tp, 2.5)])
     torch.testing.assert_close(logits(lm), expected, atol=1e-5, rtol=1e-5)
 
@@ -114,13 +112,11 @@ def test_lm_steer_and_token_prob_together():
     with steered(lm, [(s, 2.0)]):
         expected = logits(lm).clone()
         h = hidden(lm)  # the token-prob shift sees the LM-Steer-shifted h, as the hooks do
-    if "token-prob" in APPLIERS:
-        with steered(lm, [(s, 2.0), (tp, -1.0)]):
-            hooked = logits(lm)
+    with steered(lm, [(s, 2.0), (tp, -1.0)]):
+        hooked = logits(lm)
     for k, tid in enumerate([3, 4, 99]):
         expected[..., tid] += -1.0 * tp.epsilon * (h @ tp.tensors["delta"][k])
-    if "token-prob" in APPLIERS:
-        torch.testing.assert_close(hooked, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hooked, expected, atol=1e-5, rtol=1e-5)
     merge_into_model(lm, [(s, 2.0), (tp, -1.0)])
     torch.testing.assert_close(logits(lm), expected, atol=1e-5, rtol=1e-5)
 

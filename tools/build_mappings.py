@@ -3,13 +3,13 @@
 For every ordered pair of models: align the vocabularies once, fit each method on the same
 90 % of pairs, report held-out R² / cosine / nearest-neighbour accuracy of H (e_src ≈ H e_tgt)
 and G (e_tgt ≈ G e_src) and the wall times; save the default (lstsq) mapping as
-``mappings/SRC__TGT.safetensors``. Results go to ``mappings/diagnostics.json`` (+ a markdown
+``steerport/mappings/SRC__TGT.safetensors``. Results go to ``steerport/mappings/diagnostics.json`` (+ a markdown
 table printed to stdout for the README).
 
 Usage (from the repository root)::
 
-    python mappings/build.py                      # the three catalog models, all six directions
-    python mappings/build.py smollm2-135m gemma3-270m
+    python tools/build_mappings.py                      # the three catalog models, all six directions
+    python tools/build_mappings.py smollm2-135m gemma3-270m
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from steerport.mapping import FitOptions, fit_mapping, shipped_name
 from steerport.models import load_embeddings
 from steerport.vocab import align_vocab
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "steerport" / "mappings"
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
 METHODS = {
     "lstsq": FitOptions(),
@@ -59,7 +58,7 @@ def main(models: list[str]) -> None:
             print(f"{src} -> {tgt} {name}: H R² {m.diagnostics['H']['heldout']['r2']:.4f} "
                   f"cos {m.diagnostics['H']['heldout']['cosine']:.4f}  ({secs:.1f} s)", file=sys.stderr)
             if name == "lstsq":
-                m.meta["made_by"] = "mappings/build.py (FitOptions() defaults: lstsq, 10% held out, seed 0)"
+                m.meta["made_by"] = "tools/build_mappings.py (FitOptions() defaults: lstsq, 10% held out, seed 0)"
                 m.save(HERE / shipped_name(src, tgt))
         results.append(row)
     (HERE / "diagnostics.json").write_text(json.dumps(results, indent=1) + "\n")

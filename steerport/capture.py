@@ -1,0 +1,393 @@
+"""Capture hidden states: the one way steerport reads what a model computes inside.
+
+A *point* names a hidden state of a causal LM:
+
+* ``"head"`` — the LM head's input, the final hidden state ``h`` (after the final norm);
+* an int ``L`` — the residual stream entering decoder block ``L`` (``L = n_layers``: the stream
+  leaving the last block, before the final norm).
+
+:func:`capture` runs one forward pass and returns the states at several points, stopping the
+pass as soon as the last one is seen (so the LM head is never computed for ``"head"``).
+On top of it:
+
+* :func:`cache_hidden` — states at one point for every token position of a text set, flat over
+  texts (:class:`HiddenCache`), optionally memory-mapped in a work folder and resumable batch
+  by batch; used by training, scoring, token-probability statistics and explain.
+* :func:`paired_states` — states of two models at positions where both tokenizations end on
+  the same character (they have read the same prefix); rows for hidden-state maps (LM-Steer
+  transfer) and residual-stream maps (ActAdd transfer).
+
+Example::
+
+    h, = capture(lm, ["head"], input_ids=ids, attention_mask=mask)          # (b, T, d)
+    cache = cache_hidden(lm, ["A neutral sentence."])                       # cache.h: (N, d)
+    (Xa, Xb), = paired_states(lm_a, lm_b, texts, ["head"], ["head"])       # (n, d_a), (n, d_b)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from steerport.errors import SteerportError
+from steerport.fileio import atomic_write_json
+from steerport.models import LoadedModel, decoder_layers
+
+Point = str | int  # "head", or a decoder-layer index 0..n_layers
+IN_MEMORY_BYTES = 1 << 30  # a memory-mapped cache up to this size is read into memory after the pass
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to end a forward pass once every wanted state is in hand."""
+
+
+def main_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A module's main input: its first positional argument, else ``input`` (the LM head's
+    Linear) or ``hidden_states`` (decoder layers) among its keywords."""
+    if args:
+        return args[0]
+    for key in ("input", "hidden_states"):
+        if key in kwargs:
+            return kwargs[key]
+    raise SteerportError(f"cannot find the input of a module called with keywords {sorted(kwargs)}")
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden states in a decoder block's output: a tensor, or a tuple whose first element is one."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def edit_input(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    """From now on ``module`` sees fn(x) instead of its main input x; returns the remover.
+
+    Example (the LM-Steer hook)::
+
+        remove = edit_input(lm.lm_head, lambda h: h + lm_steer_shift(h, A, B))
+    """
+
+    def pre_hook(mod, args, kwargs):
+        x = fn(main_input(args, kwargs))
+        if args:
+            return (x, *args[1:]), kwargs
+        key = "input" if "input" in kwargs else "hidden_states"
+        return args, {**kwargs, key: x}
+
+    return module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove
+
+
+@torch.no_grad()
+def input_of(model: torch.nn.Module, module: torch.nn.Module, **forward_kwargs: Any) -> torch.Tensor:
+    """``module``'s main input from one forward pass of ``model`` that stops right there.
+
+    Example: the final hidden states (b, T, d), without computing the LM head::
+
+        h = input_of(lm.model, lm.lm_head, input_ids=ids, attention_mask=mask)
+    """
+    got: list[torch.Tensor] = []
+
+    def pre_hook(mod, args, kwargs):
+        got.append(main_input(args, kwargs))
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        model(**forward_kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise SteerportError(f"the forward pass of {type(model).__name__} never reached {type(module).__name__}")
+    return got[0]
+
+
+def _hook_point(lm: LoadedModel, point: Point, keep: Callable[[torch.Tensor], None]):
+    """Register ``keep(state)`` at ``point``; returns the handle."""
+    if point == "head":
+        return lm.lm_head.register_forward_pre_hook(lambda m, a, kw: keep(main_input(a, kw)), with_kwargs=True)
+    blocks = decoder_layers(lm.model)
+    if isinstance(point, bool) or not isinstance(point, int) or not 0 <= point <= len(blocks):
+        raise SteerportError(f"capture point must be 'head' or a layer 0..{len(blocks)}, got {point!r}")
+    if point == len(blocks):
+        return blocks[-1].register_forward_hook(lambda m, a, out: keep(block_output(out)))
+    return blocks[point].register_forward_pre_hook(lambda m, a, kw: keep(main_input(a, kw)), with_kwargs=True)
+
+
+@torch.no_grad()
+def capture(lm: LoadedModel, points: Sequence[Point], **forward_kwargs: Any) -> list[torch.Tensor]:
+    """The states (b, T, d) at each of ``points`` from one forward pass of ``lm.model``, which
+    stops once all are seen. ``forward_kwargs`` go to the model (input_ids, attention_mask, ...)."""
+    unique = list(dict.fromkeys(points))
+    got: dict[Point, torch.Tensor] = {}
+
+    def keeper(point: Point) -> Callable[[torch.Tensor], None]:
+        def keep(state: torch.Tensor) -> None:
+            got.setdefault(point, state.detach())
+            if len(got) == len(unique):
+                raise _StopForward
+
+        return keep
+
+    handles = [_hook_point(lm, p, keeper(p)) for p in unique]
+    try:
+        lm.model(**forward_kwargs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [p for p in unique if p not in got]
+    if missing:
+        raise SteerportError(f"the forward pass of {lm.spec} never reached {missing}")
+    return [got[p] for p in points]
+
+
+# --------------------------------------------------------------------------- token batches
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Token ids of each text (the tokenizer's own special tokens), truncated to ``max_tokens``."""
+    if max_tokens < 2:
+        raise SteerportError(f"max tokens per text must be at least 2, got {max_tokens}")
+    enc = tokenizer(list(texts), truncation=True, max_length=max_tokens)
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def pack_by_length(lengths: Sequence[int], tokens_per_batch: int, max_texts: int = 64) -> list[list[int]]:
+    """Group text indices into batches of similar length with at most ``tokens_per_batch``
+    padded tokens (longest first, so memory peaks show up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * longest > tokens_per_batch or len(current) >= max_texts):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def padded_batch(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (b, T) and attention mask (b, T) of several token lists."""
+    T = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), T), dtype=torch.long)
+    for row, t in enumerate(token_lists):
+        ids[row, : len(t)] = torch.tensor(list(t), dtype=torch.long)
+        mask[row, : len(t)] = 1
+    return ids, mask
+
+
+def text_batches(lm: LoadedModel, texts: Sequence[str], batch_size: int, max_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Right-padded token batches (input_ids, attention_mask on the model's device), in text order."""
+    tok = lm.tokenizer
+    for i in range(0, len(texts), batch_size):
+        enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
+        yield {k: v.to(lm.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+# --------------------------------------------------------------------------- a cache of states
+
+
+@dataclass
+class HiddenCache:
+    """States at one point for token positions of a text set, flat over texts in text order.
+
+    ``h`` (N, d) maybe memory-mapped; ``targets`` (N,) the next token id at each position (-1 at
+    a text's last position); ``text_id`` (N,) which text each position belongs to.
+    """
+
+    h: torch.Tensor
+    targets: torch.Tensor
+    text_id: torch.Tensor
+    n_texts: int
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.h.shape[0])
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets >= 0).sum())
+
+    # older names, kept for readers of the public API
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.h
+
+    @property
+    def text(self) -> torch.Tensor:
+        return self.text_id
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_positions
+
+
+def cache_hidden(
+    lm: LoadedModel,
+    texts: Sequence[str] | None = None,
+    *,
+    token_lists: Sequence[Sequence[int]] | None = None,
+    point: Point = "head",
+    max_tokens: int = 128,
+    predicted_only: bool = False,
+    dtype: torch.dtype = torch.float32,
+    tokens_per_batch: int = 4096,
+    workdir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> HiddenCache:
+    """Run the model once over the texts (or ``token_lists``) and keep the state at ``point`` for
+    every position (``predicted_only``: only positions that have a next token).
+
+    With a ``workdir`` the states go to a memory-mapped file there (``hidden.bin``), written batch
+    by batch with the progress recorded (``hidden.json``), so an interrupted pass resumes at the
+    next batch; a cache up to 1 GiB is read into memory at the end. ``progress(texts_done,
+    positions_done)`` is called after each batch; ``should_stop()`` true raises KeyboardInterrupt
+    after the current batch (the work folder keeps what is done).
+    """
+    if token_lists is None:
+        if texts is None:
+            raise SteerportError("cache_hidden needs texts or token lists")
+        token_lists = tokenize(lm.tokenizer, texts, max_tokens)
+    lengths = [len(t) for t in token_lists]
+    kept = [max(n - 1, 0) if predicted_only else n for n in lengths]  # positions kept per text
+    starts = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+    N, d = int(starts[-1]), lm.hidden_size
+    targets = np.full(N, -1, dtype=np.int64)
+    for i, t in enumerate(token_lists):
+        if len(t) > 1:
+            targets[starts[i] : starts[i] + len(t) - 1] = t[1:]
+    text_id = np.repeat(np.arange(len(token_lists), dtype=np.int64), kept)
+    batches = pack_by_length(lengths, tokens_per_batch)
+    item = torch.tensor([], dtype=dtype).element_size()
+    raw_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[item]  # raw bits, viewed as dtype
+    done = 0
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path, state_path = workdir / "hidden.bin", workdir / "hidden.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else None
+        if state and state.get("shape") == [N, d] and state.get("dtype") == str(dtype) and path.exists():
+            done = int(state["batches_done"])
+            raw = np.memmap(path, dtype=raw_dtype, mode="r+", shape=(max(N, 1), d))[:N]
+        else:
+            raw = np.memmap(path, dtype=raw_dtype, mode="w+", shape=(max(N, 1), d))[:N]
+    else:
+        raw = np.zeros((N, d), dtype=raw_dtype)
+    h_all = torch.from_numpy(raw).view(dtype) if N else torch.zeros(0, d, dtype=dtype)
+    pad = lm.tokenizer.pad_token_id or 0
+    texts_done = sum(len(b) for b in batches[:done])
+    pos_done = int(sum(kept[i] for b in batches[:done] for i in b))
+    if progress:
+        progress(texts_done, pos_done)
+    for bi in range(done, len(batches)):
+        batch = batches[bi]
+        ids, mask = padded_batch([token_lists[i] for i in batch], pad)
+        (hb,) = capture(lm, [point], input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
+        hb = hb.to("cpu", dtype)
+        for row, i in enumerate(batch):
+            h_all[starts[i] : starts[i + 1]] = hb[row, : kept[i]]
+        texts_done += len(batch)
+        pos_done += int(sum(kept[i] for i in batch))
+        if workdir is not None:
+            if isinstance(raw, np.memmap):
+                raw.flush()
+            atomic_write_json(workdir / "hidden.json", {"shape": [N, d], "dtype": str(dtype), "batches_done": bi + 1,
+                                                        "batches": len(batches)})
+        if progress:
+            progress(texts_done, pos_done)
+        if should_stop() and bi + 1 < len(batches):
+            raise KeyboardInterrupt
+    if workdir is not None and N * d * item <= IN_MEMORY_BYTES:
+        h_all = h_all.clone()  # small: read it into memory; large: stay memory-mapped
+    return HiddenCache(h_all, torch.from_numpy(targets), torch.from_numpy(text_id), len(token_lists))
+
+
+# --------------------------------------------------------------------------- paired positions of two tokenizations
+
+
+def token_end_offsets(tokenizer: Any, text: str, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` (with the tokenizer's special tokens) and each token's end offset.
+
+    Special and zero-width tokens (BOS, ...) get end offset -1 so they never pair. Needs a fast tokenizer.
+    """
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True, truncation=max_tokens is not None, max_length=max_tokens)
+    except NotImplementedError:
+        raise SteerportError("position pairing needs a fast tokenizer (character offsets)") from None
+    ids = list(enc["input_ids"])
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    ends = [(-1 if (tid in special or s == e) else int(e)) for tid, (s, e) in zip(ids, enc["offset_mapping"])]
+    return ids, ends
+
+
+def pair_by_end_offset(ends_a: Sequence[int], ends_b: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Indices (i, j) with ends_a[i] == ends_b[j] >= 1, in text order.
+
+    When several tokens end at the same offset (a character split over byte tokens), the last
+    one is used: it has read the whole prefix. Position 0 of each sequence never pairs: its
+    states (the attention sink) are orders of magnitude off and would dominate a least-squares fit.
+    """
+    last_a = {e: i for i, e in enumerate(ends_a) if e > 0 and i > 0}
+    last_b = {e: j for j, e in enumerate(ends_b) if e > 0 and j > 0}
+    common = sorted(set(last_a) & set(last_b))
+    return [last_a[e] for e in common], [last_b[e] for e in common]
+
+
+def paired_positions(tok_a: Any, tok_b: Any, text: str, *, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    """Positions of ``text`` under tokenizers a and b that end on the same character."""
+    _, ea = token_end_offsets(tok_a, text, max_tokens)
+    _, eb = token_end_offsets(tok_b, text, max_tokens)
+    return pair_by_end_offset(ea, eb)
+
+
+def paired_states(
+    lm_a: LoadedModel,
+    lm_b: LoadedModel,
+    texts: Sequence[str],
+    points_a: Sequence[Point],
+    points_b: Sequence[Point],
+    *,
+    max_tokens: int = 128,
+    min_pairs: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rows (h_a, h_b) at positions where both tokenizations end on the same character, for each
+    point pair (points_a[k], points_b[k]); one forward pass per text and model.
+
+    Returns [(Xa (n, d_a), Xb (n, d_b)), ...] float32 on the CPU, all on the same positions.
+    Texts are truncated to ``max_tokens`` tokens per model; pairs cover the text both models saw.
+    Fewer than ``min_pairs`` pairs is a one-line error.
+    """
+    if len(points_a) != len(points_b):
+        raise SteerportError(f"give one point of model b per point of model a (got {len(points_a)} and {len(points_b)})")
+    xa: list[list[torch.Tensor]] = [[] for _ in points_a]
+    xb: list[list[torch.Tensor]] = [[] for _ in points_b]
+    for text in texts:
+        if text.strip():
+            ids_a, ea = token_end_offsets(lm_a.tokenizer, text, max_tokens)
+            ids_b, eb = token_end_offsets(lm_b.tokenizer, text, max_tokens)
+            ia, ib = pair_by_end_offset(ea, eb)
+            if ia:
+                ha = capture(lm_a, points_a, input_ids=torch.tensor([ids_a], device=lm_a.device))
+                hb = capture(lm_b, points_b, input_ids=torch.tensor([ids_b], device=lm_b.device))
+                for k in range(len(points_a)):
+                    xa[k].append(ha[k][0, ia].float().cpu())
+                    xb[k].append(hb[k][0, ib].float().cpu())
+        if progress:
+            progress(1)
+    n = sum(len(x) for x in xa[0]) if xa and xa[0] else 0
+    if n < max(min_pairs, 1):
+        raise SteerportError(f"only {n} positions pair up between the two tokenizations (need {max(min_pairs, 1)}); "
+                             "give more (or longer) neutral text")
+    return [(torch.cat(a), torch.cat(b)) for a, b in zip(xa, xb)]
