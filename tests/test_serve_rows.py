@@ -1,4 +1,5 @@
-"""Per-row steer values equal the library's hooks, row by row, for every steer kind."""
+"""Per-row steer values (as the server applies them) equal the hooks with one value, row by row,
+for every steer kind."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from steerport.errors import SteerportError
 from steerport.hooks import steered
-from steerport.serve.rows import apply_rows
+from steerport.serve.engine import apply_rows
 from tests.serve_fixtures import tiny_steers
 from tests.tiny import tiny_model
 
@@ -66,5 +67,5 @@ def test_zero_values_change_nothing_bitwise():
 
 def test_rows_shape_is_checked():
     lm = tiny_model("llama")
-    with pytest.raises(SteerportError, match="values must be"):
-        apply_rows(lm, list(tiny_steers(lm).values()), torch.zeros(2, 3))
+    with pytest.raises(SteerportError, match="per-row values must be"):
+        apply_rows(lm, list(tiny_steers(lm).values()), torch.ones(2, 5)[:, :3])

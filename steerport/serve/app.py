@@ -65,11 +65,11 @@ class ServerState:
     def build(cls, lm: LoadedModel, steers: dict[str, Steer], *, model_name: str, limits: Limits | None = None,
               api_key: str | None = None, curve: bool = True, keywords: bool = True, force: bool = False) -> "ServerState":
         """Check the steers, describe them (strength curves), start the engine, queue the keywords."""
+        from steerport.serve.engine import check_steers
         from steerport.serve.info import describe_steers
-        from steerport.serve.rows import check_rows
 
         limits = limits or Limits()
-        check_rows(lm, list(steers.values()), force=force)
+        check_steers(lm, list(steers.values()), force=force)
         info = describe_steers(lm, steers, max_value=limits.max_value, curve=curve, keywords=False)
         engine = Engine(lm, steers, max_batch=limits.max_batch, window_s=limits.window_ms / 1000)
         state = cls(lm=lm, steers=steers, engine=engine, model_name=model_name, limits=limits, api_key=api_key, info=info)

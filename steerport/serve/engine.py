@@ -8,7 +8,7 @@ Design::
                                                       │ (up to `max_batch`), then one decode loop:
                                                       │   left-pad prompts, attention mask, position ids
                                                       │   prefill, then one token per step with a KV cache
-                                                      │   per-row steer values (serve.rows.apply_rows)
+                                                      │   per-row steer values (hooks.steered(rows=...))
                                                       │   per-row temperature / top_p / seed / stop / max_tokens
                                                       │   finished or cancelled rows leave the batch
                                                       ▼
@@ -42,8 +42,10 @@ from typing import Any
 
 import torch
 
+from steerport.errors import SteerportError
+from steerport.hooks import check_compatible, steered
+from steerport.kinds import get_kind
 from steerport.models import LoadedModel
-from steerport.serve.rows import apply_rows
 from steerport.steer import Steer
 
 log = logging.getLogger("steerport.serve")
@@ -94,6 +96,29 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
                 best = k
                 break
     return best
+
+
+def check_steers(lm: LoadedModel, steers: Sequence[Steer], *, force: bool = False) -> None:
+    """Refuse steers of an unknown kind, or made for another model (unless forced)."""
+    for steer in steers:
+        get_kind(steer.kind)
+        check_compatible(lm, steer, force=force)
+
+
+def apply_rows(lm: LoadedModel, steers: Sequence[Steer], values: torch.Tensor) -> Callable[[], None]:
+    """Hook ``steers`` with per-row values (b, k) until the returned remover is called.
+
+    Steers whose column is all zero are left out (a zero adds exact zeros anyway), so a batch
+    of unsteered rows runs the plain model.
+    """
+    if values.dim() != 2 or values.shape[1] != len(steers):
+        raise SteerportError(f"per-row values must be (batch, {len(steers)}), got {tuple(values.shape)}")
+    cols = [j for j in range(values.shape[1]) if bool((values[:, j] != 0).any())]
+    if not cols:
+        return lambda: None
+    ctx = steered(lm, [(steers[j], 0.0) for j in cols], rows=values[:, cols], force=True)
+    ctx.__enter__()
+    return lambda: ctx.__exit__(None, None, None)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
