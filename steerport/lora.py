@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -60,7 +61,7 @@ def _check(lm: LoadedModel, items: Sequence[SteerValue], force: bool) -> None:
                 f"{steer.kind} steers act inside the network, not at the LM head, so no LM-head LoRA can carry them"
                 + ("; export an all-positions ActAdd steer as a llama.cpp control vector (steerport export-cvec)"
                    if steer.kind == "actadd" else ""))
-        if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise SteerportError(f"steer value must be a finite number, got {value!r}")
         check_compatible(lm, steer, force=force)
 
@@ -114,7 +115,7 @@ def _record(lm: LoadedModel, items: Sequence[SteerValue], paths: Sequence[str] |
 
     return {
         "made_by": f"steerport {__version__}",
-        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
         "base": {"spec": lm.spec, "fingerprint": lm.fingerprint},
         "rank": rank,
         "steers": [{"path": paths[i] if paths else f"steer {i + 1}", "kind": s.kind, "value": float(v),
@@ -187,7 +188,7 @@ def _gguf_base_facts(path: Path) -> tuple[str, bool, tuple[int, ...] | None]:
 
     try:
         reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises several types for non-GGUF files
+    except Exception as e:  # noqa: BLE001  (the reader raises several types for non-GGUF files)
         raise SteerportError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     field = reader.fields.get("general.architecture")
     if field is None:
@@ -271,7 +272,7 @@ def parse_steer_value(arg: str) -> tuple[Path, float]:
         v = float(value)
     except ValueError:
         raise SteerportError(f"{arg!r}: value {value!r} is not a number") from None
-    if v != v or abs(v) == float("inf"):
+    if not math.isfinite(v):
         raise SteerportError(f"{arg!r}: value must be finite")
     return Path(path), v
 
@@ -281,7 +282,7 @@ def export_lora_command(
     model: str,
     out: Path,
     fmt: str = "peft",
-    gguf_base: Optional[Path] = None,
+    gguf_base: Path | None = None,
     include_domain: bool = False,
     overwrite: bool = False,
     dtype: str = "float32",
@@ -324,7 +325,7 @@ def register(app) -> None:
         model: Annotated[str, typer.Option("--model", "-m", help="The model the steers are for (reads its output embeddings).")],
         out: Annotated[Path, typer.Option("--out", "-o", help="PEFT: the adapter directory; gguf: the .gguf file.")],
         fmt: Annotated[str, typer.Option("--format", help="peft (adapter_config.json + adapter_model.safetensors) or gguf (llama.cpp LoRA).")] = "peft",
-        gguf_base: Annotated[Optional[Path], typer.Option(help="gguf: the llama.cpp model file the adapter is for (architecture, tied check).")] = None,
+        gguf_base: Annotated[Path | None, typer.Option(help="gguf: the llama.cpp model file the adapter is for (architecture, tied check).")] = None,
         include_domain: Annotated[bool, typer.Option(help="Also bake in LM-Steer domain components.")] = False,
         overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
         dtype: Annotated[str, typer.Option(help="dtype to load the model in.")] = "float32",

@@ -72,8 +72,8 @@ def test_gguf_adapter_holds_the_lora(tmp_path):
     items = [(steers["pos"], 2.0), (steers["tok"], -1.0)]
     path = export_gguf(lm, items, tmp_path / "pos.lora.gguf")
     reader = GGUFReader(str(path))
-    field = lambda k: reader.fields[k]  # noqa: E731
-    text = lambda k: bytes(field(k).parts[field(k).data[0]]).decode()  # noqa: E731
+    field = lambda k: reader.fields[k]
+    text = lambda k: bytes(field(k).parts[field(k).data[0]]).decode()
     assert text("general.type") == "adapter" and text("adapter.type") == "lora"
     assert text("general.architecture") == "llama"
     R = 3 + 3

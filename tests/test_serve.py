@@ -47,7 +47,7 @@ def _concurrently(fns):
     def run(i, fn):
         try:
             out[i] = fn()
-        except Exception as e:  # surfaced below
+        except Exception as e:  # noqa: BLE001  (surfaced below)
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
@@ -77,7 +77,7 @@ def _identity(state, url, model, cases):
 
 
 def test_models_and_steers_listing(tiny_server):
-    state, url = tiny_server
+    _, url = tiny_server
     c = client(url)
     assert [m.id for m in c.models.list().data] == ["tiny"]
     steers = httpx.get(url + "/v1/steers").json()["data"]
@@ -119,7 +119,7 @@ def test_completion_and_chat_plain_and_streaming(tiny_server):
 
 
 def test_n_seed_and_stop(tiny_server):
-    state, url = tiny_server
+    _, url = tiny_server
     c = client(url)
     r = c.completions.create(model="tiny", prompt="The", max_tokens=8, temperature=1.0, seed=7, n=3)
     again = c.completions.create(model="tiny", prompt="The", max_tokens=8, temperature=1.0, seed=7, n=3)
@@ -207,7 +207,7 @@ BAD = [
 
 @pytest.mark.parametrize("body,status,message", BAD, ids=[m for _, _, m in BAD])
 def test_bad_requests_are_4xx_and_server_survives(tiny_server, body, status, message):
-    state, url = tiny_server
+    _, url = tiny_server
     r = httpx.post(url + "/v1/completions", json=body)
     assert r.status_code == status
     err = r.json()["error"]
@@ -223,7 +223,7 @@ def test_bad_requests_are_4xx_and_server_survives(tiny_server, body, status, mes
     (b'[1, 2]', "JSON object"),
 ])
 def test_malformed_bodies(tiny_server, raw, message):
-    state, url = tiny_server
+    _, url = tiny_server
     r = httpx.post(url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400 and message in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
@@ -231,7 +231,7 @@ def test_malformed_bodies(tiny_server, raw, message):
 
 
 def test_chat_bad_messages_and_unknown_route(tiny_server):
-    state, url = tiny_server
+    _, url = tiny_server
     for msgs in (None, [], [{"role": "wizard", "content": "x"}], [{"role": "user", "content": 3}]):
         r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": msgs})
         assert r.status_code == 400 and "messages" in r.json()["error"]["message"]

@@ -39,7 +39,15 @@ from steerport.errors import SteerportError
 from steerport.models import LoadedModel
 from steerport.serve.engine import Engine, Row
 from steerport.serve.limits import Limits
-from steerport.serve.protocol import APIError, Sampling, bad, parse_common, parse_messages, parse_prompts, usage
+from steerport.serve.protocol import (
+    APIError,
+    Sampling,
+    bad,
+    parse_common,
+    parse_messages,
+    parse_prompts,
+    usage,
+)
 from steerport.steer import Steer
 
 STATIC = {"playground.js": "text/javascript", "playground.css": "text/css"}
@@ -63,7 +71,7 @@ class ServerState:
 
     @classmethod
     def build(cls, lm: LoadedModel, steers: dict[str, Steer], *, model_name: str, limits: Limits | None = None,
-              api_key: str | None = None, curve: bool = True, keywords: bool = True, force: bool = False) -> "ServerState":
+              api_key: str | None = None, curve: bool = True, keywords: bool = True, force: bool = False) -> ServerState:
         """Check the steers, describe them (strength curves), start the engine, queue the keywords."""
         from steerport.serve.engine import check_steers
         from steerport.serve.info import describe_steers
@@ -79,8 +87,8 @@ class ServerState:
         return state
 
     def _queue_keywords(self) -> None:
-        from steerport.serve.info import _kw
         from steerport.explain import default_neutral, steer_keywords
+        from steerport.serve.info import _kw
 
         for name, steer in self.steers.items():
             if steer.kind != "lm-steer":
@@ -96,7 +104,7 @@ class ServerState:
                                    for d in kw.directions],
                 }
 
-            self.engine.call(job)
+            self.engine.call(job, background=True)
 
     # ------------------------------------------------------------------ tokens
 
@@ -115,7 +123,7 @@ class ServerState:
             try:
                 with self.tok_lock:
                     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as e:  # jinja templates raise for e.g. unsupported role orders
+            except Exception as e:  # noqa: BLE001  (jinja templates raise many types, e.g. for role orders)
                 raise bad(f"the model's chat template refused these messages: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                           "messages") from None
             return self.encode(text, special=False)
@@ -219,7 +227,7 @@ async def _collect(job: _Job, request: Request) -> tuple[list[str], list[str], i
     while any(f is None for f in finish):
         try:
             index, e = await asyncio.wait_for(job.queue.get(), timeout=0.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if await request.is_disconnected():
                 job.cancel()
                 raise asyncio.CancelledError

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -37,8 +37,8 @@ def parse_named_steers(args: list[str]) -> dict[str, Path]:
 
 
 def build_state(model: str, steer_args: list[str], *, limits: Limits, dtype: str = "float32", device: str = "cpu",
-                api_key: Optional[str] = None, force: bool = False, curve: bool = True, keywords: bool = True,
-                served_name: Optional[str] = None, lm=None):
+                api_key: str | None = None, force: bool = False, curve: bool = True, keywords: bool = True,
+                served_name: str | None = None, lm=None):
     """Load everything and start the engine (no HTTP yet); returns a ServerState."""
     from steerport.models import load_model
     from steerport.serve.app import ServerState
@@ -56,14 +56,14 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    api_key: Optional[str] = None,
-    limits: Limits = Limits(),
+    api_key: str | None = None,
+    limits: Limits | None = None,
     dtype: str = "float32",
     device: str = "cpu",
     force: bool = False,
     curve: bool = True,
     keywords: bool = True,
-    served_name: Optional[str] = None,
+    served_name: str | None = None,
     log_level: str = "info",
 ) -> None:
     """Load ``model`` with the named steers and serve until interrupted."""
@@ -71,6 +71,7 @@ def serve(
 
     from steerport.serve.app import create_app
 
+    limits = limits or Limits()
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     state = build_state(model, steer, limits=limits, dtype=dtype, device=device, api_key=api_key, force=force,
                         curve=curve, keywords=keywords, served_name=served_name)
@@ -84,11 +85,11 @@ def serve(
 
 def serve_command(
     model: Annotated[str, typer.Argument(help="Model: alias, catalog name, hub id, local dir or .gguf file.")],
-    steer: Annotated[list[str], typer.Option("--steer", "-s", help="A steer to offer, NAME=FILE.st; repeat. Clients pick steers by NAME.")] = [],
+    steer: Annotated[list[str] | None, typer.Option("--steer", "-s", help="A steer to offer, NAME=FILE.st; repeat. Clients pick steers by NAME.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (default loopback only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="STEERPORT_API_KEY", help="Require Authorization: Bearer KEY on /v1/*.")] = None,
-    served_name: Annotated[Optional[str], typer.Option(help="Model id clients send (default: MODEL as given).")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="STEERPORT_API_KEY", help="Require Authorization: Bearer KEY on /v1/*.")] = None,
+    served_name: Annotated[str | None, typer.Option(help="Model id clients send (default: MODEL as given).")] = None,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = Limits.max_prompt_tokens,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = Limits.max_tokens,
     max_n: Annotated[int, typer.Option(help="Most choices (n) per request.")] = Limits.max_n,
@@ -111,7 +112,7 @@ def serve_command(
     for k in ("max_prompt_tokens", "max_tokens", "max_n", "max_concurrent", "max_batch"):
         if getattr(limits, k) < 1:
             raise SteerportError(f"--{k.replace('_', '-')} must be at least 1")
-    serve(model, steer, host=host, port=port, api_key=api_key, limits=limits, dtype=dtype, device=device,
+    serve(model, steer or [], host=host, port=port, api_key=api_key, limits=limits, dtype=dtype, device=device,
           force=force, curve=curve, keywords=keywords, served_name=served_name, log_level=log_level)
 
 

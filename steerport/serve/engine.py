@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import queue
@@ -151,6 +152,7 @@ class Engine:
         self.max_batch = max_batch
         self.window_s = window_s
         self._pending: queue.Queue = queue.Queue()
+        self._background: collections.deque = collections.deque()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         tok = lm.tokenizer
@@ -185,10 +187,16 @@ class Engine:
         for r in rows:
             self._pending.put(r)
 
-    def call(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the engine thread between batches (it may hook the model); returns a Future."""
+    def call(self, fn: Callable[[], Any], *, background: bool = False) -> Future:
+        """Run ``fn`` on the engine thread between batches (it may hook the model); returns a Future.
+
+        ``background`` jobs (e.g. keywords for /v1/steers) run only when no request is waiting.
+        """
         fut: Future = Future()
-        self._pending.put((fn, fut))
+        if background:
+            self._background.append((fn, fut))
+        else:
+            self._pending.put((fn, fut))
         return fut
 
     # ------------------------------------------------------------------ worker
@@ -196,7 +204,7 @@ class Engine:
     def _run(self) -> None:
         carry: list = []
         while not self._stop.is_set():
-            item = carry.pop(0) if carry else self._pending.get()
+            item = carry.pop(0) if carry else self._next()
             if item is None:
                 break
             if isinstance(item, tuple):
@@ -225,13 +233,22 @@ class Engine:
                             r.done = True
                             r.emit(Event(finish="error", error=f"generation failed: {e}", tokens=len(r.ids)))
 
+    def _next(self) -> Any:
+        """The next queued item; while none comes, run background jobs one at a time."""
+        while True:
+            try:
+                return self._pending.get(timeout=0.05)
+            except queue.Empty:
+                if self._background:
+                    self._run_job(*self._background.popleft())
+
     @staticmethod
     def _run_job(fn: Callable[[], Any], fut: Future) -> None:
         if not fut.set_running_or_notify_cancel():
             return
         try:
             fut.set_result(fn())
-        except BaseException as e:  # delivered to the waiting handler
+        except BaseException as e:  # noqa: BLE001  (delivered to the waiting handler)
             fut.set_exception(e)
 
     # ------------------------------------------------------------------ decoding

@@ -49,7 +49,7 @@ function renderSteers() {
     slider.addEventListener("input", () => { value.textContent = slider.value; });
     const card = el("div", { class: "steer" },
       el("div", { class: "head" }, el("b", { text: s.name }), el("span", { class: "muted", text: s.kind }), slider, value),
-      el("div", { class: "ends" }, el("span", { text: "− less " + (s.positive || "positive") }),
+      el("div", { class: "ends" }, el("span", { text: "− opposite of " + (s.positive || "the + end") }),
                                    el("span", { text: rec ? "recommended " + rec[0] + " … " + rec[1] : "" }),
                                    el("span", { text: "+ " + (s.positive || "positive") })));
     if (s.keywords) {
