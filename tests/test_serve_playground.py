@@ -49,7 +49,7 @@ def server():
         lm = tiny_model("llama")
         all_steers = tiny_steers(lm)
         steers = {"pos": all_steers["pos"], "love": all_steers["love"]}
-        slider, prompt = "pos", "The movie was"
+        slider, prompt, value = "pos", "The movie was", 3.0
     else:
         import steerport
 
@@ -57,11 +57,11 @@ def server():
         d = ROOT / "benchmarks" / "steers"
         steers = {"positive": Steer.load(d / "smollm2-135m-sst2-positive.st"),
                   "detox": Steer.load(d / "smollm2-135m-paradetox-nontoxic.st")}
-        slider, prompt = "positive", "The new restaurant on the corner"
+        slider, prompt, value = "positive", "The weather this weekend", 2.0  # inside the fluent range
     state = ServerState.build(lm, steers, model_name=MODEL, limits=Limits(window_ms=50))
     state.engine.call(lambda: None, background=True).result(timeout=600)  # after the keyword jobs
     with live_server(state) as url:
-        yield url, slider, prompt
+        yield url, slider, prompt, value
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def _severe(driver) -> list[str]:
 
 
 def test_playground_generates_steered_and_unsteered(server, browser):
-    url, slider_name, prompt = server
+    url, slider_name, prompt, value = server
     browser.get(url + "/")
     wait = WebDriverWait(browser, 120)
     slider = wait.until(EC.presence_of_element_located((By.ID, f"steer-{slider_name}")))
@@ -99,9 +99,9 @@ def test_playground_generates_steered_and_unsteered(server, browser):
     box.clear()
     box.send_keys(prompt)
     slider.click()
-    for _ in range(6):  # move the slider up with the keyboard, as a user would (step 0.5)
+    for _ in range(round(value / 0.5)):  # move the slider up with the keyboard, as a user would (step 0.5)
         slider.send_keys(Keys.ARROW_RIGHT)
-    assert float(slider.get_attribute("value")) == 3.0
+    assert float(slider.get_attribute("value")) == value
     browser.find_element(By.ID, "max_tokens").clear()
     browser.find_element(By.ID, "max_tokens").send_keys("24")
     browser.find_element(By.ID, "generate").click()

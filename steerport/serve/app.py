@@ -79,8 +79,10 @@ class ServerState:
         limits = limits or Limits()
         check_steers(lm, list(steers.values()), force=force)
         info = describe_steers(lm, steers, max_value=limits.max_value, curve=curve, keywords=False)
-        engine = Engine(lm, steers, max_batch=limits.max_batch, window_s=limits.window_ms / 1000)
-        state = cls(lm=lm, steers=steers, engine=engine, model_name=model_name, limits=limits, api_key=api_key, info=info)
+        lock = threading.RLock()
+        engine = Engine(lm, steers, max_batch=limits.max_batch, window_s=limits.window_ms / 1000, tok_lock=lock)
+        state = cls(lm=lm, steers=steers, engine=engine, model_name=model_name, limits=limits, api_key=api_key,
+                    info=info, tok_lock=lock)
         engine.start()
         if keywords:
             state._queue_keywords()

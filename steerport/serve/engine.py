@@ -145,12 +145,14 @@ class Engine:
         *,
         max_batch: int = 32,
         window_s: float = 0.015,
+        tok_lock: threading.RLock | None = None,
     ):
         self.lm = lm
         self.names = list(steers)
         self.steers = [steers[n] for n in self.names]
         self.max_batch = max_batch
         self.window_s = window_s
+        self.tok_lock = tok_lock or threading.RLock()  # HF fast tokenizers must not be mutated while in use
         self._pending: queue.Queue = queue.Queue()
         self._background: collections.deque = collections.deque()
         self._thread: threading.Thread | None = None
@@ -275,7 +277,8 @@ class Engine:
             finish = "stop"
         else:
             r.ids.append(token)
-        text = self.lm.tokenizer.decode(r.ids, skip_special_tokens=True)
+        with self.tok_lock:
+            text = self.lm.tokenizer.decode(r.ids, skip_special_tokens=True)
         if r.stop:
             hits = [i for i in (text.find(s) for s in r.stop) if i >= 0]
             if hits:
