@@ -149,6 +149,25 @@ def test_mixed_batch_equals_alone_tiny(tiny_server):
     assert len({o[0] for o in outs}) == len(outs)
 
 
+def test_request_joining_a_running_batch_equals_alone(tiny_server):
+    """A request that arrives while a batch decodes joins it (continuous batching), same output."""
+    state, url = tiny_server
+    c = client(url)
+    a = dict(model="tiny", prompt="The movie was", max_tokens=60, temperature=0, extra_body={"steers": {"pos": 2.0}})
+    b = dict(model="tiny", prompt="I love this place; the food is good", max_tokens=8, temperature=0,
+             extra_body={"steers": {"love": 1.0, "tok": -1.0}})
+    alone_a = c.completions.create(**a).choices[0].text
+    alone_b = c.completions.create(**b).choices[0].text
+    joined = state.engine.stats["joined"]
+    stream = c.completions.create(**a, stream=True)
+    parts = [next(iter(stream)).choices[0].text]  # A is decoding now
+    got_b = c.completions.create(**b).choices[0].text
+    parts += [ch.choices[0].text for ch in stream]
+    assert state.engine.stats["joined"] == joined + 1, "B did not join the running batch"
+    assert got_b == alone_b
+    assert "".join(parts) == alone_a
+
+
 @pytest.mark.integration
 def test_mixed_batch_equals_alone_smollm2():
     lm = steerport.load_model("smollm2-135m")

@@ -169,7 +169,8 @@ class Engine:
         params = inspect.signature(lm.model.forward).parameters
         self._keep_arg = "logits_to_keep" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
-        self.stats = {"batches": 0, "rows": 0, "steps": 0, "max_rows_in_batch": 0}
+        self.stats = {"batches": 0, "rows": 0, "joined": 0, "steps": 0, "max_rows_in_batch": 0}
+        self._carry: list = []  # items taken from the queue that wait for the current batch to end
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -204,7 +205,7 @@ class Engine:
     # ------------------------------------------------------------------ worker
 
     def _run(self) -> None:
-        carry: list = []
+        carry = self._carry
         while not self._stop.is_set():
             item = carry.pop(0) if carry else self._next()
             if item is None:
@@ -299,14 +300,10 @@ class Engine:
         r.emit(Event(text=text[r.sent :], tokens=len(r.ids), finish=finish))
         r.sent = len(text)
 
-    @torch.no_grad()
-    def _decode(self, rows: list[Row]) -> None:
-        lm, dev = self.lm, self.lm.device
-        b = len(rows)
-        self.stats["batches"] += 1
-        self.stats["rows"] += b
-        self.stats["max_rows_in_batch"] = max(self.stats["max_rows_in_batch"], b)
-        L = max(len(r.prompt_ids) for r in rows)
+    def _prefill(self, rows: Sequence[Row]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """One forward pass over left-padded prompts: (last logits (b, V), cache, mask (b, L), last positions (b,))."""
+        dev = self.lm.device
+        b, L = len(rows), max(len(r.prompt_ids) for r in rows)
         ids = torch.full((b, L), self.pad_id, dtype=torch.long)
         mask = torch.zeros((b, L), dtype=torch.long)
         for i, r in enumerate(rows):  # left padding
@@ -314,20 +311,65 @@ class Engine:
             ids[i, L - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
             mask[i, L - n :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L): positions from each row's first real token
-        gens = []
-        for r in rows:
-            g = None
-            if r.temperature > 0:
-                g = torch.Generator().manual_seed(int(r.seed))
-            gens.append(g)
-        active = list(range(b))  # indices into rows of the rows still in the batch
-        values = self._values(rows)
+        logits, cache = self._forward(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+        return logits, cache, mask, pos[:, -1]
+
+    def _joiners(self, room: int) -> list[Row]:
+        """Rows that arrived while a batch is decoding (up to ``room``); jobs wait for the batch to end."""
+        out: list[Row] = []
+        while len(out) < room and not self._carry:
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is None or isinstance(item, tuple):
+                self._carry.append(item)
+            elif not item.cancelled.is_set():
+                out.append(item)
+        return out
+
+    @staticmethod
+    def _mergeable(cache: Any) -> bool:
+        """Only plain full-attention dynamic caches are padded and joined (not sliding windows)."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+    @staticmethod
+    def _merge(c1: Any, m1: torch.Tensor, c2: Any, m2: torch.Tensor) -> torch.Tensor:
+        """Append cache c2's rows to c1, left-padding the shorter one; returns the merged mask.
+
+        Keys/values: (b, heads, T, head_dim); padded slots are masked, so every row attends to
+        exactly what it attended to before.
+        """
+        L1, L2 = m1.shape[1], m2.shape[1]
+        L = max(L1, L2)
+
+        def pad(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t if n == 0 else torch.cat([t.new_zeros((*t.shape[:-2], n, t.shape[-1])), t], -2)
+
+        for a, b in zip(c1.layers, c2.layers):
+            a.keys = torch.cat([pad(a.keys, L - L1), pad(b.keys, L - L2)], 0)
+            a.values = torch.cat([pad(a.values, L - L1), pad(b.values, L - L2)], 0)
+        z = lambda m, n: torch.cat([m.new_zeros((m.shape[0], n)), m], 1)  # noqa: E731
+        return torch.cat([z(m1, L - L1), z(m2, L - L2)], 0)
+
+    @torch.no_grad()
+    def _decode(self, rows: list[Row]) -> None:
+        """Decode ``rows`` together until all finish; rows arriving meanwhile join (appended to ``rows``)."""
+        lm, dev = self.lm, self.lm.device
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(rows)
+        gens = [torch.Generator().manual_seed(int(r.seed)) if r.temperature > 0 else None for r in rows]
+        active = list(range(len(rows)))  # indices into rows of the rows still in the batch
+        values = self._values(rows)  # (len(rows), k), grows as rows join
         remove = apply_rows(lm, self.steers, values)
         try:
-            logits, cache = self._forward(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
-            last_pos = pos[:, -1]  # (b,)
+            logits, cache, mask, last_pos = self._prefill(rows)
             while True:
                 self.stats["steps"] += 1
+                self.stats["max_rows_in_batch"] = max(self.stats["max_rows_in_batch"], len(active))
                 nxt = []
                 for j, i in enumerate(active):
                     r = rows[i]
@@ -340,7 +382,7 @@ class Engine:
                     nxt.append(t)
                 keep = [j for j, i in enumerate(active) if not rows[i].done]
                 if not keep:
-                    break
+                    break  # back to the queue: the next batch is collected with the batching window
                 if len(keep) < len(active):  # finished rows leave the batch (and its hooks)
                     sel = torch.tensor(keep, dtype=torch.long)
                     cache.batch_select_indices(sel.to(dev))
@@ -357,6 +399,26 @@ class Engine:
                     position_ids=last_pos[:, None].to(dev),
                     cache=cache,
                 )
+                room = self.max_batch - len(active)
+                new = self._joiners(room) if room > 0 and self._mergeable(cache) else []
+                if not new:
+                    continue
+                # rows that arrived meanwhile: prefill them on their own, then join the running batch
+                remove()
+                first = len(rows)
+                rows.extend(new)
+                gens.extend(torch.Generator().manual_seed(int(r.seed)) if r.temperature > 0 else None for r in new)
+                values = torch.cat([values, self._values(new)], 0)
+                remove = apply_rows(lm, self.steers, values[first:])
+                logits2, cache2, mask2, last2 = self._prefill(new)
+                remove()
+                mask = self._merge(cache, mask, cache2, mask2)
+                logits = torch.cat([logits, logits2], 0)
+                last_pos = torch.cat([last_pos, last2], 0)
+                active = active + list(range(first, len(rows)))
+                self.stats["joined"] += len(new)
+                self.stats["rows"] += len(new)
+                remove = apply_rows(lm, self.steers, values[torch.tensor(active)])
         finally:
             remove()
             for r in rows:
