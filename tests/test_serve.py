@@ -153,9 +153,10 @@ def test_request_joining_a_running_batch_equals_alone(tiny_server):
     """A request that arrives while a batch decodes joins it (continuous batching), same output."""
     state, url = tiny_server
     c = client(url)
-    a = dict(model="tiny", prompt="The movie was", max_tokens=60, temperature=0, extra_body={"steers": {"pos": 2.0}})
-    b = dict(model="tiny", prompt="I love this place; the food is good", max_tokens=8, temperature=0,
-             extra_body={"steers": {"love": 1.0, "tok": -1.0}})
+    a = {"model": "tiny", "prompt": "The movie was", "max_tokens": 60, "temperature": 0,
+         "extra_body": {"steers": {"pos": 2.0}}}
+    b = {"model": "tiny", "prompt": "I love this place; the food is good", "max_tokens": 8, "temperature": 0,
+         "extra_body": {"steers": {"love": 1.0, "tok": -1.0}}}
     alone_a = c.completions.create(**a).choices[0].text
     alone_b = c.completions.create(**b).choices[0].text
     joined = state.engine.stats["joined"]

@@ -352,7 +352,7 @@ class Engine:
         for a, b in zip(c1.layers, c2.layers):
             a.keys = torch.cat([pad(a.keys, L - L1), pad(b.keys, L - L2)], 0)
             a.values = torch.cat([pad(a.values, L - L1), pad(b.values, L - L2)], 0)
-        z = lambda m, n: torch.cat([m.new_zeros((m.shape[0], n)), m], 1)  # noqa: E731
+        z = lambda m, n: torch.cat([m.new_zeros((m.shape[0], n)), m], 1)
         return torch.cat([z(m1, L - L1), z(m2, L - L2)], 0)
 
     @torch.no_grad()
