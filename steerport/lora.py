@@ -198,6 +198,52 @@ def _gguf_base_facts(path: Path) -> tuple[str, bool, tuple[int, ...] | None]:
     return arch, bool(out), (tuple(int(x) for x in out[0].shape) if out else None)
 
 
+def untie_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Copy a tied llama.cpp model file, adding ``output.weight`` = ``token_embd.weight`` (same quantization).
+
+    llama.cpp uses ``output.weight`` when present, so the copy computes the same logits as the
+    original and gives a GGUF LoRA on the LM head a tensor to target. Metadata and every tensor
+    are copied byte for byte.
+    """
+    import gguf
+
+    from steerport.fileio import atomic_write_bytes
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise SteerportError(f"{dst}: already exists (pass --overwrite to replace it)")
+    arch, has_output, _ = _gguf_base_facts(src)
+    if has_output:
+        raise SteerportError(f"{src}: already has output.weight (not tied); use it as it is")
+    reader = gguf.GGUFReader(str(src))
+    embd = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    if not embd:
+        raise SteerportError(f"{src}: no token_embd.weight to copy as the output layer")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        w = gguf.GGUFWriter(str(tmp), arch, endianess=reader.endianess)
+        for f in reader.fields.values():
+            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+                continue  # written by the writer itself
+            kind = f.types[0]
+            sub = f.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(f.name, f.contents(), kind, sub_type=sub)
+        tensors = [*reader.tensors, embd[0]]
+        for i, t in enumerate(tensors):
+            name = "output.weight" if i == len(tensors) - 1 else t.name
+            w.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in tensors:
+            w.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        w.close()
+        atomic_write_bytes(dst, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
 def export_gguf(lm: LoadedModel, items: Sequence[SteerValue], out_path: str | os.PathLike, *,
                 gguf_base: str | os.PathLike | None = None, paths: Sequence[str] | None = None,
                 include_domain: bool = False, force: bool = False, overwrite: bool = False) -> Path:
@@ -219,8 +265,8 @@ def export_gguf(lm: LoadedModel, items: Sequence[SteerValue], out_path: str | os
     V, d = lm.output_embeddings.shape
     tied_refusal = (
         "{what} ties its output layer to the token embeddings (no output.weight), so llama.cpp has no output "
-        "tensor for a LoRA to target; use the PEFT format, `steerport merge` for a steered checkpoint, or an "
-        "untied GGUF of the model"
+        "tensor for a LoRA to target; write an untied copy of the model file with --untie UNTIED.gguf "
+        "(together with --gguf-base), or use the PEFT format or `steerport merge`"
     )
     if gguf_base is not None:
         arch, has_output, shape = _gguf_base_facts(Path(gguf_base))
@@ -287,8 +333,12 @@ def export_lora_command(
     overwrite: bool = False,
     dtype: str = "float32",
     force: bool = False,
+    untie: Path | None = None,
 ) -> Path:
-    """Load ``model`` and the steers, write the adapter; returns its path."""
+    """Load ``model`` and the steers, write the adapter; returns its path.
+
+    ``untie`` (gguf): first write an untied copy of the tied ``gguf_base`` there, and target it.
+    """
     from steerport.models import load_model
 
     if fmt not in ("peft", "gguf"):
@@ -302,6 +352,10 @@ def export_lora_command(
     paths = [str(p) for p, _ in pairs]
     if fmt == "peft":
         return export_peft(lm, items, out, paths=paths, include_domain=include_domain, force=force, overwrite=overwrite)
+    if untie is not None:
+        if gguf_base is None:
+            raise SteerportError("--untie copies the model file given by --gguf-base; give both")
+        gguf_base = untie_gguf(gguf_base, untie, overwrite=overwrite)
     return export_gguf(lm, items, out, gguf_base=gguf_base, paths=paths, include_domain=include_domain,
                        force=force, overwrite=overwrite)
 
@@ -330,7 +384,10 @@ def register(app) -> None:
         overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
         dtype: Annotated[str, typer.Option(help="dtype to load the model in.")] = "float32",
         force: Annotated[bool, typer.Option("--force", help="Export steers made for a model with another fingerprint.")] = False,
+        untie: Annotated[Path | None, typer.Option(help="gguf, tied --gguf-base: write an untied copy of the model file here (adds output.weight) and target it.")] = None,
     ):
         """Export steers at fixed values as a LoRA on the LM head (PEFT, or GGUF for llama.cpp)."""
-        path = export_lora_command(steer, model, out, fmt, gguf_base, include_domain, overwrite, dtype, force)
+        path = export_lora_command(steer, model, out, fmt, gguf_base, include_domain, overwrite, dtype, force, untie)
+        if untie is not None:
+            console.print(f"wrote {untie} (the model file with its own output.weight)")
         console.print(f"wrote {path} ({fmt} LoRA on the LM head)")

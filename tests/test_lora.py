@@ -118,3 +118,51 @@ def test_export_lora_cli(tmp_path, monkeypatch):
     r = runner.invoke(app, ["export-lora", f"{tmp_path / 'pos.st'}:1", "--model", "tiny", "--format", "gguf",
                             "--out", str(tmp_path / "x.gguf")])
     assert isinstance(r.exception, SteerportError) and "no output.weight" in str(r.exception)
+
+
+def _tied_gguf(path, V: int, d: int):
+    """A small llama.cpp-style model file with tied embeddings (no output.weight), one tensor quantized."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny tied")
+    w.add_block_count(1)
+    w.add_token_list([f"t{i}" for i in range(V)])
+    w.add_array("tokenizer.ggml.scores", [float(i) for i in range(V)])
+    embd = rng.standard_normal((V, d)).astype(np.float32)
+    q = gguf.quants.quantize(embd, gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("token_embd.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(d, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_untie_gguf_copies_everything_and_adds_output(tmp_path):
+    from gguf import GGUFReader
+
+    from steerport.lora import untie_gguf
+
+    lm = tiny_model("llama", tied=True)
+    V, d = len(lm.tokenizer), lm.hidden_size
+    tied = _tied_gguf(tmp_path / "tied.gguf", V, d)
+    with pytest.raises(SteerportError, match="--untie"):
+        export_gguf(lm, [(tiny_steers(lm)["pos"], 1.0)], tmp_path / "a.gguf", gguf_base=tied)
+    untied = untie_gguf(tied, tmp_path / "untied.gguf")
+    a, b = GGUFReader(str(tied)), GGUFReader(str(untied))
+    for name, f in a.fields.items():
+        if name != "GGUF.tensor_count":
+            assert b.fields[name].contents() == f.contents(), name
+    assert b.fields["GGUF.tensor_count"].contents() == a.fields["GGUF.tensor_count"].contents() + 1
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(tb) == set(ta) | {"output.weight"}
+    out, embd = tb["output.weight"], ta["token_embd.weight"]
+    assert out.tensor_type == embd.tensor_type and bytes(out.data) == bytes(embd.data)
+    assert bytes(tb["blk.0.attn_norm.weight"].data) == bytes(ta["blk.0.attn_norm.weight"].data)
+    with pytest.raises(SteerportError, match="not tied"):
+        untie_gguf(untied, tmp_path / "again.gguf")
+    path = export_gguf(lm, [(tiny_steers(lm)["pos"], 1.0)], tmp_path / "a.gguf", gguf_base=untied)
+    assert {t.name for t in GGUFReader(str(path)).tensors} == {"output.weight.lora_a", "output.weight.lora_b"}

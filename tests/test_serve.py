@@ -116,6 +116,8 @@ def test_completion_and_chat_plain_and_streaming(tiny_server):
     assert parts[0].choices[0].delta.role == "assistant"
     assert "".join(p.choices[0].delta.content or "" for p in parts) == chat.choices[0].message.content
     assert parts[-1].choices[0].finish_reason == "length"
+    free = c.chat.completions.create(model="tiny", messages=msgs, temperature=0)  # no max_tokens: up to the limit
+    assert 0 < free.usage.completion_tokens <= state.limits.max_tokens
 
 
 def test_n_seed_and_stop(tiny_server):

@@ -132,6 +132,11 @@ class ServerState:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return self.encode(text)
 
+    def context_length(self) -> int | None:
+        cfg = self.lm.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return getattr(cfg, "max_position_embeddings", None)
+
     def check_ids(self, ids: list[int], max_tokens: int, param: str = "prompt") -> None:
         V = len(self.lm.tokenizer)
         if any(t < 0 or t >= V for t in ids):
@@ -139,9 +144,7 @@ class ServerState:
         if len(ids) > self.limits.max_prompt_tokens:
             raise bad(f"the prompt has {len(ids)} tokens; this server allows at most {self.limits.max_prompt_tokens}",
                       param, "context_length_exceeded")
-        cfg = self.lm.model.config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        ctx = getattr(cfg, "max_position_embeddings", None)
+        ctx = self.context_length()
         if ctx and len(ids) + max_tokens > ctx:
             raise bad(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {ctx}",
                       "max_tokens", "context_length_exceeded")
@@ -204,6 +207,18 @@ class _Job:
             r.cancelled.set()
 
 
+def _emitter(loop: asyncio.AbstractEventLoop, q: asyncio.Queue, index: int):
+    """Hand a row's events from the engine thread to the request's queue (dropped once the loop is gone)."""
+
+    def emit(e) -> None:
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, (index, e))
+        except RuntimeError:  # the event loop closed (server shutting down): nobody is listening
+            pass
+
+    return emit
+
+
 def _start(state: ServerState, prompts: list[list[int]], s: Sampling) -> _Job:
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
@@ -215,7 +230,7 @@ def _start(state: ServerState, prompts: list[list[int]], s: Sampling) -> _Job:
             rows.append(Row(
                 prompt_ids=ids, max_tokens=s.max_tokens, values=dict(s.steers), temperature=s.temperature,
                 top_p=s.top_p, seed=(s.seed + index) % (2**63), stop=s.stop, deadline=deadline,
-                emit=lambda e, index=index: loop.call_soon_threadsafe(q.put_nowait, (index, e)),
+                emit=_emitter(loop, q, index),
             ))
     state.engine.submit(rows)
     return _Job(rows, sum(len(ids) for ids in prompts), q)
@@ -346,8 +361,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(request: Request):
         body = await _json_body(request, limits)
         check_model(body)
-        s = parse_common(body, state.steers, limits, default_max_tokens=limits.max_tokens)
+        s = parse_common(body, state.steers, limits, default_max_tokens=0)
         ids = state.chat_ids(parse_messages(body))
+        if s.max_tokens == 0:  # not given: as much as the limit and the model's context leave
+            ctx = state.context_length()
+            s.max_tokens = max(1, min(limits.max_tokens, ctx - len(ids) if ctx else limits.max_tokens))
         state.check_ids(ids, s.max_tokens, "messages")
         return await _respond(request, [ids], s, chat=True)
 

@@ -10,26 +10,31 @@ Design::
                                                       │   prefill, then one token per step with a KV cache
                                                       │   per-row steer values (hooks.steered(rows=...))
                                                       │   per-row temperature / top_p / seed / stop / max_tokens
-                                                      │   finished or cancelled rows leave the batch
+                                                      │   finished or cancelled rows leave the batch;
+                                                      │   rows arriving meanwhile are prefilled and join
+                                                      │   it (KV cache left-padded to a common length)
                                                       ▼
-    asyncio queue per row ◄── events (text delta, finish) ◄──┘
+    asyncio queue per request ◄── events (text delta, finish) ◄──┘  (Row.emit)
 
 Left padding with a mask and positions counted from each row's first real token makes a row's
 computation the same alone or in a batch, so greedy output does not depend on the neighbours
 (tested exactly in float32). Jobs that must not overlap a decode loop (explanations, which hook
-the model themselves) run on the same thread between batches (:meth:`Engine.call`).
+the model themselves) run on the same thread between batches (:meth:`Engine.call`); background
+jobs (keywords) only while no request waits. Joining a running batch needs full-attention
+``DynamicCache`` layers; models with sliding-window layers (Gemma-3) fall back to batches that
+start together.
 
 Example::
 
     engine = Engine(lm, {"positive": steer})
     engine.start()
-    row = Row(prompt_ids=[...], max_tokens=16, values={"positive": 3.0})
-    engine.submit([row])              # events arrive on row.events (set by the caller)
+    row = Row(prompt_ids=lm.tokenizer("The movie was")["input_ids"], max_tokens=16,
+              values={"positive": 3.0}, emit=print)
+    engine.submit([row])              # Event(text=..., tokens=...) per step, the last with finish=...
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import math
@@ -81,11 +86,6 @@ class Row:
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already emitted
     done: bool = False
-
-
-def async_emitter(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Callable[[Event], None]:
-    """An ``emit`` callback that hands events from the worker thread to an asyncio queue."""
-    return lambda e: loop.call_soon_threadsafe(q.put_nowait, e)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
