@@ -155,6 +155,48 @@ def median_of(runs: list[dict]) -> dict:
     return out
 
 
+def step_overhead(model: str, batch: int = 8, reps: int = 40) -> dict:
+    """In-process A/B: one decode step of a batch, plain vs with per-row steer hooks (alternating).
+
+    Alternating the two within one loop makes the ratio robust to the machine's load drifting.
+    """
+    import torch
+
+    import steerport
+    from steerport.serve.engine import apply_rows
+
+    lm = steerport.load_model(model)
+    steers = [steerport.Steer.load(p) for p in STEERS.values()]
+    rng = random.Random(0)
+    ps = prompts()[:batch]
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    enc = tok(ps, return_tensors="pt", padding=True)
+    mask = enc["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    values = torch.tensor([[rng.uniform(-4, 4), rng.uniform(-3, 3)] for _ in ps])
+    times: dict[str, list[float]] = {"plain": [], "steered": []}
+    with torch.no_grad():
+        out = lm.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step_mask = torch.cat([mask, torch.ones(len(ps), 1, dtype=mask.dtype)], 1)
+        step_pos = pos[:, -1:] + 1
+        for i in range(2 * reps + 4):
+            kind = "steered" if i % 2 else "plain"
+            remove = apply_rows(lm, steers, values) if kind == "steered" else (lambda: None)
+            t0 = time.perf_counter()
+            lm.model(input_ids=nxt, attention_mask=step_mask, position_ids=step_pos, cache=cache, use_cache=True,
+                     logits_to_keep=1)
+            dt = time.perf_counter() - t0
+            remove()
+            cache.crop(-1)  # back to the prefilled cache: every step does the same work
+            if i >= 4:  # the first two of each are warm-up
+                times[kind].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "reps": reps, "median_step_s": med, "steered_over_plain": med["steered"] / med["plain"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -167,11 +209,21 @@ def main() -> None:
     ap.add_argument("--window-ms", type=float, default=15.0)
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per load run (bounded)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--step-only", action="store_true",
+                    help="only the in-process step A/B; adds it to an existing results json")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_serve")
     args = ap.parse_args()
     if args.quick:
         args.seq_requests, args.requests_8, args.requests_32, args.reps = 8, 16, 32, 1
 
+    if args.step_only:
+        res = json.loads(args.out.with_suffix(".json").read_text())
+        res["step_overhead"] = step_overhead(args.model)
+        res["step_overhead"]["load_average"] = os.getloadavg()
+        args.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(report(res) + "\n")
+        print(report(res))
+        return
     info = machine()
     info["load_average_start"] = os.getloadavg()
     port = free_port()
@@ -225,6 +277,7 @@ def main() -> None:
         total_s=time.time() - t_start,
     )
     info["load_average_end"] = os.getloadavg()
+    results["step_overhead"] = step_overhead(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(report(results) + "\n")
@@ -264,7 +317,17 @@ Model `{s['model']}` (float32), {s['max_tokens']} new tokens per request, greedy
 - Engine counters at the end: {res['server_stats']['batches']} batches, {res['server_stats']['rows']} rows,
   largest batch {res['server_stats']['max_rows_in_batch']} rows.
 - Whole run: {res['total_s']:.0f} s.
-"""
+""" + _step_lines(res)
+
+
+def _step_lines(res: dict) -> str:
+    st = res.get("step_overhead")
+    if not st:
+        return ""
+    m = st["median_step_s"]
+    return (f"- In-process A/B of one decode step (batch {st['batch']}, per-row values for both steers vs no hooks, "
+            f"alternating, {st['reps']} each): {m['plain'] * 1000:.1f} ms plain, {m['steered'] * 1000:.1f} ms steered, "
+            f"ratio **{st['steered_over_plain']:.3f}×**.\n")
 
 
 if __name__ == "__main__":
