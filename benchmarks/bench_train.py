@@ -26,36 +26,30 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from steerport.data import DataOptions, load_data, pack_by_length, tokenize  # noqa: E402
-from steerport.models import cpu_has_fast_bf16, load_model  # noqa: E402
-from steerport.train import Fitter, TrainConfig, body_hidden, build_cache, summarize, train  # noqa: E402
+from steerport.capture import cache_hidden, capture, pack_by_length, padded_batch, tokenize
+from steerport.data import DataOptions, load_data
+from steerport.models import cpu_has_fast_bf16, load_model
+from steerport.train import Fitter, TrainConfig, summarize, train
 
 HERE = Path(__file__).resolve().parent
 SHARED = Path("/work/shared/data/sentiment/sst2/train.jsonl")
 
 
 @torch.no_grad()
-def plain_forward_seconds(lm, token_lists, tokens_per_batch: int) -> float:
-    """One ordinary forward pass (logits included) over all texts, length-packed batches."""
+def plain_forward_seconds(lm, token_lists, tokens_per_batch: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one ordinary forward pass (logits included) over all texts, length-packed batches."""
     pad = lm.tokenizer.pad_token_id or 0
     t0, c0 = time.perf_counter(), time.process_time()
     for batch in pack_by_length([len(t) for t in token_lists], tokens_per_batch):
-        T = max(len(token_lists[i]) for i in batch)
-        ids = torch.full((len(batch), T), pad)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(batch):
-            ids[r, : len(token_lists[i])] = torch.tensor(token_lists[i])
-            mask[r, : len(token_lists[i])] = 1
+        ids, mask = padded_batch([token_lists[i] for i in batch], pad)
         lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.sum()
     return time.perf_counter() - t0, time.process_time() - c0
 
@@ -73,18 +67,18 @@ def anchor_loop(lm, data, config: TrainConfig, batch_texts: int, judge, eval_eve
     labels = torch.tensor([e.label for e in data.train])
     tok = lm.tokenizer
     history, clock, cpu, step = [], 0.0, 0.0, 0
-    epoch = 0
-    while step < config.steps:
+    epoch, steps = 0, config.steps or 0  # main() always sets steps
+    while step < steps:
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
         epoch += 1
         for k in range(0, len(order) - batch_texts + 1, batch_texts):
-            if step >= config.steps:
+            if step >= steps:
                 break
             t0, c0 = time.perf_counter(), time.process_time()
             rows = order[k : k + batch_texts]
             enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True,
                       max_length=config.max_tokens)
-            h = body_hidden(lm, enc["input_ids"], enc["attention_mask"])  # frozen body, every step
+            (h,) = capture(lm, ["head"], input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])  # frozen body, every step
             s = labels[rows][:, None, None]
             hs = h + (s * eps) * ((h @ A) @ B.T)  # steered head input (b, T, d)
             logits = hs @ E.T + (0 if bias is None else bias)  # (b, T, V)
@@ -96,7 +90,7 @@ def anchor_loop(lm, data, config: TrainConfig, batch_texts: int, judge, eval_eve
             step += 1
             clock += time.perf_counter() - t0
             cpu += time.process_time() - c0
-            if step % eval_every == 0 or step == config.steps:
+            if step % eval_every == 0 or step == steps:
                 held = judge({"A": A.detach().clone(), "B": B.detach().clone()})["heldout_loss_steered"]
                 history.append({"step": step, "heldout_loss": held, "seconds": round(clock, 3), "cpu_seconds": round(cpu, 3)})
                 print(f"anchor step {step}: held-out {held:.5f} ({clock:.1f} s)", flush=True)
@@ -141,10 +135,10 @@ def main() -> None:
 
     # the judge: exact held-out loss/AUC on cached held-out hidden states (fp32 cache)
     held_tokens = tokenize(lm.tokenizer, [e.text for e in data.heldout], 128)
-    held_cache = build_cache(lm, held_tokens, cache_dtype=torch.float32)
+    held_cache = cache_hidden(lm, token_lists=held_tokens, predicted_only=True, dtype=torch.float32)
     held_labels = torch.tensor([e.label for e in data.heldout])
     judge_fit = Fitter(lm, held_cache, held_labels, config)
-    all_idx = torch.arange(held_cache.n_tokens)
+    all_idx = torch.arange(held_cache.n_positions)
 
     def judge(tensors):
         judge_fit.load_tensors(tensors)
@@ -183,7 +177,7 @@ def main() -> None:
     def rel(a, b):
         return abs(a - b) / abs(b)
 
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "bench_train", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "fast_bf16": cpu_has_fast_bf16(), "load_average_at_end": os.getloadavg(),

@@ -20,10 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import math
 import random
 from collections import Counter
@@ -32,9 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steerport.capture import pack_by_length, tokenize
 from steerport.errors import SteerportError
+from steerport.fileio import sha256_file
+from steerport.texts import bundled, read_file_text, read_rows
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+__all__ = ["BUILTINS", "Builtin", "DataOptions", "Dataset", "Example", "class_counts", "load_data",
+           "pack_by_length", "read_labeled", "read_text_pair", "split", "tokenize"]  # the last ones from steerport.capture
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,8 @@ class Builtin:
 
 
 BUILTINS: dict[str, Builtin] = {
-    "sst2": Builtin(DATA_DIR / "sentiment/sst2_train.jsonl", ("1",), "positive sentiment",
-                    DATA_DIR / "sentiment/sst2_test.jsonl"),
-    "paradetox": Builtin(DATA_DIR / "toxicity/paradetox_train.jsonl", ("0",), "non-toxic",
-                         DATA_DIR / "toxicity/paradetox_test.jsonl"),
+    "sst2": Builtin(bundled("sst2-train"), ("1",), "positive sentiment", bundled("sst2-test")),
+    "paradetox": Builtin(bundled("paradetox-train"), ("0",), "non-toxic", bundled("paradetox-test")),
 }
 
 
@@ -104,50 +102,6 @@ def _label_key(value: Any) -> str:
     return str(value).strip()
 
 
-def _decode(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise SteerportError(f"{path}: no such data file") from None
-    except OSError as e:
-        raise SteerportError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise SteerportError(f"{path}:{line}: not UTF-8 text") from None
-
-
-def _rows(path: Path, text: str) -> list[tuple[int, dict]]:
-    """(line number, row dict) for a .jsonl / .json-lines, .csv or .tsv file."""
-    suffix = path.suffix.lower()
-    rows: list[tuple[int, dict]] = []
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise SteerportError(f"{path}:{n}: not valid JSON") from None
-            if not isinstance(row, dict):
-                raise SteerportError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
-    elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
-        try:
-            for row in reader:
-                rows.append((reader.line_num, row))
-        except csv.Error as e:
-            raise SteerportError(f"{path}:{reader.line_num}: unreadable CSV row ({e})") from None
-    else:
-        raise SteerportError(
-            f"{path}: unknown data format {suffix or '(no suffix)'!r}; use .jsonl or .csv/.tsv, "
-            "or plain text files with --positive/--negative"
-        )
-    return rows
-
-
 def read_labeled(
     path: str | Path,
     *,
@@ -165,7 +119,7 @@ def read_labeled(
     labels must already be +1/-1.
     """
     path = Path(path)
-    text = _decode(path)
+    rows = read_rows(path, "data file")
     pos = {_label_key(v) for v in positive_labels}
     neg = {_label_key(v) for v in negative_labels}
     if pos & neg:
@@ -175,7 +129,7 @@ def read_labeled(
     examples: list[Example] = []
     counts = {"skipped": 0, "neutral": 0}
     seen: Counter[str] = Counter()
-    for n, row in _rows(path, text):
+    for n, row in rows:
         where = f"{path}:{n}"
         if text_field not in row:
             raise SteerportError(f"{where}: no {text_field!r} field (fields: {', '.join(map(str, row)) or 'none'})")
@@ -230,7 +184,7 @@ def read_text_pair(positive: str | Path, negative: str | Path) -> list[Example]:
     out: list[Example] = []
     for path, value in ((Path(positive), 1.0), (Path(negative), -1.0)):
         before = len(out)
-        for n, line in enumerate(_decode(path).splitlines(), 1):
+        for n, line in enumerate(read_file_text(path, "data file").splitlines(), 1):
             if line.strip():
                 out.append(Example(line.strip(), value, f"{path}:{n}"))
         if len(out) == before:
@@ -282,10 +236,6 @@ def split(
     return train, heldout
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def class_counts(examples: Sequence[Example]) -> dict[str, int]:
     return {"positive": sum(e.label > 0 for e in examples), "negative": sum(e.label < 0 for e in examples)}
 
@@ -318,12 +268,12 @@ def load_data(opts: DataOptions) -> Dataset:
                              positive_labels=pos_labels, negative_labels=opts.negative_labels, real=opts.real)
         examples += ex
         counts = {k: counts[k] + c[k] for k in counts}
-        sources.append({"file": str(path), "sha256": _sha256(path), "examples": len(ex), **class_counts(ex)})
-    if pair[0] is not None:
-        ex = read_text_pair(*pair)
+        sources.append({"file": str(path), "sha256": sha256_file(path), "examples": len(ex), **class_counts(ex)})
+    if opts.positive_file is not None and opts.negative_file is not None:
+        ex = read_text_pair(opts.positive_file, opts.negative_file)
         examples += ex
-        for path, sign in ((Path(pair[0]), 1), (Path(pair[1]), -1)):
-            sources.append({"file": str(path), "sha256": _sha256(path),
+        for path, sign in ((Path(opts.positive_file), 1), (Path(opts.negative_file), -1)):
+            sources.append({"file": str(path), "sha256": sha256_file(path),
                             "examples": sum((e.label > 0) == (sign > 0) for e in ex), "class": "positive" if sign > 0 else "negative"})
     train, heldout = split(examples, limit_per_class=opts.limit_per_class,
                            heldout_fraction=opts.heldout_fraction, seed=opts.seed)
@@ -344,31 +294,3 @@ def load_data(opts: DataOptions) -> Dataset:
         "counts": {"train": class_counts(train), "heldout": class_counts(heldout)},
     }
     return Dataset(train, heldout, name, summary)
-
-
-# --------------------------------------------------------------------------- tokens
-
-
-def tokenize(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Token ids of each text (the tokenizer's own special tokens), truncated to ``max_tokens``."""
-    if max_tokens < 2:
-        raise SteerportError(f"max tokens per text must be at least 2, got {max_tokens}")
-    enc = tokenizer(list(texts), truncation=True, max_length=max_tokens)
-    return [list(ids) for ids in enc["input_ids"]]
-
-
-def pack_by_length(lengths: Sequence[int], tokens_per_batch: int, max_texts: int = 64) -> list[list[int]]:
-    """Group text indices into batches of similar length with at most ``tokens_per_batch``
-    padded tokens (longest first, so memory peaks show up at once)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * longest > tokens_per_batch or len(current) >= max_texts):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches

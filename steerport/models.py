@@ -268,7 +268,7 @@ class ModelEmbeddings:
         return self.embeddings.shape[1]
 
     @classmethod
-    def from_loaded(cls, lm: LoadedModel) -> "ModelEmbeddings":
+    def from_loaded(cls, lm: LoadedModel) -> ModelEmbeddings:
         bias = lm.lm_head_bias
         return cls(
             spec=lm.spec,
@@ -355,7 +355,7 @@ def load_embeddings(spec: str) -> ModelEmbeddings:
             if single is None:  # no safetensors (old pickled checkpoint): load the model the slow way
                 return ModelEmbeddings.from_loaded(load_model(spec))
             with safe_open(str(single), "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
     except OSError as e:
         raise SteerportError(f"could not read model {spec!r} from {where}: {str(e).splitlines()[0]}") from None
 

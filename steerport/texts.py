@@ -98,6 +98,10 @@ def read_rows(path: str | Path, what: str = "data file") -> list[tuple[int, dict
                 raise SteerportError(f"{path}:{n}: not valid JSON") from None
             if not isinstance(row, dict):
                 raise SteerportError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            try:  # JSON can escape a lone surrogate (\ud800) that is not text and no tokenizer accepts
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise SteerportError(f"{path}:{n}: not valid Unicode (an unpaired surrogate escape)") from None
             rows.append((n, row))
     elif suffix in (".csv", ".tsv"):
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")

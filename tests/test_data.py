@@ -35,7 +35,7 @@ def test_positive_label_maps_others_to_negative(tmp_path):
 
 
 def test_positive_and_negative_labels_skip_the_rest(tmp_path):
-    rows = [{"text": t, "label": l} for t, l in [("a", 4), ("b", 0), ("c", 2), ("d", 3.0)]]
+    rows = [{"text": t, "label": y} for t, y in [("a", 4), ("b", 0), ("c", 2), ("d", 3.0)]]
     ex, counts = read_labeled(write_jsonl(tmp_path / "d.jsonl", rows), positive_labels=["3", "4"], negative_labels=["0", "1"])
     assert [(e.text, e.label) for e in ex] == [("a", 1.0), ("b", -1.0), ("d", 1.0)]  # 3.0 matches "3"
     assert counts["skipped"] == 1
@@ -154,6 +154,38 @@ def test_file_level_errors(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     assert f"{empty}: no texts" in err(read_text_pair, empty, txt)
+
+
+BAD_BYTES = b"\xff\xfe"  # not UTF-8 anywhere
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("d.jsonl", b'{"text": "a", "label": 1}\n{"text": "' + BAD_BYTES + b'", "label": -1}\n', 2),
+    ("d.csv", b"text,label\na,1\n" + BAD_BYTES + b",-1\n", 3),
+    ("d.tsv", b"text\tlabel\na\t1\n" + BAD_BYTES + b"\t-1\n", 3),
+])
+def test_undecodable_bytes_name_file_and_line_in_labeled_files(tmp_path, name, content, line):
+    f = tmp_path / name
+    f.write_bytes(content)
+    for read in (lambda: read_labeled(f), lambda: load_data(DataOptions(files=[f]))):
+        assert err(read).startswith(f"{f}:{line}: not UTF-8")
+
+
+def test_undecodable_bytes_name_file_and_line_in_text_pairs(tmp_path):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("fine\n")
+    bad.write_bytes(b"ok\n\nb" + BAD_BYTES + b"d\n")
+    assert err(read_text_pair, bad, good).startswith(f"{bad}:3: not UTF-8")
+    assert err(read_text_pair, good, bad).startswith(f"{bad}:3: not UTF-8")
+    assert err(load_data, DataOptions(positive_file=good, negative_file=bad)).startswith(f"{bad}:3: not UTF-8")
+
+
+def test_unpaired_surrogate_escapes_are_refused_with_file_and_line(tmp_path):
+    """JSON can spell text that is not Unicode ("\\ud800"); it reached the tokenizer as an obscure TypeError."""
+    f = write_jsonl(tmp_path / "d.jsonl", ['{"text": "fine", "label": 1}', '{"text": "good \\ud800 film", "label": -1}'])
+    msg = err(read_labeled, f)
+    assert msg.startswith(f"{f}:2: not valid Unicode")
+    assert err(load_data, DataOptions(files=[f])) == msg
 
 
 def test_split_and_load_errors(tmp_path):

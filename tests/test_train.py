@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steerport.data import Dataset, Example, tokenize
+from steerport.capture import cache_hidden, tokenize
+from steerport.data import Dataset, Example
 from steerport.errors import SteerportError
 from steerport.hooks import steered
 from steerport.steer import Steer
 from steerport.train import (
     Fitter,
     TrainConfig,
-    build_cache,
     head_token_loss,
     train,
 )
@@ -93,12 +93,12 @@ def setup_fit(lm, data, config):
     texts = [e.text for e in data.train]
     labels = torch.tensor([e.label for e in data.train])
     tl = tokenize(lm.tokenizer, texts, 64)
-    cache = build_cache(lm, tl, cache_dtype=torch.float32, tokens_per_batch=40)
+    cache = cache_hidden(lm, token_lists=tl, predicted_only=True, dtype=torch.float32, tokens_per_batch=40)
     return Fitter(lm, cache, labels, config), tl, labels
 
 
 def text_positions(fitter, text_ids):
-    return torch.nonzero(torch.isin(fitter.cache.text, torch.tensor(text_ids))).flatten()
+    return torch.nonzero(torch.isin(fitter.cache.text_id, torch.tensor(text_ids))).flatten()
 
 
 @pytest.mark.parametrize("arch, bias, cap", [("llama", False, None), ("gpt2", False, None), ("gemma3_text", False, 3.0),
@@ -155,6 +155,26 @@ def test_trained_steer_applied_by_hooks_gives_the_fitted_loss():
         with steered(lm, [(steer, s)]):
             total += full_model_loss(lm, {"A": torch.zeros(32, 1), "B": torch.zeros(32, 1)}, 0.0, [t], [0.0]).item() * (len(t) - 1)
     assert abs(total / n_tok - result.results["heldout_loss_steered"]) < 1e-4
+    # separation and AUC, recomputed from the full model: mean per-token log-likelihood of each text at s = 0, +1, -1
+    none = {"A": torch.zeros(32, 1), "B": torch.zeros(32, 1)}
+
+    def loglik(value):
+        out = []
+        for t in tl:
+            if value:
+                with steered(lm, [(steer, value)]):
+                    out.append(-full_model_loss(lm, none, 0.0, [t], [0.0]).item())
+            else:
+                out.append(-full_model_loss(lm, none, 0.0, [t], [0.0]).item())
+        return torch.tensor(out, dtype=torch.float64)
+
+    lp0, lpp, lpn = loglik(0.0), loglik(1.0), loglik(-1.0)
+    pos, neg = torch.tensor(signs) > 0, torch.tensor(signs) < 0
+    sep = float((lpp[pos] - lp0[pos]).mean() - (lpp[neg] - lp0[neg]).mean())
+    assert sep > 0 and abs(result.results["separation"] - sep) < 1e-4
+    score = lpp - lpn  # the steer as a classifier; AUC = share of (positive, negative) pairs ranked right
+    auc = float(sum((score[i] > score[j]) + 0.5 * (score[i] == score[j]) for i in torch.nonzero(pos) for j in torch.nonzero(neg)))
+    assert result.results["heldout_auc"] == pytest.approx(auc / (int(pos.sum()) * int(neg.sum())))
 
 
 # --------------------------------------------------------------------------- runs
@@ -226,7 +246,12 @@ def test_changed_settings_restart_the_fit_but_keep_the_cache(tmp_path):
     lm = tiny_model("llama")
     with pytest.raises(KeyboardInterrupt):
         train(lm, make_data(), cfg(), workdir=tmp_path, stop_after_step=4)
-    other = train(lm, make_data(), cfg(lr=0.01), workdir=tmp_path)
+    seen = []
+    other = train(lm, make_data(), cfg(lr=0.01), workdir=tmp_path, progress=lambda phase, info: seen.append((phase, info)))
+    n_texts = len(make_data().train) + len(make_data().heldout)
+    cache_updates = [info["texts"] for phase, info in seen if phase == "cache"]
+    assert cache_updates == [n_texts]  # the whole cache was already there: no batch ran again
+    assert other.results["resumed"]
     fresh = train(lm, make_data(), cfg(lr=0.01))
     assert torch.equal(other.steer.A, fresh.steer.A)
 
@@ -238,7 +263,8 @@ def test_early_stopping_and_summary():
     best = min(h["heldout_loss"] for h in r.history)
     assert abs(r.results["heldout_loss_steered"] - best) < 1e-6  # the kept steer is the best one
     assert r.results["best_step"] == min(r.history, key=lambda h: h["heldout_loss"])["step"]
-    assert 0.0 <= r.results["heldout_auc"] <= 1.0
+    assert r.results["heldout_loss_steered"] < r.results["heldout_loss_unsteered"]
+    assert r.results["separation"] > 0 and r.results["heldout_auc"] == 1.0  # held-out texts also occur in training
 
 
 def test_metadata_records_data_settings_timings(tmp_path):
@@ -273,6 +299,19 @@ def test_metadata_records_data_settings_timings(tmp_path):
 def test_bad_settings(kw, expect):
     with pytest.raises(SteerportError, match=expect):
         train(tiny_model("llama"), make_data(), cfg(**kw))
+
+
+@pytest.mark.parametrize("name", ["lr", "epsilon", "init_scale", "epochs", "weight_decay", "min_improvement"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_float_settings_are_refused(name, value):
+    """Every float setting must be finite, even where the run would not read it (epochs beside steps)."""
+    config = cfg(**{name: value})
+    with pytest.raises(SteerportError) as e:
+        config.check()
+    msg = str(e.value)
+    assert "\n" not in msg and name.replace("_", " ") in msg.replace("_", " ")
+    assert ("finite" in msg or "positive" in msg) and str(value) in msg
+    cfg().check()  # the finite defaults pass
 
 
 def test_single_token_texts_and_foreign_heads_are_refused():
@@ -338,7 +377,7 @@ def test_topk_approximation_is_exact_without_a_tail_and_at_zero_steer():
     lm = tiny_model("llama", head_bias=True)
     data = make_data(1, heldout=0)
     fitter, _, _ = setup_fit(lm, data, TrainConfig(rank=3, epsilon=0.5, init_scale=0.3))
-    idx = torch.arange(fitter.cache.n_tokens)
+    idx = torch.arange(fitter.cache.n_positions)
     V = fitter.E.shape[0]
     u = torch.randn(len(idx), 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
     B = fitter.params["B"].detach().clone().requires_grad_()
@@ -375,6 +414,12 @@ def test_topk_training_runs_and_resumes(tmp_path):
         train(lm, make_data(), cfg(head="fast"))
 
 
+def test_a_damaged_work_folder_manifest_is_a_one_line_error(tmp_path):
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(SteerportError, match="run.json: unreadable work-folder manifest .*delete the work folder"):
+        train(tiny_model("llama"), make_data(), cfg(steps=1), workdir=tmp_path)
+
+
 def test_work_folder_cleanup_only_touches_our_files(tmp_path):
     from steerport.train import remove_workdir
 
@@ -387,19 +432,22 @@ def test_work_folder_cleanup_only_touches_our_files(tmp_path):
 
 
 @pytest.mark.integration
-def test_real_model_trains_from_the_vendored_slice(tmp_path):
+def test_real_model_trains_from_the_vendored_slice(tmp_path, catalog_model):
     """smollm2-135m on 40 vendored SST-2 sentences: runs end to end, steer applies through hooks."""
     from steerport.data import DataOptions, load_data
-    from steerport.models import load_model
 
-    lm = load_model("smollm2-135m")
+    lm = catalog_model("smollm2-135m")
     data = load_data(DataOptions(files=["sst2"], limit_per_class=20, heldout_fraction=0.2))
     result = train(lm, data, TrainConfig(steps=4, tokens_per_batch=256, eval_every=2), workdir=tmp_path / "w")
     r = result.results
     assert r["steps"] == 4 and r["heldout_texts"] == 8
-    assert r["heldout_loss_unsteered"] > 1.0 and 0.0 <= r["heldout_auc"] <= 1.0
+    assert r["heldout_loss_unsteered"] > 1.0 and r["heldout_loss_steered"] != r["heldout_loss_unsteered"]
+    assert {"separation", "heldout_auc"} <= set(r)
     steer = result.steer
     assert steer.hidden_size == 576 and steer.model["fingerprint"] == lm.fingerprint
     assert steer.meta["data"]["sources"][0]["file"].endswith("sst2_train.jsonl")
-    with steered(lm, [(steer, 1.0)]):
-        pass  # compatible with the model it was trained on
+    ids = lm.tokenizer(["The movie was"], return_tensors="pt")
+    base = lm.model(**ids).logits
+    with steered(lm, [(steer, 100.0)]):  # compatible with the model it was trained on, and it moves the logits
+        moved = lm.model(**ids).logits
+    assert not torch.allclose(base, moved)

@@ -1,0 +1,133 @@
+"""The exact LM-head loss of a steered hidden state, chunked over the vocabulary.
+
+For cached final hidden states h and a low-rank shift B u the per-token loss is::
+
+    z = E (h + B u) + bias                   h: (N, d)  u: (N, R)  B: (d, R)  E: (V, d)
+    z = cap · tanh(z / cap)                  only for models with a final logit soft-cap
+    L = logsumexp(z) − z[y]                  (N,)
+
+computed one vocabulary chunk at a time with a running max, sum and gradient accumulator, so
+the (N, V) logits never exist at once (a 262k vocabulary is fine).
+
+Example::
+
+    loss = head_token_loss(h, u, B, lm.output_embeddings, lm.lm_head_bias, targets, softcap=lm.softcap)
+    loss.mean().backward()                   # gradients reach u and B only
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from steerport.capture import capture
+from steerport.errors import SteerportError
+from steerport.models import LoadedModel
+
+CHUNK_ELEMENTS = 1 << 23  # logits held at once: N x chunk <= 8M floats (32 MB)
+
+
+def apply_softcap(z: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gemma-2 style ``cap · tanh(z / cap)`` and its derivative (None when no cap)."""
+    if not cap:
+        return z, None
+    t = torch.tanh(z / cap)
+    return cap * t, 1 - t * t
+
+
+class _HeadCE(torch.autograd.Function):
+    """Per-token cross-entropy of z = E h + (E B) u + bias, chunked over the vocabulary.
+
+    One pass keeps a running max m, sum S and, when gradients are needed, Q = Σ_v w_v e_v
+    (weights exp(z_v − m) times the softcap slope), so dL/dh' = Q/S − slope_y e_y comes out
+    of the same pass; gradients go to u (N, R) and B (d, R) only.
+    """
+
+    @staticmethod
+    def forward(ctx, h, u, B, E, bias, targets, cap, chunk):
+        N, d = h.shape
+        cdt = E.dtype
+        acc = torch.promote_types(cdt, torch.float32)  # accumulate in fp32 (fp64 for fp64 inputs)
+        hc = h.to(cdt)
+        want_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        m = torch.full((N,), -math.inf, dtype=acc, device=h.device)
+        S = torch.zeros(N, dtype=acc, device=h.device)
+        Q = torch.zeros(N, d, dtype=acc, device=h.device) if want_grad else None
+        uf, Bf = u.to(acc), B.to(acc)
+        for v0 in range(0, E.shape[0], chunk):
+            Ec = E[v0 : v0 + chunk]  # (c, d)
+            z = (hc @ Ec.T).to(acc) + uf @ (Ec.to(acc) @ Bf).T  # (N, c)
+            if bias is not None:
+                z = z + bias[v0 : v0 + chunk].to(acc)
+            z, slope = apply_softcap(z, cap)
+            m_new = torch.maximum(m, z.max(1).values)
+            scale = torch.exp(m - m_new)  # (N,)
+            w = torch.exp(z - m_new[:, None])  # (N, c)
+            S = S * scale + w.sum(1)
+            if want_grad:
+                if slope is not None:
+                    w = w * slope
+                Q = Q * scale[:, None] + (w.to(cdt) @ Ec).to(acc)
+            m = m_new
+        Ey = E[targets]  # (N, d)
+        zy = (hc * Ey).sum(1).to(acc) + (uf * (Ey.to(acc) @ Bf)).sum(1)
+        if bias is not None:
+            zy = zy + bias[targets].to(acc)
+        zy, slope_y = apply_softcap(zy, cap)
+        loss = m + torch.log(S) - zy  # (N,)
+        if want_grad:
+            g = Q / S[:, None] - (Ey.to(acc) if slope_y is None else slope_y[:, None] * Ey.to(acc))  # dL/dh' (N, d)
+            ctx.save_for_backward(g, u, B)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        g, u, B = ctx.saved_tensors
+        g = g * grad_loss[:, None].to(g.dtype)
+        gu = (g @ B.to(g.dtype)).to(u.dtype)  # dL/du = Bᵀ g      (N, R)
+        gB = (g.T @ u.to(g.dtype)).to(B.dtype)  # dL/dB = Σ g uᵀ    (d, R)
+        return None, gu, gB, None, None, None, None, None
+
+
+def head_token_loss(
+    h: torch.Tensor,
+    u: torch.Tensor,
+    B: torch.Tensor,
+    E: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    softcap: float | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Per-token −log p(y | h + B u) under the LM head E (V, d); h (N, d), u (N, R), B (d, R).
+
+    Equals ``cross_entropy((h + u @ B.T) @ E.T + bias, targets, reduction="none")`` (with the
+    softcap when given) without ever holding the (N, V) logits.
+    """
+    N = max(h.shape[0], 1)
+    chunk = chunk or max(256, min(E.shape[0], CHUNK_ELEMENTS // N))
+    return _HeadCE.apply(h, u, B, E, bias, targets, softcap, chunk)
+
+
+@torch.no_grad()
+def check_head_matches(lm: LoadedModel, ids: list[int]) -> None:
+    """Refuse models whose logits are not ``E h + bias`` (with softcap): the fit would be wrong.
+
+    ``ids``: one short text's token ids, run through the whole model and through the head alone.
+    """
+    x = torch.tensor([ids], device=lm.device)
+    mask = torch.ones_like(x)
+    full = lm.model(input_ids=x, attention_mask=mask, use_cache=False).logits.float()[0]  # (T, V)
+    (h,) = capture(lm, ["head"], input_ids=x, attention_mask=mask)
+    z = h[0].float() @ lm.output_embeddings.float().T  # (T, V)
+    if lm.lm_head_bias is not None:
+        z = z + lm.lm_head_bias.float()
+    z, _ = apply_softcap(z, lm.softcap)
+    err = (z - full).abs().max().item() / max(full.abs().max().item(), 1e-6)
+    if err > 2e-2:
+        raise SteerportError(
+            f"{lm.spec}: its logits are not E·h + bias of the LM head's input (relative difference "
+            f"{err:.3g}); the trainer cannot fit steers for this architecture"
+        )

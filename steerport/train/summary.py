@@ -1,0 +1,45 @@
+"""What a finished fit measured on the held-out texts (stored in the steer's metadata).
+
+Example::
+
+    results = summarize(fitter, held_idx, n_train_texts)
+    results["heldout_loss_steered"], results["separation"], results["heldout_auc"]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from steerport.metrics import roc_auc, separation
+from steerport.train.fitter import Fitter
+
+
+@torch.no_grad()
+def summarize(fitter: Fitter, held_idx: torch.Tensor, n_train_texts: int, data: Any = None) -> dict[str, Any]:
+    """Held-out loss without/with the steer, separation and steer-as-classifier AUC (value 1).
+
+    ``held_idx``: the cache positions of the held-out texts, whose text ids are
+    ``n_train_texts ..`` (the last ones of ``fitter.labels``). ``data`` is not read (kept so
+    older callers that pass the dataset still work).
+    """
+    if not len(held_idx):
+        return {"note": "no held-out texts (held-out fraction 0): nothing measured"}
+    out: dict[str, Any] = {
+        "heldout_loss_unsteered": fitter.mean_loss(held_idx, sign=0.0, domain=False, exact=True),
+        "heldout_loss_steered": fitter.mean_loss(held_idx, domain=False, exact=True),
+    }
+    if fitter.config.domain:
+        out["heldout_loss_steered_with_domain"] = fitter.mean_loss(held_idx, exact=True)
+    held_texts = torch.arange(n_train_texts, len(fitter.labels))
+    lp0 = fitter.text_logprob(held_idx, 0.0)[held_texts]  # (n_held,) mean log-likelihood per text
+    lpp = fitter.text_logprob(held_idx, 1.0)[held_texts]
+    lpn = fitter.text_logprob(held_idx, -1.0)[held_texts]
+    y = fitter.labels[held_texts]
+    pos, neg = y > 0, y < 0
+    if pos.any() and neg.any():
+        out["separation"] = separation(lpp[pos], lp0[pos], lpp[neg], lp0[neg])
+        out["heldout_auc"] = roc_auc(lpp - lpn, y)  # the steer as a classifier: log p(+1) − log p(−1)
+    out["heldout_texts"] = len(held_texts)
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}

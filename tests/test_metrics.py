@@ -1,0 +1,48 @@
+"""Metrics: exact values on fixed inputs, and the value-for-κ solver."""
+
+import math
+
+import pytest
+import torch
+
+from steerport.errors import SteerportError
+from steerport.metrics import (find_value_for_kl, kl_divergence, mean_distinct, retention, roc_auc, separation,
+                               spearman)
+
+
+def test_roc_auc_matches_the_mann_whitney_count():
+    scores = [0.9, 0.4, 0.4, 0.1, 0.8]
+    labels = [1, 1, 0, 0, 0]
+    # pairs (pos, neg): (0.9 > all 3) = 3, (0.4 vs 0.4 tie) = 0.5, (0.4 > 0.1) = 1  -> 4.5 / 6
+    assert roc_auc(scores, labels) == pytest.approx(4.5 / 6)
+    with pytest.raises(SteerportError, match="both classes"):
+        roc_auc([0.1, 0.2], [1, 1])
+
+
+def test_separation_and_kl_on_known_values():
+    assert separation(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -3.0]),
+                      torch.tensor([-3.0]), torch.tensor([-2.5])) == pytest.approx(1.0 - (-0.5))
+    p = torch.log(torch.tensor([0.5, 0.5]))
+    q = torch.log(torch.tensor([0.25, 0.75]))
+    assert float(kl_divergence(p, q)) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75))
+    assert float(kl_divergence(p, p)) == 0.0
+
+
+def test_retention_spearman_distinct():
+    assert retention(1.0, 0.5, 0.0) == pytest.approx(0.5)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert mean_distinct([["a a", "a b"]], 1) == pytest.approx(2 / 4)
+
+
+@pytest.mark.parametrize("start", [1e-3, 1.0, 50.0])
+def test_value_for_kl_from_below_and_above(start):
+    res = find_value_for_kl(lambda s: 0.01 * s * s, 0.04, start=start, rel_tol=1e-4)
+    assert res.value == pytest.approx(2.0, rel=1e-4)
+    assert res.evaluations == len(res.history) < 40
+
+
+def test_value_for_kl_refusals():
+    with pytest.raises(SteerportError, match="not a finite"):
+        find_value_for_kl(lambda s: float("nan"), 0.1)
+    with pytest.raises(SteerportError, match="positive number"):
+        find_value_for_kl(lambda s: s, float("nan"))
