@@ -38,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-import httpx
-import psutil
+import httpx  # noqa: E402
+import psutil  # noqa: E402
 
 STEERS = {"positive": ROOT / "benchmarks/steers/smollm2-135m-sst2-positive.st",
           "detox": ROOT / "benchmarks/steers/smollm2-135m-paradetox-nontoxic.st"}
@@ -59,7 +59,7 @@ def machine() -> dict:
     import torch
 
     info["torch"] = torch.__version__
-    info["torch_threads"] = torch.get_num_threads()
+    info["torch_threads_default"] = torch.get_num_threads()
     return info
 
 
@@ -74,10 +74,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, max_batch: int, window_ms: float) -> subprocess.Popen:
+def start_server(model: str, port: int, max_batch: int, window_ms: float, threads: int | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "steerport.serve", model, "--port", str(port), "--no-curve", "--no-keywords",
            "--max-batch", str(max_batch), "--batch-window-ms", str(window_ms), "--log-level", "warning",
            "--max-concurrent", "128"]
+    if threads:
+        cmd += ["--threads", str(threads)]
     for name, path in STEERS.items():
         cmd += ["--steer", f"{name}={path}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -155,46 +157,56 @@ def median_of(runs: list[dict]) -> dict:
     return out
 
 
-def step_overhead(model: str, batch: int = 8, reps: int = 40) -> dict:
-    """In-process A/B: one decode step of a batch, plain vs with per-row steer hooks (alternating).
+def step_overhead(model: str, batch: int = 8, reps: int = 40, threads: int | None = None) -> dict:
+    """In-process A/B/C of one decode step: batch ``batch`` plain, the same with per-row steer hooks,
+    and batch 1 plain, interleaved so that the ratios are robust to the machine's load drifting.
 
-    Alternating the two within one loop makes the ratio robust to the machine's load drifting.
+    steered/plain is the hooks' cost; batch / (step_b / step_1) bounds what batching can gain.
     """
     import torch
 
     import steerport
     from steerport.serve.engine import apply_rows
 
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     lm = steerport.load_model(model)
     steers = [steerport.Steer.load(p) for p in STEERS.values()]
     rng = random.Random(0)
-    ps = prompts()[:batch]
     tok = lm.tokenizer
     tok.padding_side = "left"
-    enc = tok(ps, return_tensors="pt", padding=True)
-    mask = enc["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    values = torch.tensor([[rng.uniform(-4, 4), rng.uniform(-3, 3)] for _ in ps])
-    times: dict[str, list[float]] = {"plain": [], "steered": []}
-    with torch.no_grad():
+
+    def prepared(ps: list[str]):
+        enc = tok(ps, return_tensors="pt", padding=True)
+        mask = enc["attention_mask"]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = lm.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         step_mask = torch.cat([mask, torch.ones(len(ps), 1, dtype=mask.dtype)], 1)
-        step_pos = pos[:, -1:] + 1
-        for i in range(2 * reps + 4):
-            kind = "steered" if i % 2 else "plain"
+        return {"input_ids": nxt, "attention_mask": step_mask, "position_ids": pos[:, -1:] + 1, "cache": cache}
+
+    times: dict[str, list[float]] = {"plain": [], "steered": [], "batch1": []}
+    with torch.no_grad():
+        big, one = prepared(prompts()[:batch]), prepared(prompts()[:1])
+        values = torch.tensor([[rng.uniform(-4, 4), rng.uniform(-3, 3)] for _ in range(batch)])
+        for i in range(3 * (reps + 2)):
+            kind = ("plain", "steered", "batch1")[i % 3]
+            kw = one if kind == "batch1" else big
             remove = apply_rows(lm, steers, values) if kind == "steered" else (lambda: None)
             t0 = time.perf_counter()
-            lm.model(input_ids=nxt, attention_mask=step_mask, position_ids=step_pos, cache=cache, use_cache=True,
-                     logits_to_keep=1)
+            lm.model(**kw, use_cache=True, logits_to_keep=1)
             dt = time.perf_counter() - t0
             remove()
-            cache.crop(-1)  # back to the prefilled cache: every step does the same work
-            if i >= 4:  # the first two of each are warm-up
+            kw["cache"].crop(-1)  # back to the prefilled cache: every step does the same work
+            if i >= 6:  # the first two of each kind warm up
                 times[kind].append(dt)
+    torch.set_num_threads(old_threads)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"batch": batch, "reps": reps, "median_step_s": med, "steered_over_plain": med["steered"] / med["plain"]}
+    return {"batch": batch, "reps": reps, "threads": threads or old_threads, "median_step_s": med,
+            "steered_over_plain": med["steered"] / med["plain"],
+            "batching_bound": batch * med["batch1"] / med["plain"]}
 
 
 def main() -> None:
@@ -208,6 +220,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--window-ms", type=float, default=15.0)
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per load run (bounded)")
+    ap.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--step-only", action="store_true",
                     help="only the in-process step A/B; adds it to an existing results json")
@@ -218,7 +231,7 @@ def main() -> None:
 
     if args.step_only:
         res = json.loads(args.out.with_suffix(".json").read_text())
-        res["step_overhead"] = step_overhead(args.model)
+        res["step_overhead"] = step_overhead(args.model, threads=args.threads)
         res["step_overhead"]["load_average"] = os.getloadavg()
         args.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(report(res) + "\n")
@@ -228,7 +241,7 @@ def main() -> None:
     info["load_average_start"] = os.getloadavg()
     port = free_port()
     t_start = time.time()
-    proc = start_server(args.model, port, args.max_batch, args.window_ms)
+    proc = start_server(args.model, port, args.max_batch, args.window_ms, args.threads)
     url = f"http://127.0.0.1:{port}"
     server = psutil.Process(proc.pid)
     results: dict = {"settings": vars(args) | {"out": str(args.out)}, "machine": info}
@@ -277,7 +290,7 @@ def main() -> None:
         total_s=time.time() - t_start,
     )
     info["load_average_end"] = os.getloadavg()
-    results["step_overhead"] = step_overhead(args.model)
+    results["step_overhead"] = step_overhead(args.model, threads=args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(report(results) + "\n")
@@ -300,7 +313,8 @@ Model `{s['model']}` (float32), {s['max_tokens']} new tokens per request, greedy
 `python -m steerport.serve` in its own process on loopback, max batch {s['max_batch']}, batching window
 {s['window_ms']:g} ms. Medians of {s['reps']} repetitions. Machine: {info.get('Model name', '?')}, {info.get('CPU(s)', '?')} logical CPUs
 ({info.get('Core(s) per socket', '?')} cores per socket, {info.get('Thread(s) per core', '?')} threads per core), torch {info['torch']} with
-{info['torch_threads']} threads; load average at start {', '.join(f'{x:.1f}' for x in info['load_average_start'])}, at end
+{s['threads'] or info['torch_threads_default']} threads in the server; load average at start
+{', '.join(f'{x:.1f}' for x in info['load_average_start'])}, at end
 {', '.join(f'{x:.1f}' for x in info['load_average_end'])} (a shared machine: other jobs ran at the same time).
 
 | run | clients | requests | completion tokens/s | requests/s | p50 latency (s) | p95 latency (s) | failed |
@@ -325,9 +339,12 @@ def _step_lines(res: dict) -> str:
     if not st:
         return ""
     m = st["median_step_s"]
-    return (f"- In-process A/B of one decode step (batch {st['batch']}, per-row values for both steers vs no hooks, "
-            f"alternating, {st['reps']} each): {m['plain'] * 1000:.1f} ms plain, {m['steered'] * 1000:.1f} ms steered, "
-            f"ratio **{st['steered_over_plain']:.3f}×**.\n")
+    return (f"- In-process ({st.get('threads', '?')} threads), one decode step interleaved {st['reps']} times each "
+            f"(medians): batch {st['batch']} plain "
+            f"{m['plain'] * 1000:.1f} ms, batch {st['batch']} with per-row values for both steers "
+            f"{m['steered'] * 1000:.1f} ms (ratio **{st['steered_over_plain']:.3f}×**), batch 1 {m['batch1'] * 1000:.1f} ms; "
+            f"so on this machine at this load batching {st['batch']} rows can gain at most "
+            f"{st['batching_bound']:.2f}× per step ({st['batch']} × batch-1 step / batch-{st['batch']} step).\n")
 
 
 if __name__ == "__main__":

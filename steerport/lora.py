@@ -34,7 +34,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -260,7 +260,8 @@ def export_gguf(lm: LoadedModel, items: Sequence[SteerValue], out_path: str | os
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise SteerportError(f"{out_path}: already exists (pass --overwrite to replace it)")
-    cfg = lm.model.config
+    model: Any = lm.model
+    cfg = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     V, d = lm.output_embeddings.shape
     tied_refusal = (
@@ -275,13 +276,14 @@ def export_gguf(lm: LoadedModel, items: Sequence[SteerValue], out_path: str | os
         if shape is not None and tuple(sorted(shape)) != tuple(sorted((V, d))):
             raise SteerportError(f"{gguf_base}: output.weight is {shape}, but {lm.spec} has a {V} x {d} LM head")
     else:
-        inp = lm.model.get_input_embeddings()
+        inp = model.get_input_embeddings()
         if getattr(text_cfg, "tie_word_embeddings", False) or (inp is not None and inp.weight is lm.output_embeddings):
             raise SteerportError(tied_refusal.format(what=f"{lm.spec}"))
-        arch = GGUF_ARCH.get(getattr(text_cfg, "model_type", ""))
-        if arch is None:
+        known = GGUF_ARCH.get(getattr(text_cfg, "model_type", ""))
+        if known is None:
             raise SteerportError(f"no llama.cpp architecture known for model type {text_cfg.model_type!r}; "
                                  "pass --gguf-base MODEL.gguf to read it from the model file")
+        arch = known
     lora_A, lora_B = lora_factors(lm, items, include_domain=include_domain, force=force)
     R = lora_A.shape[0]
     record = _record(lm, items, paths, R)
@@ -375,16 +377,20 @@ def register(app) -> None:
 
     @app.command("export-lora")
     def export_lora(
-        steer: Annotated[list[str], typer.Argument(help="Steers with the value to bake in, STEER.st:VALUE; several compose into one adapter.")],
+        steer: Annotated[list[str], typer.Argument(
+            help="Steers with the value to bake in, STEER.st:VALUE; several compose into one adapter.")],
         model: Annotated[str, typer.Option("--model", "-m", help="The model the steers are for (reads its output embeddings).")],
         out: Annotated[Path, typer.Option("--out", "-o", help="PEFT: the adapter directory; gguf: the .gguf file.")],
-        fmt: Annotated[str, typer.Option("--format", help="peft (adapter_config.json + adapter_model.safetensors) or gguf (llama.cpp LoRA).")] = "peft",
-        gguf_base: Annotated[Path | None, typer.Option(help="gguf: the llama.cpp model file the adapter is for (architecture, tied check).")] = None,
+        fmt: Annotated[str, typer.Option(
+            "--format", help="peft (adapter_config.json + adapter_model.safetensors) or gguf (llama.cpp LoRA).")] = "peft",
+        gguf_base: Annotated[Path | None, typer.Option(
+            help="gguf: the llama.cpp model file the adapter is for (architecture, tied check).")] = None,
         include_domain: Annotated[bool, typer.Option(help="Also bake in LM-Steer domain components.")] = False,
         overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
         dtype: Annotated[str, typer.Option(help="dtype to load the model in.")] = "float32",
         force: Annotated[bool, typer.Option("--force", help="Export steers made for a model with another fingerprint.")] = False,
-        untie: Annotated[Path | None, typer.Option(help="gguf, tied --gguf-base: write an untied copy of the model file here (adds output.weight) and target it.")] = None,
+        untie: Annotated[Path | None, typer.Option(
+            help="gguf, tied --gguf-base: write an untied copy of the model file here (adds output.weight) and target it.")] = None,
     ):
         """Export steers at fixed values as a LoRA on the LM head (PEFT, or GGUF for llama.cpp)."""
         path = export_lora_command(steer, model, out, fmt, gguf_base, include_domain, overwrite, dtype, force, untie)

@@ -172,8 +172,8 @@ def test_request_joining_a_running_batch_equals_alone(tiny_server):
 
 
 @pytest.mark.integration
-def test_mixed_batch_equals_alone_smollm2():
-    lm = steerport.load_model("smollm2-135m")
+def test_mixed_batch_equals_alone_smollm2(catalog_model):
+    lm = catalog_model("smollm2-135m")
     steers = {n: Steer.load(p) for n, p in parse_named_steers([
         f"positive={STEERS_DIR / 'smollm2-135m-sst2-positive.st'}",
         f"detox={STEERS_DIR / 'smollm2-135m-paradetox-nontoxic.st'}"]).items()}

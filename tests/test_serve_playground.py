@@ -44,16 +44,14 @@ def _browser_paths() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(catalog_model):
     if MODEL == "tiny":
         lm = tiny_model("llama")
         all_steers = tiny_steers(lm)
         steers = {"pos": all_steers["pos"], "love": all_steers["love"]}
         slider, prompt, value = "pos", "The movie was", 3.0
     else:
-        import steerport
-
-        lm = steerport.load_model(MODEL)
+        lm = catalog_model(MODEL)
         d = ROOT / "benchmarks" / "steers"
         steers = {"positive": Steer.load(d / "smollm2-135m-sst2-positive.st"),
                   "detox": Steer.load(d / "smollm2-135m-paradetox-nontoxic.st")}

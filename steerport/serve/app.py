@@ -110,17 +110,21 @@ class ServerState:
 
     # ------------------------------------------------------------------ tokens
 
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         with self.tok_lock:
-            ids = list(self.lm.tokenizer(text, add_special_tokens=special)["input_ids"])
+            ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
         if not ids:  # an empty prompt: start from BOS (or EOS), as OpenAI does with <|endoftext|>
-            tok = self.lm.tokenizer
+            tok = self.tokenizer
             first = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
             ids = [first if first is not None else 0]
         return ids
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        tok = self.lm.tokenizer
+        tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             try:
                 with self.tok_lock:
@@ -133,12 +137,13 @@ class ServerState:
         return self.encode(text)
 
     def context_length(self) -> int | None:
-        cfg = self.lm.model.config
+        model: Any = self.lm.model
+        cfg = model.config
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         return getattr(cfg, "max_position_embeddings", None)
 
     def check_ids(self, ids: list[int], max_tokens: int, param: str = "prompt") -> None:
-        V = len(self.lm.tokenizer)
+        V = len(self.tokenizer)
         if any(t < 0 or t >= V for t in ids):
             raise bad(f"token ids must be in [0, {V})", param)
         if len(ids) > self.limits.max_prompt_tokens:

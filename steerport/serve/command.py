@@ -85,10 +85,12 @@ def serve(
 
 def serve_command(
     model: Annotated[str, typer.Argument(help="Model: alias, catalog name, hub id, local dir or .gguf file.")],
-    steer: Annotated[list[str] | None, typer.Option("--steer", "-s", help="A steer to offer, NAME=FILE.st; repeat. Clients pick steers by NAME.")] = None,
+    steer: Annotated[list[str] | None, typer.Option(
+        "--steer", "-s", help="A steer to offer, NAME=FILE.st; repeat. Clients pick steers by NAME.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (default loopback only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="STEERPORT_API_KEY", help="Require Authorization: Bearer KEY on /v1/*.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="STEERPORT_API_KEY", help="Require Authorization: Bearer KEY on /v1/*.")] = None,
     served_name: Annotated[str | None, typer.Option(help="Model id clients send (default: MODEL as given).")] = None,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = Limits.max_prompt_tokens,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = Limits.max_tokens,
@@ -104,6 +106,8 @@ def serve_command(
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Serve steers made for a model with another fingerprint.")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    threads: Annotated[int | None, typer.Option(
+        help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine).")] = None,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API, with per-request steers and a playground at /."""
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_n=max_n,
@@ -112,6 +116,12 @@ def serve_command(
     for k in ("max_prompt_tokens", "max_tokens", "max_n", "max_concurrent", "max_batch"):
         if getattr(limits, k) < 1:
             raise SteerportError(f"--{k.replace('_', '-')} must be at least 1")
+    if threads is not None:
+        if threads < 1:
+            raise SteerportError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(threads)
     serve(model, steer or [], host=host, port=port, api_key=api_key, limits=limits, dtype=dtype, device=device,
           force=force, curve=curve, keywords=keywords, served_name=served_name, log_level=log_level)
 

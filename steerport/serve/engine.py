@@ -119,7 +119,11 @@ def apply_rows(lm: LoadedModel, steers: Sequence[Steer], values: torch.Tensor) -
         return lambda: None
     ctx = steered(lm, [(steers[j], 0.0) for j in cols], rows=values[:, cols], force=True)
     ctx.__enter__()
-    return lambda: ctx.__exit__(None, None, None)
+
+    def remove() -> None:
+        ctx.__exit__(None, None, None)
+
+    return remove
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
@@ -157,13 +161,14 @@ class Engine:
         self._background: collections.deque = collections.deque()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        tok = lm.tokenizer
+        tok: Any = lm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
         if gen_eos is not None:
             eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         self.eos_ids = eos
+        self.tokenizer: Any = tok
         import inspect
 
         params = inspect.signature(lm.model.forward).parameters
@@ -279,7 +284,7 @@ class Engine:
         else:
             r.ids.append(token)
         with self.tok_lock:
-            text = self.lm.tokenizer.decode(r.ids, skip_special_tokens=True)
+            text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
         if r.stop:
             hits = [i for i in (text.find(s) for s in r.stop) if i >= 0]
             if hits:
@@ -333,7 +338,7 @@ class Engine:
         """Only plain full-attention dynamic caches are padded and joined (not sliding windows)."""
         from transformers.cache_utils import DynamicLayer
 
-        layers = getattr(cache, "layers", None)
+        layers = getattr(cache, "layers", None) or []
         return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
     @staticmethod

@@ -9,6 +9,7 @@ values on each side with κ ≤ ``kl_budget``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ KL_BUDGET = 0.1  # nats/token
 def strength_curve(lm: LoadedModel, steer: Steer, values: Sequence[float], texts: Sequence[str],
                    max_tokens: int = 64) -> list[dict]:
     """[{"value": s, "kl": κ(s)}] on ``texts`` (truncated to ``max_tokens``), force-free."""
-    tok = lm.tokenizer
+    tok: Any = lm.tokenizer
     old = tok.padding_side
     tok.padding_side = "right"
     try:

@@ -37,7 +37,7 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
 
 
 # Fields we accept only at their neutral value (anything else would be silently wrong).
-UNSUPPORTED = {
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "suffix": (None, ""), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "response_format": (None, {"type": "text"}),
@@ -112,13 +112,13 @@ def parse_common(body: dict, loaded: dict[str, Any], limits: Limits, *, default_
         if key in body and body[key] not in neutral:
             raise bad(f"{key} is not supported by this server", key, "unsupported_parameter")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, key, default_max_tokens, 1, limits.max_tokens)
+    max_tokens = _integer(body, key, default_max_tokens, 1, limits.max_tokens) or default_max_tokens
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
     if seed is None:
         seed = secrets.randbits(62)
-    n = _integer(body, "n", 1, 1, limits.max_n)
+    n = _integer(body, "n", 1, 1, limits.max_n) or 1
     stop = body.get("stop")
     if stop is None:
         stop = []
