@@ -293,3 +293,24 @@ def test_api_key_and_limits():
         r = good.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2
         assert httpx.get(url + "/health").json()["active_requests"] == 0
+
+
+def test_serve_command_registration_and_bad_arguments(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from steerport.errors import SteerportError
+    from steerport.serve.command import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # two commands, so typer keeps the command name
+    runner = CliRunner()
+    r = runner.invoke(app, ["serve", "--help"])
+    assert r.exit_code == 0 and "--api-key" in r.output and "--max-concurrent" in r.output
+    for args, message in ((["--steer", "noequals"], "NAME=FILE.st"), (["--steer", "a b=x.st"], "a steer name"),
+                          (["--steer", "a=x.st", "--steer", "a=y.st"], "given twice"),
+                          (["--steer", f"a={tmp_path / 'missing.st'}"], "no such steer file"),
+                          (["--max-batch", "0"], "at least 1")):
+        r = runner.invoke(app, ["serve", "tiny-model", *args])
+        assert isinstance(r.exception, SteerportError) and message in str(r.exception), (args, r.exception)
