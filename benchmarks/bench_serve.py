@@ -250,7 +250,9 @@ def main() -> None:
         for clients in (1, 8, 32):
             asyncio.run(run_load(url, make_requests(clients, True, 999, args.max_tokens), clients, args.time_limit))
         asyncio.run(run_load(url, make_requests(8, False, 999, args.max_tokens), 8, args.time_limit))
+        time.sleep(1.0)  # the engine releases freed memory once idle
         rss_warm = server.memory_info().rss
+        rss_reps = []
         runs: dict[str, list[dict]] = {"sequential": [], "clients_8": [], "clients_32": [], "clients_8_unsteered": []}
         for rep in range(args.reps):
             seed = 100 + rep
@@ -262,9 +264,11 @@ def main() -> None:
                 url, make_requests(args.requests_8, False, seed, args.max_tokens), 8, args.time_limit)))
             runs["clients_32"].append(asyncio.run(run_load(
                 url, make_requests(args.requests_32, True, seed, args.max_tokens), 32, args.time_limit)))
+            time.sleep(1.0)
+            rss_reps.append(server.memory_info().rss / 2**20)
             print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
                 f"{k} {v[-1]['tokens_per_s']:.1f} tok/s" for k, v in runs.items()), flush=True)
-        rss_end = server.memory_info().rss
+        rss_end = server.memory_info().rss  # measured after the last repetition's pause
         stats = httpx.get(url + "/health").json()
     finally:
         proc.terminate()
@@ -277,6 +281,12 @@ def main() -> None:
     results.update(
         runs=runs, medians=med, server_stats=stats,
         ratios={
+            "paired_median_8_vs_sequential": statistics.median(
+                a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["clients_8"], runs["sequential"])),
+            "paired_median_32_vs_sequential": statistics.median(
+                a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["clients_32"], runs["sequential"])),
+            "paired_median_unsteered_vs_steered_8": statistics.median(
+                a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["clients_8_unsteered"], runs["clients_8"])),
             "throughput_8_vs_sequential": med["clients_8"]["tokens_per_s"] / seq,
             "throughput_32_vs_sequential": med["clients_32"]["tokens_per_s"] / seq,
             "unsteered_vs_steered_8": med["clients_8_unsteered"]["tokens_per_s"] / med["clients_8"]["tokens_per_s"],
@@ -284,7 +294,7 @@ def main() -> None:
             "per_rep_unsteered_vs_steered_8": [a["tokens_per_s"] / b["tokens_per_s"]
                                                for a, b in zip(runs["clients_8_unsteered"], runs["clients_8"])],
         },
-        memory={"rss_after_warmup_mib": rss_warm / 2**20, "rss_end_mib": rss_end / 2**20,
+        memory={"rss_after_warmup_mib": rss_warm / 2**20, "rss_end_mib": rss_end / 2**20, "rss_after_each_rep_mib": rss_reps,
                 "growth_mib": (rss_end - rss_warm) / 2**20},
         failed_total=sum(r["failed"] for v in runs.values() for r in v),
         total_s=time.time() - t_start,
@@ -321,13 +331,18 @@ Model `{s['model']}` (float32), {s['max_tokens']} new tokens per request, greedy
 |---|---|---|---|---|---|---|---|
 {rows}
 
-- Throughput, 8 concurrent clients vs the same kind of requests one at a time: **{r['throughput_8_vs_sequential']:.2f}×**
-  (per repetition: {per8}; target ≥ 3×). 32 clients: **{r['throughput_32_vs_sequential']:.2f}×**.
-- Unsteered / steered server throughput at 8 clients: **{r['unsteered_vs_steered_8']:.3f}×** (per repetition: {perU};
-  target ≤ 1.05×).
+Ratios are taken within each repetition (its runs are adjacent in time, so they share the machine's load),
+then the median over repetitions; the ratio of the medians in the table is given too.
+
+- Throughput, 8 concurrent clients vs the same kind of requests one at a time: **{r['paired_median_8_vs_sequential']:.2f}×**
+  (per repetition: {per8}; ratio of medians {r['throughput_8_vs_sequential']:.2f}×; target ≥ 3×).
+  32 clients: **{r['paired_median_32_vs_sequential']:.2f}×** (ratio of medians {r['throughput_32_vs_sequential']:.2f}×).
+- Unsteered / steered server throughput at 8 clients: **{r['paired_median_unsteered_vs_steered_8']:.3f}×** (per repetition: {perU};
+  ratio of medians {r['unsteered_vs_steered_8']:.3f}×; target ≤ 1.05×).
 - Failed requests: **{res['failed_total']}**.
 - Server RSS after warm-up {mem['rss_after_warmup_mib']:.0f} MiB, at the end {mem['rss_end_mib']:.0f} MiB
-  (growth {mem['growth_mib']:+.1f} MiB).
+  (growth {mem['growth_mib']:+.1f} MiB; after each repetition: {', '.join(f'{x:.0f}' for x in mem.get('rss_after_each_rep_mib', []))} MiB;
+  each read 1 s after the load stops).
 - Engine counters at the end: {res['server_stats']['batches']} batches, {res['server_stats']['rows']} rows,
   largest batch {res['server_stats']['max_rows_in_batch']} rows.
 - Whole run: {res['total_s']:.0f} s.
