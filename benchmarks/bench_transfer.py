@@ -7,13 +7,13 @@ One run, side by side on the same machine:
    Procrustes), next to the anchor-style Adam fit at its defaults (random start, lr 1e-3,
    10,000 steps, first 4,000 pairs, both directions). The Adam fit is timed over a few steps and
    extrapolated to 10,000 (marked in the table): running it fully at d = 4096 on a CPU takes days.
-2. **End to end, real models.** ``transfer()`` of a random rank-8 steer from the first given
+2. **End to end, real models.** ``transfer_steer()`` of a random rank-8 steer from the first given
    model to each of the others, embeddings-only (load embeddings + tokenizers, align, fit H and G with
    diagnostics, carry, embed calibration), once with no cached mapping and once reusing it.
 
 Results: ``benchmarks/results/bench_transfer.{json,md}``.
 
-Usage::
+Usage (steerport installed, e.g. ``pip install -e .``)::
 
     python benchmarks/bench_transfer.py                       # full grid + smollm2/gemma3/qwen
     python benchmarks/bench_transfer.py --quick               # small grid, two models
@@ -25,17 +25,15 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from steerport.mapping import gram, solve_map
+from steerport.fileio import atomic_write_json, atomic_write_text
+from steerport.linmap import gram, solve_map
 from steerport.transfer import anchor_fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,19 +79,19 @@ def bench_fits(grid: list[tuple[int, int]], anchor_probe_steps: dict[int, int], 
 def bench_end_to_end(models: list[str]) -> list[dict]:
     from steerport.models import load_embeddings
     from steerport.steer import Steer
-    from steerport.transfer import TransferOptions, transfer
+    from steerport.transfer import TransferOptions, transfer_steer
 
     rows = []
     for src, tgt in [(models[0], m) for m in models[1:]]:  # the first model to each other one
         t_load, se = timed(load_embeddings, src)
-        t_load2, te = timed(load_embeddings, tgt)
+        t_load2, _te = timed(load_embeddings, tgt)
         g = torch.Generator().manual_seed(0)
         steer = Steer.lm_steer(torch.randn(se.hidden_size, 8, generator=g), torch.randn(se.hidden_size, 8, generator=g),
                                epsilon=1e-3, model={"spec": src, "fingerprint": se.fingerprint})
         with tempfile.TemporaryDirectory() as tmp:
             mfile = Path(tmp) / "m.safetensors"
-            t_first, r1 = timed(transfer, steer, src, tgt, TransferOptions(), mapping_path=mfile)
-            t_again, r2 = timed(transfer, steer, src, tgt, TransferOptions(), mapping_path=mfile)
+            t_first, r1 = timed(transfer_steer, steer, src, tgt, TransferOptions(), mapping_path=mfile)
+            t_again, r2 = timed(transfer_steer, steer, src, tgt, TransferOptions(), mapping_path=mfile)
         row = {"source": src, "target": tgt, "pairs": r1.mapping.n_pairs,
                "load_embeddings_s": round(t_load + t_load2, 2),
                "transfer_fit_mapping_s": round(t_first, 2), "transfer_reuse_mapping_s": round(t_again, 2),
@@ -109,8 +107,8 @@ def bench_end_to_end(models: list[str]) -> list[dict]:
 def markdown(res: dict) -> str:
     out = [f"# bench_transfer — {res['created']}", "", f"Machine: {res['machine']}", "",
            "## Map fit alone (synthetic, d_s = d_t = d)", "",
-           "Closed-form fits use all n pairs; the anchor-style Adam fit (its defaults: lr 1e-3, 10,000 steps, "
-           "first 4,000 pairs, both directions) is timed over a few steps and extrapolated to 10,000 steps.", "",
+           ("Closed-form fits use all n pairs; the anchor-style Adam fit (its defaults: lr 1e-3, 10,000 steps, "
+           "first 4,000 pairs, both directions) is timed over a few steps and extrapolated to 10,000 steps."), "",
            "| n | d | Gram s (shared) | lstsq s | ridge s | Procrustes s | Adam s/step (steps timed) | Adam 10k steps s (extrapolated) | Adam / lstsq |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("fits", []):
@@ -118,8 +116,8 @@ def markdown(res: dict) -> str:
                    f"{r['anchor_step_s']} ({r['anchor_probe_steps']}) | {r['anchor_10k_steps_s_extrapolated']} | {r['anchor_over_lstsq']}x |")
     if res.get("end_to_end"):
         out += ["", "## Transfer end to end (real models, embeddings only, default form logit + embed calibration)", "",
-                "| source → target | aligned pairs | load embeddings s | transfer, fitting the mapping s | "
-                "of which align s / fit H s / fit G s | transfer, reusing the mapping s |",
+                ("| source → target | aligned pairs | load embeddings s | transfer, fitting the mapping s | "
+                "of which align s / fit H s / fit G s | transfer, reusing the mapping s |"),
                 "|---|---|---|---|---|---|"]
         for r in res["end_to_end"]:
             out.append(f"| {r['source']} → {r['target']} | {r['pairs']} | {r['load_embeddings_s']} | {r['transfer_fit_mapping_s']} | "
@@ -149,8 +147,8 @@ def main() -> None:
 
     def save(part: dict) -> None:  # after every row, so a long run that is stopped keeps its numbers
         res.update(part)
-        (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
-        (RESULTS / f"{name}.md").write_text(markdown(res))
+        atomic_write_json(RESULTS / f"{name}.json", res)
+        atomic_write_text(RESULTS / f"{name}.md", markdown(res))
 
     bench_fits(grid, {128: 50, 256: 50, 1024: 10, 4096: 1}, save)
     save({"end_to_end": bench_end_to_end(models) if models else []})

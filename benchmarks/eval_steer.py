@@ -2,10 +2,10 @@
 
 1. Steer as a classifier on a held-out test split: score(x) = ℓ_{+s}(x) − ℓ_{−s}(x)
    (steerport.scoring.steer_scores), ROC AUC against the labels; also the separation
-   Sep(s) = [ℓ_s(D+) − ℓ_0(D+)] − [ℓ_s(D−) − ℓ_0(D−)] (DESIGN.md §5).
+   Sep(s) = [ℓ_s(D+) − ℓ_0(D+)] − [ℓ_s(D−) − ℓ_0(D−)] (steerport.metrics.separation).
 2. Greedy continuations of prompts at several steer values, judged by an offline TF-IDF +
-   logistic-regression classifier trained on a separate labeled file (the attribute rate),
-   with a few samples shown.
+   logistic-regression judge (steerport.judges.TfidfJudge) trained on a separate labeled file
+   (the attribute rate), with a few samples shown.
 
     python benchmarks/eval_steer.py smollm2-135m sst2.st --test sst2_test.jsonl --positive-label 1 \
         --judge-train sst2_train.jsonl --prompts prompts.jsonl --values -10,0,10 --out results/sst2_eval
@@ -16,33 +16,26 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
+from steerport.fileio import atomic_write_json, atomic_write_text
+from steerport.hooks import generate
+from steerport.judges import TfidfJudge
+from steerport.metrics import distinct_n, roc_auc, separation
+from steerport.models import load_model
+from steerport.scoring import mean_logprob
+from steerport.steer import Steer
+from steerport.texts import read_texts, read_texts_and_labels
 
-from steerport.cli import read_prompts  # noqa: E402
-from steerport.data import read_labeled  # noqa: E402
-from steerport.hooks import generate  # noqa: E402
-from steerport.models import load_model  # noqa: E402
-from steerport.scoring import mean_logprob, roc_auc  # noqa: E402
-from steerport.steer import Steer  # noqa: E402
 
-
-def judge(train_file: Path, positive_labels: list[str], text_field: str, label_field: str):
+def judge(train_file: Path, positive_labels: list[str], text_field: str, label_field: str) -> TfidfJudge:
     """TF-IDF + logistic regression on a labeled file: P(positive) of any text."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-
-    ex, _ = read_labeled(train_file, text_field=text_field, label_field=label_field, positive_labels=positive_labels)
-    clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, lowercase=True),
-                        LogisticRegression(max_iter=2000, C=4.0))
-    clf.fit([e.text for e in ex], [int(e.label > 0) for e in ex])
-    return clf
+    texts, labels = read_texts_and_labels(train_file, text_field=text_field, label_field=label_field,
+                                          positive_labels=positive_labels)
+    return TfidfJudge.fit(texts, labels, positive="positive", meta={"train": str(train_file)})
 
 
 def main() -> None:
@@ -69,15 +62,15 @@ def main() -> None:
     t0 = time.perf_counter()
     steer = Steer.load(args.steer)
     lm = load_model(args.model, dtype=args.dtype)
-    ex, _ = read_labeled(args.test, text_field=args.text_field, label_field=args.label_field,
-                         positive_labels=args.positive_label)
+    all_texts, all_labels = read_texts_and_labels(args.test, text_field=args.text_field, label_field=args.label_field,
+                                                  positive_labels=args.positive_label)
     rng = random.Random(args.seed)
-    pos = [e for e in ex if e.label > 0]
-    neg = [e for e in ex if e.label < 0]
+    pos = [t for t, y in zip(all_texts, all_labels) if y == 1]
+    neg = [t for t, y in zip(all_texts, all_labels) if y == 0]
     rng.shuffle(pos)
     rng.shuffle(neg)
-    test = pos[: args.limit_per_class] + neg[: args.limit_per_class]
-    texts, labels = [e.text for e in test], torch.tensor([e.label for e in test])
+    pos, neg = pos[: args.limit_per_class], neg[: args.limit_per_class]
+    texts, labels = pos + neg, torch.tensor([1] * len(pos) + [-1] * len(neg))
     s = args.score_value
     lp0 = mean_logprob(lm, texts)
     lpp = mean_logprob(lm, texts, [(steer, s)])
@@ -87,35 +80,34 @@ def main() -> None:
         "model": args.model, "steer": str(args.steer), "steer_fingerprint": steer.fingerprint,
         "test": {"file": str(args.test), "positive": int(P.sum()), "negative": int(N.sum()), "seed": args.seed},
         "classifier": {"value": s, "auc": roc_auc(lpp - lpn, labels),
-                       "separation": float((lpp[P] - lp0[P]).mean() - (lpp[N] - lp0[N]).mean())},
+                       "separation": separation(lpp[P], lp0[P], lpp[N], lp0[N])},
         "training": steer.meta.get("training", {}).get("results"),
     }
     print(json.dumps(result["classifier"]), flush=True)
 
     gens = {}
     if args.prompts:
-        prompts = read_prompts(args.prompts)[: args.n_prompts]
+        prompts = read_texts(args.prompts, limit=args.n_prompts, min_chars=1)
         clf = judge(args.judge_train, args.positive_label, args.text_field, args.label_field) if args.judge_train else None
         for v in [float(x) for x in args.values.split(",")]:
             outs = generate(lm, prompts, [(steer, v)] if v else [], max_new_tokens=args.max_new_tokens, seed=args.seed)
             row = {"value": v, "samples": [{"prompt": p, "continuation": o} for p, o in zip(prompts, outs)]}
             if clf is not None:
-                row["judge_positive_rate"] = float(clf.predict_proba(outs)[:, 1].mean() if outs else 0)
-                row["judge_positive_share"] = float((clf.predict_proba(outs)[:, 1] > 0.5).mean())
-            words = [w for o in outs for w in o.split()]
-            row["distinct_1"] = len(set(words)) / max(len(words), 1)
+                p = clf.score(outs)
+                row["judge_positive_rate"] = float(p.mean()) if outs else 0.0
+                row["judge_positive_share"] = float((p > 0.5).mean()) if outs else 0.0
+            row["distinct_1"] = distinct_n(outs, 1)
             gens[str(v)] = row
             print(v, {k: row[k] for k in row if k not in ("samples",)}, flush=True)
         result["generation"] = {"prompts": str(args.prompts), "n": len(prompts), "max_new_tokens": args.max_new_tokens,
                                 "decoding": "greedy", "judge": f"tf-idf + logistic regression on {args.judge_train}" if clf else None,
                                 "by_value": gens}
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    atomic_write_json(args.out.with_suffix(".json"), result)
     md = [f"# {args.steer.name} on {args.model}", "",
-          f"Held-out test {args.test} ({result['test']['positive']} positive / {result['test']['negative']} negative): "
+          (f"Held-out test {args.test} ({result['test']['positive']} positive / {result['test']['negative']} negative): "
           f"steer-as-classifier ROC AUC **{result['classifier']['auc']:.3f}** (value ±{s:g}), "
-          f"separation {result['classifier']['separation']:.4f} nats/token.", ""]
+          f"separation {result['classifier']['separation']:.4f} nats/token."), ""]
     if gens:
         md += ["| steer value | judge P(positive) | share judged positive | distinct-1 |", "|---|---|---|---|"]
         for v, row in gens.items():
@@ -127,7 +119,7 @@ def main() -> None:
             for smp in row["samples"][: args.samples]:
                 md.append(f"- *{smp['prompt']}*{smp['continuation']}".replace("\n", " "))
             md.append("")
-    args.out.with_suffix(".md").write_text("\n".join(md))
+    atomic_write_text(args.out.with_suffix(".md"), "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from steerport.hooks import generate  # noqa: E402
-from steerport.models import load_model  # noqa: E402
-from steerport.scoring import mean_kl, mean_logprob, roc_auc  # noqa: E402
-from steerport.steer import Steer  # noqa: E402
-from steerport.transfer import TransferOptions, neutral_texts, transfer  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from steerport import TransferOptions, transfer_steer
+from steerport.fileio import atomic_write_json
+from steerport.hooks import generate
+from steerport.metrics import roc_auc, separation
+from steerport.models import load_model
+from steerport.scoring import mean_kl, mean_logprob
+from steerport.steer import Steer
+from steerport.texts import bundled, neutral, read_texts, read_texts_and_labels
 
 
 def main() -> None:
@@ -41,8 +39,8 @@ def main() -> None:
     ap.add_argument("--forms", default="logit:embed,paper:embed,logit:kl,hidden:kl")
     ap.add_argument("--value", type=float, default=1.0)
     ap.add_argument("--n", type=int, default=100, help="held-out texts per class")
-    ap.add_argument("--data", default=str(SHARED / "sentiment" / "sst2" / "test.jsonl"))
-    ap.add_argument("--prompts", default=str(SHARED / "prompts" / "sentiment" / "neutral_prompts.jsonl"))
+    ap.add_argument("--data", default=str(bundled("sst2-test")), help="held-out labeled texts (default: bundled SST-2 test)")
+    ap.add_argument("--prompts", default=str(bundled("prompts-sentiment")), help="prompts (default: bundled neutral prompts)")
     ap.add_argument("--dtype", default="float32", help="float32: on this CPU bf16 ran 3x slower single-threaded")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -51,12 +49,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows = [json.loads(line) for line in open(args.data, encoding="utf-8")]
-    pos = [r["text"] for r in rows if r["label"] == 1][: args.n]
-    neg = [r["text"] for r in rows if r["label"] == 0][: args.n]
+    all_texts, all_labels = read_texts_and_labels(args.data)
+    pos = [t for t, y in zip(all_texts, all_labels) if y == 1][: args.n]
+    neg = [t for t, y in zip(all_texts, all_labels) if y == 0][: args.n]
     texts, labels = pos + neg, [1] * len(pos) + [0] * len(neg)
-    prompts = [json.loads(line)["prompt"]["text"] for line in open(args.prompts, encoding="utf-8")][:3]
-    kl_texts = neutral_texts("all")[:16]
+    prompts = read_texts(args.prompts, limit=3, min_chars=1)
+    kl_texts = neutral("calib", 16)
     v = args.value
 
     def evaluate(lm, steer) -> dict:
@@ -65,8 +63,7 @@ def main() -> None:
         lp = mean_logprob(lm, texts, [(steer, v)], max_tokens=args.max_tokens)
         ln = mean_logprob(lm, texts, [(steer, -v)], max_tokens=args.max_tokens)
         y = torch.tensor(labels).bool()
-        d = lp - l0
-        return {"auc": roc_auc(lp - ln, labels), "sep": float(d[y].mean() - d[~y].mean()),
+        return {"auc": roc_auc(lp - ln, labels), "sep": separation(lp[y], l0[y], lp[~y], l0[~y]),
                 "kappa": mean_kl(lm, kl_texts, [(steer, v)], max_tokens=64), "eval_s": round(time.time() - t, 1)}
 
     def gens(lm, steer) -> dict:
@@ -76,10 +73,9 @@ def main() -> None:
     src_steer = Steer.load(args.steer)
     source = args.source or src_steer.model["spec"]
     res = {"steer": args.steer, "source": source, "value": v, "dtype": args.dtype, "n_per_class": args.n,
-           "data": args.data, "prompts": prompts, "kl_text": "bundled neutral text, first 16 lines, 64 tokens"}
+           "data": args.data, "prompts": prompts, "kl_text": "bundled neutral calib split, first 16 lines, 64 tokens"}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save = lambda: out.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")  # noqa: E731
+    save = lambda: atomic_write_json(out, res)
     src_lm = load_model(source, dtype=args.dtype)
     if not args.skip_source:
         res["source_eval"] = evaluate(src_lm, src_steer)
@@ -93,8 +89,8 @@ def main() -> None:
         for fc in args.forms.split(","):
             form, cal = fc.split(":")
             t = time.time()
-            r = transfer(src_steer, src_lm, tgt_lm, TransferOptions(
-                form=form, calibrate=cal, calib_value=v, hidden_texts=neutral_texts("hidden")[:200], hidden_max_tokens=96),
+            r = transfer_steer(src_steer, src_lm, tgt_lm, TransferOptions(
+                form=form, calibrate=cal, calib_value=v, hidden_texts=neutral("fit", 200), hidden_max_tokens=96),
                 source_path=args.steer)
             ev = evaluate(tgt_lm, r.steer)
             ev.update(transfer_s=round(time.time() - t - ev["eval_s"], 1), calibration=r.lineage["calibration"],

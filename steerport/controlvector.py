@@ -7,9 +7,8 @@ A llama.cpp control vector (``llama-cli --control-vector FILE.gguf``, made by ll
   architecture name) and ``controlvector.layer_count`` (number of direction tensors);
 - one float32 1-D tensor ``direction.N`` (n_embd) per layer.
 
-Layer convention, read from llama.cpp's loader (common/common.cpp,
-``common_control_vector_load_one``: "layer 1 at [0]") and graph code (``build_cvec(cur, il)``
-at the end of every decoder layer ``il``, src/llama-adapter.cpp, src/models/llama.cpp):
+Layer convention, read from llama.cpp's loader (``common_control_vector_load_one``: "layer 1
+at [0]") and graph code (``build_cvec(cur, il)`` at the end of every decoder layer ``il``):
 ``direction.N`` is added at every position to the residual stream *leaving* decoder layer
 ``N`` (0-based, its ``l_out``). llama.cpp rejects ``N = 0`` and sums tensors with the same ``N``.
 repeng exports ``direction.{i}`` for the output of ``model.layers[i]``: the same convention.
@@ -35,10 +34,12 @@ Example::
 
     export_control_vector(Steer.load("calm.st"), "calm.gguf", value=4.0, model_hint="llama")
     steer = import_control_vector("calm.gguf")          # an actadd steer, epsilon 1
+    get_kind("actadd").export("gguf-cvec", steer, "calm2.gguf", value=1.0)   # the same export, by kind
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -46,8 +47,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steerport.actadd import actadd_layers
-from steerport.errors import SteerportError
+from steerport.errors import SteerportError, one_line
+from steerport.fileio import atomic_write_bytes
+from steerport.kinds.actadd import actadd_layers
 from steerport.steer import Steer
 
 ARCH = "controlvector"
@@ -80,10 +82,14 @@ def export_control_vector(
 
     ``model_hint`` is the model's architecture name (llama.cpp writes its
     ``general.architecture``, e.g. "llama"); default: the steer's metadata ``model_type`` or its
-    model spec. The write is atomic.
+    model spec. The file is built in a temporary folder, then written with
+    :func:`steerport.fileio.atomic_write_bytes` (readers never see half a file). Also the actadd
+    kind's export ``gguf-cvec``: ``get_kind("actadd").export("gguf-cvec", steer, path, value=4.0)``.
     """
     import gguf
 
+    if not math.isfinite(float(value)):
+        raise SteerportError(f"control-vector value must be a finite number, got {value!r}")
     layers, rows = control_rows(steer)
     for layer in layers:
         if layer - LAYER_OFFSET < 1:
@@ -93,12 +99,9 @@ def export_control_vector(
             )
     hint = model_hint or steer.meta.get("model_type") or steer.model.get("spec") or "unknown"
     directions = rows * (float(value) * steer.epsilon)  # (n_layers, d)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, ARCH)  # sets general.architecture
+    with tempfile.TemporaryDirectory(prefix="steerport-cvec-") as tmp:  # GGUFWriter needs a file name
+        built = Path(tmp) / "cvec.gguf"
+        writer = gguf.GGUFWriter(str(built), ARCH)  # sets general.architecture
         writer.add_string(f"{ARCH}.model_hint", str(hint))
         writer.add_int32(f"{ARCH}.layer_count", len(layers))  # as llama.cpp's cvector-generator
         writer.add_string("steerport.positive", steer.positive)
@@ -115,22 +118,24 @@ def export_control_vector(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        data = built.read_bytes()  # small: n_layers x d float32
+    return atomic_write_bytes(path, data)
 
 
 def _field_value(reader, key: str):
     field = reader.get_field(key)
     if field is None or not len(field.parts):
         return None
-    try:
+    if hasattr(field, "contents"):  # newer gguf packages decode values themselves
         return field.contents()
-    except Exception:  # older gguf packages: decode the last part by hand
-        part = field.parts[-1]
-        return bytes(part).decode("utf-8", "replace") if part.dtype == np.uint8 else part[0].item()
+    part = field.parts[-1]  # older gguf packages: decode the last part by hand
+    return bytes(part).decode("utf-8", "replace") if part.dtype == np.uint8 else part[0].item()
+
+
+# what gguf.GGUFReader raises on a file that is not well-formed GGUF (bad magic or version, a
+# truncated or corrupted header: ValueError incl. UnicodeDecodeError, IndexError, KeyError,
+# OverflowError), or on one the system cannot read (OSError)
+_UNREADABLE = (ValueError, IndexError, KeyError, OverflowError, OSError)
 
 
 def import_control_vector(path: str | os.PathLike, *, model: dict | None = None, positive: str = "") -> Steer:
@@ -147,8 +152,8 @@ def import_control_vector(path: str | os.PathLike, *, model: dict | None = None,
         raise SteerportError(f"{path}: no such control-vector file")
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise SteerportError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except _UNREADABLE as e:
+        raise SteerportError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
     arch = _field_value(reader, "general.architecture")
     if arch != ARCH:
         raise SteerportError(f"{path}: general.architecture is {arch!r}, not {ARCH!r}; not a control vector")

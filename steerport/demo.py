@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-from steerport.data import BUILTINS, DataOptions, load_data, read_labeled
+from steerport.data import DataOptions, load_data
+from steerport.fileio import atomic_write_text
 from steerport.hooks import generate
+from steerport.metrics import roc_auc
 from steerport.models import load_model
-from steerport.scoring import roc_auc, steer_scores
-from steerport.steer import atomic_write_bytes
+from steerport.scoring import steer_scores
+from steerport.texts import bundled, read_texts_and_labels
 from steerport.train import TrainConfig, train
 from steerport.transfer import TransferOptions, transfer
 
@@ -37,11 +39,11 @@ PROMPTS = ["The movie was", "My neighbour's new restaurant", "I finally read the
 
 def held_out_sst2(limit_per_class: int) -> tuple[list[str], torch.Tensor]:
     """The shipped SST-2 test slice (never trained on), balanced: texts and ±1 labels."""
-    builtin = BUILTINS["sst2"]
-    examples, _ = read_labeled(builtin.test_path, positive_labels=builtin.positive_labels)
-    pos = [e for e in examples if e.label > 0][:limit_per_class]
-    neg = [e for e in examples if e.label < 0][:limit_per_class]
-    return [e.text for e in pos + neg], torch.tensor([e.label for e in pos + neg])
+    texts, labels = read_texts_and_labels(bundled("sst2-test"))
+    assert labels is not None  # require_labels
+    pos = [t for t, y in zip(texts, labels) if y == 1][:limit_per_class]
+    neg = [t for t, y in zip(texts, labels) if y == 0][:limit_per_class]
+    return pos + neg, torch.tensor([1] * len(pos) + [-1] * len(neg))
 
 
 def run_demo(
@@ -91,5 +93,5 @@ def run_demo(
         }
     results["generations"] = generations
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_bytes(out_dir / "results.json", json.dumps(results, indent=2, default=str).encode())
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     return results

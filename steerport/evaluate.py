@@ -1,4 +1,4 @@
-"""Evaluate steers on one model against the unsteered model and against each other (DESIGN.md §5).
+"""Evaluate steers on one model against the unsteered model and against each other.
 
 For each steer: the value that reaches a KL budget κ on neutral text (bisection), separation
 and steer-as-classifier ROC AUC on held-out labeled text at that value, retained effect against
@@ -7,19 +7,19 @@ the native steer, Spearman agreement of the per-token log-prob shifts over the v
 distinct-1/2/3 and generation retention.
 
 All log-likelihood metrics run the model body once per text set and recompute only the LM head
-for every steer value (:class:`steerport.scoring.HeadScorer`), so a bisection is cheap.
+for every steer value (:class:`steerport.scoring.HeadScorer`), so a bisection is cheap. The
+metrics themselves are in :mod:`steerport.metrics` (re-exported here).
 
 Example::
 
     lm = load_model("gemma3-270m")
     report = evaluate_steers(lm, [("native", native), ("from-smollm2", moved)],
-                             heldout=(texts, labels), neutral=wiki_lines, settings=EvalSettings(kappa=0.05))
+                             heldout=(texts, labels), neutral=neutral("calib"), settings=EvalSettings(kappa=0.05))
     print(report["steers"]["from-smollm2"]["retained_effect"])
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
@@ -28,121 +28,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from steerport.capture import HiddenCache, cache_hidden
 from steerport.errors import SteerportError
+from steerport.fileio import sha256_file
 from steerport.hooks import check_compatible
+from steerport.metrics import (  # noqa: F401  (re-exported: the metrics used to live here)
+    BisectResult,
+    distinct_n,
+    find_value_for_kl,
+    mean_distinct,
+    retention,
+    roc_auc,
+    separation,
+    spearman,
+)
 from steerport.models import LoadedModel
-from steerport.scoring import HeadScorer, HiddenCache, capture_hidden, per_text_mean, roc_auc, token_logprobs
+from steerport.scoring import HeadScorer, per_text_mean, token_logprobs, value_for_kl
 from steerport.steer import Steer
-
-NEUTRAL_TEXT = Path(__file__).parent / "data" / "text" / "wikitext2_test_100.txt"  # vendored by the trainer (SOURCE.md)
-
-
-# --------------------------------------------------------------------------- metrics (pure functions)
-
-
-def separation(lp_pos_s: torch.Tensor, lp_pos_0: torch.Tensor, lp_neg_s: torch.Tensor, lp_neg_0: torch.Tensor) -> float:
-    """Sep = [ℓ_s(D+) − ℓ_0(D+)] − [ℓ_s(D−) − ℓ_0(D−)], ℓ = mean over texts of per-token log-likelihood.
-
-    Positive means the steer favours the positive class. Inputs: per-text mean log-likelihoods.
-    """
-    return float((lp_pos_s - lp_pos_0).double().mean() - (lp_neg_s - lp_neg_0).double().mean())
-
-
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct-n: unique n-grams / all n-grams over whitespace tokens of ``texts`` (0 when none)."""
-    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def mean_distinct(groups: Sequence[Sequence[str]], n: int) -> float:
-    """Distinct-n within each group (the samples of one prompt), averaged over groups (DExperts protocol)."""
-    vals = [distinct_n(g, n) for g in groups if any(t.split() for t in g)]
-    return float(np.mean(vals)) if vals else 0.0
-
-
-def retention(base: float, transferred: float, native: float) -> float:
-    """(base − transferred) / (base − native): share of the native steer's change the transferred one makes."""
-    gap = base - native
-    return float((base - transferred) / gap) if gap != 0 else math.nan
-
-
-def spearman(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
-    """Spearman rank correlation of two vectors."""
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)).statistic)
-
-
-@dataclass
-class BisectResult:
-    value: float
-    kl: float
-    evaluations: int
-    history: list[tuple[float, float]]
-
-
-def find_value_for_kl(
-    kl_at: Callable[[float], float],
-    target: float,
-    *,
-    start: float = 1.0,
-    rel_tol: float = 0.02,
-    max_evals: int = 40,
-    max_value: float = 1e6,
-) -> BisectResult:
-    """The steer value s > 0 with κ(s) = target, for κ increasing in s with κ(0) = 0.
-
-    Brackets the root by growing s, then bisects in log s; each step first tries the guess of
-    a local power law κ ∝ s^p through the bracket ends (κ ≈ c s² near 0) and falls back to the
-    geometric midpoint whenever that guess leaves the bracket, so it converges like bisection
-    at worst and usually in a few evaluations. Stops when |κ − target| ≤ rel_tol · target.
-
-    Example::
-
-        find_value_for_kl(lambda s: 0.01 * s * s, 0.04).value    # ≈ 2.0
-    """
-    if not target > 0:
-        raise SteerportError(f"the KL budget must be positive, got {target}")
-    history: list[tuple[float, float]] = []
-
-    def ev(s: float) -> float:
-        k = float(kl_at(s))
-        history.append((s, k))
-        return k
-
-    lo, klo = 0.0, 0.0
-    hi, khi = start, ev(start)
-    while khi < target:
-        if abs(khi - target) <= rel_tol * target:
-            return BisectResult(hi, khi, len(history), history)
-        lo, klo = hi, khi
-        guess = hi * math.sqrt(target / khi) * 1.5 if khi > 0 else hi * 4
-        hi = min(max(guess, hi * 1.5), hi * 16)
-        if hi > max_value or len(history) >= max_evals:
-            raise SteerportError(f"no steer value up to {hi:g} reaches KL {target:g} (reached {khi:g}); the steer is too weak")
-        khi = ev(hi)
-    best = (hi, khi)
-    while abs(best[1] - target) > rel_tol * target and len(history) < max_evals:
-        if lo > 0 and klo > 0:
-            p = math.log(khi / klo) / math.log(hi / lo) if khi > klo else 2.0
-            guess = lo * (target / klo) ** (1 / p) if p > 0 else math.sqrt(lo * hi)
-            mid = math.sqrt(lo * hi)
-        else:
-            guess = hi * math.sqrt(target / khi)
-            mid = hi / 2
-        s = guess if lo + 0.02 * (hi - lo) < guess < hi - 0.02 * (hi - lo) else mid
-        k = ev(s)
-        if k < target:
-            lo, klo = s, k
-        else:
-            hi, khi = s, k
-        if abs(k - target) < abs(best[1] - target):
-            best = (s, k)
-    return BisectResult(best[0], best[1], len(history), history)
-
+from steerport.texts import neutral as neutral_split
+from steerport.texts import read_texts
 
 # --------------------------------------------------------------------------- settings and data
 
@@ -173,20 +79,18 @@ def file_info(path: str | Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
     p = Path(path)
-    h = hashlib.sha256(p.read_bytes()).hexdigest()
-    return {"path": str(p), "bytes": p.stat().st_size, "sha256": h}
+    return {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
 def read_neutral(path: str | Path | None, n: int, min_chars: int = 40) -> list[str]:
-    """The first ``n`` lines of plain neutral text with at least ``min_chars`` characters (WikiText headings skipped)."""
-    p = Path(path) if path else NEUTRAL_TEXT
-    if not p.is_file():
-        raise SteerportError(f"{p}: no such reference text file")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if len(ln) >= min_chars and not ln.startswith("=")]
-    if not lines:
-        raise SteerportError(f"{p}: no lines of at least {min_chars} characters")
-    return lines[:n]
+    """Up to ``n`` neutral texts of at least ``min_chars`` characters: from ``path``
+    (:func:`steerport.texts.read_texts`), or the bundled neutral ``calib`` split when None."""
+    if path is None:
+        texts = [t for t in neutral_split("calib") if len(t) >= min_chars][:n]
+        if not texts:
+            raise SteerportError(f"the bundled neutral text has no lines of at least {min_chars} characters")
+        return texts
+    return read_texts(path, limit=n, min_chars=min_chars)
 
 
 def balanced_sample(texts: Sequence[str], labels: Sequence[int], per_class: int, seed: int) -> tuple[list[str], list[int]]:
@@ -207,13 +111,17 @@ def balanced_sample(texts: Sequence[str], labels: Sequence[int], per_class: int,
 # --------------------------------------------------------------------------- generation helpers
 
 
-def sample_continuations(lm: LoadedModel, prompts: Sequence[str], steers, s: EvalSettings) -> list[list[str]]:
-    """``samples_per_prompt`` continuations of each prompt; sample j uses seed ``s.seed + 1000 j``."""
+def sample_continuations(lm: LoadedModel, prompts: Sequence[str], steers, s: EvalSettings, *,
+                         force: bool = False) -> list[list[str]]:
+    """``samples_per_prompt`` continuations of each prompt; sample j uses seed ``s.seed + 1000 j``.
+
+    Steers made for another model are refused unless ``force``.
+    """
     from steerport.hooks import generate
 
     per_sample = [
         generate(lm, prompts, steers, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                 seed=s.seed + 1000 * j, batch_size=s.batch_size, force=True)
+                 seed=s.seed + 1000 * j, batch_size=s.batch_size, force=force)
         for j in range(s.samples_per_prompt)
     ]
     return [list(group) for group in zip(*per_sample)]
@@ -280,15 +188,17 @@ def evaluate_steers(
 
     # 1. neutral text: body once, κ bisection on the head only
     say(f"neutral text: {len(neutral)} texts")
-    neutral_scorer = HeadScorer(lm, capture_hidden(lm, neutral, batch_size=s.batch_size, max_tokens=s.neutral_max_tokens), chunk=s.chunk)
+    neutral_cache = cache_hidden(lm, neutral, max_tokens=s.neutral_max_tokens,
+                                 tokens_per_batch=s.batch_size * s.neutral_max_tokens)
+    neutral_scorer = HeadScorer(lm, neutral_cache, chunk=s.chunk, force=force)
     nat_name, nat_steer = steers[native]
     kappa = s.kappa if s.kappa is not None else neutral_scorer.stats([(nat_steer, native_value)]).kl
     results: dict[str, dict[str, Any]] = {}
     shifts: dict[str, torch.Tensor] = {}
     for name, st in steers:
         say(f"bisection for {name}")
-        b = find_value_for_kl(lambda v: neutral_scorer.stats([(st, v)]).kl, kappa, rel_tol=s.rel_tol,
-                              start=1.0 if name != nat_name or s.kappa is not None else native_value)
+        b = value_for_kl(lm, neutral, st, kappa, rel_tol=s.rel_tol, scorer=neutral_scorer,
+                         start=1.0 if name != nat_name or s.kappa is not None else native_value)
         shifts[name] = neutral_scorer.stats([(st, b.value)], shift=True).logprob_shift
         results[name] = {"value": b.value, "kl": b.kl, "bisection_evals": b.evaluations, "steer_fingerprint": st.fingerprint,
                          "epsilon": st.epsilon, "rank": st.rank, "positive": st.positive, "lineage": st.meta.get("lineage")}
@@ -303,8 +213,9 @@ def evaluate_steers(
     t1 = time.time()
     texts, labels = heldout
     say(f"held-out text: {len(texts)} texts")
-    h_cache: HiddenCache = capture_hidden(lm, texts, batch_size=s.batch_size, max_tokens=s.heldout_max_tokens)
-    h_scorer = HeadScorer(lm, h_cache, chunk=s.chunk, max_base_bytes=0)
+    h_cache: HiddenCache = cache_hidden(lm, texts, max_tokens=s.heldout_max_tokens,
+                                        tokens_per_batch=s.batch_size * s.heldout_max_tokens)
+    h_scorer = HeadScorer(lm, h_cache, chunk=s.chunk, max_base_bytes=0, force=force)
     y = torch.tensor(labels)
     pos, neg = y == 1, y == 0
     base = per_text_mean(h_scorer.base_token_logprob, h_cache)
@@ -335,7 +246,7 @@ def evaluate_steers(
         t2 = time.time()
         keep = set(generate_names or names) | {nat_name}
         generation = _generation(lm, [(n, st) for n, st in steers if n in keep], results, list(prompts), s, judge,
-                                 reference, nat_name, say)
+                                 reference, nat_name, say, force)
         timings["generation_s"] = time.time() - t2
     timings["total_s"] = time.time() - t0
     return {
@@ -352,7 +263,7 @@ def evaluate_steers(
     }
 
 
-def _generation(lm, steers, results, prompts, s: EvalSettings, judge, reference, nat_name, say) -> dict[str, Any]:
+def _generation(lm, steers, results, prompts, s: EvalSettings, judge, reference, nat_name, say, force) -> dict[str, Any]:
     settings_run = [("unsteered", [])] + [(name, [(st, results[name]["value"])]) for name, st in steers]
     gen: dict[str, Any] = {"n_prompts": len(prompts), "samples_per_prompt": s.samples_per_prompt,
                            "judge": judge.describe() if judge is not None else None,
@@ -361,7 +272,7 @@ def _generation(lm, steers, results, prompts, s: EvalSettings, judge, reference,
     texts: dict[str, list[list[str]]] = {}
     for name, st in settings_run:
         say(f"generating: {name}")
-        texts[name] = sample_continuations(lm, prompts, st, s)
+        texts[name] = sample_continuations(lm, prompts, st, s, force=force)
     for name, groups in texts.items():
         flat = [c for g in groups for c in g]
         run: dict[str, Any] = {f"distinct_{n}": mean_distinct(groups, n) for n in (1, 2, 3)}

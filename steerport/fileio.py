@@ -122,7 +122,7 @@ PICKLE_OR_ZIP = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK")
 def read_json_metadata(path: Path, data: bytes, key: str, what: str) -> Any:
     """The JSON document stored under ``key`` in a safetensors file's metadata, parsed by hand
     from the header so that broken files get precise one-line messages (``what``: "a .st steer")."""
-    if data[:2] in PICKLE_OR_ZIP:
+    if data[:2] in PICKLE_OR_ZIP and data[8:9] != b"{":  # a header length can start with these bytes (e.g. 1408 = 80 05)
         raise SteerportError(f"{path}: this is a pickle/zip file, not safetensors; steerport never unpickles files")
     if len(data) < 8:
         raise SteerportError(f"{path}: file is truncated ({len(data)} bytes)")

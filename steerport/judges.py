@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,14 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from steerport.errors import SteerportError
+from steerport.errors import SteerportError, one_line
+from steerport.fileio import (
+    read_json_safetensors,
+    require_fields,
+    sha256_file,
+    write_json_safetensors,
+)
+from steerport.texts import read_texts_and_labels
 
 JUDGE_FORMAT = "steerport.judge"
 JUDGE_VERSION = 1
@@ -56,10 +62,10 @@ def attribute_rate(judge: Judge, texts: Sequence[str], threshold: float = 0.5) -
 # --------------------------------------------------------------------------- offline judge
 
 # The vectorizer settings stored in the file; the analyzer is rebuilt from them on load.
-TFIDF_DEFAULTS: dict[str, Any] = dict(
-    lowercase=True, ngram_range=[1, 2], min_df=2, max_features=20000, sublinear_tf=True,
-    token_pattern=r"(?u)\b\w\w+\b|[!?]",
-)
+TFIDF_DEFAULTS: dict[str, Any] = {
+    "lowercase": True, "ngram_range": [1, 2], "min_df": 2, "max_features": 20000, "sublinear_tf": True,
+    "token_pattern": r"(?u)\b\w\w+\b|[!?]",
+}
 
 
 @dataclass
@@ -84,7 +90,7 @@ class TfidfJudge:
         C: float = 4.0,
         settings: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
-    ) -> "TfidfJudge":
+    ) -> TfidfJudge:
         """Fit on texts with labels 1 (positive attribute) / 0."""
         from sklearn.linear_model import LogisticRegression
 
@@ -125,35 +131,24 @@ class TfidfJudge:
     # ------------------------------------------------------------ files (no pickle)
 
     def save(self, path: str | Path) -> Path:
-        """One safetensors file: tensors idf/coef/intercept, JSON metadata with vocabulary and settings."""
-        from safetensors.torch import save as st_save
-
-        from steerport.steer import atomic_write_bytes
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """One safetensors file, written atomically: tensors idf/coef/intercept, JSON metadata with
+        vocabulary and settings."""
         doc = {"format": JUDGE_FORMAT, "version": JUDGE_VERSION, "kind": "tfidf-logreg", "positive": self.positive,
                "settings": self.settings, "vocabulary": self.vocabulary, "meta": self.meta}
         tensors = {"idf": torch.from_numpy(self.idf.astype(np.float32)), "coef": torch.from_numpy(self.coef.astype(np.float32)),
                    "intercept": torch.tensor([self.intercept], dtype=torch.float64)}
-        atomic_write_bytes(path, st_save(tensors, metadata={"steerport.judge": json.dumps(doc, ensure_ascii=False)}))
-        return path
+        return write_json_safetensors(path, tensors, JUDGE_FORMAT, doc)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TfidfJudge":
-        from safetensors import safe_open
-
+    def load(cls, path: str | Path) -> TfidfJudge:
         path = Path(path)
         if not path.is_file():
             raise SteerportError(f"{path}: no such judge file")
-        try:
-            with safe_open(str(path), "pt") as f:
-                doc = json.loads((f.metadata() or {})["steerport.judge"])
-                t = {k: f.get_tensor(k) for k in ("idf", "coef", "intercept")}
-        except KeyError as e:
-            raise SteerportError(f"{path}: not a steerport judge file (missing {e})") from None
-        except Exception as e:  # safetensors raises several types for broken files
-            raise SteerportError(f"{path}: not a readable safetensors judge file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        doc, t = read_json_safetensors(path, JUDGE_FORMAT, "a steerport judge file")
+        require_fields(path, doc, ("format", "positive", "settings", "vocabulary"), "judge")
+        missing = [k for k in ("idf", "coef", "intercept") if k not in t]
+        if missing:
+            raise SteerportError(f"{path}: not a steerport judge file (no tensor {missing[0]!r})")
         if doc.get("format") != JUDGE_FORMAT or doc.get("version", 99) > JUDGE_VERSION:
             raise SteerportError(f"{path}: unsupported judge format {doc.get('format')!r} version {doc.get('version')!r}")
         vocab = doc["vocabulary"]
@@ -198,7 +193,7 @@ class HFJudge:
             self.tokenizer = AutoTokenizer.from_pretrained(spec)
             self.model = AutoModelForSequenceClassification.from_pretrained(spec).to(device).eval()
         except (OSError, ValueError) as e:
-            raise SteerportError(f"could not load judge model {spec!r}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            raise SteerportError(f"could not load judge model {spec!r}: {one_line(e)}") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
@@ -263,38 +258,12 @@ def load_judge(spec: str, **hf_kw) -> Judge:
 
 def read_jsonl_labeled(path: str | Path, *, text_field: str = "text", label_field: str = "label",
                        positive_label: str = "1", rows: slice | None = None) -> tuple[list[str], list[int]]:
-    """Texts and 1/0 labels (1 where the label equals ``positive_label``) from a JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SteerportError(f"{path}: no such data file")
-    texts, labels = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            text, label = row[text_field], row[label_field]
-        except (ValueError, KeyError, TypeError):
-            raise SteerportError(f"{path}:{n}: not a JSON object with fields {text_field!r} and {label_field!r}") from None
-        if not isinstance(text, str):
-            raise SteerportError(f"{path}:{n}: field {text_field!r} is not a string")
-        texts.append(text)
-        labels.append(int(str(label) == str(positive_label)))
-    if rows is not None:
-        texts, labels = texts[rows], labels[rows]
-    if not texts:
-        raise SteerportError(f"{path}: no rows")
+    """Texts and 1/0 labels (1 where the label equals ``positive_label``) of a JSONL/CSV file:
+    :func:`steerport.texts.read_texts_and_labels` with one positive label, labels required."""
+    texts, labels = read_texts_and_labels(path, text_field=text_field, label_field=label_field,
+                                          positive_labels=(str(positive_label),), rows=rows)
+    assert labels is not None  # require_labels
     return texts, labels
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parse_data_spec(spec: str) -> tuple[Path, slice | None]:
@@ -333,7 +302,7 @@ def train_judge(
         texts += t
         labels += y
         sources.append({"file": str(path), "rows": spec.rpartition("@")[2] if "@" in spec else "all", "n": len(t),
-                        "sha256": file_sha256(path)})
+                        "sha256": sha256_file(path)})
     judge = TfidfJudge.fit(texts, labels, positive=positive, C=C, settings={"max_features": max_features},
                            meta={"train": sources, "positive_label": positive_label, "label_field": label_field})
     acc = []
@@ -341,6 +310,6 @@ def train_judge(
         path, rows = parse_data_spec(spec)
         t, y = read_jsonl_labeled(path, text_field=text_field, label_field=label_field, positive_label=positive_label, rows=rows)
         acc.append({"file": str(path), "rows": spec.rpartition("@")[2] if "@" in spec else "all", "n": len(t),
-                    "sha256": file_sha256(path), "accuracy": judge.accuracy(t, y)})
+                    "sha256": sha256_file(path), "accuracy": judge.accuracy(t, y)})
     judge.meta["heldout"] = acc
     return judge

@@ -32,16 +32,20 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from steerport.errors import SteerportError
-from steerport.fileio import read_json_safetensors, require_fields, write_json_safetensors
-from steerport.linmap import LinearFit, fit_map, split_pairs
-from steerport.linmap import METHODS as METHODS
+from steerport.fileio import (
+    read_json_safetensors,
+    require_fields,
+    write_json_safetensors,
+)
+from steerport.linmap import METHODS, LinearFit, fit_map, split_pairs
 from steerport.models import ModelEmbeddings
 from steerport.vocab import Alignment, align_vocab
 
@@ -158,9 +162,11 @@ class Mapping:
         return write_json_safetensors(path, tensors, FORMAT, self.metadata())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Mapping":
+    def load(cls, path: str | os.PathLike) -> Mapping:
         """Read and validate a mapping file; problems become one-line SteerportErrors."""
         path = Path(path)
+        if not path.is_file():
+            raise SteerportError(f"{path}: no such mapping file")
         meta, tensors = read_json_safetensors(path, FORMAT, "a steerport mapping file")
         require_fields(path, meta, ("format", "version"), "mapping")
         if meta["format"] != FORMAT or not isinstance(meta["version"], int):
@@ -216,6 +222,9 @@ def fit_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions 
         raise SteerportError(f"{src.spec} and {tgt.spec} share only {al.n} tokens after normalization; cannot fit a map")
     Xs = _prepare(src.embeddings[al.src_ids], options.normalize)  # (n, d_s)
     Xt = _prepare(tgt.embeddings[al.tgt_ids], options.normalize)  # (n, d_t)
+    for emb, X in ((src, Xs), (tgt, Xt)):
+        if not bool(torch.isfinite(X).all()):
+            raise SteerportError(f"{emb.spec}: its output embeddings contain NaN or infinite values; cannot fit a map")
     train, held = split_pairs(al.n, options.holdout, options.seed)
     rank = al.frequency_rank()
     if options.top_k is not None:
@@ -230,7 +239,7 @@ def fit_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions 
         alignment=al.report(), diagnostics={"H": fH[1], "G": fG[1]},
         mean_src=fH[0].mu_y, mean_tgt=fH[0].mu_x,
         meta={"align_seconds": round(t_align, 3), "total_seconds": round(time.perf_counter() - t0, 3),
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "steerport_version": _version()},
     )
 

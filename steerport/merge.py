@@ -3,7 +3,7 @@
 A merged checkpoint runs the steered model at zero runtime cost in any engine that reads
 HF checkpoints (transformers, vLLM, llama.cpp after conversion, ...).
 
-The math (DESIGN.md section 3), for output embeddings E (V x d) and hidden state h (d)::
+The math, for output embeddings E (V x d) and hidden state h (d)::
 
     LM-Steer    z' = E (h + Σ s ε₀ B (Aᵀ h))        = E' h,   E' = E (I + Σ s ε₀ W)ᵀ
                                                            = E + Σ s ε₀ (E B) Aᵀ     (V x r · r x d)
@@ -25,7 +25,7 @@ Example::
 
     lm = load_model("smollm2-135m")
     merge_into_model(lm, [(Steer.load("pos.st"), 5.0)])        # edits lm.model in place
-    save_merged(lm, [(steer, 5.0)], "smollm2-pos5")            # or both at once: merge_to_dir(...)
+    save_merged(lm, "smollm2-pos5", card=model_card(...))        # or all at once, verified: merge_to_dir(...)
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +41,12 @@ import torch
 from torch import nn
 
 from steerport.errors import SteerportError
+from steerport.fileio import atomic_directory
 from steerport.hooks import SteerValue, check_compatible, steered
 from steerport.kinds import get_kind
 from steerport.models import LoadedModel, fingerprint
 from steerport.steer import Steer
+
 
 @dataclass
 class MergeRecord:
@@ -145,11 +145,11 @@ def model_card(base: LoadedModel, records: list[MergeRecord], base_fingerprint: 
         "",
         f"# {base.spec} with steers merged into the LM head",
         "",
-        f"Made by steerport {__version__} on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}. "
+        (f"Made by steerport {__version__} on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}. "
         "The steers below were folded into the output embeddings at fixed values "
         "(E' = E (I + Σ s ε₀ W)ᵀ for LM-Steer; token-prob rows += s ε₀ δ), so this checkpoint "
         "behaves like the base model with the steers applied, at no runtime cost. "
-        "Load it with `AutoModelForCausalLM.from_pretrained`.",
+        "Load it with `AutoModelForCausalLM.from_pretrained`."),
         "",
         f"- base model: `{base.spec}` (fingerprint `{base_fingerprint}`)",
         f"- merged output-embedding fingerprint: `{new_fingerprint}`",
@@ -173,6 +173,23 @@ def model_card(base: LoadedModel, records: list[MergeRecord], base_fingerprint: 
     return "\n".join(lines)
 
 
+def _write_checkpoint(lm: LoadedModel, folder: Path, card: str) -> None:
+    """Model, tokenizer and README.md into ``folder``."""
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def _check_destination(lm: LoadedModel, out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise SteerportError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
+    if lm.lm_head_bias is not None and not _head_bias_survives(lm):
+        raise SteerportError(
+            f"{lm.spec}: the LM head has a bias but the {type(lm.model).__name__} checkpoint format has no slot "
+            "for it, so the merged checkpoint would lose it"
+        )
+
+
 def save_merged(
     lm: LoadedModel,
     out: str | os.PathLike,
@@ -180,34 +197,25 @@ def save_merged(
     card: str,
     overwrite: bool = False,
 ) -> Path:
-    """Save ``lm`` (model + tokenizer + README.md) as a standard HF directory, atomically.
-
-    Writes into a temporary sibling directory, then renames it into place.
-    """
+    """Save ``lm`` (model + tokenizer + README.md) as a standard HF directory, atomically
+    (:func:`steerport.fileio.atomic_directory`: built beside ``out``, renamed into place)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SteerportError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
-    if lm.lm_head_bias is not None and not _head_bias_survives(lm):
-        raise SteerportError(
-            f"{lm.spec}: the LM head has a bias but the {type(lm.model).__name__} checkpoint format has no slot "
-            "for it, so the merged checkpoint would lose it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
-    try:
-        lm.model.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _check_destination(lm, out, overwrite)
+    with atomic_directory(out, replace=True) as tmp:
+        _write_checkpoint(lm, tmp, card)
     return out
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The largest max |logit difference| a verified merge may show in ``dtype``.
+
+    In float32 the folded head differs from the hook only by summation order (1e-3 is far above
+    that). In half precision (bfloat16 / float16, e.g. ``--dtype auto`` on a GPU or a CPU with
+    fast bf16) the folded head E' is rounded to 8 (bf16) or 11 (fp16) mantissa bits once, where
+    the hook rounds h + ε B Aᵀh instead; on logits of size ~10-30 that rounding moves a logit by
+    up to ~0.1, so 0.25 separates rounding from a wrong fold.
+    """
+    return 1e-3 if dtype == torch.float32 else 0.25
 
 
 @torch.no_grad()
@@ -236,21 +244,31 @@ def merge_to_dir(
     include_domain: bool = False,
     overwrite: bool = False,
     verify: bool = True,
+    tolerance: float | None = None,
     lm: LoadedModel | None = None,
 ) -> tuple[Path, float | None]:
-    """Load ``spec``, fold ``steers``, save to ``out``; with ``verify`` reload it with plain
-    transformers and return the max logit difference against the hooked base model."""
+    """Load ``spec``, fold ``steers``, save to ``out`` atomically; returns (path, max logit difference).
+
+    With ``verify`` the checkpoint is reloaded with plain transformers before it is renamed into
+    place and its logits on a probe text are compared with the hooked base model: a difference
+    above ``tolerance`` (default :func:`default_tolerance` of the model's dtype) is a
+    SteerportError and nothing is left at ``out``.
+    """
     from steerport.models import load_model
 
+    out = Path(out)
     for i, (steer, _) in enumerate(steers):
         check_foldable(steer, name=(paths[i] if paths else f"steer {i + 1}"))
     lm = lm or load_model(spec, dtype=dtype, device=device)
+    _check_destination(lm, out, overwrite)
+    tol = default_tolerance(lm.dtype) if tolerance is None else float(tolerance)
     base_fp = lm.fingerprint
     # reference logits from the hooked base model, before the head is changed
+    enc = lm.tokenizer(PROBE, return_tensors="pt", padding=True)
+    mask = enc["attention_mask"].bool()
     reference = None
     if verify:
-        enc = lm.tokenizer(PROBE, return_tensors="pt", padding=True)
-        with steered(lm, list(steers), force=force, include_domain=include_domain):
+        with steered(lm, list(steers), force=force, include_domain=include_domain), torch.no_grad():
             reference = lm.model(**{k: v.to(lm.device) for k, v in enc.items()}).logits.float().cpu()
     untied = _output_is_tied(lm.model)
     merge_into_model(lm, steers, force=force, include_domain=include_domain)
@@ -263,14 +281,18 @@ def merge_to_dir(
         for i, (s, v) in enumerate(steers)
     ]
     new_fp = fingerprint(lm.output_embeddings, lm.tokenizer.get_vocab())
-    path = save_merged(lm, out, card=model_card(lm, records, base_fp, new_fp, untied), overwrite=overwrite)
-    if not verify:
-        return path, None
-    from transformers import AutoModelForCausalLM
+    card = model_card(lm, records, base_fp, new_fp, untied)
+    diff = None
+    with atomic_directory(out, replace=True) as tmp:
+        _write_checkpoint(lm, tmp, card)
+        if reference is not None:
+            from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=lm.dtype).to(lm.device).eval()
-    with torch.no_grad():
-        got = reloaded(**{k: v.to(lm.device) for k, v in enc.items()}).logits.float().cpu()
-    mask = enc["attention_mask"].bool()
-    diff = float((got - reference).abs()[mask].max())
-    return path, diff
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=lm.dtype).to(lm.device).eval()
+            with torch.no_grad():
+                got = reloaded(**{k: v.to(lm.device) for k, v in enc.items()}).logits.float().cpu()
+            diff = float((got - reference).abs()[mask].max())
+            if diff > tol:
+                raise SteerportError(f"{out}: the reloaded checkpoint's logits differ from the hooked model by "
+                                     f"{diff:.3g} (> tolerance {tol:g}); nothing was saved")
+    return out, diff

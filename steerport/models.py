@@ -104,14 +104,19 @@ def resolve_spec(spec: str, *, pull: bool = True) -> ResolvedSpec:
 
 
 def _gguf_as_dir(gguf_path: str) -> str:
-    """Convert a user's .gguf once to a cached safetensors directory (GGUF parsing is slow)."""
-    from steerport import catalog
+    """Convert a user's .gguf once to a cached safetensors folder (GGUF parsing is slow).
+
+    The copy is keyed by the file's path, size and modification time, and is converted again
+    when it was made by another conversion version (e.g. stored in another precision).
+    """
+    from steerport.catalog import steerport_home
+    from steerport.gguf import gguf_to_hf, is_current_conversion
 
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{Path(gguf_path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = catalog.steerport_home() / "gguf-converted" / key
-    if not (out / "config.json").exists():
-        catalog.gguf_to_hf(Path(gguf_path), out)
+    out = steerport_home() / "gguf-converted" / key
+    if not is_current_conversion(out):
+        gguf_to_hf(Path(gguf_path), out)
     return str(out)
 
 

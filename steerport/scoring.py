@@ -1,12 +1,26 @@
 """Log-likelihoods and divergences of a (steered) model on text: the shared measuring tools.
 
-Everything here compares a model with steers applied against the same model without,
-on the same tokens. Used by the trainer's summary, transfer calibration, the evaluator,
-``score`` and ``explain``.
+Everything here compares a model with steers applied against the same model without, on the
+same tokens. There is one measurement — for each setting (a list of (steer, value) pairs) the
+mean KL(p_steered ‖ p_0) over token positions (κ, the KL budget), the log-prob of each next
+token, and optionally the mean log-prob shift of every vocabulary entry — computed by one loop
+(:meth:`_Scorer.stats_many`) over one of two sources of log-probabilities:
+
+* :class:`HeadScorer` — for steers that act at the LM head input (``lm-steer``, ``token-prob``):
+  the model body runs once (:func:`steerport.capture.cache_hidden`) and only the head is
+  recomputed per setting, so a value bisection costs a few head passes;
+* :class:`ForwardScorer` — for steers that act inside the network (``actadd``): a full forward
+  pass per setting.
+
+:func:`scorer_for` picks the right one, :func:`mean_kl` and :func:`value_for_kl` are the
+one-line uses (trainer summary, transfer calibration, ActAdd calibration, evaluate, sweep,
+explain all go through them).
 
 Example::
 
     lp = mean_logprob(lm, ["What a lovely day."], [(steer, 3.0)])   # (1,)
+    kappa = mean_kl(lm, neutral("calib"), [(steer, 3.0)])
+    res = value_for_kl(lm, neutral("calib"), steer, 0.05)           # res.value, res.kl
     auc = roc_auc(steer_scores(lm, steer, texts, 3.0), labels)
 """
 
@@ -16,19 +30,39 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from steerport.hooks import SteerValue, input_of, steered
+from steerport.capture import HiddenCache, cache_hidden, text_batches
+from steerport.errors import SteerportError
+from steerport.hooks import SteerValue, as_items, check_compatible, steered
+from steerport.kinds import get_kind, kind_names
+from steerport.metrics import BisectResult, find_value_for_kl, kl_divergence, roc_auc
 from steerport.models import LoadedModel
+from steerport.steer import Steer
+
+__all__ = ["HEAD_KINDS", "ForwardScorer", "HeadScorer", "HeadStats", "HiddenCache", "SteerStats", "batches",
+           "capture_hidden", "kl_divergence", "mean_kl", "mean_logprob", "per_text_mean", "roc_auc", "scorer_for",
+           "steer_scores", "token_logprobs", "value_for_kl"]
+
+batches = text_batches  # the older name of the token batcher, kept importable
+
+# Kinds whose hook acts on the LM head (its input or its output) and nowhere else, so the
+# body's hidden states are the same with and without them.
+HEAD_KINDS = frozenset(name for name in kind_names() if get_kind(name).acts_at_head)
+
+Chunk = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]  # lp0 (n, V), targets (n,), lps per setting (n, V)
 
 
-def batches(lm: LoadedModel, texts: Sequence[str], batch_size: int, max_tokens: int) -> Iterator[dict]:
-    """Right-padded token batches of at most ``max_tokens`` tokens per text."""
-    tok = lm.tokenizer
-    for i in range(0, len(texts), batch_size):
-        enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
-                  truncation=True, max_length=max_tokens)
-        yield {k: v.to(lm.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+# --------------------------------------------------------------------------- full forward passes
+
+
+def _forward_positions(lm: LoadedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (n, V) at every real position of a batch (flat, row by row) and the next
+    token id at each (n,), -1 at a text's last position."""
+    logits = lm.model(**batch).logits.float()  # (b, T, V)
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    nxt = torch.full_like(ids, -1)
+    nxt[:, :-1] = torch.where(mask[:, 1:], ids[:, 1:], -1)
+    return torch.log_softmax(logits[mask], -1), nxt[mask].cpu()
 
 
 @torch.no_grad()
@@ -44,12 +78,12 @@ def token_logprobs(
     """For each text, log p(x_t | x_<t) of each of its tokens after the first: a float32 vector."""
     out: list[torch.Tensor] = []
     with steered(lm, list(steers), force=force):
-        for batch in batches(lm, texts, batch_size, max_tokens):
-            logits = lm.model(**batch).logits[:, :-1].float()  # (b, T-1, V)
-            target = batch["input_ids"][:, 1:]
-            lp = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (b, T-1)
-            mask = batch["attention_mask"][:, 1:].bool()
-            out.extend(row[m].cpu() for row, m in zip(lp, mask))
+        for batch in text_batches(lm, texts, batch_size, max_tokens):
+            lp, targets = _forward_positions(lm, batch)
+            got = _gather_targets(lp, targets)  # (n,), NaN at each text's last position
+            lengths = batch["attention_mask"].sum(1).tolist()
+            for row in torch.split(got, lengths):
+                out.append(row[:-1])
     return out
 
 
@@ -58,228 +92,101 @@ def mean_logprob(lm: LoadedModel, texts: Sequence[str], steers: Sequence[SteerVa
     return torch.stack([lp.mean() if lp.numel() else lp.new_zeros(()) for lp in token_logprobs(lm, texts, steers, **kw)])
 
 
-def steer_scores(lm: LoadedModel, steer, texts: Sequence[str], value: float = 1.0, **kw) -> torch.Tensor:
+def steer_scores(lm: LoadedModel, steer: Steer, texts: Sequence[str], value: float = 1.0, **kw) -> torch.Tensor:
     """The steer as a classifier: mean log-likelihood under +value minus under -value, shape (n,)."""
     return mean_logprob(lm, texts, [(steer, value)], **kw) - mean_logprob(lm, texts, [(steer, -value)], **kw)
 
 
-@torch.no_grad()
-def mean_kl(
-    lm: LoadedModel,
-    texts: Sequence[str],
-    steers: Sequence[SteerValue],
-    *,
-    batch_size: int = 8,
-    max_tokens: int = 128,
-    force: bool = False,
-) -> float:
-    """κ: mean over token positions of KL(p_steered ‖ p_unsteered), in nats."""
-    total, count = 0.0, 0
-    for batch in batches(lm, texts, batch_size, max_tokens):
-        base = torch.log_softmax(lm.model(**batch).logits.float(), -1)  # (b, T, V)
-        with steered(lm, list(steers), force=force):
-            new = torch.log_softmax(lm.model(**batch).logits.float(), -1)
-        kl = kl_divergence(new, base)  # (b, T)
-        mask = batch["attention_mask"].bool()
-        total += kl[mask].sum().item()
-        count += int(mask.sum())
-    return total / max(count, 1)
-
-
-def roc_auc(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[float]) -> float:
-    """ROC AUC of ``scores`` for labels > 0 against labels <= 0 (ties count half)."""
-    from scipy.stats import rankdata
-
-    s = torch.as_tensor(scores, dtype=torch.float64).flatten().numpy()
-    y = torch.as_tensor(labels, dtype=torch.float64).flatten().numpy() > 0
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC AUC needs both classes")
-    ranks = rankdata(s)  # average ranks: ties count half (Mann-Whitney U)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) over the last axis from log-probabilities."""
-    return F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)
-
-
-# --------------------------------------------------------------------------- body once, head many times
-#
-# LM-Steer (and any steer that acts only at the LM head) leaves the model body untouched, so the
-# final hidden states of a text set are the same for every steer and every value. Run the body
-# once (``capture_hidden``), then score any number of (steer, value) settings by recomputing only
-# the head (``HeadScorer``): a KL bisection or a value sweep costs a few head passes, not a few
-# full forward passes. For LM-Steer the logit shift is low rank and computed as such:
-#
-#     Δz = Σ_i s_i ε_i (h A_i)(E B_i)ᵀ        h: (n, d), A_i, B_i: (d, r_i), E: (V, d), Δz: (n, V)
-
-
-@dataclass
-class HiddenCache:
-    """Final hidden states (LM-head inputs) of every real token position of a text set.
-
-    ``targets[i]`` is the next token id at position i, or -1 at a text's last position;
-    ``text_id[i]`` says which text position i belongs to.
-    """
-
-    hidden: torch.Tensor  # (N, d) float32
-    targets: torch.Tensor  # (N,) int64
-    text_id: torch.Tensor  # (N,) int64
-    n_texts: int
-
-    @property
-    def n_positions(self) -> int:
-        return self.hidden.shape[0]
-
-    @property
-    def n_targets(self) -> int:
-        return int((self.targets >= 0).sum())
-
-
-@torch.no_grad()
-def capture_hidden(
-    lm: LoadedModel,
-    texts: Sequence[str],
-    *,
-    batch_size: int = 8,
-    max_tokens: int = 128,
-    progress: Callable[[int], None] | None = None,
-) -> HiddenCache:
-    """Run the model body once over ``texts`` and keep the LM head's inputs (no head compute).
+def capture_hidden(lm: LoadedModel, texts: Sequence[str], *, batch_size: int = 8, max_tokens: int = 128,
+                   progress: Callable[[int], None] | None = None) -> HiddenCache:
+    """The LM head's inputs at every token position of ``texts``: :func:`steerport.capture.cache_hidden`
+    under its older name and signature (``progress(n)`` gets the number of texts just done).
 
     Example::
 
         cache = capture_hidden(lm, ["A neutral sentence."])
-        cache.hidden.shape        # (n_tokens, d)
+        cache.h.shape        # (n_tokens, d)
     """
-    hiddens, targets, text_ids = [], [], []
-    for start, batch in zip(range(0, len(texts), batch_size), batches(lm, texts, batch_size, max_tokens)):
-        h = input_of(lm.model, lm.lm_head, **batch, use_cache=False).float().cpu()  # (b, T, d)
-        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
-        nxt = torch.full_like(ids, -1)
-        nxt[:, :-1] = torch.where(mask[:, 1:], ids[:, 1:], -1)
-        row = torch.arange(start, start + ids.shape[0]).unsqueeze(1).expand_as(ids)
-        hiddens.append(h[mask])
-        targets.append(nxt[mask])
-        text_ids.append(row[mask])
-        if progress:
-            progress(ids.shape[0])
-    d = lm.hidden_size
-    return HiddenCache(
-        hidden=torch.cat(hiddens) if hiddens else torch.zeros(0, d),
-        targets=torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long),
-        text_id=torch.cat(text_ids) if text_ids else torch.zeros(0, dtype=torch.long),
-        n_texts=len(texts),
-    )
+    seen = [0]
+
+    def step(texts_done: int, positions_done: int) -> None:
+        if progress and texts_done > seen[0]:
+            progress(texts_done - seen[0])
+        seen[0] = texts_done
+
+    return cache_hidden(lm, texts, max_tokens=max_tokens, tokens_per_batch=batch_size * max_tokens, progress=step)
+
+
+# --------------------------------------------------------------------------- the measurement
 
 
 @dataclass
-class HeadStats:
-    """What one (steers, values) setting does on a cached text set, against the unsteered model."""
+class SteerStats:
+    """What one (steers, values) setting does on a text set, against the unsteered model."""
 
     kl: float  # κ: mean over positions of KL(p_steered ‖ p_0), nats
     token_logprob: torch.Tensor  # (N,) log p_steered(next token); NaN where there is none
     logprob_shift: torch.Tensor | None = None  # (V,) mean over positions of log p_s(v) - log p_0(v)
 
 
-class HeadScorer:
-    """Score steer settings on a :class:`HiddenCache` by recomputing only the LM head.
+HeadStats = SteerStats  # the older name (tokenprob has a different HeadStats)
 
-    LM-Steer steers use the low-rank shift above; other kinds are applied through their hook on
-    the head (``steerport.hooks.steered``) — correct for any steer that acts at the head input.
-    The unsteered logits are kept in memory when they fit in ``max_base_bytes``.
 
-    Example::
+class _Scorer:
+    """The one loop: κ, next-token log-probs and log-prob shifts of several settings, from
+    chunks of (unsteered log-probs, targets, steered log-probs per setting) that a subclass yields."""
 
-        scorer = HeadScorer(lm, capture_hidden(lm, neutral_texts))
-        kappa = scorer.stats([(steer, 2.0)]).kl
-    """
+    lm: LoadedModel
+    force: bool
+    V: int
+    targets: torch.Tensor  # (N,) next token id at each position, -1 at a text's last
+    text_id: torch.Tensor  # (N,) which text each position belongs to
+    n_texts: int
+    base_token_logprob: torch.Tensor  # (N,) log p_0(next token), NaN where there is none
+    _checked: set[tuple[str, str | None]]  # (steer fingerprint, made-for fingerprint) already checked
 
-    def __init__(self, lm: LoadedModel, cache: HiddenCache, *, chunk: int = 256, max_base_bytes: int = 1 << 30):
-        self.lm, self.cache, self.chunk = lm, cache, chunk
-        self.E = lm.output_embeddings.detach().float()  # (V, d)
-        bias = lm.lm_head_bias
-        self.bias = None if bias is None else bias.detach().float()
-        self.softcap = getattr(lm.model.config, "final_logit_softcapping", None)
-        self.V = self.E.shape[0]
-        self._eb: dict[int, torch.Tensor] = {}  # id(steer) -> E B (V, r)
-        self._base: list[torch.Tensor] | None = None
-        if cache.n_positions * self.V * 4 <= max_base_bytes:
-            self._base = [self._raw_base(i) for i in range(0, cache.n_positions, chunk)]
-        lse0, tgt0 = [], []
-        for i, raw in self._chunks():
-            logp = torch.log_softmax(self._cap(raw), -1)
-            lse0.append(torch.logsumexp(self._cap(raw), -1))
-            tgt0.append(_gather_targets(logp, self.cache.targets[i : i + chunk]))
-        self.lse0 = torch.cat(lse0) if lse0 else torch.zeros(0)
-        self.base_token_logprob = torch.cat(tgt0) if tgt0 else torch.zeros(0)
+    def _chunks(self, settings: list[list[SteerValue]]) -> Iterator[Chunk]:
+        raise NotImplementedError
 
-    # ------------------------------------------------------------ pieces
+    def _allowed(self, steer: Steer) -> None:
+        """Raise if this scorer cannot measure ``steer``."""
 
-    def _raw_base(self, i: int) -> torch.Tensor:
-        h = self.cache.hidden[i : i + self.chunk].to(self.E.device)
-        z = h @ self.E.T  # (n, V)
-        return z + self.bias if self.bias is not None else z
+    def _check(self, settings: Sequence[Sequence[SteerValue]]) -> list[list[SteerValue]]:
+        out = [as_items(list(s)) for s in settings]
+        for setting in out:
+            for steer, _ in setting:
+                key = (steer.fingerprint, steer.model.get("fingerprint"))
+                if key not in self._checked:
+                    self._allowed(steer)
+                    check_compatible(self.lm, steer, force=self.force)
+                    self._checked.add(key)
+        return out
 
-    def _chunks(self):
-        for k, i in enumerate(range(0, self.cache.n_positions, self.chunk)):
-            yield i, (self._base[k] if self._base is not None else self._raw_base(i))
-
-    def _cap(self, z: torch.Tensor) -> torch.Tensor:
-        return z if not self.softcap else torch.tanh(z / self.softcap) * self.softcap
-
-    def _eb_of(self, steer) -> torch.Tensor:
-        if id(steer) not in self._eb:
-            self._eb[id(steer)] = self.E @ steer.B.float().to(self.E.device)  # (V, r)
-        return self._eb[id(steer)]
-
-    def _steered_raw(self, i: int, raw: torch.Tensor, steers: Sequence[SteerValue]) -> torch.Tensor:
-        h = self.cache.hidden[i : i + raw.shape[0]].to(self.E.device)
-        z = raw.clone()
-        others = []
-        for steer, value in steers:
-            if steer.kind == "lm-steer":
-                coef = (h @ steer.A.float().to(h.device)) * (float(value) * steer.epsilon)  # (n, r)
-                z += coef @ self._eb_of(steer).T  # (n, V)
-            else:
-                others.append((steer, value))
-        if others:  # generic path: the steer's own hook on the head, minus the unsteered head
-            head = self.lm.lm_head
-            with steered(self.lm, others, force=True):
-                zs = head(h.to(self.lm.dtype)).float()
-            z += zs - head(h.to(self.lm.dtype)).float()
-        return z
-
-    # ------------------------------------------------------------ the measurement
-
-    def stats(self, steers: Sequence[SteerValue], *, shift: bool = False) -> HeadStats:
+    def stats(self, steers: Sequence[SteerValue], *, shift: bool = False) -> SteerStats:
         """κ, next-token log-probs and (``shift=True``) the mean log-prob shift per vocabulary entry."""
         return self.stats_many([steers], shift=shift)[0]
 
     @torch.no_grad()
-    def stats_many(self, settings: Sequence[Sequence[SteerValue]], *, shift: bool = False, kl: bool = True) -> list[HeadStats]:
-        """:meth:`stats` for several settings in one pass: the unsteered logits are computed once per chunk.
+    def stats_many(self, settings: Sequence[Sequence[SteerValue]], *, shift: bool = False, kl: bool = True) -> list[SteerStats]:
+        """:meth:`stats` for several settings in one pass: the unsteered log-probs are computed once per chunk.
 
         ``kl=False`` skips the KL (reported as NaN) when only the log-probs are needed.
         """
-        k = len(settings)
+        checked = self._check(settings)
+        k = len(checked)
         total_kl, n = [0.0] * k, 0
         tgt: list[list[torch.Tensor]] = [[] for _ in range(k)]
         shift_sum = [torch.zeros(self.V) for _ in range(k)] if shift else None
-        for i, raw in self._chunks():
-            lp0 = torch.log_softmax(self._cap(raw), -1)
-            targets = self.cache.targets[i : i + raw.shape[0]]
-            for j, steers in enumerate(settings):
-                lps = torch.log_softmax(self._cap(self._steered_raw(i, raw, steers)), -1)  # (n, V)
+        for lp0, targets, per_setting in self._chunks(checked):
+            for j, lps in enumerate(per_setting):
                 if kl:
                     total_kl[j] += kl_divergence(lps, lp0).sum().item()
                 tgt[j].append(_gather_targets(lps, targets))
                 if shift_sum is not None:
                     shift_sum[j] += (lps - lp0).sum(0).cpu()
-            n += raw.shape[0]
+            n += lp0.shape[0]
         return [
-            HeadStats(
+            SteerStats(
                 kl=total_kl[j] / max(n, 1) if kl else float("nan"),
                 token_logprob=torch.cat(tgt[j]) if tgt[j] else torch.zeros(0),
                 logprob_shift=None if shift_sum is None else shift_sum[j] / max(n, 1),
@@ -289,19 +196,201 @@ class HeadScorer:
 
     def text_means(self, token_logprob: torch.Tensor) -> torch.Tensor:
         """Mean per-token log-likelihood of each text, shape (n_texts,); 0 for texts of one token."""
-        return per_text_mean(token_logprob, self.cache)
+        return per_text_mean(token_logprob, self)
+
+
+# The body once, the head many times. LM-Steer (and any steer that acts only at the LM head)
+# leaves the model body untouched, so the final hidden states of a text set are the same for every
+# steer and value. For LM-Steer the logit shift is low rank and computed as such:
+#
+#     Δz = Σ_i s_i ε_i (h A_i)(E B_i)ᵀ        h: (n, d), A_i, B_i: (d, r_i), E: (V, d), Δz: (n, V)
+
+
+class HeadScorer(_Scorer):
+    """Score steer settings on a :class:`~steerport.capture.HiddenCache` of LM-head inputs by
+    recomputing only the LM head.
+
+    LM-Steer steers use the low-rank shift above; other head kinds go through their own hook on
+    the head (``steerport.hooks.steered``). Soft-capped heads (Gemma 2/3) are capped as the model
+    does (:func:`steerport.models.logit_softcap`). The unsteered logits are kept in memory when
+    they fit in ``max_base_bytes``. Steers made for another model are refused unless ``force``.
+
+    Example::
+
+        scorer = HeadScorer(lm, cache_hidden(lm, neutral_texts))
+        kappa = scorer.stats([(steer, 2.0)]).kl
+    """
+
+    def __init__(self, lm: LoadedModel, cache: HiddenCache, *, chunk: int = 256, max_base_bytes: int = 1 << 30,
+                 force: bool = False):
+        self.lm, self.cache, self.chunk, self.force, self._checked = lm, cache, chunk, force, set()
+        self.targets, self.text_id, self.n_texts = cache.targets, cache.text_id, cache.n_texts
+        self.E = lm.output_embeddings.detach().float()  # (V, d)
+        bias = lm.lm_head_bias
+        self.bias = None if bias is None else bias.detach().float()
+        self.softcap = lm.softcap
+        self.V = self.E.shape[0]
+        self._eb: dict[str, torch.Tensor] = {}  # steer fingerprint -> E B (V, r)
+        self._base: list[torch.Tensor] | None = None
+        if cache.n_positions * self.V * 4 <= max_base_bytes:
+            self._base = [self._raw_base(i) for i in range(0, cache.n_positions, chunk)]
+        tgt0 = [_gather_targets(torch.log_softmax(self._cap(raw), -1), self.cache.targets[i : i + raw.shape[0]])
+                for i, raw in self._raw_chunks()]
+        self.base_token_logprob = torch.cat(tgt0) if tgt0 else torch.zeros(0)  # (N,)
+
+    def _allowed(self, steer: Steer) -> None:
+        if steer.kind not in HEAD_KINDS:
+            raise SteerportError(f"a {steer.kind!r} steer acts inside the network, not at the LM head; "
+                                 "measure it with ForwardScorer (scorer_for picks it)")
+
+    def _hidden(self, i: int, n: int) -> torch.Tensor:
+        return self.cache.h[i : i + n].to(self.E.device, torch.float32)  # (n, d)
+
+    def _raw_base(self, i: int) -> torch.Tensor:
+        z = self._hidden(i, self.chunk) @ self.E.T  # (n, V)
+        return z + self.bias if self.bias is not None else z
+
+    def _raw_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for k, i in enumerate(range(0, self.cache.n_positions, self.chunk)):
+            yield i, (self._base[k] if self._base is not None else self._raw_base(i))
+
+    def _cap(self, z: torch.Tensor) -> torch.Tensor:
+        return z if not self.softcap else torch.tanh(z / self.softcap) * self.softcap
+
+    def _eb_of(self, steer: Steer) -> torch.Tensor:
+        key = steer.fingerprint  # not id(steer): ids are reused once a steer is freed
+        if key not in self._eb:
+            self._eb[key] = self.E @ steer.B.float().to(self.E.device)  # (V, r)
+        return self._eb[key]
+
+    def _steered_raw(self, h: torch.Tensor, raw: torch.Tensor, low_rank: list[tuple[torch.Tensor, torch.Tensor]],
+                     others: list[SteerValue]) -> torch.Tensor:
+        """Steered raw logits (n, V): ``low_rank`` holds (s ε A (d, r), E B (V, r)) per LM-Steer steer."""
+        z = raw.clone()
+        for A, EB in low_rank:
+            z += (h @ A) @ EB.T  # (n, r) @ (r, V)
+        if others:  # another head kind: its own hook on the head, minus the unsteered head
+            head, x = self.lm.lm_head, h.to(self.lm.device, self.lm.dtype)
+            with steered(self.lm, others, force=self.force):
+                zs = head(x).float()
+            z += (zs - head(x).float()).to(z.device)
+        return z
+
+    def _chunks(self, settings: list[list[SteerValue]]) -> Iterator[Chunk]:
+        prepared = []  # per setting: the LM-Steer factors ready for the low-rank shift, and the other steers
+        for steers in settings:
+            low_rank = [(steer.A.float().to(self.E.device) * (value * steer.epsilon), self._eb_of(steer))
+                        for steer, value in steers if steer.kind == "lm-steer"]
+            prepared.append((low_rank, [(st, v) for st, v in steers if st.kind != "lm-steer"]))
+        for i, raw in self._raw_chunks():
+            h = self._hidden(i, raw.shape[0])
+            lp0 = torch.log_softmax(self._cap(raw), -1)
+            yield lp0, self.cache.targets[i : i + raw.shape[0]], [
+                torch.log_softmax(self._cap(self._steered_raw(h, raw, low_rank, others)), -1) for low_rank, others in prepared]
+
+
+class ForwardScorer(_Scorer):
+    """Score steer settings on ``texts`` by full forward passes: for steers that act inside the
+    network (ActAdd), where the body's states change with the steer. Any kind works.
+
+    The unsteered log-probs are kept when they fit in ``max_base_bytes``. ``token_logprob`` is
+    flat over the texts' positions in text order, NaN at each text's last position (as a cache's).
+
+    Example::
+
+        scorer = ForwardScorer(lm, neutral_texts, max_tokens=64)
+        kappa = scorer.stats([(actadd_steer, 4.0)]).kl
+    """
+
+    def __init__(self, lm: LoadedModel, texts: Sequence[str], *, batch_size: int = 8, max_tokens: int = 128,
+                 max_base_bytes: int = 1 << 30, force: bool = False):
+        self.lm, self.force, self._checked = lm, force, set()
+        self.batches = list(text_batches(lm, texts, batch_size, max_tokens))
+        self.V, self.n_texts = lm.output_embeddings.shape[0], len(texts)
+        lengths = torch.cat([b["attention_mask"].sum(1).cpu() for b in self.batches]) if self.batches else torch.zeros(0)
+        self.text_id = torch.repeat_interleave(torch.arange(len(texts)), lengths.long())  # (N,)
+        keep = self.text_id.numel() * self.V * 4 <= max_base_bytes
+        self._base: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keep else None
+        targets, base_tgt = [], []
+        with torch.no_grad():
+            for b in self.batches:
+                lp0, tgt = _forward_positions(lm, b)
+                targets.append(tgt)
+                base_tgt.append(_gather_targets(lp0, tgt))
+                if self._base is not None:
+                    self._base.append((lp0, tgt))
+        self.targets = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+        self.base_token_logprob = torch.cat(base_tgt) if base_tgt else torch.zeros(0)
+
+    def _chunks(self, settings: list[list[SteerValue]]) -> Iterator[Chunk]:
+        for k, batch in enumerate(self.batches):
+            lp0, targets = self._base[k] if self._base is not None else _forward_positions(self.lm, batch)
+            per_setting = []
+            for steers in settings:
+                with steered(self.lm, steers, force=self.force):
+                    per_setting.append(_forward_positions(self.lm, batch)[0])
+            yield lp0, targets, per_setting
+
+
+def scorer_for(lm: LoadedModel, texts: Sequence[str], steers: Sequence[Steer], *, batch_size: int = 8,
+               max_tokens: int = 128, chunk: int = 256, force: bool = False) -> HeadScorer | ForwardScorer:
+    """A :class:`HeadScorer` on ``texts`` when every steer acts at the LM head, else a :class:`ForwardScorer`."""
+    if all(s.kind in HEAD_KINDS for s in steers):
+        return HeadScorer(lm, capture_hidden(lm, texts, batch_size=batch_size, max_tokens=max_tokens), chunk=chunk,
+                          force=force)
+    return ForwardScorer(lm, texts, batch_size=batch_size, max_tokens=max_tokens, force=force)
+
+
+def mean_kl(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    steers: Sequence[SteerValue],
+    *,
+    batch_size: int = 8,
+    max_tokens: int = 128,
+    force: bool = False,
+) -> float:
+    """κ: mean over token positions of KL(p_steered ‖ p_unsteered) on ``texts``, in nats."""
+    items = as_items(list(steers))
+    return scorer_for(lm, texts, [s for s, _ in items], batch_size=batch_size, max_tokens=max_tokens,
+                      force=force).stats(items).kl
+
+
+def value_for_kl(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    steer: Steer,
+    target: float,
+    *,
+    start: float = 1.0,
+    rel_tol: float = 0.02,
+    max_tokens: int = 128,
+    batch_size: int = 8,
+    force: bool = False,
+    scorer: HeadScorer | ForwardScorer | None = None,
+) -> BisectResult:
+    """The steer value s > 0 whose κ on ``texts`` is ``target`` (:func:`steerport.metrics.find_value_for_kl`).
+
+    Example::
+
+        res = value_for_kl(lm, neutral("calib"), steer, 0.05)     # res.value, res.kl, res.history
+    """
+    sc = scorer or scorer_for(lm, texts, [steer], batch_size=batch_size, max_tokens=max_tokens, force=force)
+    return find_value_for_kl(lambda v: sc.stats([(steer, v)]).kl, target, start=start, rel_tol=rel_tol)
 
 
 def _gather_targets(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logp[i, targets[i]], NaN where targets[i] < 0."""
+    """logp[i, targets[i]], NaN where targets[i] < 0: (n, V), (n,) -> (n,) on the CPU."""
     t = targets.to(logp.device)
     out = logp.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1).cpu()
-    return torch.where(targets >= 0, out, torch.full_like(out, float("nan")))
+    return torch.where(targets.cpu() >= 0, out, torch.full_like(out, float("nan")))
 
 
-def per_text_mean(token_logprob: torch.Tensor, cache: HiddenCache) -> torch.Tensor:
-    """Average the finite per-position values of each text (the cache's text_id), shape (n_texts,)."""
+def per_text_mean(token_logprob: torch.Tensor, cache: HiddenCache | _Scorer) -> torch.Tensor:
+    """Average the per-position values of each text over its positions that have a next token
+    (``targets``, ``text_id``, ``n_texts`` of a cache or a scorer), shape (n_texts,)."""
     ok = cache.targets >= 0
     sums = torch.zeros(cache.n_texts, dtype=torch.float64).index_add_(0, cache.text_id[ok], token_logprob[ok].double())
-    counts = torch.zeros(cache.n_texts, dtype=torch.float64).index_add_(0, cache.text_id[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
+    ones = torch.ones(int(ok.sum()), dtype=torch.float64)
+    counts = torch.zeros(cache.n_texts, dtype=torch.float64).index_add_(0, cache.text_id[ok], ones)
     return (sums / counts.clamp(min=1)).float()

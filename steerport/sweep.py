@@ -2,13 +2,13 @@
 
 For each value s on a grid:
 
-- κ(s): mean KL(p_s ‖ p_0) over the tokens of neutral text (the KL budget, DESIGN.md §5);
+- κ(s): mean KL(p_s ‖ p_0) over the tokens of neutral text (the KL budget);
 - Sep(s) = [ℓ_s(D+) − ℓ_0(D+)] − [ℓ_s(D−) − ℓ_0(D−)] on labeled texts, when given
   (ℓ = mean per-token log-likelihood; positive means the steer favours its positive class);
 - a few greedy continuations of prompts, when given, to read.
 
-Written as JSON and plotted (matplotlib, Agg) to PNG: the picture for choosing a value.
-Also here: :func:`read_labeled`, the small labeled-text reader ``score`` and ``sweep`` use.
+Written as JSON and plotted (matplotlib's Figure API) to PNG: the picture for choosing a value.
+Also here: :func:`read_labeled`, the labeled-text reader ``score`` and ``sweep`` use (labels optional).
 
 Example::
 
@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-import json
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 
 from steerport.errors import SteerportError
+from steerport.fileio import atomic_write_bytes
 from steerport.hooks import generate
 from steerport.models import LoadedModel
-from steerport.scoring import mean_kl, mean_logprob
+from steerport.scoring import scorer_for
 from steerport.steer import Steer
+from steerport.texts import read_texts_and_labels
 
 
 def parse_values(spec: str) -> list[float]:
@@ -58,40 +60,11 @@ def read_labeled(
     label_field: str = "label",
     positive_labels: Sequence[str] | None = None,
 ) -> tuple[list[str], list[int] | None]:
-    """Texts and (if present) 0/1 labels from a .jsonl file (or a .txt file, one text a line).
-
-    ``positive_labels``: the label values (compared as strings) that mean the steer's
-    positive class; default ``["1"]``. Labels must be present on all rows or on none.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SteerportError(f"{path}: no such data file")
-    pos = {str(p) for p in (positive_labels or ["1"])}
-    texts: list[str] = []
-    labels: list[int] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            texts.append(line)
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise SteerportError(f"{path}:{n}: not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-            raise SteerportError(f"{path}:{n}: no string field {text_field!r}")
-        texts.append(row[text_field])
-        if label_field in row:
-            value = row[label_field]
-            labels.append(1 if str(value) in pos else 0)
-        elif labels:
-            raise SteerportError(f"{path}:{n}: no {label_field!r} field, but earlier rows have one")
-    if not texts:
-        raise SteerportError(f"{path}: no texts")
-    if labels and len(labels) != len(texts):
-        raise SteerportError(f"{path}: {len(texts) - len(labels)} row(s) lack the {label_field!r} field")
-    return texts, (labels or None)
+    """Texts and (if present) 0/1 labels: :func:`steerport.texts.read_texts_and_labels` with
+    labels optional (a .txt file, one text a line, has none). ``positive_labels``: the label
+    values (compared as strings) that mean the steer's positive class; default ``["1"]``."""
+    return read_texts_and_labels(path, text_field=text_field, label_field=label_field,
+                                 positive_labels=tuple(positive_labels or ("1",)), require_labels=False)
 
 
 def recorded_positive_labels(steer: Steer) -> list[str] | None:
@@ -129,18 +102,25 @@ def sweep(
     max_tokens: int = 128,
     progress: Callable[[float], None] | None = None,
 ) -> list[SweepRow]:
-    """κ, separation and (optionally) generations + judge attribute rate at every value."""
+    """κ, separation and (optionally) generations + judge attribute rate at every value.
+
+    The model body runs once on the neutral and once on the labeled texts; each value then costs
+    a pass of the LM head (:class:`steerport.scoring.HeadScorer`; a full pass for ActAdd steers).
+    """
+    kl_scorer = scorer_for(lm, neutral, [steer], max_tokens=max_tokens, force=force)
     if labeled is not None:
         texts, labels = list(labeled[0]), list(labeled[1])
         if not any(labels) or all(labels):
             raise SteerportError("separation needs texts of both classes in --data")
         y = torch.tensor(labels, dtype=torch.bool)
-        base = mean_logprob(lm, texts, [], max_tokens=max_tokens)  # (n,)
+        lab_scorer = scorer_for(lm, texts, [steer], max_tokens=max_tokens, force=force)
+        base = lab_scorer.text_means(lab_scorer.base_token_logprob)  # (n,)
     rows = []
     for s in values:
-        row = SweepRow(value=float(s), kl=mean_kl(lm, neutral, [(steer, s)], force=force, max_tokens=max_tokens))
+        row = SweepRow(value=float(s), kl=kl_scorer.stats([(steer, s)]).kl)
         if labeled is not None:
-            shift = mean_logprob(lm, texts, [(steer, s)], force=force, max_tokens=max_tokens) - base
+            (got,) = lab_scorer.stats_many([[(steer, s)]], kl=False)
+            shift = lab_scorer.text_means(got.token_logprob) - base
             row.pos_shift, row.neg_shift = float(shift[y].mean()), float(shift[~y].mean())
             row.separation = row.pos_shift - row.neg_shift
         if prompts:
@@ -160,13 +140,11 @@ def sweep_json(rows: list[SweepRow], meta: dict) -> dict:
 
 def plot_sweep(rows: list[SweepRow], path: str | Path, *, title: str = "") -> Path:
     """Effect (attribute rate or separation) and κ against the value, on two y axes; PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     xs = [r.value for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.add_subplot()
     effect_axis = ax
     handles = []
     if any(r.attribute_rate is not None for r in rows):
@@ -187,10 +165,6 @@ def plot_sweep(rows: list[SweepRow], path: str | Path, *, title: str = "") -> Pa
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())

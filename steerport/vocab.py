@@ -58,13 +58,22 @@ def byte_decoder() -> dict[str, int]:
 
 
 def _backend_json(tokenizer) -> dict:
+    """The fast tokenizer's JSON description, or {} when there is none (then the vocabulary decides).
+
+    A backend with custom Python components (``PreTokenizer.custom(...)``) cannot be serialized:
+    ``tokenizers`` raises a bare ``Exception`` ("Custom PreTokenizer cannot be serialized") for
+    that, and only that exact type is taken as "no description"; anything else propagates.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return {}
     try:
-        return json.loads(backend.to_str())
-    except Exception:  # a backend that cannot serialize: fall back to the vocabulary heuristic
+        text = backend.to_str()
+    except Exception as e:  # the bare type tokenizers raises; any subclass is re-raised below
+        if type(e) is not Exception:
+            raise
         return {}
+    return json.loads(text)
 
 
 def detect_convention(tokenizer) -> str:
@@ -200,7 +209,7 @@ class Alignment:
 
     def report(self) -> dict:
         """Coverage and bookkeeping as plain JSON-able numbers."""
-        side = lambda s: {  # noqa: E731
+        side = lambda s: {
             "convention": s.convention, "vocab_size": s.vocab_size, "usable_tokens": len(s.by_surface),
             "dropped_special": s.dropped_special, "duplicate_surfaces": s.duplicates,
         }

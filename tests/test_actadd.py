@@ -8,15 +8,14 @@ import torch
 from steerport import Steer, SteerportError, generate, steered
 from steerport.actadd import (
     compute_vector,
-    decoder_layers,
     make_actadd,
     padded_pair,
     resolve_layer,
     transfer_actadd,
 )
-from steerport.align_positions import pair_by_end_offset, paired_positions, token_end_offsets
+from steerport.models import decoder_layers
 from steerport.scoring import mean_kl
-from tests.tiny import ARCHS, CORPUS, D, random_steer_factors, tiny_model, tiny_tokenizer
+from tests.tiny import ARCHS, CORPUS, D, random_steer_factors, tiny_model
 
 TEXT = ["The movie was wonderful and the food is good.", "I hate it."]
 LAYER_NAMES = {
@@ -185,20 +184,7 @@ def test_composes_with_an_lm_steer_steer():
     torch.testing.assert_close(both, expected, atol=1e-4, rtol=1e-4)
 
 
-# ---------------------------------------------------------------- positions pairing and transfer
-
-
-def test_end_offset_pairs_have_read_the_same_text():
-    ta, tb = tiny_tokenizer(vocab_size=300), tiny_tokenizer(vocab_size=400)
-    text = "The weather today is mild, and the food was wonderful."
-    ia, ib = paired_positions(ta, tb, text)
-    ids_a, ends_a = token_end_offsets(ta, text)
-    ids_b, ends_b = token_end_offsets(tb, text)
-    assert len(ia) == len(ib) >= 5 and len(ids_a) != len(ids_b)
-    for i, j in zip(ia, ib):
-        assert ends_a[i] == ends_b[j]
-        assert ta.decode(ids_a[: i + 1]) == tb.decode(ids_b[: j + 1]) == text[: ends_a[i]]
-    assert pair_by_end_offset([-1, 3, 5, 5, 9], [-1, 5, 9], skip_first=True) == ([3, 4], [1, 2])
+# ---------------------------------------------------------------- transfer
 
 
 def test_map_transfer_to_the_same_model_returns_the_same_vector():
@@ -448,3 +434,169 @@ def test_multi_layer_map_transfer_through_a_change_of_basis_reproduces_the_effec
         got = logits_of(tgt, batch)
     assert (want - logits_of(src, batch)).abs().max() > 0.1
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- per-row values
+
+
+def per_row_steers(lm, kind, g):
+    """Two actadd steers of one layout: front (P, d) at one layer, all-positions (d,), or multi-layer rows."""
+    n = lm.n_layers
+    if kind == "front":
+        return [actadd_steer(lm, torch.randn(3, D, generator=g), layer=1, eps=2.0),
+                actadd_steer(lm, torch.randn(5, D, generator=g), layer=1, eps=0.5)]
+    if kind == "all":
+        return [actadd_steer(lm, torch.randn(D, generator=g), layer=1, eps=2.0, positions="all"),
+                actadd_steer(lm, torch.randn(D, generator=g), layer=0, eps=0.5, positions="all")]
+    return [multi_steer(lm, torch.randn(3, D, generator=g), [n, 0, 1], eps=2.0),  # n: after the last block
+            multi_steer(lm, torch.randn(2, D, generator=g), [1, n], eps=0.5)]
+
+
+# GPT-2 does not derive position ids from the attention mask, so its rows are padded on the right
+@pytest.mark.parametrize("arch,side", [("llama", "left"), ("gemma3_text", "left"), ("gpt2", "right")])
+@pytest.mark.parametrize("kind", ["front", "all", "multi"])
+def test_per_row_values_equal_each_row_run_alone(arch, side, kind):
+    """Rows at different values in one batch: each row is bit for bit the batch run at that row's values,
+    and matches the row run alone (a batch of one, no padding) to float precision."""
+    lm = tiny_model(arch, n_layers=3)
+    steers = per_row_steers(lm, kind, torch.Generator().manual_seed(12))
+    texts = ["The movie was wonderful and the food is good.", "I hate it.", "What a waste of time"]
+    batch = batch_of(lm, texts, side=side)  # left: rows start at different positions
+    rows = torch.tensor([[1.5, -2.0], [-0.5, 0.0], [0.0, 3.0]])  # (b, k)
+    with steered(lm, [(s, 0.0) for s in steers], rows=rows):
+        mixed = logits_of(lm, batch)
+    mask = batch["attention_mask"].bool()
+    for i, text in enumerate(texts):
+        with steered(lm, [(s, float(v)) for s, v in zip(steers, rows[i])]):
+            same_batch = logits_of(lm, batch)
+            alone = logits_of(lm, batch_of(lm, [text]))[0]
+        assert torch.equal(mixed[i], same_batch[i])
+        torch.testing.assert_close(mixed[i][mask[i]], alone, atol=1e-5, rtol=1e-5)
+    base = logits_of(lm, batch)
+    for i in range(3):
+        assert (mixed[i] - base[i])[mask[i]].abs().max() > 1e-3, "every row carries a steer"
+    with steered(lm, [(s, 0.0) for s in steers], rows=torch.zeros(3, 2)):
+        assert torch.equal(logits_of(lm, batch), base)
+
+
+def test_per_row_values_for_another_batch_size_are_a_clear_error():
+    lm = tiny_model("llama")
+    s = actadd_steer(lm, torch.ones(2, D))
+    with pytest.raises(SteerportError, match="per-row actadd values for 3 rows, but this forward pass has 2"):
+        with steered(lm, [(s, 1.0)], rows=torch.ones(3, 1)):
+            logits_of(lm, batch_of(lm))
+
+
+# ---------------------------------------------------------------- residual map, calibration, transfer entry
+
+
+def test_residual_map_holds_out_a_random_split_not_the_tail():
+    """Rows sorted so that the last 20 % come from another region of the space (a coordinate the head never
+    uses). An exact linear relation must still be measured as exact: the held-out rows are a seeded random
+    split, so the fit has seen that region (holding out the tail gave R² far below 1)."""
+    from steerport.actadd import fit_residual_map
+
+    g = torch.Generator().manual_seed(13)
+    n, d = 500, 6
+    Xs = torch.randn(n, d, generator=g)
+    Xs[: int(0.8 * n), 0] = 0.0  # the head never moves along coordinate 0 ...
+    Xs[int(0.8 * n) :, 0] = 5.0 + torch.randn(n - int(0.8 * n), generator=g)  # ... the tail does, strongly
+    K = torch.randn(d, 4, generator=g)
+    Xt = Xs @ K + 0.3
+    K_fit, r2 = fit_residual_map(Xs, Xt, ridge=1e-9)
+    assert r2 > 0.999
+    torch.testing.assert_close(K_fit, K, atol=1e-3, rtol=1e-3)
+    assert fit_residual_map(Xs, Xt, ridge=1e-9)[1] == r2  # seeded: the same split every time
+
+
+def test_calibrate_value_finds_the_kl_budget_with_the_shared_scoring():
+    lm = tiny_model("llama")
+    steer = actadd_steer(lm, torch.randn(3, D, generator=torch.Generator().manual_seed(14)), eps=1.0)
+    texts = list(dict.fromkeys(CORPUS))
+    from steerport.actadd import calibrate_value
+
+    s, k = calibrate_value(lm, steer, texts, 5e-4, start=1.0, max_tokens=32)
+    assert k == pytest.approx(5e-4, rel=0.02)
+    assert k == pytest.approx(mean_kl(lm, texts, [(steer, s)], max_tokens=32), rel=1e-6)  # κ(s) as scoring measures it
+    with pytest.raises(SteerportError, match="positive"):
+        calibrate_value(lm, steer, texts, 0.0)
+    other = Steer("actadd", steer.tensors, 1.0, model={"spec": "elsewhere", "fingerprint": "0123456789abcdef"},
+                  meta=steer.meta)
+    with pytest.raises(SteerportError, match="fingerprint"):
+        calibrate_value(lm, other, texts, 5e-4)
+    s1, k1 = calibrate_value(lm, other, texts, 5e-4, force=True, max_evals=1, max_tokens=32)  # one evaluation, at start
+    assert s1 == 1.0 and k1 == pytest.approx(mean_kl(lm, texts, [(steer, 1.0)], max_tokens=32), rel=1e-6)
+
+
+def transfer_options(**kw):
+    """steerport.transfer.TransferOptions, or a stand-in with the fields the actadd transfer reads while the
+    transfer branch (which adds actadd_method, texts, max_tokens) is not merged."""
+    from dataclasses import dataclass
+
+    from steerport.transfer import TransferOptions
+
+    try:
+        return TransferOptions(**kw)
+    except TypeError:
+        @dataclass
+        class StandIn:
+            actadd_method: str = "recipe"
+            texts: object = None
+            max_tokens: int = 128
+            calibrate: str = "auto"
+            dtype: str = "float32"
+            device: str = "cpu"
+
+        return StandIn(**kw)
+
+
+def test_transfer_with_options_loads_specs_and_follows_the_options(monkeypatch):
+    import steerport.actadd as actadd
+    from steerport.kinds import get_kind
+    from steerport.transfer import TransferResult
+
+    src, tgt = tiny_model("gpt2"), tiny_model("gemma3_text")
+    loaded = []
+
+    def fake_load(spec, *, dtype, device):
+        loaded.append((spec, dtype, device))
+        return {"src": src, "tgt": tgt}[spec]
+
+    monkeypatch.setattr(actadd, "load_model", fake_load)
+    s = make_actadd(src, [(" love", " hate")], layer=0.5, coeff=2.0)
+    texts = list(dict.fromkeys(CORPUS))[:4]
+    opt = transfer_options(actadd_method="recipe", texts=texts, max_tokens=32, dtype="bfloat16", device="cpu",
+                           calibrate="none")  # recipe calibrates all the same
+    res = get_kind("actadd").transfer_steer(s, "src", "tgt", opt, source_path="love.st")  # the kind's entry
+    assert isinstance(res, TransferResult) and res.mapping is None and res.lineage is res.steer.meta["lineage"]
+    assert loaded == [("src", "bfloat16", "cpu"), ("tgt", "bfloat16", "cpu")]
+    want = transfer_actadd(s, src, tgt, texts, method="recipe", max_tokens=32)
+    assert res.steer.epsilon == want.epsilon and torch.equal(res.steer.tensors["vector"], want.tensors["vector"])
+    assert res.lineage["source_path"] == "love.st" and res.lineage["kappa_source"] == want.meta["lineage"]["kappa_source"]
+    # map calibrates for calibrate auto / kl and keeps ε₀ for none
+    kept = actadd.transfer_with_options(s, src, tgt, transfer_options(actadd_method="map", texts=texts, max_tokens=32,
+                                                                      calibrate="none"))
+    assert kept.steer.epsilon == s.epsilon and "calibration" not in kept.lineage and kept.lineage["pairs_fit"] > 0
+    auto = actadd.transfer_with_options(s, src, tgt, transfer_options(actadd_method="map", texts=texts, max_tokens=32))
+    assert auto.lineage["calibration"] == "matched mean KL on neutral text"
+    assert mean_kl(tgt, texts, [(auto.steer, 1.0)], max_tokens=32) == pytest.approx(auto.lineage["kappa_source"], rel=0.03)
+    # default neutral text: the first 64 paragraphs of the bundled fit split
+    default = actadd.transfer_with_options(s, src, tgt, transfer_options(actadd_method="map", max_tokens=16,
+                                                                         calibrate="none"))
+    assert default.lineage["neutral_texts"] == 64
+    with pytest.raises(SteerportError, match="embed calibration is for LM-Steer"):
+        actadd.transfer_with_options(s, src, tgt, transfer_options(actadd_method="map", texts=texts, calibrate="embed"))
+    with pytest.raises(SteerportError, match="without a vocabulary mapping"):
+        actadd.transfer_with_options(s, src, tgt, opt, mapping_path="m.st")
+    with pytest.raises(SteerportError, match="fingerprint"):  # the steer was made for src, not tgt
+        actadd.transfer_with_options(s, tgt, src, opt)
+    forced = actadd.transfer_with_options(s, tgt, src, transfer_options(actadd_method="map", texts=texts,
+                                                                        max_tokens=32, calibrate="none"), force=True)
+    assert forced.steer.model["fingerprint"] == src.fingerprint
+
+
+def test_calibrating_a_steer_without_effect_is_a_clear_error():
+    src, tgt = tiny_model("gpt2"), tiny_model("llama")
+    zero = actadd_steer(src, torch.zeros(3, D))  # stores prompt pairs, but its vector does nothing
+    with pytest.raises(SteerportError, match=r"does not change the source model's predictions.*κ = 0"):
+        transfer_actadd(zero, src, tgt, ["The movie was wonderful."], method="recipe")

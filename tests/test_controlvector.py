@@ -126,12 +126,11 @@ def test_import_errors(tmp_path):
 
 def test_imported_vector_acts_where_llama_cpp_adds_it(tmp_path):
     """llama.cpp adds direction.N to the output of block N; the imported steer must do the same."""
-    import steerport.actadd  # noqa: F401  (registers the ActAdd applier)
-    from steerport.hooks import steered
-    from tests.tiny import CONFIGS, tiny_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from steerport.hooks import steered
     from steerport.models import LoadedModel
+    from tests.tiny import CONFIGS, tiny_tokenizer
 
     tok = tiny_tokenizer()
     kw = dict(CONFIGS["llama"], num_hidden_layers=4)
@@ -162,8 +161,8 @@ def test_imported_vector_acts_where_llama_cpp_adds_it(tmp_path):
 def test_multi_layer_file_acts_where_llama_cpp_adds_it(tmp_path, arch):
     """A cvector-generator-style file (directions 1 .. n_layers-1): import -> apply, and export -> import -> apply,
     both equal llama.cpp's semantics, emulated by forward hooks adding direction.N to the output of block N."""
-    from steerport.actadd import decoder_layers
     from steerport.hooks import steered
+    from steerport.models import decoder_layers
     from tests.tiny import tiny_model
 
     lm = tiny_model(arch, n_layers=4)
@@ -194,3 +193,58 @@ def test_multi_layer_file_acts_where_llama_cpp_adds_it(tmp_path, arch):
     with torch.no_grad(), steered(lm, [(again, 1.0)]):
         got = lm.model(**batch).logits
     torch.testing.assert_close(got, llama_cpp(-2.0), atol=1e-5, rtol=1e-5)
+
+
+def test_export_through_the_kind_registry_writes_the_same_file(tmp_path):
+    from steerport.kinds import get_kind
+
+    steer = actadd(torch.randn(2, D), layers=[3, 5])
+    by_kind = get_kind("actadd").export("gguf-cvec", steer, tmp_path / "kind.gguf", value=2.0, model_hint="llama")
+    direct = export_control_vector(steer, tmp_path / "direct.gguf", value=2.0, model_hint="llama")
+    assert by_kind == tmp_path / "kind.gguf" and by_kind.read_bytes() == direct.read_bytes()
+    back = import_control_vector(by_kind)
+    torch.testing.assert_close(back.tensors["vector"], 2.0 * 0.5 * steer.tensors["vector"])
+
+
+def test_export_is_atomic_with_ordinary_permissions(tmp_path, monkeypatch):
+    import os
+
+    steer = actadd(torch.randn(D), layer=3)
+    path = export_control_vector(steer, tmp_path / "calm.gguf", value=1.0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # a temporary file's 0600 would hide it from others
+    before = path.read_bytes()
+
+    def broken(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_control_vector(actadd(torch.randn(D), layer=4), path, value=3.0)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["calm.gguf"]
+    with pytest.raises(SteerportError, match="finite"):
+        export_control_vector(steer, tmp_path / "nan.gguf", value=float("nan"))
+
+
+def test_damaged_files_are_one_line_errors(tmp_path):
+    """Truncated or corrupted GGUF bytes: a one-line SteerportError (or a readable file), never a traceback."""
+    import random
+
+    good = export_control_vector(actadd(torch.randn(3, D), layers=[2, 3, 4]), tmp_path / "good.gguf").read_bytes()
+    rng = random.Random(0)
+    damaged = [good[:4], good[:30], good[: len(good) // 2], good[:-4]]
+    for _ in range(40):
+        b = bytearray(good)
+        for _ in range(5):
+            b[rng.randrange(8, 200)] = rng.randrange(256)
+        damaged.append(bytes(b))
+    errors = 0
+    for i, data in enumerate(damaged):
+        (tmp_path / f"d{i}.gguf").write_bytes(data)
+        try:
+            import_control_vector(tmp_path / f"d{i}.gguf")
+        except SteerportError as e:
+            assert "\n" not in str(e)
+            errors += 1
+    assert errors >= len(damaged) // 2

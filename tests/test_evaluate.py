@@ -1,5 +1,7 @@
 """Evaluator metrics with known answers, the head-only scorer against full forward passes, and the CLI."""
 
+import copy
+import gc
 import json
 import math
 
@@ -7,10 +9,32 @@ import pytest
 import torch
 
 from steerport import Steer, SteerportError
+from steerport.capture import cache_hidden
 from steerport.evaluate import (
-    EvalSettings, distinct_n, evaluate_steers, find_value_for_kl, mean_distinct, retention, separation, spearman,
+    EvalSettings,
+    conditional_perplexity,
+    evaluate_steers,
+    sample_continuations,
 )
-from steerport.scoring import HeadScorer, capture_hidden, kl_divergence, mean_kl, roc_auc, token_logprobs
+from steerport.metrics import (
+    distinct_n,
+    find_value_for_kl,
+    kl_divergence,
+    mean_distinct,
+    retention,
+    roc_auc,
+    separation,
+    spearman,
+)
+from steerport.scoring import (
+    ForwardScorer,
+    HeadScorer,
+    capture_hidden,
+    mean_kl,
+    scorer_for,
+    token_logprobs,
+    value_for_kl,
+)
 from tests.tiny import ARCHS, CORPUS, D, random_steer_factors, tiny_model
 
 TEXTS = CORPUS[:6]
@@ -87,10 +111,15 @@ def test_head_scorer_equals_full_forward(arch):
     lm = tiny_model(arch, head_bias=arch == "opt")
     s = steer_for(lm)
     cache = capture_hidden(lm, TEXTS, batch_size=4)
+    full_stats = ForwardScorer(lm, TEXTS, batch_size=4).stats([(s, 2.0)], shift=True)  # full forward passes
+    assert full_stats.kl > 0
     for max_base in (0, 1 << 30):  # recomputed and cached base logits
         sc = HeadScorer(lm, cache, chunk=7, max_base_bytes=max_base)
         st = sc.stats([(s, 2.0)], shift=True)
-        assert st.kl == pytest.approx(mean_kl(lm, TEXTS, [(s, 2.0)], batch_size=4), rel=1e-4)
+        assert st.kl == pytest.approx(full_stats.kl, rel=1e-4)
+        assert st.kl == pytest.approx(mean_kl(lm, TEXTS, [(s, 2.0)], batch_size=4), rel=1e-5)
+        torch.testing.assert_close(st.logprob_shift, full_stats.logprob_shift, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(st.token_logprob, full_stats.token_logprob, atol=1e-4, rtol=1e-4, equal_nan=True)
         full = torch.cat(token_logprobs(lm, TEXTS, [(s, 2.0)], batch_size=4))
         mine = st.token_logprob[cache.targets >= 0]
         torch.testing.assert_close(mine, full, atol=1e-4, rtol=1e-4)
@@ -154,17 +183,30 @@ def test_evaluate_generation_metrics():
     from steerport.judges import TfidfJudge
 
     lm = tiny_model("gpt2")
+    ref = tiny_model("llama")
     s = steer_for(lm)
     judge = TfidfJudge.fit(["good great lovely", "love it", "bad awful", "hate it"] * 3, [1, 1, 0, 0] * 3, settings={"min_df": 1})
-    rep = evaluate_steers(lm, [("a", s)], heldout=(TEXTS, [1, 0, 1, 0, 0, 1]), neutral=TEXTS,
-                          settings=EvalSettings(kappa=0.01, n_prompts=2, samples_per_prompt=2, max_new_tokens=5),
-                          prompts=["The movie", "I think"], judge=judge, reference=tiny_model("llama"))
+    settings = EvalSettings(kappa=0.01, n_prompts=2, samples_per_prompt=2, max_new_tokens=5)
+    prompts = ["The movie", "I think"]
+    rep = evaluate_steers(lm, [("a", s)], heldout=(TEXTS, [1, 0, 1, 0, 0, 1]), neutral=TEXTS, settings=settings,
+                          prompts=prompts, judge=judge, reference=ref)
     g = rep["generation"]
     assert set(g["runs"]) == {"unsteered", "a"}
-    for run in g["runs"].values():
-        assert 0 <= run["attribute_rate"] <= 1 and run["perplexity"] > 1
-        assert 0 < run["distinct_1"] <= 1
-    assert g["runs"]["a"]["generation_retention"] == pytest.approx(1.0) or math.isnan(g["runs"]["a"]["generation_retention"])
+    # every number is the metric of the seeded samples, redrawn here with the same settings
+    for name, steers in (("unsteered", []), ("a", [(s, rep["steers"]["a"]["value"])])):
+        groups = sample_continuations(lm, prompts, steers, settings)
+        flat = [c for grp in groups for c in grp]
+        run = g["runs"][name]
+        assert run["distinct_1"] == pytest.approx(mean_distinct(groups, 1))
+        assert run["attribute_rate"] == pytest.approx(float((judge.score(flat) > 0.5).mean()))
+        assert run["perplexity"] == pytest.approx(conditional_perplexity(ref, [p for p in prompts for _ in range(2)], flat))
+        assert [x["continuation"] for x in run["samples"]] == [grp[0] for grp in groups]
+        assert all(not c.startswith(p) for p, grp in zip(prompts, groups) for c in grp)  # continuations only
+    base, nat = g["runs"]["unsteered"]["attribute_rate"], g["runs"]["a"]["attribute_rate"]
+    if base == nat:
+        assert math.isnan(g["runs"]["a"]["generation_retention"])
+    else:  # the native steer retains all of its own effect
+        assert g["runs"]["a"]["generation_retention"] == pytest.approx(1.0)
 
 
 def test_evaluate_refuses_bad_input():
@@ -175,3 +217,93 @@ def test_evaluate_refuses_bad_input():
     other = Steer.lm_steer(torch.zeros(16, 2), torch.zeros(16, 2), epsilon=1.0)
     with pytest.raises(SteerportError, match="hidden size"):
         evaluate_steers(lm, [("a", other)], heldout=(TEXTS, [1, 0] * 3), neutral=TEXTS)
+
+
+def test_evaluate_refuses_a_steer_made_for_another_model_unless_forced():
+    lm = tiny_model("gpt2")
+    A, B = random_steer_factors(seed=1)
+    foreign = Steer.lm_steer(A, B, epsilon=0.5, model={"spec": "elsewhere", "fingerprint": "0123456789abcdef"})
+    kw = {"heldout": (TEXTS, [1, 0, 1, 0, 0, 1]), "neutral": TEXTS, "prompts": ["The movie"],
+          "settings": EvalSettings(kappa=0.01, samples_per_prompt=1, max_new_tokens=3)}
+    with pytest.raises(SteerportError, match="fingerprint"):
+        evaluate_steers(lm, [("a", foreign)], **kw)
+    rep = evaluate_steers(lm, [("a", foreign)], force=True, **kw)
+    assert rep["steers"]["a"]["kl"] == pytest.approx(0.01, rel=0.03) and rep["generation"]["runs"]["a"]["samples"]
+    # the scorers and the sampler check too: the caller's force is passed through, never assumed
+    cache = cache_hidden(lm, TEXTS)
+    with pytest.raises(SteerportError, match="fingerprint"):
+        HeadScorer(lm, cache).stats([(foreign, 1.0)])
+    assert HeadScorer(lm, cache, force=True).stats([(foreign, 1.0)]).kl > 0
+    with pytest.raises(SteerportError, match="fingerprint"):
+        sample_continuations(lm, ["The movie"], [(foreign, 1.0)], EvalSettings(samples_per_prompt=1, max_new_tokens=2))
+    with pytest.raises(SteerportError, match="fingerprint"):
+        mean_kl(lm, TEXTS, [(foreign, 1.0)])
+
+
+def test_head_scorer_keys_steers_by_content_not_identity():
+    """Steers created and freed in sequence (CPython reuses their ids) each get their own E·B."""
+    lm = tiny_model("llama")
+    cache = cache_hidden(lm, TEXTS)
+    expected = [HeadScorer(lm, cache).stats([(steer_for(lm, seed=k), 2.0)]).kl for k in range(1, 5)]
+    assert len(set(expected)) == 4
+    shared = HeadScorer(lm, cache)
+    got = []
+    for k in range(1, 5):
+        st = steer_for(lm, seed=k)
+        got.append(shared.stats([(st, 2.0)]).kl)
+        del st
+        gc.collect()
+    assert got == pytest.approx(expected, rel=1e-6)
+    # the same object changed in place is a different steer
+    st = steer_for(lm, seed=1)
+    before = shared.stats([(st, 2.0)]).kl
+    st.tensors["B"] = -2 * st.tensors["B"]
+    assert shared.stats([(st, 2.0)]).kl == pytest.approx(HeadScorer(lm, cache).stats([(st, 2.0)]).kl, rel=1e-6)
+    assert shared.stats([(st, 2.0)]).kl != pytest.approx(before, rel=1e-3)
+
+
+def test_head_scorer_soft_caps_like_the_model_reads_the_text_config(monkeypatch):
+    """A Gemma-style model whose cap sits in its text config (the top-level config lacks it)."""
+    lm = tiny_model("gemma3_text")
+    text_config = copy.deepcopy(lm.model.config)
+    text_config.final_logit_softcapping = 0.5  # small: it bites on the tiny model's logits
+    monkeypatch.setattr(lm.model.config, "final_logit_softcapping", None)
+    monkeypatch.setattr(lm.model.config, "get_text_config", lambda *a, **k: text_config, raising=False)
+    assert lm.softcap == 0.5
+    cache = cache_hidden(lm, TEXTS)
+    s = steer_for(lm)
+    z = cache.h @ lm.output_embeddings.detach().float().T  # (N, V)
+    for steers, shift in (([], 0.0), ([(s, 2.0)], 2.0 * s.epsilon)):
+        zs = z + shift * (cache.h @ s.A) @ (lm.output_embeddings.detach().float() @ s.B).T
+        capped = torch.log_softmax(0.5 * torch.tanh(zs / 0.5), -1)
+        want = capped.gather(-1, cache.targets.clamp(min=0)[:, None])[:, 0]
+        got = HeadScorer(lm, cache).stats(steers).token_logprob
+        ok = cache.targets >= 0
+        torch.testing.assert_close(got[ok], want[ok], atol=1e-5, rtol=1e-5)
+        uncapped = torch.log_softmax(zs, -1).gather(-1, cache.targets.clamp(min=0)[:, None])[:, 0]
+        assert (got[ok] - uncapped[ok]).abs().max() > 1e-2
+
+
+def test_head_scorer_refuses_steers_inside_the_network_and_forward_scorer_measures_them():
+    lm = tiny_model("gpt2")
+    g = torch.Generator().manual_seed(0)
+    act = Steer("actadd", {"vector": torch.randn(D, generator=g)}, epsilon=1.0,
+                meta={"layer": 1, "positions": "all"}, model={"spec": lm.spec, "fingerprint": lm.fingerprint})
+    with pytest.raises(SteerportError, match="inside the network"):
+        HeadScorer(lm, cache_hidden(lm, TEXTS)).stats([(act, 1.0)])
+    sc = scorer_for(lm, TEXTS, [act])
+    assert isinstance(sc, ForwardScorer)
+    assert sc.stats([(act, 0.0)]).kl == 0.0
+    k1, k2 = (x.kl for x in sc.stats_many([[(act, 1.0)], [(act, 2.0)]]))
+    assert 0 < k1 < k2
+    assert mean_kl(lm, TEXTS, [(act, 2.0)]) == pytest.approx(k2, rel=1e-6)
+
+
+def test_value_for_kl_reaches_the_budget_for_both_scorers():
+    lm = tiny_model("gpt2")
+    s = steer_for(lm)
+    for scorer in (None, ForwardScorer(lm, TEXTS)):
+        res = value_for_kl(lm, TEXTS, s, 0.02, rel_tol=1e-3, scorer=scorer)
+        assert res.kl == pytest.approx(0.02, rel=1e-3)
+        assert mean_kl(lm, TEXTS, [(s, res.value)]) == pytest.approx(0.02, rel=2e-3)
+

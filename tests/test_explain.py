@@ -14,7 +14,9 @@ from steerport.explain import (
     svd_keywords,
     top_spans,
 )
+from steerport.scoring import ForwardScorer, mean_logprob
 from steerport.sweep import parse_values, plot_sweep, read_labeled, sweep
+from steerport.texts import neutral
 from tests.tiny import D, random_steer_factors, tiny_model
 
 POS = ["x", "z"]  # planted tokens (the tiny tokenizer is character level)
@@ -66,6 +68,22 @@ def test_planted_rank1_keywords():
     assert sorted(k.surface for k in kw.lowered) == sorted(NEG)
     assert all(k.score > 0 for k in kw.raised) and all(k.score < 0 for k in kw.lowered)
     assert kw.to_json()["directions"][0]["positive"][0]["surface"] in POS
+
+
+def test_keywords_default_to_the_calib_neutral_text_and_cover_actadd():
+    lm = tiny_model("gpt2")
+    steer = Steer.lm_steer(*random_steer_factors(seed=2), epsilon=1.0, model={"spec": lm.spec, "fingerprint": lm.fingerprint})
+    kw = steer_keywords(lm, steer, k=3, value=2.0)
+    given = steer_keywords(lm, steer, k=3, value=2.0, texts=neutral("calib", 16))
+    assert kw.n_neutral_texts == 16 and kw.to_json() == given.to_json()
+    # a steer that acts inside the network: no SVD directions, its shift measured by full forward passes
+    g = torch.Generator().manual_seed(0)
+    act = Steer("actadd", {"vector": 3 * torch.randn(D, generator=g)}, meta={"layer": 1, "positions": "all"})
+    texts = ["The weather today is mild.", "What a waste of time."]
+    akw = steer_keywords(lm, act, k=3, value=1.0, texts=texts)
+    shift = ForwardScorer(lm, texts).stats([(act, 1.0)], shift=True).logprob_shift
+    assert akw.directions == [] and akw.raised[0].score == pytest.approx(float(shift[akw.raised[0].token_id]))
+    assert akw.raised[0].score > 0 > akw.lowered[0].score
 
 
 def test_keywords_errors():
@@ -148,7 +166,7 @@ def test_read_labeled(tmp_path):
     t.write_text("one\ntwo\n")
     assert read_labeled(t) == (["one", "two"], None)
     for content, match in [('{"text": "a", "label": 1}\n{"text": "b"}\n', "no 'label'"),
-                           ('{"text": "a"}\n{"text": "b", "label": 1}\n', "lack"),
+                           ('{"text": "a"}\n{"text": "b", "label": 1}\n', r"d.jsonl:2: has a 'label' field, but earlier rows do not"),
                            ('{"txt": "a"}\n', "no string field"), ("{oops\n", "not valid JSON"), ("\n", "no texts")]:
         p.write_text(content)
         with pytest.raises(SteerportError, match=match):
@@ -169,6 +187,16 @@ def test_sweep_rows_and_plot(tmp_path):
     assert rows[3].kl > rows[2].kl > 0 and rows[0].kl > 0
     assert all(len(r.samples) == 1 for r in rows)
     assert all(r.separation is not None for r in rows)
+    # each row is the definition, measured with full forward passes
+    base = mean_logprob(lm, texts, [])
+    y = torch.tensor([True, True, False, False])
+    for r in rows:
+        assert r.kl == pytest.approx(float(ForwardScorer(lm, ["The weather today is mild."]).stats([(steer, r.value)]).kl),
+                                     rel=1e-4, abs=1e-7)
+        shift = mean_logprob(lm, texts, [(steer, r.value)]) - base
+        assert r.pos_shift == pytest.approx(float(shift[y].mean()), abs=1e-5)
+        assert r.separation == pytest.approx(float(shift[y].mean() - shift[~y].mean()), abs=1e-5)
+    assert rows[0].samples != rows[1].samples or rows[3].samples != rows[1].samples
     png = plot_sweep(rows, tmp_path / "s.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SteerportError, match="both classes"):
@@ -179,7 +207,7 @@ def test_recorded_label_mapping():
     from steerport.sweep import recorded_positive_labels
 
     A, B = random_steer_factors()
-    make = lambda meta: Steer.lm_steer(A, B, epsilon=1.0, meta=meta)  # noqa: E731
+    make = lambda meta: Steer.lm_steer(A, B, epsilon=1.0, meta=meta)
     assert recorded_positive_labels(make({"data": {"label_mapping": {"positive": [0], "negative": "all other labels"}}})) == ["0"]
     assert recorded_positive_labels(make({"data": {"label_mapping": "labels are +1/-1"}})) == ["1"]
     assert recorded_positive_labels(make({"data": {"label_mapping": "real-valued"}})) is None

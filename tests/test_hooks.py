@@ -104,9 +104,8 @@ def test_hooks_removed_on_exit_and_on_exception():
         pass
     assert torch.equal(logits(lm), base)
     assert not lm.lm_head._forward_pre_hooks
-    with pytest.raises(RuntimeError):
-        with steered(lm, [(s, 4.0)]):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), steered(lm, [(s, 4.0)]):
+        raise RuntimeError("boom")
     assert not lm.lm_head._forward_pre_hooks
     assert torch.equal(logits(lm), base)
 
@@ -114,13 +113,11 @@ def test_hooks_removed_on_exit_and_on_exception():
 def test_mismatched_steer_refused():
     lm = tiny_model("gpt2")
     wrong_size = Steer.lm_steer(torch.ones(D + 1, 2), torch.ones(D + 1, 2), epsilon=1.0)
-    with pytest.raises(SteerportError, match="hidden size"):
-        with steered(lm, [(wrong_size, 1.0)]):
-            pass
+    with pytest.raises(SteerportError, match="hidden size"), steered(lm, [(wrong_size, 1.0)]):
+        pass
     other = Steer.lm_steer(*random_steer_factors(), epsilon=1.0, model={"spec": "x", "fingerprint": "0123"})
-    with pytest.raises(SteerportError, match="fingerprint"):
-        with steered(lm, [(other, 1.0)]):
-            pass
+    with pytest.raises(SteerportError, match="fingerprint"), steered(lm, [(other, 1.0)]):
+        pass
     with steered(lm, [(other, 1.0)], force=True):
         pass
     assert not lm.lm_head._forward_pre_hooks
@@ -133,6 +130,12 @@ def test_generate_zero_steer_unchanged_and_steer_changes_output():
     base = generate(lm, prompts, max_new_tokens=8)
     assert generate(lm, prompts, [(s, 0.0)], max_new_tokens=8) == base
     assert generate(lm, prompts, [(s, 1.0)], max_new_tokens=8) != base
+    # only the new text comes back: the prompt's ids followed by the continuation's are what the model generates
+    tok = lm.tokenizer
+    ids = lm.model.generate(**tok(prompts[:1], return_tensors="pt"), max_new_tokens=8, do_sample=False,
+                            pad_token_id=tok.pad_token_id)
+    n = len(tok(prompts[0])["input_ids"])
+    assert base[0] == tok.decode(ids[0, n:], skip_special_tokens=True) and not base[0].startswith(prompts[0])
     # batching does not change greedy output
     assert generate(lm, prompts, max_new_tokens=8, batch_size=1) == base
     # sampling is reproducible with a seed

@@ -66,7 +66,13 @@ def test_score_reports_auc_and_writes_scores(setup):
     r = run("score", model, "--steer", f"{root / 's.st'}:3", "--data", root / "d.jsonl", "--out", root / "scores.jsonl")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    assert summary["n"] == 4 and 0.0 <= summary["roc_auc"] <= 1.0
+    from steerport.metrics import roc_auc
+    from steerport.models import load_model
+    from steerport.scoring import steer_scores
+
+    texts = ["The movie was wonderful.", "I love this place.", "The film was terrible.", "What a waste of time."]
+    want = roc_auc(steer_scores(load_model(model), Steer.load(root / "s.st"), texts, 3.0), [1, 1, 0, 0])
+    assert summary["n"] == 4 and summary["roc_auc"] == pytest.approx(want)
     lines = [json.loads(x) for x in (root / "scores.jsonl").read_text().splitlines()]
     assert [x["label"] for x in lines] == [1, 1, 0, 0]
     # flipping which label is positive mirrors the AUC
@@ -123,7 +129,7 @@ def test_user_errors_are_one_line(setup, tmp_path):
     ]
     for args in cases:
         env = {**os.environ, "COLUMNS": "2000"}  # so rich does not wrap the line
-        p = subprocess.run([sys.executable, "-m", "steerport.cli", *args], capture_output=True, text=True, env=env)
+        p = subprocess.run([sys.executable, "-m", "steerport.cli", *args], capture_output=True, text=True, env=env, check=False)
         assert p.returncode == 1, (args, p.stderr)
         assert p.stderr.startswith("error:") and "Traceback" not in p.stderr, (args, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from steerport import Steer, SteerportError
-from steerport.judges import HFJudge, Judge, TfidfJudge, builtin_judges, load_judge, train_judge
+from steerport.judges import (
+    HFJudge,
+    Judge,
+    TfidfJudge,
+    builtin_judges,
+    load_judge,
+    train_judge,
+)
 from tests.tiny import random_steer_factors, tiny_model, tiny_tokenizer
 
 POS = ["a lovely , moving film", "great acting and a wonderful story", "i love it , truly good", "good fun , great cast"]
@@ -17,7 +24,7 @@ NEG = ["a dull , tedious mess", "awful acting and a boring story", "i hate it , 
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "steerport.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "steerport.cli", *args], capture_output=True, text=True, check=False)
 
 
 def fitted():
@@ -144,7 +151,11 @@ def test_evaluate_cli_end_to_end(tiny_setup):
     assert rep["native"] == "native" and set(rep["steers"]) == {"native", "moved"}
     assert rep["steers"]["native"]["retained_effect"] == 1.0
     assert rep["steers"]["moved"]["kl"] == pytest.approx(0.01, rel=0.03)
-    assert rep["files"]["data"]["sha256"] and rep["steerport_version"]
+    from steerport import __version__
+    from steerport.fileio import sha256_file
+
+    assert rep["files"]["data"]["sha256"] == sha256_file(root / "heldout.jsonl")
+    assert rep["steerport_version"] == __version__
     assert rep["generation"]["judge"]["heldout"][0]["accuracy"] > 0.75
     assert "separation" in r.stdout and "attr. rate" in r.stdout
 

@@ -193,3 +193,30 @@ def test_refuses_multi_layer_actadd():
     with pytest.raises(SteerportError, match=r"cannot be folded.*decoder layers 0, 1, 2 \(all positions\).*bias") as err:
         merge_into_model(lm, [(act, 2.0)])
     assert "\n" not in str(err.value)
+
+
+def test_verification_above_the_tolerance_leaves_nothing(tmp_path):
+    lm = tiny_model("gpt2")
+    with pytest.raises(SteerportError, match="tolerance"):
+        merge_to_dir(lm.spec, [(lm_steer(lm, 1), 1.0)], tmp_path / "m", lm=lm, tolerance=-1.0)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.iterdir()), "no checkpoint, no temporary folder"
+    lm = tiny_model("gpt2")
+    path, diff = merge_to_dir(lm.spec, [(lm_steer(lm, 1), 1.0)], tmp_path / "m", lm=lm, tolerance=1e-3)
+    assert path.is_dir() and diff < 1e-3
+
+
+def test_save_merged_is_atomic(tmp_path, monkeypatch):
+    from steerport.merge import save_merged
+
+    lm = tiny_model("gpt2")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "old.txt").write_text("old")
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lm.tokenizer, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_merged(lm, tmp_path / "m", card="x", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"] and (tmp_path / "m" / "old.txt").read_text() == "old"
+

@@ -74,3 +74,49 @@ def test_bad_dtype():
     assert parse_dtype("float32") == torch.float32
     with pytest.raises(SteerportError, match="dtype"):
         parse_dtype("int8")
+
+
+# --------------------------------------------------------------------------- decoder layers, soft-cap
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoder_layers_found_on_every_architecture(arch):
+    from steerport.models import decoder_layers
+
+    lm = tiny_model(arch, n_layers=3)
+    layers = decoder_layers(lm.model)
+    assert len(layers) == lm.n_layers == 3
+    assert isinstance(layers, torch.nn.ModuleList)
+    assert all(layer is not lm.lm_head for layer in layers)
+
+
+def test_decoder_layers_strict_without_num_hidden_layers():
+    from types import SimpleNamespace
+
+    from steerport.models import decoder_layers
+
+    lm = tiny_model("llama")
+    model = lm.model
+    model.config = SimpleNamespace(vocab_size=10)  # a config that does not say how many layers there are
+    with pytest.raises(SteerportError, match="no num_hidden_layers") as e:
+        decoder_layers(model)
+    assert "\n" not in str(e.value)
+    model.config = SimpleNamespace(num_hidden_layers=7)  # says 7, but the model has 2: refused, not guessed
+    with pytest.raises(SteerportError, match="no list of 7 decoder layers"):
+        decoder_layers(model)
+
+
+def test_logit_softcap_read_from_the_text_sub_config():
+    from types import SimpleNamespace
+
+    from steerport.models import logit_softcap
+
+    text = SimpleNamespace(final_logit_softcapping=30.0, num_hidden_layers=2)
+    multimodal = SimpleNamespace(get_text_config=lambda: text)  # e.g. Gemma-3 with vision: cap on the text part
+    assert logit_softcap(SimpleNamespace(config=multimodal)) == 30.0
+    assert logit_softcap(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=50))) == 50.0
+    assert logit_softcap(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=None))) is None
+    assert tiny_model("llama").softcap is None
+    gemma = tiny_model("gemma3_text")
+    gemma.model.config.final_logit_softcapping = 12.5
+    assert gemma.softcap == 12.5

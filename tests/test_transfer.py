@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +15,34 @@ from transformers import PreTrainedTokenizerFast
 
 from steerport.errors import SteerportError
 from steerport.hooks import steered
-from steerport.mapping import FitOptions, Mapping, fit_direction, fit_mapping, get_mapping, split_pairs
+from steerport.kinds import get_kind
+from steerport.linmap import fit_linear, split_pairs
+from steerport.mapping import (
+    FitOptions,
+    Mapping,
+    _fit_direction,
+    fit_mapping,
+    get_mapping,
+)
 from steerport.models import LoadedModel, ModelEmbeddings
 from steerport.steer import Steer
-from steerport.transfer import TransferOptions, anchor_fit, transfer
-from steerport.vocab import (BYTE_LEVEL, SENTENCEPIECE, WORDPIECE, align_vocab, byte_decoder, detect_convention,
-                             raw_shared_tokens, surface)
+from steerport.transfer import (
+    TransferOptions,
+    anchor_fit,
+    carry_lm_steer,
+    transfer,
+    transfer_steer,
+)
+from steerport.vocab import (
+    BYTE_LEVEL,
+    SENTENCEPIECE,
+    WORDPIECE,
+    align_vocab,
+    byte_decoder,
+    detect_convention,
+    raw_shared_tokens,
+    surface,
+)
 from tests.tiny import CORPUS, D, random_steer_factors, tiny_model, tiny_tokenizer
 
 TEXTS = sorted(set(CORPUS))
@@ -177,6 +201,32 @@ def test_conventions_detected():
     assert detect_convention(_wordpiece_tokenizer()) == WORDPIECE
 
 
+def test_unserializable_backend_falls_back_to_the_vocabulary_and_other_errors_propagate():
+    """A custom (Python) pre-tokenizer cannot be serialized: the vocabulary decides. Any other
+    failure of the backend is a bug and is not swallowed."""
+    from types import SimpleNamespace
+
+    from tokenizers import pre_tokenizers
+
+    class Split:
+        def pre_tokenize(self, pretok):
+            pass
+
+    tok = tiny_tokenizer()
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.PreTokenizer.custom(Split())
+    backend.decoder = decoders.Metaspace()  # the description would say SentencePiece; it cannot be read
+    vocab = {**{f"Ġword{i}": i for i in range(40)}, **{f"piece{i}": 40 + i for i in range(20)}}
+    custom = SimpleNamespace(backend_tokenizer=backend, get_vocab=lambda: vocab)
+    assert detect_convention(custom) == BYTE_LEVEL  # from the Ġ-marked vocabulary
+
+    def broken():
+        raise RuntimeError("backend bug")
+
+    with pytest.raises(RuntimeError, match="backend bug"):
+        detect_convention(SimpleNamespace(backend_tokenizer=SimpleNamespace(to_str=broken), get_vocab=tok.get_vocab))
+
+
 def test_alignment_of_renamed_permuted_vocabulary_and_specials_never_aligned():
     tok = tiny_tokenizer()
     V = len(tok)
@@ -231,16 +281,14 @@ def test_planted_linear_relation_recovered(method):
     Xs, Xt, H = _planted()
     train, held = split_pairs(len(Xs), 0.1, 0)
     opts = FitOptions(method=method, ridge=1e-8)
-    f = fit_direction(Xt, Xs, train, held, opts, None)
+    f, diag = _fit_direction(Xt, Xs, train, held, opts, None)
     assert torch.allclose(f.M.T, H, atol=1e-4)
-    assert f.diagnostics["heldout"]["r2"] > 0.99999
-    assert f.diagnostics["heldout"]["cosine"] > 0.99999
-    assert f.diagnostics["heldout"]["nn_acc"] == 1.0
+    assert diag["heldout"]["r2"] > 0.99999
+    assert diag["heldout"]["cosine"] > 0.99999
+    assert diag["heldout"]["nn_acc"] == 1.0
 
 
 def test_lstsq_on_rank_deficient_rows_is_the_minimum_norm_solution():
-    from steerport.mapping import fit_linear
-
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(300, 20, generator=g), torch.randn(300, 5, generator=g)
     M, info = fit_linear(X, Y)
@@ -256,7 +304,7 @@ def test_noise_lowers_heldout_r2_as_expected():
     for noise in (0.0, 0.3, 1.0):
         Xs, Xt, _ = _planted(noise=noise)
         train, held = split_pairs(len(Xs), 0.1, 0)
-        r2[noise] = fit_direction(Xt, Xs, train, held, FitOptions(), None).diagnostics["heldout"]["r2"]
+        r2[noise] = _fit_direction(Xt, Xs, train, held, FitOptions(), None)[1]["heldout"]["r2"]
     assert r2[0.0] > 0.99999 > r2[0.3] > r2[1.0]
     # signal variance per coordinate ≈ 1 (H has unit-variance rows): R² ≈ 1 / (1 + σ²)
     assert abs(r2[1.0] - 0.5) < 0.05 and abs(r2[0.3] - 1 / 1.09) < 0.03
@@ -268,8 +316,8 @@ def test_procrustes_recovers_scaled_rotation():
     Xt = torch.randn(500, 16, generator=g)
     Xs = 2.5 * Xt @ Q.T
     train, held = split_pairs(500, 0.1, 0)
-    f = fit_direction(Xt, Xs, train, held, FitOptions(method="procrustes"), None)
-    assert abs(f.diagnostics["scale"] - 2.5) < 1e-4
+    f, diag = _fit_direction(Xt, Xs, train, held, FitOptions(method="procrustes"), None)
+    assert abs(diag["scale"] - 2.5) < 1e-4
     assert torch.allclose(f.M.T, 2.5 * Q, atol=1e-4)
 
 
@@ -277,9 +325,9 @@ def test_centering_fits_an_affine_relation():
     Xs, Xt, H = _planted()
     Xs = Xs + 3.0  # an offset a linear map without intercept cannot fit
     train, held = split_pairs(len(Xs), 0.1, 0)
-    plain = fit_direction(Xt, Xs, train, held, FitOptions(), None).diagnostics["heldout"]["r2"]
-    centred = fit_direction(Xt, Xs, train, held, FitOptions(center=True), None)
-    assert centred.diagnostics["heldout"]["r2"] > 0.9999 > plain
+    plain = _fit_direction(Xt, Xs, train, held, FitOptions(), None)[1]["heldout"]["r2"]
+    centred, diag = _fit_direction(Xt, Xs, train, held, FitOptions(center=True), None)
+    assert diag["heldout"]["r2"] > 0.9999 > plain
     assert torch.allclose(centred.M.T, H, atol=1e-4)
 
 
@@ -397,7 +445,7 @@ def test_embed_calibration_is_one_for_an_exact_transfer_and_fixes_a_scaled_map()
     # a map that is off by a factor 2 in scale: calibration undoes it
     m = fit_mapping(ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt))
     m.H, m.G = m.H * 2, m.G * 2
-    res2 = transfer(steer, src, tgt, TransferOptions(calibrate="embed"), mapping=m)
+    res2 = carry_lm_steer(steer, src, tgt, TransferOptions(calibrate="embed"), mapping=m)
     assert abs(res2.lineage["calibration"]["factor"] - 0.25) < 1e-3
 
 
@@ -408,7 +456,7 @@ def test_kl_calibration_matches_kappa():
     steer = source_steer(src, epsilon=0.2)
     res = transfer(steer, src, tgt, TransferOptions(form="paper", calibrate="kl", calib_texts=TEXTS, calib_value=2.0))
     cal = res.lineage["calibration"]
-    assert cal["method"] == "kl" and cal["factor"] != 1.0
+    assert cal["method"] == "kl" and cal["factor"] != 1.0 and cal["converged"]
     k_s = mean_kl(src, TEXTS, [(steer, 2.0)])
     k_t = mean_kl(tgt, TEXTS, [(res.steer, 2.0)])
     assert abs(math.log(k_t / k_s)) < 0.05
@@ -442,7 +490,7 @@ def test_steer_for_another_model_refused():
     transfer(steer, src, tgt, TransferOptions(calibrate="none"), force=True)  # forced: allowed
     actadd = Steer("actadd", {"vector": torch.ones(D)}, 1.0, model={"fingerprint": src.fingerprint})
     with pytest.raises(SteerportError, match="only lm-steer"):
-        transfer(actadd, src, tgt)
+        carry_lm_steer(actadd, src, tgt)
 
 
 def test_bad_options_refused():
@@ -452,6 +500,143 @@ def test_bad_options_refused():
         TransferOptions(calibrate="loud")
     with pytest.raises(SteerportError, match="unknown mapping method"):
         FitOptions(method="svd")
+    with pytest.raises(SteerportError, match="unknown ActAdd transfer method"):
+        TransferOptions(actadd_method="guess")
+    with pytest.raises(SteerportError, match="calib_count must be positive"):
+        TransferOptions(calib_count=0)
+
+
+# --------------------------------------------------------------------------- exact maps carry the steer exactly
+
+
+@pytest.mark.parametrize("form", ["paper", "logit", "logit-pinv", "hidden"])
+def test_exact_map_carries_the_factors_exactly(form):
+    """Identical models, then an orthogonal change of basis P (h_t = P h_s, E_t = E_s Pᵀ): every
+    form gives A_t = P A_s and B_t = P B_s, and both calibrations leave the value alone."""
+    src = tiny_model("llama", seed=0)
+    steer = source_steer(src)
+    same = transfer_steer(steer, src, src, TransferOptions(form=form, calibrate="embed", hidden_texts=TEXTS))
+    assert torch.allclose(same.steer.A, steer.A, atol=1e-4) and torch.allclose(same.steer.B, steer.B, atol=1e-4)
+    assert abs(same.lineage["calibration"]["factor"] - 1) < 1e-4
+    V = src.output_embeddings.shape[0]
+    P = random_basis(D, orthogonal=True)
+    tgt = transformed_model(src, P, torch.randperm(V, generator=torch.Generator().manual_seed(7)))
+    res = transfer_steer(steer, src, tgt, TransferOptions(form=form, calibrate="kl", calib_texts=TEXTS[:4],
+                                                          hidden_texts=TEXTS))
+    assert torch.allclose(res.steer.A, P @ steer.A, atol=1e-4) and torch.allclose(res.steer.B, P @ steer.B, atol=1e-4)
+    cal = res.lineage["calibration"]
+    assert cal["method"] == "kl" and abs(cal["factor"] - 1) < 1e-3 and len(cal["iterations"]) == 1
+    assert math.isclose(res.steer.epsilon, steer.epsilon, rel_tol=1e-3)
+
+
+def test_dispatcher_calls_the_kinds_transfer(monkeypatch):
+    """transfer_steer goes through the registry for every kind (no lm-steer-only refusal)."""
+    import dataclasses
+
+    from steerport import kinds
+    from steerport.transfer import TransferResult
+
+    calls = []
+
+    def fake(steer, source, target, options, *, mapping_path=None, source_path=None, force=False, log=None,
+             progress=None):
+        calls.append((steer.kind, source, target, options, mapping_path, source_path, force))
+        return TransferResult(steer=steer, mapping=None, lineage={"fake": True})
+
+    monkeypatch.setattr(sys.modules[__name__], "_fake_transfer", fake, raising=False)
+    registry = kinds._discover()
+    monkeypatch.setitem(registry, "actadd", dataclasses.replace(registry["actadd"],
+                                                                transfer=f"{__name__}:_fake_transfer"))
+    actadd = Steer("actadd", {"vector": torch.ones(D)}, 1.0, meta={"layer": 1})
+    opt = TransferOptions(actadd_method="map", texts=["a neutral text"])
+    res = transfer_steer(actadd, "src-spec", "tgt-spec", opt, source_path="a.st", force=True)
+    assert res.lineage == {"fake": True}
+    assert calls == [("actadd", "src-spec", "tgt-spec", opt, None, "a.st", True)]
+    assert transfer is transfer_steer  # the older public name
+    assert get_kind("lm-steer").transfer == "steerport.transfer:carry_lm_steer"
+
+
+# --------------------------------------------------------------------------- bad input: one line each
+
+
+def test_unloadable_target_for_kl_calibration_names_the_embed_way(tmp_path, monkeypatch):
+    import steerport.transfer as tr
+
+    a, b = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
+    da, db = _save_dir(a, tmp_path / "a"), _save_dir(b, tmp_path / "b")
+    steer = source_steer(a)
+    steer.model["spec"], steer.model["fingerprint"] = da, tr.load_embeddings(da).fingerprint
+
+    def fail(spec, **kw):
+        raise SteerportError(f"could not load model {spec!r}: not enough memory")
+
+    monkeypatch.setattr(tr, "load_model", fail)
+    with pytest.raises(SteerportError) as e:
+        transfer_steer(steer, da, db, TransferOptions(calibrate="kl"))
+    msg = str(e.value)
+    assert "--calibrate embed" in msg and "not enough memory" in msg and "\n" not in msg
+    with pytest.raises(SteerportError, match="--form logit --calibrate embed"):
+        transfer_steer(steer, da, db, TransferOptions(form="hidden"))
+    assert transfer_steer(steer, da, db, TransferOptions(calibrate="embed")).steer.hidden_size == D  # the cheap way
+
+
+def test_nan_in_a_fit_is_a_one_line_error():
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    steer = source_steer(src)
+    te = ModelEmbeddings.from_loaded(tgt)
+    bad = te.embeddings.clone()
+    bad[5, 3] = float("nan")
+    broken = ModelEmbeddings(spec=te.spec, embeddings=bad, tokenizer=te.tokenizer)
+    with pytest.raises(SteerportError, match="NaN or infinite") as e:
+        transfer_steer(steer, src, broken, TransferOptions(calibrate="none"))
+    assert "\n" not in str(e.value)
+    src2, tgt2, *_ = _setup(orthogonal=True, rename=False)
+    tgt2.model.model.norm[1].weight.data[0, 0] = float("nan")  # NaN hidden states for the hidden-state map
+    with pytest.raises(SteerportError, match="NaN or infinite"):
+        transfer_steer(source_steer(src2), src2, tgt2, TransferOptions(form="hidden", calibrate="none",
+                                                                       hidden_texts=TEXTS))
+
+
+def test_neutral_texts_too_short_to_align_are_a_one_line_error():
+    src, tgt, *_ = _setup(orthogonal=True, rename=False)
+    with pytest.raises(SteerportError, match="pair up") as e:
+        transfer_steer(source_steer(src), src, tgt, TransferOptions(form="hidden", calibrate="none",
+                                                                    hidden_texts=["Hi.", "Ok"]))
+    assert "\n" not in str(e.value) and f"need {D + 1}" in str(e.value)
+
+
+# --------------------------------------------------------------------------- mapping files
+
+
+def test_mapping_missing_a_metadata_field_is_a_one_line_error(tmp_path):
+    from steerport.fileio import read_json_safetensors, write_json_safetensors
+    from steerport.mapping import FORMAT
+
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    m = fit_mapping(ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt))
+    path = m.save(tmp_path / "m.safetensors")
+    meta, tensors = read_json_safetensors(path, FORMAT, "mapping")
+    for name in ("n_pairs", "source", "diagnostics"):
+        broken = {k: v for k, v in meta.items() if k != name}
+        write_json_safetensors(tmp_path / "b.safetensors", tensors, FORMAT, broken)
+        with pytest.raises(SteerportError, match=f"lacks the required field '{name}'") as e:
+            Mapping.load(tmp_path / "b.safetensors")
+        assert "\n" not in str(e.value)
+
+
+def test_shipped_mappings_are_package_data():
+    """The six shipped mapping files live inside the package (so a regular install has them)."""
+    import steerport
+    from steerport.mapping import shipped_dir, shipped_name
+
+    d = shipped_dir()
+    assert d.parent == Path(steerport.__file__).resolve().parent and d.name == "mappings"
+    names = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
+    want = {shipped_name(a, b) for a in names for b in names if a != b}
+    assert len(want) == 6 and want <= {p.name for p in d.glob("*.safetensors")}
+    for name in want:
+        m = Mapping.load(d / name)
+        assert f"{m.source['spec']}__{m.target['spec']}.safetensors" == name
 
 
 # --------------------------------------------------------------------------- anchor baseline
@@ -463,7 +648,7 @@ def test_anchor_fit_reduces_loss_and_has_unit_rows():
     assert N.shape == (12, 8)
     assert torch.allclose(N.norm(dim=1), torch.ones(12), atol=1e-5)
     N0 = anchor_fit(Xs, Xt, steps=0, top_k=400)
-    err = lambda M: float(((Xt[:400] @ (M / M.norm(dim=1, keepdim=True)) - Xs[:400]) ** 2).mean())  # noqa: E731
+    err = lambda M: float(((Xt[:400] @ (M / M.norm(dim=1, keepdim=True)) - Xs[:400]) ** 2).mean())
     assert err(N) < err(N0)
 
 
@@ -489,7 +674,7 @@ def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys
     import sys
 
     import steerport.models
-    import steerport.transfer  # noqa: F401
+    import steerport.transfer
     from steerport.cli import main
 
     a = tiny_model("llama", seed=0)

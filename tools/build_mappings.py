@@ -6,7 +6,7 @@ and G (e_tgt ≈ G e_src) and the wall times; save the default (lstsq) mapping a
 ``steerport/mappings/SRC__TGT.safetensors``. Results go to ``steerport/mappings/diagnostics.json`` (+ a markdown
 table printed to stdout for the README).
 
-Usage (from the repository root)::
+Usage (from the repository root, steerport installed editable so the files land in this checkout)::
 
     python tools/build_mappings.py                      # the three catalog models, all six directions
     python tools/build_mappings.py smollm2-135m gemma3-270m
@@ -14,20 +14,18 @@ Usage (from the repository root)::
 
 from __future__ import annotations
 
+import argparse
 import itertools
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-
-from steerport.mapping import FitOptions, fit_mapping, shipped_name
+from steerport.fileio import atomic_write_json
+from steerport.mapping import FitOptions, fit_mapping, shipped_dir, shipped_name
 from steerport.models import load_embeddings
 from steerport.vocab import align_vocab
 
-HERE = Path(__file__).resolve().parents[1] / "steerport" / "mappings"
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
 METHODS = {
     "lstsq": FitOptions(),
@@ -59,9 +57,9 @@ def main(models: list[str]) -> None:
                   f"cos {m.diagnostics['H']['heldout']['cosine']:.4f}  ({secs:.1f} s)", file=sys.stderr)
             if name == "lstsq":
                 m.meta["made_by"] = "tools/build_mappings.py (FitOptions() defaults: lstsq, 10% held out, seed 0)"
-                m.save(HERE / shipped_name(src, tgt))
+                m.save(shipped_dir() / shipped_name(src, tgt))
         results.append(row)
-    (HERE / "diagnostics.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_json(shipped_dir() / "diagnostics.json", results)
     print(markdown(results))
 
 
@@ -80,4 +78,6 @@ def markdown(results: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or MODELS)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="*", default=MODELS, help=f"model specs (default: {' '.join(MODELS)})")
+    main(ap.parse_args().models)

@@ -1,15 +1,17 @@
-"""Cut the small data slices shipped inside the package (steerport/data/) from ../shared/data.
+"""Cut the small data slices shipped inside the package (steerport/data/) from the full data sets.
 
-Deterministic (seed 0): rerun it to reproduce the vendored files exactly.
+DATA is a folder with ``sentiment/sst2/{train,test}.jsonl``, ``toxicity/paradetox/{train,test}.jsonl``,
+``text/wikitext2_test.raw`` and ``prompts/{sentiment/neutral_prompts,rtp_nontoxic}.jsonl`` (sources
+in ``steerport/data/SOURCE.md``). Deterministic (seed 0): rerun it to reproduce the vendored files.
 
-    python tools/vendor_data.py /work/shared/data
+    python tools/vendor_data.py DATA
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "steerport" / "data"
@@ -65,4 +67,6 @@ def main(shared: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data", type=Path, help="folder with the full data sets (see above)")
+    main(ap.parse_args().data)

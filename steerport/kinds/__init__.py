@@ -43,8 +43,10 @@ Folder = Callable[[torch.Tensor, Sequence["Steer"], torch.Tensor], torch.Tensor]
 class SteerKind:
     """One kind of steer.
 
-    ``tensors``: required and optional tensor names in a ``.st`` file. ``validate(steer)`` checks
+    ``required`` / ``optional``: tensor names in a ``.st`` file. ``validate(steer)`` checks
     shapes and metadata beyond the generic checks (floating, finite) and raises SteerportError.
+    ``acts_at_head``: the steer leaves the model body untouched, so its effect can be measured on
+    cached final hidden states by recomputing only the head (``steerport.scoring.HeadScorer``).
     ``hidden_size`` / ``rank`` read them off the tensors. ``apply`` hooks the model; ``fold``
     (None: cannot be folded, ``fold_refusal(steer)`` says why) rewrites the output embeddings,
     in ``fold_order`` across kinds (lower first, as the hooks compose). ``transfer`` and
@@ -58,6 +60,7 @@ class SteerKind:
     hidden_size: Callable[["Steer"], int]
     rank: Callable[["Steer"], int]
     apply: Applier
+    acts_at_head: bool = False  # True when the steer only changes the LM head's input/output (body untouched)
     fold: Folder | None = None
     fold_order: int = 0
     fold_refusal: Callable[["Steer"], str] | None = None

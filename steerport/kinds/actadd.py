@@ -110,9 +110,21 @@ def _window_pre_hook(window: _Window):
         else:
             window.offset = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
             window.starts = None
-        return None
 
     return hook
+
+
+def _weighted_sum(values: torch.Tensor, parts: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Σ_j values[..., j] · v_j over ``parts`` [(j, v_j)], elementwise and in a fixed order.
+
+    values (k,) -> shape of v; values (b, k) -> (b, *shape of v). Row i of the per-row result is
+    bit for bit the result for values[i] alone (no matmul whose kernel could depend on b).
+    """
+    terms = [values[..., j].reshape(*values.shape[:-1], *([1] * v.dim())) * v for j, v in parts]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 @dataclass
@@ -127,18 +139,16 @@ class _LayerAdds:
         per_row = values.dim() == 2
         ev = fr = None
         if self.everywhere:
-            js = torch.tensor([j for j, _ in self.everywhere])
-            stack = torch.stack([v for _, v in self.everywhere])  # (n, d)
-            ev = (values[..., js] @ stack).to(device, dtype)  # (d,) or (b, d)
+            ev = _weighted_sum(values, self.everywhere).to(device, dtype)  # (d,) or (b, d)
         if self.front:
-            js = torch.tensor([j for j, _ in self.front])
             P = max(v.shape[0] for _, v in self.front)
-            stack = torch.zeros(len(self.front), P, self.front[0][1].shape[1])
-            for i, (_, v) in enumerate(self.front):
-                stack[i, : v.shape[0]] = v
-            fr = torch.einsum("...n,npd->...pd", values[..., js], stack).to(device, dtype)  # (P, d) or (b, P, d)
+            padded = [(j, torch.cat([v, v.new_zeros(P - v.shape[0], v.shape[1])])) for j, v in self.front]
+            fr = _weighted_sum(values, padded).to(device, dtype)  # (P, d) or (b, P, d)
 
         def add_to(h: torch.Tensor) -> torch.Tensor:
+            if per_row and h.shape[0] != values.shape[0]:
+                raise SteerportError(f"per-row actadd values for {values.shape[0]} rows, but this forward pass has "
+                                     f"{h.shape[0]}")
             add = torch.zeros_like(h)
             if ev is not None:
                 add = add + (ev[:, None, :] if per_row else ev)

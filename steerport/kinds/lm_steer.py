@@ -1,7 +1,7 @@
 """Kind ``lm-steer``: a low-rank map W = A Bᵀ of the output embeddings (LM-Steer, Han et al. 2024).
 
 Tensors ``A``, ``B`` (d x r); optional always-on domain component ``domain.A``, ``domain.B``.
-Applied at the LM head's input (DESIGN.md §3)::
+Applied at the LM head's input (the final hidden state h, after the final norm)::
 
     h ← h + Σ_i s_i ε_i B_i (A_iᵀ h)        h: (..., d), A_i, B_i: (d, r_i)
 
@@ -92,6 +92,7 @@ KIND = SteerKind(
     hidden_size=lambda s: int(s.tensors["A"].shape[0]),
     rank=lambda s: int(s.tensors["A"].shape[1]),
     apply=apply,
+    acts_at_head=True,
     fold=fold,
     fold_order=1,  # acts on the rows token-prob steers have already moved, as the hooks compose
     transfer="steerport.transfer:carry_lm_steer",

@@ -68,6 +68,7 @@ KIND = SteerKind(
     hidden_size=lambda s: int(s.tensors["delta"].shape[1]),
     rank=lambda s: int(s.tensors["token_ids"].shape[0]),
     apply=apply,
+    acts_at_head=True,
     fold=fold,
     fold_order=0,
     transfer="steerport.tokenprob:transfer_token_prob",

@@ -1,0 +1,93 @@
+"""The ``steerport`` command line: a thin shell over the library.
+
+Every command takes a MODEL spec: an alias (gpt2, gpt-j), a catalog name (smollm2-135m),
+a hub id (org/name), a local model directory or a .gguf file.
+
+Layout: one module per group of commands, each with a ``register(app)`` that adds its commands
+(:mod:`~steerport.cli.models` models/pull, :mod:`~steerport.cli.steer` generate/inspect,
+:mod:`~steerport.cli.train`, :mod:`~steerport.cli.transfer` map/transfer and its aliases,
+:mod:`~steerport.cli.measure` evaluate/score/sweep/explain/judge-*, :mod:`~steerport.cli.seeds`
+actadd/token-steer/analyze, :mod:`~steerport.cli.ship` merge/export-cvec/import-cvec,
+:mod:`~steerport.cli.demo`); what they share is in :mod:`~steerport.cli.common`.
+Command modules import nothing heavy at module level (torch, transformers and the library load
+inside each command), so ``steerport --help`` stays fast.
+
+Example::
+
+    steerport generate smollm2-135m --steer positive.st:3 --prompt "The movie was"
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import click
+import typer
+
+from steerport.cli.common import parse_steer_arg, read_prompts  # noqa: F401  (public helpers, used by benchmarks)
+from steerport.errors import SteerportError
+
+app = typer.Typer(
+    help="Train LM-Steer steers, apply them, and carry them between language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "FILE[@START:STOP]" must not be read as a rich tag
+)
+
+COMMAND_GROUPS = (
+    "steerport.cli.models",
+    "steerport.cli.steer",
+    "steerport.cli.train",
+    "steerport.cli.transfer",
+    "steerport.cli.measure",
+    "steerport.cli.seeds",
+    "steerport.cli.ship",
+    "steerport.cli.demo",
+)
+
+# Optional command groups that live with their feature. Each is a module with a
+# ``register(app: typer.Typer) -> None`` that adds its commands; it is imported only when it is
+# present in this installation, and must itself import nothing heavy at module level (so that
+# ``steerport --help`` stays fast): ``serve`` (the HTTP server) and ``export-lora``.
+OPTIONAL_GROUPS = (
+    "steerport.serve.command",
+    "steerport.lora",
+)
+
+
+def _present(module: str) -> bool:
+    """Whether ``module`` exists, without importing it (its parent packages are imported)."""
+    parts = module.split(".")
+    return all(importlib.util.find_spec(".".join(parts[: i + 1])) is not None for i in range(len(parts)))
+
+
+def register_groups(target: typer.Typer) -> None:
+    """Add every command group (and each optional group that is installed) to ``target``."""
+    for module in COMMAND_GROUPS:
+        importlib.import_module(module).register(target)
+    for module in OPTIONAL_GROUPS:
+        if _present(module):
+            importlib.import_module(module).register(target)
+
+
+register_groups(app)
+
+
+def main() -> None:
+    """Entry point: bad input becomes one plain line on stderr and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except SteerportError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except click.exceptions.ClickException as e:  # usage errors: click's own message
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,5 @@
+"""``python -m steerport.cli``: the same as the ``steerport`` command."""
+
+from steerport.cli import main
+
+main()
