@@ -34,15 +34,18 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
 from steerport.errors import SteerportError
-from steerport.hooks import SteerValue, check_compatible
-from steerport.models import LoadedModel
-from steerport.steer import Steer
+
+if TYPE_CHECKING:  # torch and the model code load on first use: `steerport --help` stays fast
+    import torch
+
+    from steerport.hooks import SteerValue
+    from steerport.models import LoadedModel
+    from steerport.steer import Steer
 
 HEAD_KINDS = ("lm-steer", "token-prob")
 
@@ -53,6 +56,8 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
 
 
 def _check(lm: LoadedModel, items: Sequence[SteerValue], force: bool) -> None:
+    from steerport.hooks import check_compatible
+
     if not items:
         raise SteerportError("nothing to export: give at least one STEER.st:VALUE")
     for steer, value in items:
@@ -66,11 +71,19 @@ def _check(lm: LoadedModel, items: Sequence[SteerValue], force: bool) -> None:
         check_compatible(lm, steer, force=force)
 
 
-@torch.no_grad()
 def lora_factors(lm: LoadedModel, items: Sequence[SteerValue], *, include_domain: bool = False,
                  force: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A (R x d), lora_B (V x R)), float32, with logits E h + lora_B (lora_A h) = the hooks' logits."""
+    import torch
+
     _check(lm, items, force)
+    with torch.no_grad():
+        return _factors(lm, items, include_domain)
+
+
+def _factors(lm: LoadedModel, items: Sequence[SteerValue], include_domain: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     E = lm.output_embeddings.detach().float().cpu()  # (V, d)
     V, d = E.shape
     lm_items = [(s, v) for s, v in items if s.kind == "lm-steer"]
@@ -342,6 +355,7 @@ def export_lora_command(
     ``untie`` (gguf): first write an untied copy of the tied ``gguf_base`` there, and target it.
     """
     from steerport.models import load_model
+    from steerport.steer import Steer
 
     if fmt not in ("peft", "gguf"):
         raise SteerportError(f"--format must be peft or gguf, got {fmt!r}")
