@@ -1,12 +1,16 @@
-"""Real-model numbers for ActAdd and token-probability steering (issue 6); results -> benchmarks/seeds_results.json.
+"""Real-model numbers for ActAdd and token-probability steering; results -> benchmarks/seeds_results.json.
 
 Each part runs in its own process and merges its result into the JSON file, so parts can run
 separately (and in parallel) on a busy machine:
 
-    python benchmarks/seeds.py tokenprob --model smollm2-135m
+    PYTHONPATH=$PWD python benchmarks/seeds.py tokenprob --model smollm2-135m
     python benchmarks/seeds.py tokenprob --model gemma3-270m
     python benchmarks/seeds.py token-transfer --source smollm2-135m --target gemma3-270m
     python benchmarks/seeds.py actadd --source smollm2-135m --target gemma3-270m
+
+The token-probability numbers at the paper's protocol (intervals, corrected step, baselines) come
+from ``benchmarks/tokenprob_precision.py``; the ``tokenprob`` part here is the earlier, smaller run
+of the paper's step only.
 
 Data: WikiText-2 test (detect = first N paragraphs, held-out in-domain = paragraphs from 1000 on),
 SST-2 test sentences (out-of-domain text; positive/negative sets for the ActAdd separation).
@@ -18,21 +22,19 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from steerport import tokenprob as tp
+from steerport.actadd import make_actadd, transfer_actadd
+from steerport.hooks import generate
+from steerport.models import load_model
+from steerport.scoring import mean_kl, mean_logprob
+from steerport.texts import read_texts
 
-from steerport.actadd import make_actadd, transfer_actadd  # noqa: E402
-from steerport.hooks import generate  # noqa: E402
-from steerport.models import load_model  # noqa: E402
-from steerport.scoring import mean_kl, mean_logprob  # noqa: E402
-from steerport.textfiles import read_texts  # noqa: E402
-from steerport import tokenprob as tp  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT.parent / "shared" / "data"
 if not DATA.exists():
@@ -159,8 +161,7 @@ def part_token_transfer(args) -> None:
     detect = read_texts(WIKI, limit=args.detect)
     held = read_texts(WIKI, skip=1000, limit=args.held)
     wanted = {" great": 5.0, " love": 0.2, " war": 2.0}
-    enc = tp.fit_encoding(src.output_embeddings, tp.collect_head_stats(src, detect, max_tokens=args.max_tokens).log_alpha)
-    steer = tp.make_token_steer(src, enc, wanted)
+    steer, _, _ = tp.token_steer(src, detect, wanted, max_tokens=args.max_tokens)
     del src
     tgt = load_model(args.target, dtype="float32")
     new, report = tp.transfer_token_prob(steer, tgt, detect, max_tokens=args.max_tokens)

@@ -122,7 +122,10 @@ PICKLE_OR_ZIP = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK")
 def read_json_metadata(path: Path, data: bytes, key: str, what: str) -> Any:
     """The JSON document stored under ``key`` in a safetensors file's metadata, parsed by hand
     from the header so that broken files get precise one-line messages (``what``: "a .st steer")."""
-    if data[:2] in PICKLE_OR_ZIP and data[8:9] != b"{":  # a header length can start with these bytes (e.g. 1408 = 80 05)
+    # a safetensors header length can start with a pickle/zip magic (640 bytes = 80 02, 1408 = 80 05): the JSON
+    # header's opening brace tells the two apart
+    looks_safetensors = len(data) > 8 and 8 + int.from_bytes(data[:8], "little") <= len(data) and data[8:9] == b"{"
+    if data[:2] in PICKLE_OR_ZIP and not looks_safetensors:
         raise SteerportError(f"{path}: this is a pickle/zip file, not safetensors; steerport never unpickles files")
     if len(data) < 8:
         raise SteerportError(f"{path}: file is truncated ({len(data)} bytes)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "steerport" / "data"
@@ -48,18 +49,39 @@ def pairs(rows: list[dict], n_pairs: int, rng: random.Random) -> list[dict]:
     return out
 
 
+def detokenize(line: str) -> str:
+    """WikiText's spaced-out punctuation, lightly joined: ``@-@`` -> ``-``, no space before , . ; : ! ? ) % or 's."""
+    line = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    line = re.sub(r" 's\b", "'s", line)
+    line = re.sub(r" ([.,;:!?)\]}%])", r"\1", line)
+    return re.sub(r"([(\[{]) ", r"\1", line)
+
+
+def cut(line: str, limit: int = 600) -> str:
+    """At most ``limit`` characters, cut at a word boundary."""
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    return head[: head.rfind(" ")] if " " in head else head
+
+
+def write_neutral(raw: Path, out: Path) -> None:
+    """The bundled neutral corpus: the last 360 paragraphs (> 80 characters, no headings) of WikiText-2
+    test, detokenized and cut to 600 characters (splits: ``steerport.texts.NEUTRAL_SPLITS``)."""
+    lines = [ln.strip() for ln in raw.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if len(ln) > 80 and not ln.startswith("=")]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(cut(detokenize(ln)) for ln in lines[-360:]) + "\n", encoding="utf-8")
+    print(f"{out}: 360 lines, {out.stat().st_size // 1024} KB")
+
+
 def main(shared: Path) -> None:
     rng = random.Random(0)
     write_jsonl(OUT / "sentiment" / "sst2_train.jsonl", balanced(read_jsonl(shared / "sentiment/sst2/train.jsonl"), 500, rng))
     write_jsonl(OUT / "sentiment" / "sst2_test.jsonl", balanced(read_jsonl(shared / "sentiment/sst2/test.jsonl"), 200, rng))
     write_jsonl(OUT / "toxicity" / "paradetox_train.jsonl", pairs(read_jsonl(shared / "toxicity/paradetox/train.jsonl"), 500, rng))
     write_jsonl(OUT / "toxicity" / "paradetox_test.jsonl", pairs(read_jsonl(shared / "toxicity/paradetox/test.jsonl"), 200, rng))
-    lines = [ln.strip() for ln in (shared / "text/wikitext2_test.raw").read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if len(ln) > 80 and not ln.startswith("=")]
-    text = OUT / "text" / "wikitext2_test_100.txt"
-    text.parent.mkdir(parents=True, exist_ok=True)
-    text.write_text("\n".join(lines[:100]) + "\n", encoding="utf-8")
-    print(f"{text.relative_to(OUT.parent.parent)}: 100 lines, {text.stat().st_size // 1024} KB")
+    write_neutral(shared / "text/wikitext2_test.raw", OUT / "text" / "neutral_360.txt")
     neutral = read_jsonl(shared / "prompts/sentiment/neutral_prompts.jsonl")
     write_jsonl(OUT / "prompts" / "sentiment_neutral_50.jsonl", [{"prompt": {"text": r["prompt"]["text"]}} for r in rng.sample(neutral, 50)])
     rtp = read_jsonl(shared / "prompts/rtp_nontoxic.jsonl")

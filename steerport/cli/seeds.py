@@ -154,12 +154,17 @@ def token_steer_cmd(
     lines: LinesOpt = 100,
     max_tokens: MaxTokensOpt = 128,
     b: Annotated[float, finite_option(bound=FINITE, help="Softness of Ω (0 = uniform over dims).")] = 2.0,
+    step: Annotated[str, typer.Option(help="corrected (solve the step so r̂ = r on the detect text) or paper (Algorithm 1's "
+            "step log r).")] = "corrected",
+    direction: Annotated[str, typer.Option(help="steady (Σ⁻¹μ of the detect text's head inputs: the same logit offset at every "
+            "position) or regression (the paper's -Ω⊙A⁻¹).")] = "steady",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ):
-    """Scale tokens' average probability by moving only their output-embedding rows (Cho et al. Algorithm 1)."""
-    from steerport import tokenprob as tp
+    """Scale tokens' average probability by moving only their output-embedding rows (Cho et al.); by default the
+    step is solved so the detect text's average probability changes by exactly r (--step paper: Algorithm 1)."""
     from steerport.models import load_model
+    from steerport.tokenprob import token_steer
 
     if len(token) != len(scale):
         raise SteerportError(f"give one --scale per --token (got {len(token)} --token and {len(scale)} --scale)")
@@ -168,15 +173,12 @@ def token_steer_cmd(
     texts = read_lines(detect, lines)
     lm = load_model(model, dtype=dtype, device=device)
     with counting("average distribution", total=len(texts)) as advance:
-        stats = tp.collect_head_stats(lm, texts, max_tokens=max_tokens, progress=advance)
-    enc = tp.fit_encoding(lm.output_embeddings, stats.log_alpha)
-    steer = tp.make_token_steer(lm, enc, wanted, b=b, detect={"file": str(detect or "bundled neutral text"),
-                                                                "texts": len(texts), "positions": stats.positions})
+        steer, _, enc = token_steer(lm, texts, wanted, b=b, step=step, direction_rule=direction, max_tokens=max_tokens,
+                                    detect={"file": str(detect or "bundled neutral text")}, progress=advance)
     steer.save(out_path)
-    t = table("token", "id", "r asked", "r̂ on detect text", "|log r - log r̂|", title=f"adjusted R² {enc.adj_r2:.3f}")
-    for (text, r), tid, delta in zip(wanted.items(), steer.tensors["token_ids"].tolist(), steer.tensors["delta"]):
-        new, _ = tp.steered_log_alpha(lm, stats, tid, delta)
-        r_hat = math.exp(new - float(stats.log_alpha[tid]))
+    t = table("token", "id", "r asked", "r̂ on detect text", "|log r - log r̂|",
+              title=f"adjusted R² {enc.adj_r2:.3f}, {direction} direction, {step} step")
+    for (text, r), tid, r_hat in zip(wanted.items(), steer.tensors["token_ids"].tolist(), steer.meta["detect_r_hat"]):
         t.add_row(repr(text), str(tid), f"{r:g}", f"{r_hat:.3g}", f"{abs(math.log(r) - math.log(r_hat)):.3f}")
     show(t)
     say(f"wrote {out_path}")

@@ -7,7 +7,13 @@ value 1. Applied as a forward hook on the LM head that touches only those logits
 
 Folded: E'[w] = E[w] + s ε₀ delta_w (before LM-Steer steers act on the rows, as the hooks
 compose: the LM-Steer pre-hook changes h, which this hook then sees). Carried by
-:func:`steerport.tokenprob.transfer_token_prob` (same token surfaces, direction recomputed).
+:func:`steerport.tokenprob.transfer_with_options` (same token surfaces, direction and step
+recomputed on the target's detect text).
+
+Example::
+
+    steer = Steer("token-prob", {"token_ids": torch.tensor([42]), "delta": delta[None]}, 1.0)
+    with steered(lm, [(steer, 1.0)]): ...        # only logit 42 moves, by delta · h
 """
 
 from __future__ import annotations
@@ -71,5 +77,5 @@ KIND = SteerKind(
     acts_at_head=True,
     fold=fold,
     fold_order=0,
-    transfer="steerport.tokenprob:transfer_token_prob",
+    transfer="steerport.tokenprob:transfer_with_options",
 )
