@@ -146,7 +146,8 @@ def conditional_perplexity(ref: LoadedModel, prompts: Sequence[str], continuatio
 def _kinds_ok(steers: Sequence[tuple[str, Steer]]) -> None:
     for name, st in steers:
         if st.kind == "actadd":
-            raise SteerportError(f"steer {name!r} is an actadd steer: evaluate measures steers that act at the LM head (lm-steer, token-prob)")
+            raise SteerportError(f"steer {name!r} is an actadd steer: "
+                                 "evaluate measures steers that act at the LM head (lm-steer, token-prob)")
 
 
 def evaluate_steers(

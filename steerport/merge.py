@@ -153,7 +153,8 @@ def model_card(base: LoadedModel, records: list[MergeRecord], base_fingerprint: 
         "",
         f"- base model: `{base.spec}` (fingerprint `{base_fingerprint}`)",
         f"- merged output-embedding fingerprint: `{new_fingerprint}`",
-        f"- input/output embeddings: {'untied by the merge (the input embeddings are the base model’s)' if untied else 'as in the base model'}",
+        "- input/output embeddings: "
+        + ("untied by the merge (the input embeddings are the base model’s)" if untied else "as in the base model"),
         "",
         "| steer file | kind | what + means | value s | ε₀ | s·ε₀ | steer fingerprint | made for |",
         "|---|---|---|---|---|---|---|---|",
@@ -161,7 +162,8 @@ def model_card(base: LoadedModel, records: list[MergeRecord], base_fingerprint: 
     for r in records:
         made = f"{r.made_for.get('spec', '?')} ({r.made_for.get('fingerprint', '?')})"
         lines.append(
-            f"| `{r.path}` | {r.kind} | {r.positive or '?'} | {r.value:g} | {r.epsilon:g} | {r.scale:g} | `{r.steer_fingerprint}` | {made} |"
+            f"| `{r.path}` | {r.kind} | {r.positive or '?'} | {r.value:g} | {r.epsilon:g} | {r.scale:g} | "
+            f"`{r.steer_fingerprint}` | {made} |"
         )
     doc = {
         "base": {"spec": base.spec, "fingerprint": base_fingerprint},
@@ -219,7 +221,8 @@ def default_tolerance(dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
-def max_logit_difference(a: LoadedModel, b: LoadedModel, texts: Sequence[str], steers_a: Sequence[SteerValue] = (), *, force: bool = False) -> float:
+def max_logit_difference(a: LoadedModel, b: LoadedModel, texts: Sequence[str], steers_a: Sequence[SteerValue] = (), *,
+                         force: bool = False) -> float:
     """max |logits(a with steers_a) − logits(b)| over the tokens of ``texts``."""
     enc = a.tokenizer(list(texts), return_tensors="pt", padding=True)
     mask = enc["attention_mask"].bool()

@@ -61,7 +61,8 @@ def main(shared: Path) -> None:
     text.write_text("\n".join(lines[:100]) + "\n", encoding="utf-8")
     print(f"{text.relative_to(OUT.parent.parent)}: 100 lines, {text.stat().st_size // 1024} KB")
     neutral = read_jsonl(shared / "prompts/sentiment/neutral_prompts.jsonl")
-    write_jsonl(OUT / "prompts" / "sentiment_neutral_50.jsonl", [{"prompt": {"text": r["prompt"]["text"]}} for r in rng.sample(neutral, 50)])
+    write_jsonl(OUT / "prompts" / "sentiment_neutral_50.jsonl",
+                [{"prompt": {"text": r["prompt"]["text"]}} for r in rng.sample(neutral, 50)])
     rtp = read_jsonl(shared / "prompts/rtp_nontoxic.jsonl")
     write_jsonl(OUT / "prompts" / "rtp_nontoxic_50.jsonl", [{"prompt": {"text": r["prompt"]["text"]}} for r in rng.sample(rtp, 50)])
 
