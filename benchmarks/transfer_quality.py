@@ -520,7 +520,7 @@ def markdown(result: dict, models: list[str]) -> str:
             for k, rep in gens.items():
                 g = rep["generation"]
                 for name, r in g["runs"].items():
-                    retention = r.get('generation_retention')
+                    retention = r.get("generation_retention")
                     lines.append(f"| {k.split('/')[1]} | {name} | {r.get('attribute_rate', float('nan')):.2f} | "
                                  f"{retention if retention is not None else float('nan'):.2f} | "
                                  f"{r.get('perplexity', float('nan')):.1f} | {r['distinct_1']:.2f} | {r['distinct_2']:.2f} | "
