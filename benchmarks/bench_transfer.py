@@ -109,11 +109,13 @@ def markdown(res: dict) -> str:
            "## Map fit alone (synthetic, d_s = d_t = d)", "",
            ("Closed-form fits use all n pairs; the anchor-style Adam fit (its defaults: lr 1e-3, 10,000 steps, "
            "first 4,000 pairs, both directions) is timed over a few steps and extrapolated to 10,000 steps."), "",
-           "| n | d | Gram s (shared) | lstsq s | ridge s | Procrustes s | Adam s/step (steps timed) | Adam 10k steps s (extrapolated) | Adam / lstsq |",
+           ("| n | d | Gram s (shared) | lstsq s | ridge s | Procrustes s | Adam s/step (steps timed) | "
+            "Adam 10k steps s (extrapolated) | Adam / lstsq |"),
            "|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("fits", []):
         out.append(f"| {r['n']} | {r['d']} | {r['gram_s']} | {r['lstsq_s']} | {r['ridge_s']} | {r['procrustes_s']} | "
-                   f"{r['anchor_step_s']} ({r['anchor_probe_steps']}) | {r['anchor_10k_steps_s_extrapolated']} | {r['anchor_over_lstsq']}x |")
+                   f"{r['anchor_step_s']} ({r['anchor_probe_steps']}) | {r['anchor_10k_steps_s_extrapolated']} | "
+                   f"{r['anchor_over_lstsq']}x |")
     if res.get("end_to_end"):
         out += ["", "## Transfer end to end (real models, embeddings only, default form logit + embed calibration)", "",
                 ("| source → target | aligned pairs | load embeddings s | transfer, fitting the mapping s | "

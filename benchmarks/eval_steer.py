@@ -111,7 +111,8 @@ def main() -> None:
     if gens:
         md += ["| steer value | judge P(positive) | share judged positive | distinct-1 |", "|---|---|---|---|"]
         for v, row in gens.items():
-            md.append(f"| {v} | {row.get('judge_positive_rate', float('nan')):.3f} | {row.get('judge_positive_share', float('nan')):.3f} | {row['distinct_1']:.3f} |")
+            md.append(f"| {v} | {row.get('judge_positive_rate', float('nan')):.3f} | "
+                      f"{row.get('judge_positive_share', float('nan')):.3f} | {row['distinct_1']:.3f} |")
         md.append("")
         for v, row in gens.items():
             md.append(f"**value {v}**")

@@ -304,7 +304,8 @@ def stage_evaluate(models, task_list, seeds_for, plan, work, ablation_pair, gene
             t = time.time()
             report = evaluate_steers(lm, steers, heldout=heldout, neutral=neutral, settings=settings, native=0,
                                      prompts=prompts if generation else (), judge=load_judge(task.judge) if generation else None,
-                                     reference=ref, generate_names=gen_names, progress=lambda m, tgt=tgt, task=task: log(f"  {tgt} {task.name}: {m}"))
+                                     reference=ref, generate_names=gen_names,
+                                     progress=lambda m, tgt=tgt, task=task: log(f"  {tgt} {task.name}: {m}"))
             del ref
             report["files"] = {"heldout": file_info(task.heldout), "prompts": file_info(task.prompts)}
             report["seconds"] = time.time() - t
@@ -514,21 +515,26 @@ def markdown(result: dict, models: list[str]) -> str:
         gens = {k: v for k, v in result["evaluations"].items() if k.startswith(task + "/") and v.get("generation")}
         if gens:
             lines += ["**Generation** (judge attribute rate; perplexity under another ladder model; distinct-n)", "",
-                      "| target | run | attr. rate | gen. retention | ppl | dist-1 | dist-2 | dist-3 |", "|---|---|---|---|---|---|---|---|"]
+                      "| target | run | attr. rate | gen. retention | ppl | dist-1 | dist-2 | dist-3 |",
+                      "|---|---|---|---|---|---|---|---|"]
             for k, rep in gens.items():
                 g = rep["generation"]
                 for name, r in g["runs"].items():
+                    retention = r.get("generation_retention")
                     lines.append(f"| {k.split('/')[1]} | {name} | {r.get('attribute_rate', float('nan')):.2f} | "
-                                 f"{r.get('generation_retention', float('nan')) if r.get('generation_retention') is not None else float('nan'):.2f} | "
-                                 f"{r.get('perplexity', float('nan')):.1f} | {r['distinct_1']:.2f} | {r['distinct_2']:.2f} | {r['distinct_3']:.2f} |")
+                                 f"{retention if retention is not None else float('nan'):.2f} | "
+                                 f"{r.get('perplexity', float('nan')):.1f} | {r['distinct_1']:.2f} | {r['distinct_2']:.2f} | "
+                                 f"{r['distinct_3']:.2f} |")
                 acc = ", ".join(f"{h['accuracy']:.2f}" for h in (g.get("judge") or {}).get("heldout", []))
-                lines.append(f"| {k.split('/')[1]} | judge held-out accuracy | {acc} | | ref: {(g.get('reference_model') or {}).get('spec')} | | | |")
+                lines.append(f"| {k.split('/')[1]} | judge held-out accuracy | {acc} | "
+                             f"| ref: {(g.get('reference_model') or {}).get('spec')} | | | |")
             lines.append("")
     if result.get("warm"):
         lines += ["## Warm start (target trainer from the transferred steer vs native training from scratch)", "",
                   "Times are totals: the run's body pass over its own training texts + top-k statistics + fit.", "",
                   ("| task | pair | native final AUC (total s) | transferred, step 0 AUC | warm, same data: reaches native AUC at "
-                  "(step, total s, ratio) | warm on a fraction of the data: (fraction, step, total s, ratio) |"), "|---|---|---|---|---|---|"]
+                  "(step, total s, ratio) | warm on a fraction of the data: (fraction, step, total s, ratio) |"),
+                  "|---|---|---|---|---|---|"]
         for w in result["warm"].values():
             if "reaches_native_auc_at" not in w:
                 continue

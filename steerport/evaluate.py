@@ -33,7 +33,7 @@ import torch
 from steerport.capture import HiddenCache, cache_hidden
 from steerport.errors import SteerportError
 from steerport.fileio import sha256_file
-from steerport.hooks import check_compatible
+from steerport.hooks import SteerValue, check_compatible
 from steerport.metrics import (  # noqa: F401  (re-exported: the metrics used to live here)
     BisectResult,
     distinct_n,
@@ -146,7 +146,8 @@ def conditional_perplexity(ref: LoadedModel, prompts: Sequence[str], continuatio
 def _kinds_ok(steers: Sequence[tuple[str, Steer]]) -> None:
     for name, st in steers:
         if st.kind == "actadd":
-            raise SteerportError(f"steer {name!r} is an actadd steer: evaluate measures steers that act at the LM head (lm-steer, token-prob)")
+            raise SteerportError(f"steer {name!r} is an actadd steer: "
+                                 "evaluate measures steers that act at the LM head (lm-steer, token-prob)")
 
 
 def evaluate_steers(
@@ -199,7 +200,9 @@ def evaluate_steers(
         say(f"bisection for {name}")
         b = value_for_kl(lm, neutral, st, kappa, rel_tol=s.rel_tol, scorer=neutral_scorer,
                          start=1.0 if name != nat_name or s.kappa is not None else native_value)
-        shifts[name] = neutral_scorer.stats([(st, b.value)], shift=True).logprob_shift
+        shift = neutral_scorer.stats([(st, b.value)], shift=True).logprob_shift
+        assert shift is not None  # stats(..., shift=True) always measures the shift
+        shifts[name] = shift
         results[name] = {"value": b.value, "kl": b.kl, "bisection_evals": b.evaluations, "steer_fingerprint": st.fingerprint,
                          "epsilon": st.epsilon, "rank": st.rank, "positive": st.positive, "lineage": st.meta.get("lineage")}
     # strength at the same value: κ of each steer at the native's matched value (what calibration aims at)
@@ -264,7 +267,7 @@ def evaluate_steers(
 
 
 def _generation(lm, steers, results, prompts, s: EvalSettings, judge, reference, nat_name, say, force) -> dict[str, Any]:
-    settings_run = [("unsteered", [])] + [(name, [(st, results[name]["value"])]) for name, st in steers]
+    settings_run: list[tuple[str, list[SteerValue]]] = [("unsteered", [])] + [(name, [(st, results[name]["value"])]) for name, st in steers]
     gen: dict[str, Any] = {"n_prompts": len(prompts), "samples_per_prompt": s.samples_per_prompt,
                            "judge": judge.describe() if judge is not None else None,
                            "reference_model": None if reference is None else {"spec": reference.spec, "fingerprint": reference.fingerprint},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 from steerport.errors import SteerportError
 from steerport.keywords import (  # noqa: F401  (re-exported: they used to live here)
@@ -163,7 +164,7 @@ def explain_text(
         raise SteerportError(f"tokenization mismatch: {len(ids)} tokens but {len(delta)} scores")
     tokens = []
     for (a, b), d, i in zip(offsets, delta, ids):
-        surface = text[a:b] if b > a else lm.tokenizer.decode([i])
+        surface = text[a:b] if b > a else cast(str, lm.tokenizer.decode([i]))  # one id list decodes to one str
         tokens.append(TokenEvidence(surface, a, b, d))
     spans = []
     for first, last, total in top_spans(delta[1:], k):
@@ -187,7 +188,7 @@ def render_rich(ex: Explanation):
     from rich.text import Text
 
     top = _scale(ex.tokens)
-    in_span = set()
+    in_span: set[int] = set()
     for sp in ex.spans:
         in_span.update(range(sp.first, sp.last + 1))
     out = Text()
@@ -210,7 +211,7 @@ def render_rich(ex: Explanation):
 def render_html(ex: Explanation, title: str = "steerport explain") -> str:
     """A self-contained HTML page: tokens shaded by evidence (hover for Δ), the spans listed."""
     top = _scale(ex.tokens)
-    in_span = set()
+    in_span: set[int] = set()
     for sp in ex.spans:
         in_span.update(range(sp.first, sp.last + 1))
     parts = []

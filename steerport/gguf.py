@@ -245,7 +245,8 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = STORE_DTYPE,
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (ValueError, OSError, KeyError) as e:  # what transformers raises for a file it cannot read
         raise SteerportError(f"could not load {gguf_path.name} with transformers: {one_line(e)}") from e
-    model.hf_quantizer = None
+    # PreTrainedModel does not declare hf_quantizer (transformers sets it at load time), so mypy sees nn.Module.__setattr__
+    model.hf_quantizer = None  # type: ignore[assignment]
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     _fix_tokenizer(tokenizer, gguf_path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -27,6 +28,9 @@ from steerport.kinds import get_kind
 from steerport.kinds.lm_steer import lm_steer_shift  # noqa: F401  (re-exported)
 from steerport.models import LoadedModel
 from steerport.steer import Steer
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
 SteerValue = tuple[Steer, float]
 
@@ -133,7 +137,8 @@ def generate(
                 batch = tok(chunk, return_tensors="pt", padding=True).to(lm.device)
                 torch.manual_seed(seed + i)
                 sample = temperature > 0
-                ids = lm.model.generate(
+                # a LoadedModel is an AutoModelForCausalLM, which generates; PreTrainedModel alone does not declare it
+                ids = cast("GenerationMixin", lm.model).generate(
                     **batch,
                     max_new_tokens=max_new_tokens,
                     do_sample=sample,

@@ -101,9 +101,7 @@ class TfidfJudge:
         vec = _vectorizer(opts)
         X = vec.fit_transform(list(texts))
         clf = LogisticRegression(C=C, max_iter=2000).fit(X, y)
-        terms = [None] * len(vec.vocabulary_)
-        for term, i in vec.vocabulary_.items():
-            terms[i] = term
+        terms = [term for term, _ in sorted(vec.vocabulary_.items(), key=lambda kv: kv[1])]  # vocabulary_: term -> 0..n-1
         return cls(terms, vec.idf_.astype(np.float32), clf.coef_[0].astype(np.float32), float(clf.intercept_[0]),
                    positive=positive, settings=opts, meta={"C": C, **(meta or {})})
 
@@ -221,8 +219,8 @@ class HFJudge:
             logits = self.model(**enc).logits.float()
             p = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, -1)
             out.append(p[:, self.index].cpu())
-        p = torch.cat(out).numpy() if out else np.zeros(0)
-        return 1.0 - p if self.negate else p
+        probs = torch.cat(out).numpy() if out else np.zeros(0)
+        return 1.0 - probs if self.negate else probs
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "hf-classifier", "model": self.spec, "label": self.label_name, "negate": self.negate, "positive": self.positive}

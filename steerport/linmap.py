@@ -149,9 +149,10 @@ def fit_map(X: torch.Tensor, Y: torch.Tensor, *, method: str = "lstsq", ridge: f
         train_rows, held_rows = split_pairs(n, holdout, seed)
     w = None if weights is None else weights[train_rows]
     Xtr, Ytr = X[train_rows].float(), Y[train_rows].float()
-    mu_x = Xtr.mean(0) if center else None
-    mu_y = Ytr.mean(0) if center else None
+    mu_x: torch.Tensor | None = None
+    mu_y: torch.Tensor | None = None
     if center:
+        mu_x, mu_y = Xtr.mean(0), Ytr.mean(0)
         Xtr, Ytr = Xtr - mu_x, Ytr - mu_y
     M, info = fit_linear(Xtr, Ytr, method, ridge=ridge, weights=w)
     fit = LinearFit(M, mu_x, mu_y, info)

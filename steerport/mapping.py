@@ -157,6 +157,8 @@ class Mapping:
         """Write atomically as safetensors + JSON metadata."""
         tensors = {"H": self.H.float().contiguous(), "G": self.G.float().contiguous()}
         if self.mean_src is not None:
+            if self.mean_tgt is None:
+                raise SteerportError("mapping has mean_src but no mean_tgt; a centred map needs both means")
             tensors["mean_src"] = self.mean_src.float().contiguous()
             tensors["mean_tgt"] = self.mean_tgt.float().contiguous()
         return write_json_safetensors(path, tensors, FORMAT, self.metadata())

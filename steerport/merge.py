@@ -36,6 +36,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -46,6 +47,9 @@ from steerport.hooks import SteerValue, check_compatible, steered
 from steerport.kinds import get_kind
 from steerport.models import LoadedModel, fingerprint
 from steerport.steer import Steer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -71,12 +75,12 @@ def check_foldable(steer: Steer, name: str = "steer") -> None:
     raise SteerportError(f"{name}: {why}")
 
 
-def _output_is_tied(model: nn.Module) -> bool:
+def _output_is_tied(model: PreTrainedModel) -> bool:
     inp, head = model.get_input_embeddings(), model.get_output_embeddings()
     return inp is not None and inp.weight is head.weight
 
 
-def _set_untied(model: nn.Module) -> None:
+def _set_untied(model: PreTrainedModel) -> None:
     """Record in the config (and the text sub-config) that input and output embeddings differ."""
     configs = [model.config]
     if hasattr(model.config, "get_text_config"):
@@ -116,7 +120,7 @@ def merge_into_model(
         check_foldable(steer)
         check_compatible(lm, steer, force=force)
     head = lm.lm_head
-    new = merged_head(lm, steers, include_domain=include_domain).to(head.weight.dtype)
+    new = merged_head(lm, steers, include_domain=include_domain).to(lm.dtype)  # lm.dtype: the head weight's dtype
     if _output_is_tied(lm.model):
         _set_untied(lm.model)
     head.weight = nn.Parameter(new, requires_grad=False)  # a new tensor: the input side keeps the old one
@@ -153,7 +157,8 @@ def model_card(base: LoadedModel, records: list[MergeRecord], base_fingerprint: 
         "",
         f"- base model: `{base.spec}` (fingerprint `{base_fingerprint}`)",
         f"- merged output-embedding fingerprint: `{new_fingerprint}`",
-        f"- input/output embeddings: {'untied by the merge (the input embeddings are the base model’s)' if untied else 'as in the base model'}",
+        "- input/output embeddings: "
+        + ("untied by the merge (the input embeddings are the base model’s)" if untied else "as in the base model"),
         "",
         "| steer file | kind | what + means | value s | ε₀ | s·ε₀ | steer fingerprint | made for |",
         "|---|---|---|---|---|---|---|---|",
@@ -161,7 +166,8 @@ def model_card(base: LoadedModel, records: list[MergeRecord], base_fingerprint: 
     for r in records:
         made = f"{r.made_for.get('spec', '?')} ({r.made_for.get('fingerprint', '?')})"
         lines.append(
-            f"| `{r.path}` | {r.kind} | {r.positive or '?'} | {r.value:g} | {r.epsilon:g} | {r.scale:g} | `{r.steer_fingerprint}` | {made} |"
+            f"| `{r.path}` | {r.kind} | {r.positive or '?'} | {r.value:g} | {r.epsilon:g} | {r.scale:g} | "
+            f"`{r.steer_fingerprint}` | {made} |"
         )
     doc = {
         "base": {"spec": base.spec, "fingerprint": base_fingerprint},
@@ -219,7 +225,8 @@ def default_tolerance(dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
-def max_logit_difference(a: LoadedModel, b: LoadedModel, texts: Sequence[str], steers_a: Sequence[SteerValue] = (), *, force: bool = False) -> float:
+def max_logit_difference(a: LoadedModel, b: LoadedModel, texts: Sequence[str], steers_a: Sequence[SteerValue] = (), *,
+                         force: bool = False) -> float:
     """max |logits(a with steers_a) − logits(b)| over the tokens of ``texts``."""
     enc = a.tokenizer(list(texts), return_tensors="pt", padding=True)
     mask = enc["attention_mask"].bool()
@@ -288,7 +295,8 @@ def merge_to_dir(
         if reference is not None:
             from transformers import AutoModelForCausalLM
 
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=lm.dtype).to(lm.device).eval()
+            # transformers types PreTrainedModel.to through a wrapper whose signature mypy misreads
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=lm.dtype).to(lm.device).eval()  # type: ignore[arg-type]
             with torch.no_grad():
                 got = reloaded(**{k: v.to(lm.device) for k, v in enc.items()}).logits.float().cpu()
             diff = float((got - reference).abs()[mask].max())

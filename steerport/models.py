@@ -23,11 +23,15 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from steerport.errors import SteerportError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,8 +156,8 @@ class LoadedModel:
     """A causal LM with its tokenizer, and the LM head steers attach to."""
 
     spec: str
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
 
     @property
     def lm_head(self) -> nn.Module:
@@ -166,7 +170,7 @@ class LoadedModel:
     @property
     def output_embeddings(self) -> torch.Tensor:
         """E, shape (V, d): row v is token v's output embedding."""
-        return self.lm_head.weight
+        return cast(torch.Tensor, self.lm_head.weight)  # lm_head checks that the head has a weight (a Parameter)
 
     @property
     def lm_head_bias(self) -> torch.Tensor | None:
@@ -214,19 +218,20 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = "float32", device
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SteerportError(f"could not load model {spec!r} from {where}: {first}") from None
-    model.to(device).eval().requires_grad_(False)
+    # transformers types PreTrainedModel.to through a wrapper whose signature mypy misreads
+    model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer)
 
 
-def text_config(model: nn.Module):
+def text_config(model: PreTrainedModel):
     """The config that describes the language model (the text part of a multimodal config)."""
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def logit_softcap(model: nn.Module) -> float | None:
+def logit_softcap(model: PreTrainedModel) -> float | None:
     """Gemma-2 style final logit soft-capping ``cap · tanh(z / cap)``, or None: read in one place."""
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is None:
@@ -234,7 +239,7 @@ def logit_softcap(model: nn.Module) -> float | None:
     return float(cap) if cap else None
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The decoder blocks of a transformers causal LM, found without per-architecture names.
 
     The ModuleList whose length is the config's ``num_hidden_layers`` (GPT-2 ``transformer.h``,
@@ -260,7 +265,7 @@ class ModelEmbeddings:
 
     spec: str
     embeddings: torch.Tensor  # (V, d) float32
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     bias: torch.Tensor | None = None  # (V,) or None
     fingerprint: str = field(default="")
 

@@ -22,6 +22,7 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from steerport.models import LoadedModel
 from steerport.scoring import scorer_for
 from steerport.steer import Steer
 from steerport.texts import read_texts_and_labels
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def parse_values(spec: str) -> list[float]:
@@ -145,13 +149,16 @@ def plot_sweep(rows: list[SweepRow], path: str | Path, *, title: str = "") -> Pa
     xs = [r.value for r in rows]
     fig = Figure(figsize=(7, 4.2), dpi=120)
     ax = fig.add_subplot()
-    effect_axis = ax
+    effect_axis: Axes | None = ax
     handles = []
     if any(r.attribute_rate is not None for r in rows):
-        handles += ax.plot(xs, [r.attribute_rate for r in rows], "o-", color="tab:green", label="attribute rate (judge)")
+        # matplotlib draws None as a gap, but its stubs do not admit None in the y values
+        handles += ax.plot(xs, [r.attribute_rate for r in rows], "o-", color="tab:green",  # type: ignore[arg-type]
+                           label="attribute rate (judge)")
         ax.set_ylabel("attribute rate")
     elif any(r.separation is not None for r in rows):
-        handles += ax.plot(xs, [r.separation for r in rows], "o-", color="tab:green", label="separation Sep(s)")
+        handles += ax.plot(xs, [r.separation for r in rows], "o-", color="tab:green",  # type: ignore[arg-type]  # None: a gap
+                           label="separation Sep(s)")
         ax.axhline(0, color="#999", lw=0.8)
         ax.set_ylabel("separation (nats/token)")
     else:

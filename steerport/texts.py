@@ -143,7 +143,8 @@ def read_texts(path: str | Path | None = None, *, limit: int | None = None, skip
             for n, row in read_rows(path, "text file"):
                 t = _row_text(row, field)
                 if not isinstance(t, str):
-                    raise SteerportError(f"{path}:{n}: no string field {field!r}" + (" (nor prompt / prompt.text)" if field == "text" else ""))
+                    raise SteerportError(f"{path}:{n}: no string field {field!r}"
+                                         + (" (nor prompt / prompt.text)" if field == "text" else ""))
                 if len(t.strip()) >= min_chars:
                     texts.append(t.strip())
         else:

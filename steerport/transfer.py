@@ -377,6 +377,7 @@ def carry_lm_steer(
         else:  # hidden
             texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")
             log(f"fitting the hidden-state map on {len(texts)} neutral texts")
+            assert src_lm is not None and tgt_lm is not None  # loaded above for the hidden form
             hm = fit_hidden_map(src_lm, tgt_lm, texts, max_tokens=opt.hidden_max_tokens, ridge=opt.hidden_ridge,
                                 holdout=opt.hidden_holdout, progress=progress)
             P_A = hm.K.T
@@ -391,11 +392,13 @@ def carry_lm_steer(
     if calib_method == "none":
         calib: dict[str, Any] = {"method": "none", "factor": 1.0}
     elif calib_method == "embed":
+        assert al is not None  # only the anchor form skips the alignment, and it is never calibrated
         calib = embed_calibration(steer, factors, src_e.embeddings[al.src_ids], tgt_e.embeddings[al.tgt_ids],
                                   max_proxies=opt.embed_proxies, max_pairs=opt.embed_pairs)
     else:
         texts = list(opt.calib_texts) if opt.calib_texts is not None else neutral("calib", limit=opt.calib_count)
         log(f"calibrating on {len(texts)} neutral texts at reference value {opt.calib_value:g}")
+        assert src_lm is not None and tgt_lm is not None  # loaded above for kl calibration
         calib = kl_calibration(steer, base, src_lm, tgt_lm, texts, opt.calib_value, opt.calib_max_tokens,
                                rel_tol=opt.kl_rel_tol, max_evals=opt.kl_max_evals, force=force, log=log)
     timings["calibrate"] = round(time.perf_counter() - t, 3)

@@ -98,7 +98,7 @@ def detect_convention(tokenizer) -> str:
         SENTENCEPIECE: sum(t.startswith(SP_SPACE) for t in vocab),
         WORDPIECE: sum(t.startswith("##") for t in vocab),
     }
-    best = max(counts, key=counts.get)
+    best = max(counts, key=lambda k: counts[k])
     return best if counts[best] >= max(10, len(vocab) // 100) else PLAIN
 
 

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from steerport.errors import SteerportError, one_line
-from steerport.fileio import (atomic_directory, atomic_write_bytes, atomic_write_json, read_json_safetensors,
-                              require_fields, sha256_file, write_json_safetensors)
+from steerport.fileio import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json_safetensors,
+    require_fields,
+    sha256_file,
+    write_json_safetensors,
+)
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temporaries(tmp_path):

@@ -133,7 +133,8 @@ def tiny_setup(tmp_path_factory):
     lm.tokenizer.save_pretrained(path)
     for i, name in enumerate(("native", "moved")):
         A, B = random_steer_factors(seed=3 + i)
-        Steer.lm_steer(A, B, epsilon=1.0, positive="test", model={"spec": str(path), "fingerprint": lm.fingerprint}).save(root / f"{name}.st")
+        Steer.lm_steer(A, B, epsilon=1.0, positive="test",
+                       model={"spec": str(path), "fingerprint": lm.fingerprint}).save(root / f"{name}.st")
     rows = [{"text": t, "label": 1} for t in POS] + [{"text": t, "label": 0} for t in NEG]
     (root / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (root / "prompts.txt").write_text("The movie was\nI think\n")

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from steerport.errors import SteerportError
-from steerport.metrics import (find_value_for_kl, kl_divergence, mean_distinct, retention, roc_auc, separation,
-                               spearman)
+from steerport.metrics import find_value_for_kl, kl_divergence, mean_distinct, retention, roc_auc, separation, spearman
 
 
 def test_roc_auc_matches_the_mann_whitney_count():

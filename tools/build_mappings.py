@@ -64,7 +64,8 @@ def main(models: list[str]) -> None:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| source → target | pairs (raw) | coverage src / tgt | method | H held-out R² | H cos | H NN acc | G held-out R² | G cos | G NN acc | fit s |",
+    lines = [("| source → target | pairs (raw) | coverage src / tgt | method | H held-out R² | H cos | H NN acc | "
+              "G held-out R² | G cos | G NN acc | fit s |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results:
         a = row["alignment"]

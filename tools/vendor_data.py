@@ -83,7 +83,8 @@ def main(shared: Path) -> None:
     write_jsonl(OUT / "toxicity" / "paradetox_test.jsonl", pairs(read_jsonl(shared / "toxicity/paradetox/test.jsonl"), 200, rng))
     write_neutral(shared / "text/wikitext2_test.raw", OUT / "text" / "neutral_360.txt")
     neutral = read_jsonl(shared / "prompts/sentiment/neutral_prompts.jsonl")
-    write_jsonl(OUT / "prompts" / "sentiment_neutral_50.jsonl", [{"prompt": {"text": r["prompt"]["text"]}} for r in rng.sample(neutral, 50)])
+    write_jsonl(OUT / "prompts" / "sentiment_neutral_50.jsonl",
+                [{"prompt": {"text": r["prompt"]["text"]}} for r in rng.sample(neutral, 50)])
     rtp = read_jsonl(shared / "prompts/rtp_nontoxic.jsonl")
     write_jsonl(OUT / "prompts" / "rtp_nontoxic_50.jsonl", [{"prompt": {"text": r["prompt"]["text"]}} for r in rng.sample(rtp, 50)])
 

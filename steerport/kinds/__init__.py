@@ -22,7 +22,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -33,10 +33,20 @@ if TYPE_CHECKING:
     from steerport.steer import Steer
 
 Remover = Callable[[], None]
-# apply(lm, steers, values) -> remover; values (k,) one per steer, or (b, k) one per batch row and steer
-Applier = Callable[["LoadedModel", Sequence["Steer"], torch.Tensor], Remover]
-# fold(E, steers, values) -> E' for output embeddings E (V, d); values (k,)
-Folder = Callable[[torch.Tensor, Sequence["Steer"], torch.Tensor], torch.Tensor]
+
+
+class Applier(Protocol):
+    """apply(lm, steers, values) -> remover; values (k,) one per steer, or (b, k) one per batch row and steer."""
+
+    def __call__(self, lm: LoadedModel, steers: Sequence[Steer], values: torch.Tensor,
+                 include_domain: bool = False) -> Remover: ...
+
+
+class Folder(Protocol):
+    """fold(E, steers, values) -> E' for output embeddings E (V, d); values (k,)."""
+
+    def __call__(self, E: torch.Tensor, steers: Sequence[Steer], values: torch.Tensor,
+                 include_domain: bool = False) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
