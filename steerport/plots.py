@@ -69,7 +69,7 @@ def plot_prune(rows: Sequence[dict], path: str | os.PathLike, *, title: str = ""
     ax2.plot(f, [r["gen_sim"] for r in rows], "^-", color="tab:red", label="generation similarity")
     ax2.set_ylabel("generation similarity")
     ax2.set_ylim(0, 1.05)
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=7)
+    lines = [*ax.get_lines(), *ax2.get_lines()]
+    ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="center right", fontsize=7)
     ax.set_title(title or "dimension removal")
     save_png(fig, path)

@@ -200,15 +200,24 @@ def make_token_steer(
                              "paper's Algorithm 1)")
     if not scales:
         raise SteerportError("give at least one token and scale")
-    u = direction(enc, b) if direction_rule == "regression" else steady_direction(stats.H)  # (d,)
-    ids, rows, steps, reached = [], [], [], []
+    if direction_rule == "regression":
+        u = direction(enc, b)  # (d,)
+    else:
+        assert stats is not None  # checked above: the steady direction needs the detect statistics
+        u = steady_direction(stats.H)  # (d,)
+    ids: list[int] = []
+    rows: list[torch.Tensor] = []
+    steps: list[float] = []
+    reached: list[float | None] = []
     for surface, r in scales.items():
         if not (r > 0 and math.isfinite(r)):
             raise SteerportError(f"scale for {surface!r} must be a positive number, got {r}")
         tid = token_id(lm.tokenizer, surface, lm.spec)
         if tid in ids:
             raise SteerportError(f"{surface!r} is the same token as an earlier one")
+        reached_r: float | None
         if step == "corrected":
+            assert stats is not None  # checked above: the corrected step needs the detect statistics
             found = solve_step(lm, stats, tid, u, r, surface=surface)
             t, reached_r = found.t, math.exp(found.log_r_hat)
         else:

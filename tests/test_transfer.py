@@ -723,11 +723,9 @@ def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys
 @pytest.mark.integration
 def test_real_alignment_and_shipped_mapping_smollm2_gemma3(monkeypatch):
     """SmolLM2 (byte-level BPE) vs Gemma-3 (SentencePiece): ~46k normalized pairs, ~15k raw."""
-    from steerport.catalog import steerport_home
+    from steerport.catalog import pull, steerport_home
     from steerport.mapping import shipped_dir, shipped_name
     from steerport.models import load_embeddings
-
-    from steerport.catalog import pull
     from tests.conftest import TEST_HOME
 
     monkeypatch.setenv("STEERPORT_HOME", str(TEST_HOME))  # the test-owned model cache, filled here if empty
