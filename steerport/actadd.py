@@ -176,19 +176,9 @@ def make_actadd(
 # --------------------------------------------------------------------------- calibration
 
 
-def calibrate_value(
-    lm: LoadedModel,
-    steer: Steer,
-    texts: Sequence[str],
-    target_kl: float,
-    *,
-    start: float = 1.0,
-    rel_tol: float = 0.02,
-    max_evals: int = 24,
-    max_tokens: int = 64,
-    batch_size: int = 8,
-    force: bool = False,
-) -> tuple[float, float]:
+def calibrate_value(lm: LoadedModel, steer: Steer, texts: Sequence[str], target_kl: float, *, start: float = 1.0,
+                    rel_tol: float = 0.02, max_evals: int = 24, max_tokens: int = 64, batch_size: int = 8,
+                    force: bool = False) -> tuple[float, float]:
     """The value s at which κ(s) (mean KL from the unsteered model on ``texts``) matches ``target_kl``.
 
     κ is :func:`steerport.scoring.mean_kl`; s comes from :func:`steerport.metrics.find_value_for_kl`

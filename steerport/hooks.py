@@ -108,19 +108,9 @@ def steered(
 
 
 @torch.no_grad()
-def generate(
-    lm: LoadedModel,
-    prompts: Sequence[str],
-    steers: Sequence[SteerValue] = (),
-    *,
-    max_new_tokens: int = 40,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 8,
-    force: bool = False,
-    progress: Callable[[int], None] | None = None,
-) -> list[str]:
+def generate(lm: LoadedModel, prompts: Sequence[str], steers: Sequence[SteerValue] = (), *,
+             max_new_tokens: int = 40, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             batch_size: int = 8, force: bool = False, progress: Callable[[int], None] | None = None) -> list[str]:
     """Continue each prompt, with the steers applied; returns only the new text.
 
     ``temperature`` 0 is greedy decoding; otherwise sampling with ``top_p``, seeded so the

@@ -153,27 +153,19 @@ class TransferResult:
     lineage: dict[str, Any]
 
 
-def transfer_steer(
-    steer: Steer,
-    source: ModelLike,
-    target: ModelLike,
-    options: TransferOptions | None = None,
-    *,
-    mapping_path: str | Path | None = None,
-    source_path: str | None = None,
-    force: bool = False,
-    log: Log = lambda m: None,
-    progress: Progress | None = None,
-) -> TransferResult:
+def transfer_steer(steer: Steer, source: ModelLike, target: ModelLike, options: TransferOptions | None = None,
+                   **how: Any) -> TransferResult:
     """Carry ``steer`` from ``source`` to ``target`` (specs or loaded models) by its kind's transfer.
+
+    ``how`` are the keywords every kind's transfer takes (see :func:`carry_lm_steer`): ``mapping_path``,
+    ``source_path`` (recorded in the lineage), ``force`` (carry a steer made for another model),
+    ``log`` (a line of progress text) and ``progress`` (units of work done).
 
     Example::
 
         res = transfer_steer(Steer.load("love.st"), "smollm2-135m", "gemma3-270m")
     """
-    return get_kind(steer.kind).transfer_steer(steer, source, target, options or TransferOptions(),
-                                               mapping_path=mapping_path, source_path=source_path, force=force,
-                                               log=log, progress=progress)
+    return get_kind(steer.kind).transfer_steer(steer, source, target, options or TransferOptions(), **how)
 
 
 transfer = transfer_steer  # the older public name

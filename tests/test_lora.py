@@ -20,8 +20,7 @@ TEXTS = ["The movie was wonderful and the actors were great.", "What a waste"]
 
 
 def _logits(model, lm):
-    lm.tokenizer.padding_side = "left"
-    enc = lm.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    enc = lm.tokenizer(TEXTS, return_tensors="pt", padding=True, padding_side="left")  # the shared tokenizer stays as is
     return model(**enc).logits, enc["attention_mask"].bool()
 
 

@@ -16,9 +16,7 @@ PROMPTS = ["The movie was wonderful", "I hate", "What a waste of time, I hate it
 
 
 def _batch(lm, prompts):
-    tok = lm.tokenizer
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = lm.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")  # the shared tokenizer stays as is
     mask = enc["attention_mask"]
     return {"input_ids": enc["input_ids"], "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
