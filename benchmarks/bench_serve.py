@@ -166,7 +166,7 @@ def step_overhead(model: str, batch: int = 8, reps: int = 40, threads: int | Non
     import torch
 
     import steerport
-    from steerport.serve.engine import apply_rows
+    from steerport.serve.rows import apply_rows
 
     old_threads = torch.get_num_threads()
     if threads:

@@ -8,7 +8,7 @@ import torch
 
 from steerport.errors import SteerportError
 from steerport.hooks import steered
-from steerport.serve.engine import apply_rows
+from steerport.serve.rows import apply_rows
 from tests.serve_fixtures import tiny_steers
 from tests.tiny import tiny_model
 

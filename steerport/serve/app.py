@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import threading
 import time
 import uuid
@@ -37,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerport.errors import SteerportError
 from steerport.models import LoadedModel
-from steerport.serve.engine import Engine, Row
+from steerport.serve.engine import Engine
 from steerport.serve.limits import Limits
 from steerport.serve.protocol import (
     APIError,
@@ -48,6 +47,7 @@ from steerport.serve.protocol import (
     parse_prompts,
     usage,
 )
+from steerport.serve.streams import Slot, collect, error_response, events, json_body, sse, start_job
 from steerport.steer import Steer
 
 STATIC = {"playground.js": "text/javascript", "playground.css": "text/css"}
@@ -73,8 +73,8 @@ class ServerState:
     def build(cls, lm: LoadedModel, steers: dict[str, Steer], *, model_name: str, limits: Limits | None = None,
               api_key: str | None = None, curve: bool = True, keywords: bool = True, force: bool = False) -> ServerState:
         """Check the steers, describe them (strength curves), start the engine, queue the keywords."""
-        from steerport.serve.engine import check_steers
         from steerport.serve.info import describe_steers
+        from steerport.serve.rows import check_steers
 
         limits = limits or Limits()
         check_steers(lm, list(steers.values()), force=force)
@@ -155,124 +155,6 @@ class ServerState:
                       "max_tokens", "context_length_exceeded")
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _error(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-           param: str | None = None) -> JSONResponse:
-    return JSONResponse(APIError(status, message, type=type, code=code, param=param).body(), status_code=status)
-
-
-async def _json_body(request: Request, limits: Limits) -> dict:
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-        raise APIError(413, f"request body over {limits.max_body_bytes} bytes")
-    raw = await request.body()
-    if len(raw) > limits.max_body_bytes:
-        raise APIError(413, f"request body over {limits.max_body_bytes} bytes")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad(f"malformed JSON body: {e}") from None
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    return body
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-class _Slot:
-    """One of the server's ``max_concurrent`` request slots (429 when none is free)."""
-
-    def __init__(self, state: ServerState):
-        if state.active >= state.limits.max_concurrent:
-            raise APIError(429, f"the server is busy ({state.limits.max_concurrent} requests in flight); retry later",
-                           type="rate_limit_error", code="too_many_requests")
-        state.active += 1
-        self.state, self.held = state, True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.state.active -= 1
-
-
-@dataclass
-class _Job:
-    """The rows of one request and the queue their events arrive on."""
-
-    rows: list[Row]
-    prompt_tokens: int
-    queue: asyncio.Queue
-
-    def cancel(self) -> None:
-        for r in self.rows:
-            r.cancelled.set()
-
-
-def _emitter(loop: asyncio.AbstractEventLoop, q: asyncio.Queue, index: int):
-    """Hand a row's events from the engine thread to the request's queue (dropped once the loop is gone)."""
-
-    def emit(e) -> None:
-        try:
-            loop.call_soon_threadsafe(q.put_nowait, (index, e))
-        except RuntimeError:  # the event loop closed (server shutting down): nobody is listening
-            pass
-
-    return emit
-
-
-def _start(state: ServerState, prompts: list[list[int]], s: Sampling) -> _Job:
-    loop = asyncio.get_running_loop()
-    q: asyncio.Queue = asyncio.Queue()
-    deadline = time.monotonic() + state.limits.request_timeout_s
-    rows = []
-    for p, ids in enumerate(prompts):
-        for j in range(s.n):
-            index = p * s.n + j
-            rows.append(Row(
-                prompt_ids=ids, max_tokens=s.max_tokens, values=dict(s.steers), temperature=s.temperature,
-                top_p=s.top_p, seed=(s.seed + index) % (2**63), stop=s.stop, deadline=deadline,
-                emit=_emitter(loop, q, index),
-            ))
-    state.engine.submit(rows)
-    return _Job(rows, sum(len(ids) for ids in prompts), q)
-
-
-async def _collect(job: _Job, request: Request) -> tuple[list[str], list[str], int]:
-    """Wait for every row; returns texts, finish reasons, completion tokens (cancels on disconnect)."""
-    texts = [""] * len(job.rows)
-    finish: list[str | None] = [None] * len(job.rows)
-    tokens = [0] * len(job.rows)
-    while any(f is None for f in finish):
-        try:
-            index, e = await asyncio.wait_for(job.queue.get(), timeout=0.5)
-        except TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                raise asyncio.CancelledError
-            continue
-        texts[index] += e.text
-        tokens[index] = e.tokens
-        if e.finish:
-            if e.finish == "error":
-                raise APIError(500, e.error or "generation failed", type="server_error")
-            finish[index] = e.finish
-    return texts, [f or "stop" for f in finish], sum(tokens)
-
-
-async def _events(job: _Job):
-    """(index, Event) until every row has finished."""
-    left = len(job.rows)
-    while left:
-        index, e = await job.queue.get()
-        if e.finish:
-            left -= 1
-        yield index, e
-
-
 # --------------------------------------------------------------------------- the app
 
 
@@ -289,15 +171,15 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return _error(e.status_code, str(e.detail), code=code)
+        return error_response(e.status_code, str(e.detail), code=code)
 
     @app.exception_handler(SteerportError)
     async def _steerport_error(request: Request, e: SteerportError):
-        return _error(400, str(e))
+        return error_response(400, str(e))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
-        return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -305,7 +187,7 @@ def create_app(state: ServerState) -> FastAPI:
             header = request.headers.get("authorization", "")
             scheme, _, key = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), state.api_key.encode()):
-                return _error(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+                return error_response(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
         return await call_next(request)
 
     def check_model(body: dict) -> None:
@@ -354,7 +236,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _json_body(request, limits)
+        body = await json_body(request, limits)
         check_model(body)
         s = parse_common(body, state.steers, limits, default_max_tokens=limits.default_max_tokens)
         prompts = [p if isinstance(p, list) else state.encode(p) for p in parse_prompts(body, limits)]
@@ -364,7 +246,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await _json_body(request, limits)
+        body = await json_body(request, limits)
         check_model(body)
         s = parse_common(body, state.steers, limits, default_max_tokens=0)
         ids = state.chat_ids(parse_messages(body))
@@ -375,19 +257,19 @@ def create_app(state: ServerState) -> FastAPI:
         return await _respond(request, [ids], s, chat=True)
 
     async def _respond(request: Request, prompts: list[list[int]], s: Sampling, *, chat: bool):
-        slot = _Slot(state)
+        slot = Slot(state)
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         head = {"id": rid, "created": created, "model": state.model_name, "system_fingerprint": None}
         try:
-            job = _start(state, prompts, s)
+            job = start_job(state, prompts, s)
         except BaseException:
             slot.release()
             raise
         if not s.stream:
             try:
-                texts, finish, completion_tokens = await _collect(job, request)
+                texts, finish, completion_tokens = await collect(job, request)
             finally:
                 job.cancel()
                 slot.release()
@@ -406,12 +288,12 @@ def create_app(state: ServerState) -> FastAPI:
             try:
                 if chat:
                     for i in range(len(job.rows)):
-                        yield _sse({**head, "object": chunk_kind, "choices": [
+                        yield sse({**head, "object": chunk_kind, "choices": [
                             {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})
-                async for index, e in _events(job):
+                async for index, e in events(job):
                     tokens[index] = e.tokens
                     if e.finish == "error":
-                        yield _sse(APIError(500, e.error or "generation failed", type="server_error").body())
+                        yield sse(APIError(500, e.error or "generation failed", type="server_error").body())
                         break
                     finish = e.finish if e.finish in ("stop", "length") else None
                     if not e.text and finish is None:
@@ -419,15 +301,15 @@ def create_app(state: ServerState) -> FastAPI:
                     if chat:
                         delta = {"content": e.text} if e.text else {}
                         if e.text and finish:  # the last text, then the finish on its own chunk
-                            yield _sse({**head, "object": chunk_kind, "choices": [
+                            yield sse({**head, "object": chunk_kind, "choices": [
                                 {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}]})
                             delta = {}
                         choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
                     else:
                         choice = {"index": index, "text": e.text, "finish_reason": finish, "logprobs": None}
-                    yield _sse({**head, "object": chunk_kind, "choices": [choice]})
+                    yield sse({**head, "object": chunk_kind, "choices": [choice]})
                 if s.include_usage:
-                    yield _sse({**head, "object": chunk_kind, "choices": [], "usage": usage(job.prompt_tokens, sum(tokens))})
+                    yield sse({**head, "object": chunk_kind, "choices": [], "usage": usage(job.prompt_tokens, sum(tokens))})
                 yield "data: [DONE]\n\n"
             finally:  # also when the client disconnects: the rows leave the batch, the slot frees
                 job.cancel()
@@ -444,7 +326,7 @@ def create_app(state: ServerState) -> FastAPI:
         from steerport.explain import explain_text
         from steerport.serve.protocol import parse_steers
 
-        body = await _json_body(request, limits)
+        body = await json_body(request, limits)
         name, text = body.get("steer"), body.get("text")
         if not isinstance(name, str) or name not in state.steers:
             raise bad(f"steer must be one of the loaded steers: {', '.join(state.steers)}", "steer", "unknown_steer")
@@ -466,7 +348,7 @@ def create_app(state: ServerState) -> FastAPI:
             with state.tok_lock:
                 return explain_text(state.lm, steer, text, abs(value), force=True)
 
-        slot = _Slot(state)
+        slot = Slot(state)
         try:
             ex = await asyncio.wrap_future(state.engine.call(job))
         finally:
