@@ -1,6 +1,6 @@
 """Export steers at fixed values as a LoRA adapter on the LM head: PEFT or llama.cpp GGUF.
 
-An LM-Steer steer at value s is exactly a rank-r LoRA on the LM head (DESIGN.md section 7).
+An LM-Steer steer at value s is exactly a rank-r LoRA on the LM head.
 With output embeddings E (V x d), hidden state h (d) and W = A Bᵀ::
 
     z' = E (h + s ε₀ B (Aᵀ h)) = E h + (s ε₀ E B)(Aᵀ h)

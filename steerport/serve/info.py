@@ -1,6 +1,6 @@
 """What ``GET /v1/steers`` tells a client about each loaded steer, computed once at start.
 
-Strength curve: κ(s) = mean over positions of neutral text of KL(p_s ‖ p_0) (DESIGN.md section 5)
+Strength curve: κ(s) = mean over positions of neutral text of KL(p_s ‖ p_0)
 at a few values s, on a few of the bundled neutral paragraphs (short, so start-up stays cheap).
 Recommended range: the file's ``recommended_range`` if it records one, else the widest probed
 values on each side with κ ≤ ``kl_budget``.
@@ -9,40 +9,24 @@ values on each side with κ ≤ ``kl_budget``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import torch
 
 from steerport.explain import default_neutral, steer_keywords
-from steerport.hooks import steered
 from steerport.models import LoadedModel
-from steerport.scoring import kl_divergence
+from steerport.scoring import scorer_for
 from steerport.steer import Steer
 
 CURVE_VALUES = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)
 KL_BUDGET = 0.1  # nats/token
 
 
-@torch.no_grad()
 def strength_curve(lm: LoadedModel, steer: Steer, values: Sequence[float], texts: Sequence[str],
                    max_tokens: int = 64) -> list[dict]:
-    """[{"value": s, "kl": κ(s)}] on ``texts`` (truncated to ``max_tokens``), force-free."""
-    tok: Any = lm.tokenizer
-    old = tok.padding_side
-    tok.padding_side = "right"
-    try:
-        enc = tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
-    finally:
-        tok.padding_side = old
-    enc = {k: v.to(lm.device) for k, v in enc.items()}
-    mask = enc["attention_mask"].bool()
-    base = torch.log_softmax(lm.model(**enc).logits.float(), -1)  # (b, T, V)
-    out = []
-    for s in values:
-        with steered(lm, [(steer, s)], force=True):
-            new = torch.log_softmax(lm.model(**enc).logits.float(), -1)
-        out.append({"value": s, "kl": round(float(kl_divergence(new, base)[mask].mean()), 5)})
-    return out
+    """[{"value": s, "kl": κ(s)}] on ``texts`` (truncated to ``max_tokens``), by the shared scorer: one body
+    pass, then only the head per value for steers acting at the head. The steers were checked against the
+    model at start (with the user's --force), so no check is repeated here."""
+    scorer = scorer_for(lm, texts, [steer], max_tokens=max_tokens, force=True)
+    stats = scorer.stats_many([[(steer, float(v))] for v in values])
+    return [{"value": float(v), "kl": round(st.kl, 5)} for v, st in zip(values, stats)]
 
 
 def recommended_range(steer: Steer, curve: list[dict], max_value: float) -> dict:
