@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import time
 from pathlib import Path
 
@@ -62,22 +61,7 @@ def sst(label: int, n: int) -> list[str]:
 
 def sample_tokens(lm, n: int, seed: int = 0) -> dict[str, int]:
     """n random vocabulary tokens that round-trip as one token (not special), plus a few common words."""
-    rng = random.Random(seed)
-    V = lm.output_embeddings.shape[0]
-    special = set(lm.tokenizer.all_special_ids)
-    picked: dict[str, int] = {}
-    for w in (" great", " the", " love", " war"):
-        ids = lm.tokenizer(w, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            picked[w] = ids[0]
-    while len(picked) < n:
-        i = rng.randrange(V)
-        s = lm.tokenizer.decode([i])
-        if i in special or not s.strip() or s in picked:
-            continue
-        if lm.tokenizer(s, add_special_tokens=False)["input_ids"] == [i]:
-            picked[s] = i
-    return picked
+    return tp.sample_single_tokens(lm.tokenizer, lm.output_embeddings.shape[0], n, named=(" great", " the", " love", " war"), seed=seed)
 
 
 def part_tokenprob(args) -> None:

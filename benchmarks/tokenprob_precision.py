@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import platform
-import random
 import subprocess
 import time
 from pathlib import Path
@@ -75,22 +74,7 @@ def log(*a) -> None:
 def sample_tokens(lm, n: int, seed: int = 0) -> dict[str, int]:
     """The named words that are one token, then random vocabulary tokens that round-trip as one
     token (not special, not blank) until there are ``n``."""
-    rng = random.Random(seed)
-    V = lm.output_embeddings.shape[0]
-    special = set(lm.tokenizer.all_special_ids)
-    picked: dict[str, int] = {}
-    for w in NAMED:
-        ids = lm.tokenizer(w, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            picked[w] = ids[0]
-    while len(picked) < n:
-        i = rng.randrange(V)
-        s = lm.tokenizer.decode([i])
-        if i in special or not s.strip() or s in picked:
-            continue
-        if lm.tokenizer(s, add_special_tokens=False)["input_ids"] == [i]:
-            picked[s] = i
-    return picked
+    return tp.sample_single_tokens(lm.tokenizer, lm.output_embeddings.shape[0], n, named=NAMED, seed=seed)
 
 
 def interval(xs: list[float]) -> dict:

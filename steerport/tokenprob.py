@@ -171,6 +171,36 @@ def solve_step_from(z: torch.Tensor, s: torch.Tensor, lse: torch.Tensor, base: f
 # --------------------------------------------------------------------------- the steer
 
 
+def sample_single_tokens(tokenizer: Any, vocab_size: int, n: int, *, named: Sequence[str] = (),
+                         seed: int = 0) -> dict[str, int]:
+    """``n`` token surfaces -> ids: the ``named`` words that are one token, then random ids below
+    ``vocab_size`` (the output-embedding rows) that round-trip as one token (not special, not blank),
+    drawn with ``random.Random(seed)``.
+
+    Example::
+
+        sample_single_tokens(lm.tokenizer, lm.output_embeddings.shape[0], 30, named=(" great", " war"))
+    """
+    import random
+
+    rng = random.Random(seed)
+    V = vocab_size
+    special = set(tokenizer.all_special_ids)
+    picked: dict[str, int] = {}
+    for w in named:
+        ids = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            picked[w] = ids[0]
+    while len(picked) < n:
+        i = rng.randrange(V)
+        surface = tokenizer.decode([i])
+        if i in special or not surface.strip() or surface in picked:
+            continue
+        if tokenizer(surface, add_special_tokens=False)["input_ids"] == [i]:
+            picked[surface] = i
+    return picked
+
+
 def make_token_steer(
     lm: LoadedModel,
     enc: Encoding,

@@ -316,3 +316,18 @@ def test_a_safetensors_header_whose_length_starts_like_a_pickle_is_read(n):
     assert read_json_metadata(Path("x.st"), data, "steerport", "a .st steer") == {"kind": "token-prob"}
     with pytest.raises(SteerportError, match="pickle"):
         read_json_metadata(Path("x.st"), b"\x80\x04" + b"\x00" * 30, "steerport", "a .st steer")
+
+
+def test_sample_single_tokens_is_seeded_and_round_trips():
+    from steerport.tokenprob import sample_single_tokens
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    word = "I"  # one token in the tiny tokenizer
+    picked = sample_single_tokens(tok, len(tok), 12, named=(word, " not-one-token-at-all"), seed=3)
+    assert len(picked) == 12 and list(picked)[0] == word
+    assert " not-one-token-at-all" not in picked
+    for surface, i in picked.items():
+        assert tok(surface, add_special_tokens=False)["input_ids"] == [i] and i not in tok.all_special_ids
+    assert sample_single_tokens(tok, len(tok), 12, named=(word,), seed=3) == picked
+    assert sample_single_tokens(tok, len(tok), 12, named=(word,), seed=4) != picked
