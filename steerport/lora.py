@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from steerport import __version__
 from steerport.errors import SteerportError
 
 if TYPE_CHECKING:  # torch and the model code load on first use: `steerport --help` stays fast
@@ -124,7 +125,6 @@ def head_module_name(lm: LoadedModel) -> str:
 
 
 def _record(lm: LoadedModel, items: Sequence[SteerValue], paths: Sequence[str] | None, rank: int) -> dict:
-    from steerport import __version__
 
     return {
         "made_by": f"steerport {__version__}",

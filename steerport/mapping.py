@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from steerport import __version__
 from steerport.errors import SteerportError
 from steerport.fileio import (
     read_json_safetensors,
@@ -242,14 +243,9 @@ def fit_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions 
         mean_src=fH[0].mu_y, mean_tgt=fH[0].mu_x,
         meta={"align_seconds": round(t_align, 3), "total_seconds": round(time.perf_counter() - t0, 3),
               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "steerport_version": _version()},
+              "steerport_version": __version__},
     )
 
-
-def _version() -> str:
-    from steerport import __version__
-
-    return __version__
 
 
 # --------------------------------------------------------------------------- finding / reusing

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from steerport import __version__
 from steerport.errors import SteerportError
 from steerport.fileio import atomic_directory
 from steerport.hooks import SteerValue, check_compatible, steered
@@ -139,7 +140,6 @@ def _head_bias_survives(lm: LoadedModel) -> bool:
 
 def model_card(base: LoadedModel, records: list[MergeRecord], base_fingerprint: str, new_fingerprint: str, untied: bool) -> str:
     """README.md for the merged checkpoint: what was folded, at which values, from which files."""
-    from steerport import __version__
 
     lines = [
         "---",

@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 
+from steerport import __version__
 from steerport.calibration import embed_calibration, kl_calibration, require_finite
 from steerport.capture import paired_states
 from steerport.errors import SteerportError, one_line
@@ -396,15 +397,10 @@ def carry_lm_steer(
     timings["calibrate"] = round(time.perf_counter() - t, 3)
     timings["total"] = round(time.perf_counter() - t0, 3)
     calib = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in calib.items()}
-    lineage.update(calibration=calib, options=opt.lineage(), seconds=timings, steerport_version=_version(),
+    lineage.update(calibration=calib, options=opt.lineage(), seconds=timings, steerport_version=__version__,
                    created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     meta = {"lineage": lineage}  # the source's training metadata lives in lineage.source_steer.meta
     out = Steer("lm-steer", factors, steer.epsilon * calib["factor"], positive=steer.positive, model=model_id,
                 meta=meta)
     return TransferResult(steer=out, mapping=m, lineage=lineage)
 
-
-def _version() -> str:
-    from steerport import __version__
-
-    return __version__

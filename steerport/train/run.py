@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from steerport import __version__
 from steerport.capture import cache_hidden, tokenize
 from steerport.data import Dataset
 from steerport.errors import SteerportError
@@ -189,7 +190,6 @@ def train(
         "domain": ("always-on domain component domain.A/domain.B at base scale; applied by "
                    "steerport.hooks.steered only with include_domain=True") if config.domain else None,
     }
-    from steerport import __version__  # the package's version; imported late because the package imports this module
 
     steer = Steer(
         "lm-steer", {k: v.float() for k, v in best.items()}, config.epsilon, positive=data.positive_name,
