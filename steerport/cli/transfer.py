@@ -51,6 +51,8 @@ SteerFileOpt = Annotated[Path, file_option("--steer", "-s", what="steer file", h
 RidgeOpt = Annotated[float, finite_option(bound=NON_NEGATIVE, help="Ridge strength, relative to the mean Gram diagonal (method ridge).")]
 WeightingOpt = Annotated[str, typer.Option(help="none, or zipf: weight pair k by 1/sqrt(1+frequency rank).")]
 TopKOpt = Annotated[Optional[int], typer.Option(help="Fit only on the K most frequent aligned pairs (id order).")]
+CenterOpt = Annotated[bool, typer.Option("--center", help="Subtract each side's mean embedding row before fitting.")]
+NormalizeOpt = Annotated[bool, typer.Option("--normalize", help="Scale each embedding row to unit length before fitting.")]
 
 
 def _fit_options(method: str, ridge: float, center: bool, normalize: bool, weighting: str,
@@ -68,8 +70,8 @@ def map_cmd(
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Mapping file to write (default: SRC__TGT.safetensors).")] = None,
     method: MethodOpt = "lstsq",
     ridge: RidgeOpt = 1e-2,
-    center: Annotated[bool, typer.Option("--center", help="Subtract each side's mean row before fitting.")] = False,
-    normalize: Annotated[bool, typer.Option("--normalize", help="Scale each embedding row to unit length first.")] = False,
+    center: CenterOpt = False,
+    normalize: NormalizeOpt = False,
     weighting: WeightingOpt = "none",
     top_k: TopKOpt = None,
     holdout: Annotated[float, finite_option(bound=FRACTION, help="Share of aligned pairs held out for diagnostics.")] = 0.1,
@@ -164,8 +166,8 @@ def transfer_cmd(
             "missing).")] = None,
     method: MethodOpt = "lstsq",
     ridge: RidgeOpt = 1e-2,
-    center: Annotated[bool, typer.Option("--center", help="Center embedding rows before fitting.")] = False,
-    normalize: Annotated[bool, typer.Option("--normalize", help="Unit-normalize embedding rows before fitting.")] = False,
+    center: CenterOpt = False,
+    normalize: NormalizeOpt = False,
     weighting: WeightingOpt = "none",
     top_k: TopKOpt = None,
     calibrate: Annotated[str, typer.Option(help="auto (kl for the hidden form, else embed), embed (embeddings only), kl (loads both "
