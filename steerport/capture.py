@@ -176,6 +176,13 @@ def pack_by_length(lengths: Sequence[int], tokens_per_batch: int, max_texts: int
     return batches
 
 
+def batch_plan(token_lists: Sequence[Sequence[int]], tokens_per_batch: int) -> list[list[int]]:
+    """The forward-pass batches (groups of text indices) :func:`cache_hidden` runs over these
+    token lists; a data-parallel run (steerport.distributed) deals out the same batches, so each
+    text's states are computed exactly as in one process."""
+    return pack_by_length([len(t) for t in token_lists], tokens_per_batch)
+
+
 def padded_batch(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (b, T) and attention mask (b, T) of several token lists."""
     T = max(len(t) for t in token_lists)
@@ -246,6 +253,7 @@ def cache_hidden(
     workdir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    batches: Sequence[Sequence[int]] | None = None,
 ) -> HiddenCache:
     """Run the model once over the texts (or ``token_lists``) and keep the state at ``point`` for
     every position (``predicted_only``: only positions that have a next token).
@@ -254,7 +262,8 @@ def cache_hidden(
     by batch with the progress recorded (``hidden.json``), so an interrupted pass resumes at the
     next batch; a cache up to 1 GiB is read into memory at the end. ``progress(texts_done,
     positions_done)`` is called after each batch; ``should_stop()`` true raises KeyboardInterrupt
-    after the current batch (the work folder keeps what is done).
+    after the current batch (the work folder keeps what is done). ``batches`` replaces the
+    :func:`batch_plan` (groups of indices into the token lists, covering each once).
     """
     if token_lists is None:
         if texts is None:
@@ -269,7 +278,7 @@ def cache_hidden(
         if len(t) > 1:
             targets[starts[i] : starts[i] + len(t) - 1] = t[1:]
     text_id = np.repeat(np.arange(len(token_lists), dtype=np.int64), kept)
-    batches = pack_by_length(lengths, tokens_per_batch)
+    batches = [list(b) for b in batches] if batches is not None else batch_plan(token_lists, tokens_per_batch)
     item = torch.tensor([], dtype=dtype).element_size()
     raw_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[item]  # raw bits, viewed as dtype
     done = 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -169,24 +170,31 @@ class LoadedModel:
 
     @property
     def output_embeddings(self) -> torch.Tensor:
-        """E, shape (V, d): row v is token v's output embedding."""
-        return cast(torch.Tensor, self.lm_head.weight)  # lm_head checks that the head has a weight (a Parameter)
+        """E, shape (V, d): row v is token v's output embedding (read from the offload store when
+        a split model keeps the head on disk)."""
+        return cast(torch.Tensor, _module_tensor(self.lm_head, "weight"))  # lm_head checks that the head has a weight
 
     @property
     def lm_head_bias(self) -> torch.Tensor | None:
-        return getattr(self.lm_head, "bias", None)
+        return _module_tensor(self.lm_head, "bias")
+
+    @property
+    def is_split(self) -> bool:
+        """True when the model was loaded with a device map (its modules may sit on several devices)."""
+        return getattr(self.model, "hf_device_map", None) is not None
 
     @property
     def hidden_size(self) -> int:
-        return self.output_embeddings.shape[1]
+        return cast(torch.Tensor, self.lm_head.weight).shape[1]  # an offloaded ('meta') weight has its shape too
 
     @property
     def device(self) -> torch.device:
-        return self.output_embeddings.device
+        """Where the LM head computes (a split model's head may keep its weight offloaded on 'meta')."""
+        return execution_device(self.lm_head)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.output_embeddings.dtype
+        return cast(torch.Tensor, self.lm_head.weight).dtype
 
     @cached_property
     def fingerprint(self) -> str:
@@ -203,26 +211,101 @@ class LoadedModel:
         return logit_softcap(self.model)
 
 
-def load_model(spec: str, *, dtype: str | torch.dtype | None = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM for steering (eval mode, no gradients on its weights)."""
+def load_model(
+    spec: str,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str = "cpu",
+    device_map: str | dict[str, str | int] | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
+    offload_folder: str | Path | None = None,
+) -> LoadedModel:
+    """Load a causal LM for steering (eval mode, no gradients on its weights).
+
+    ``device_map`` (e.g. ``"auto"``) splits a model that does not fit one device across the
+    GPUs, the CPU and the disk (Hugging Face accelerate), within ``max_memory`` per device
+    (``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``); layers that do not fit go to
+    ``offload_folder`` (default: a temporary folder). ``device`` is then ignored.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # steerport draws its own progress; per-tensor bars are noise
     resolved = resolve_spec(spec)
     where = _local_or_hub(resolved)
-    torch_dtype = parse_dtype(dtype, device)
+    torch_dtype = parse_dtype(dtype, "cuda" if device_map is not None and torch.cuda.is_available() else device)
+    split: dict = {}
+    if device_map is not None:
+        split = {"device_map": device_map, "max_memory": max_memory,
+                 "offload_folder": str(offload_folder) if offload_folder else _offload_dir()}
+    elif max_memory is not None or offload_folder is not None:
+        raise SteerportError("max_memory and offload_folder need a device map (e.g. device_map='auto')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **split)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SteerportError(f"could not load model {spec!r} from {where}: {first}") from None
-    # transformers types PreTrainedModel.to through a wrapper whose signature mypy misreads
-    model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
+    if device_map is None:
+        # transformers types PreTrainedModel.to through a wrapper whose signature mypy misreads
+        model.to(device)  # type: ignore[arg-type]
+    model.eval().requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer)
+
+
+def parse_max_memory(items: list[str] | None) -> dict[str | int, str | int] | None:
+    """``["0=70GiB", "cpu=200GiB", "disk=1TB"]`` -> ``{0: "70GiB", "cpu": "200GiB", "disk": "1TB"}``
+    (accelerate's ``max_memory``); plain byte counts become ints. None or [] -> None."""
+    if not items:
+        return None
+    out: dict[str | int, str | int] = {}
+    for item in items:
+        dev, sep, amount = item.partition("=")
+        dev, amount = dev.strip(), amount.strip()
+        if not sep or not dev or not amount:
+            raise SteerportError(f"max memory {item!r}: write DEVICE=AMOUNT, e.g. 0=70GiB, cpu=200GiB or disk=1TB")
+        if not (dev.isdigit() or dev in ("cpu", "disk", "mps")):
+            raise SteerportError(f"max memory {item!r}: the device is a GPU index, cpu, mps or disk")
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", amount, flags=re.IGNORECASE):
+            raise SteerportError(f"max memory {item!r}: the amount is bytes or a size like 500MB or 70GiB")
+        out[int(dev) if dev.isdigit() else dev] = int(amount) if amount.isdigit() else amount
+    return out
+
+
+def _offload_dir() -> str:
+    """A private temporary folder for the layers a device map sends to disk (removed at exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="steerport-offload-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device a module computes on: accelerate's execution device for a dispatched module
+    (whose weights may be offloaded, on 'meta'), else the device of its first parameter."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _module_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>`` (a weight or bias, or None), read from accelerate's offload store when the
+    device map put the module on disk (the parameter itself is then an empty 'meta' tensor)."""
+    tensor = getattr(module, name, None)
+    if tensor is None or not tensor.is_meta:
+        return tensor
+    store = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if store is None or name not in store:
+        raise SteerportError(f"the LM head's {name} is offloaded and cannot be read back; give it a device in the device map")
+    return store[name].to(execution_device(module))
 
 
 def text_config(model: PreTrainedModel):

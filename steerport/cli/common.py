@@ -63,6 +63,17 @@ def stderr_console() -> Console:
     return Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 
+def split_options(device_map: str | None, max_memory: list[str], offload_folder: Path | None) -> dict[str, Any]:
+    """load_model's keyword arguments for --device-map / --max-memory / --offload-folder."""
+    from steerport.models import parse_max_memory
+
+    if device_map is None and (max_memory or offload_folder is not None):
+        raise SteerportError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
+    if device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+        raise SteerportError(f"--device-map {device_map!r}: use auto, balanced, balanced_low_0 or sequential")
+    return {"device_map": device_map, "max_memory": parse_max_memory(max_memory), "offload_folder": offload_folder}
+
+
 def say(message: str) -> None:
     """A message for the user on stderr, printed as plain text (above a running progress bar)."""
     print(message, file=sys.stderr, flush=True)  # sys.stderr looked up now: rich redirects it under a live bar
@@ -261,6 +272,12 @@ SteerOpt = Annotated[
 OneSteerOpt = Annotated[str, typer.Option("--steer", "-s", help="The steer, FILE.st[:VALUE] (value default 1).")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU runs it fast), float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help="auto: split a model too large for one device over the "
+        "GPUs, the CPU and the disk (accelerate); --device is then ignored.")]
+MaxMemoryOpt = Annotated[list[str], typer.Option("--max-memory", help="With --device-map: the most memory a device may hold, "
+        "DEVICE=AMOUNT (0=70GiB, cpu=200GiB); repeat per device.")]
+OffloadOpt = Annotated[Optional[Path], typer.Option("--offload-folder", help="With --device-map: where layers that fit no device go "
+        "(default: a temporary folder).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Apply steers even if made for a model with another fingerprint.")]
 TextOpt = Annotated[Optional[Path], file_option(what="text file", help="Text file (.txt/.raw one text per line, or .jsonl with text); "
         "default: the bundled neutral text.")]

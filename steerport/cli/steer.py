@@ -17,10 +17,13 @@ import typer
 from steerport.cli.common import (
     NON_NEGATIVE,
     PROBABILITY_MASS,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
+    MaxMemoryOpt,
     ModelArg,
+    OffloadOpt,
     SteerOpt,
     check_at_least,
     counting,
@@ -32,6 +35,7 @@ from steerport.cli.common import (
     print_json,
     read_prompts,
     show,
+    split_options,
     status,
     stdout_console,
     surface,
@@ -55,6 +59,9 @@ def generate(
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per prompt, one per line.")] = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = [],
+    offload_folder: OffloadOpt = None,
     force: ForceOpt = False,
 ):
     """Generate continuations, optionally steered: --steer detox.st:5 --steer pos.st:2."""
@@ -69,7 +76,7 @@ def generate(
     if not texts:
         raise SteerportError("give at least one --prompt or a --prompts file")
     steers = load_steers(steer)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=device, **split_options(device_map, max_memory, offload_folder))
     with counting("generating", total=len(texts)) as advance:
         outs = do_generate(lm, texts, steers, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            seed=seed, batch_size=batch_size, force=force, progress=advance)

@@ -18,13 +18,17 @@ from steerport.cli.common import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelArg,
+    OffloadOpt,
     file_option,
     finite_option,
     make_progress,
     say,
+    split_options,
     stderr_console,
     table,
 )
@@ -110,6 +114,9 @@ def train(
             "model's top candidates plus a first-order tail term computed once), much faster; the summary is always exact.")] = "exact",
     topk: Annotated[int, typer.Option(help="Candidates per token for --head topk.")] = 64,
     device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = [],
+    offload_folder: OffloadOpt = None,
     workdir: Annotated[Optional[Path], typer.Option(help="Folder for the cache and checkpoints (default OUT.work); rerun the same "
             "command to resume.")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard saved progress in the work folder and start over.")] = False,
@@ -132,8 +139,12 @@ def train(
       steerport train smollm2-135m --positive happy.txt --negative sad.txt --out mood.st
 
       steerport train gemma3-270m --data sst2 --init positive.gemma3.st --steps 20 --out positive.native.st
+
+    Data-parallel (each process caches a share of the texts; the same steer as one process;
+    docs/scale.md): accelerate launch --num_processes 8 -m steerport.cli train MODEL --device cuda ...
     """
     from steerport.data import DataOptions, load_data
+    from steerport.distributed import current_world, rank_device
     from steerport.models import load_model
     from steerport.steer import Steer
     from steerport.train import TrainConfig, remove_workdir
@@ -146,25 +157,35 @@ def train(
                          weight_decay=weight_decay, seed=seed, domain=domain, max_tokens=max_tokens, eval_every=eval_every,
                          patience=patience, dtype=dtype, cache_dtype=cache_dtype, head=head, topk=topk)
     config.check()
+    world = current_world()  # rank 0 of 1 unless started by accelerate launch / torchrun
+    split = split_options(device_map, max_memory, offload_folder)
+    tell = say if world.is_main else (lambda message: None)  # one voice: rank 0 speaks, writes and cleans up
     dataset = load_data(DataOptions(
         files=data, text_field=text_field, label_field=label_field, positive_labels=positive_label,
         negative_labels=negative_label, real=real_labels, positive_file=positive, negative_file=negative,
         positive_name=positive_name, limit_per_class=limit_per_class, heldout_fraction=heldout, seed=seed,
     ))
     c = dataset.summary["counts"]
-    say(f"data: train {c['train']['positive']} positive / {c['train']['negative']} negative, "
+    tell(f"data: train {c['train']['positive']} positive / {c['train']['negative']} negative, "
         f"held out {c['heldout']['positive']} / {c['heldout']['negative']}; +1 means {dataset.positive_name!r}")
     wd = workdir or out_path.with_name(out_path.name + ".work")
-    if restart and wd.exists():
+    if restart and wd.exists() and world.is_main:
         remove_workdir(wd)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=rank_device(world, device), **split)
     bar, update = train_progress()
+    if not world.is_main:
+        bar.disable = True
+    if world.size > 1:
+        tell(f"data-parallel: {world.size} processes share the body pass; rank 0 gathers the shards and fits")
     try:
         with bar:
             result = do_train(lm, dataset, config, workdir=wd, progress=update, init=init_steer)
     except KeyboardInterrupt:
-        say(f"stopped: progress saved in {wd}; run the same command again to resume")
+        say(f"stopped{'' if world.size == 1 else f' ({world.name})'}: progress saved in {wd}; "
+            "run the same command again to resume")
         raise SystemExit(130) from None
+    if not world.is_main:
+        return
     result.steer.save(out_path)
     if not keep_cache:
         remove_workdir(wd)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from steerport.distributed import WORLD_FILE, remove_shards
 from steerport.errors import SteerportError, one_line
 from steerport.fileio import atomic_write_json, read_json_safetensors, write_json_safetensors
 from steerport.train.fitter import Fitter
@@ -87,6 +88,8 @@ def remove_workdir(wd: str | Path) -> None:
         (wd / name).unlink(missing_ok=True)
     for stale in wd.glob(TOPK_GLOB):
         stale.unlink()
+    (wd / WORLD_FILE).unlink(missing_ok=True)  # a data-parallel run's files (steerport.distributed)
+    remove_shards(wd)
     try:
         wd.rmdir()
     except OSError:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from steerport import __version__
+from steerport import __version__, distributed
 from steerport.capture import cache_hidden, tokenize
 from steerport.data import Dataset
 from steerport.errors import SteerportError
@@ -87,6 +87,9 @@ def train(
     t_start = time.perf_counter()
     texts = [e.text for e in data.train] + [e.text for e in data.heldout]
     labels = torch.tensor([e.label for e in data.train] + [e.label for e in data.heldout])  # (n_texts,)
+    world = distributed.current_world()  # under accelerate launch / torchrun: this process's share of the body pass
+    distributed.check_size(world, len(texts))
+    distributed.join(world)
     n_train_texts = len(data.train)
     token_lists = tokenize(lm.tokenizer, texts, config.max_tokens)
     if sum(len(t) - 1 for t in token_lists[:n_train_texts] if len(t) > 1) == 0:
@@ -98,7 +101,7 @@ def train(
                        "init": init.fingerprint if init is not None else None,
                        **{k: v for k, v in asdict(config).items() if k not in NOT_IN_FIT_KEY}})
     wd = Path(workdir) if workdir is not None else None
-    resumed = prepare_workdir(wd, cache_key, fit_key)
+    resumed = distributed.main_first(world, wd, lambda: prepare_workdir(wd, cache_key, fit_key))
     notify = progress or (lambda phase, info: None)
     timings: dict[str, float] = {}
 
@@ -107,11 +110,16 @@ def train(
         t0 = time.perf_counter()
         check_head_matches(lm, min((t for t in token_lists if len(t) > 1), key=len))
         notify("cache-start", {"texts": len(texts), "tokens": int(sum(max(len(t) - 1, 0) for t in token_lists))})
-        cache = cache_hidden(
-            lm, token_lists=token_lists, predicted_only=True, dtype=parse_dtype(config.cache_dtype),
-            tokens_per_batch=config.cache_tokens_per_batch, workdir=wd,
-            progress=lambda n, k: notify("cache", {"texts": n, "tokens": k}), should_stop=lambda: flag.stop,
-        )
+        cache_args: dict[str, Any] = dict(
+            predicted_only=True, dtype=parse_dtype(config.cache_dtype), tokens_per_batch=config.cache_tokens_per_batch,
+            workdir=wd, progress=lambda n, k: notify("cache", {"texts": n, "tokens": k}), should_stop=lambda: flag.stop)
+        if world.size > 1:  # each rank caches its share; rank 0 gathers them and fits, the others get its result
+            shared = distributed.cache_hidden_sharded(world, lm, token_lists, key=cache_key, **cache_args)
+            if shared is None:
+                return distributed.share(world, None)
+            cache = shared
+        else:
+            cache = cache_hidden(lm, token_lists=token_lists, **cache_args)
         timings["cache_s"] = time.perf_counter() - t0
         if wd is not None:
             atomic_write_json(wd / "cache.done", {"key": cache_key, "seconds": timings["cache_s"]})
@@ -196,7 +204,7 @@ def train(
         model={"spec": lm.spec, "fingerprint": lm.fingerprint},
         meta={"training": training, "data": data.summary, "steerport_version": __version__},
     )
-    return TrainResult(steer, results, state["history"])
+    return distributed.share(world, TrainResult(steer, results, state["history"]))
 
 
 def _check_init(lm: LoadedModel, init: Steer) -> None:
