@@ -231,6 +231,8 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # steerport draws its own progress; per-tensor bars are noise
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise SteerportError("max_memory and offload_folder need a device map (e.g. device_map='auto')")
     resolved = resolve_spec(spec)
     where = _local_or_hub(resolved)
     torch_dtype = parse_dtype(dtype, "cuda" if device_map is not None and torch.cuda.is_available() else device)
@@ -238,8 +240,6 @@ def load_model(
     if device_map is not None:
         split = {"device_map": device_map, "max_memory": max_memory,
                  "offload_folder": str(offload_folder) if offload_folder else _offload_dir()}
-    elif max_memory is not None or offload_folder is not None:
-        raise SteerportError("max_memory and offload_folder need a device map (e.g. device_map='auto')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **split)

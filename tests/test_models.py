@@ -120,3 +120,97 @@ def test_logit_softcap_read_from_the_text_sub_config():
     gemma = tiny_model("gemma3_text")
     gemma.model.config.final_logit_softcapping = 12.5
     assert gemma.softcap == 12.5
+
+
+# --------------------------------------------------------------------------- a model split by a device map
+
+SPLIT_MEMORY = {"cpu": 90_000}  # bytes: the input embedding fits, the decoder layers, norm and (untied) head go to disk
+SPLIT_TEXTS = ["The film was wonderful and warm.", "What a waste of time, I hate it.", "Researchers measured the tower."]
+
+
+def load_split(path, tmp_path):
+    split = load_model(str(path), device_map="auto", max_memory=SPLIT_MEMORY, offload_folder=tmp_path / "offload")
+    devices = set(split.model.hf_device_map.values())
+    assert split.is_split and {"cpu", "disk"} <= devices, split.model.hf_device_map  # a real split, not one device
+    return split
+
+
+@torch.no_grad()
+def logits_of(lm, texts):
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True)
+    return lm.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_split_model_gives_identical_logits_steered_and_unsteered(tmp_path, tied):
+    from steerport.hooks import steered
+    from steerport.steer import Steer
+    from tests.tiny import random_steer_factors
+
+    _, path = save_tiny(tmp_path, "llama", tied=tied)
+    whole, split = load_model(str(path)), load_split(path, tmp_path)
+    if not tied:
+        assert split.model.hf_device_map["lm_head"] == "disk" and split.lm_head.weight.is_meta
+    torch.testing.assert_close(split.output_embeddings, whole.output_embeddings, atol=0, rtol=0)  # read back from disk
+    assert split.fingerprint == whole.fingerprint and split.hidden_size == whole.hidden_size
+    assert split.dtype == whole.dtype and split.device == torch.device("cpu")
+    torch.testing.assert_close(logits_of(split, SPLIT_TEXTS), logits_of(whole, SPLIT_TEXTS), atol=0, rtol=0)
+    A, B = random_steer_factors()
+    steer = Steer.lm_steer(A, B, epsilon=0.5, positive="positive", model={"spec": whole.spec, "fingerprint": whole.fingerprint})
+    with steered(whole, (steer, 2.0)):
+        want = logits_of(whole, SPLIT_TEXTS)
+    with steered(split, (steer, 2.0)):
+        got = logits_of(split, SPLIT_TEXTS)
+    assert (want - logits_of(whole, SPLIT_TEXTS)).abs().max() > 0.1  # the steer does something
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_training_on_a_split_model_gives_the_identical_steer(tmp_path):
+    from steerport.data import Dataset, Example
+    from steerport.train import TrainConfig, train
+
+    _, path = save_tiny(tmp_path, "llama", tied=False)
+    whole, split = load_model(str(path)), load_split(path, tmp_path)
+    texts = SPLIT_TEXTS * 4
+    ex = [Example(t, 1.0 if i % 2 else -1.0, f"mem:{i}") for i, t in enumerate(texts)]
+    data = Dataset(ex[2:], ex[:2], "positive", {"counts": {}})
+    config = TrainConfig(rank=2, steps=4, cache_dtype="float32", dtype="float32", eval_every=2)
+    a = train(whole, data, config, workdir=tmp_path / "whole.work").steer
+    b = train(split, data, config, workdir=tmp_path / "split.work").steer
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        torch.testing.assert_close(b.tensors[k], a.tensors[k], atol=0, rtol=0)
+
+
+def test_transfer_between_split_models_matches_whole_models(tmp_path):
+    from steerport.steer import Steer
+    from steerport.transfer import TransferOptions, transfer_steer
+    from tests.tiny import random_steer_factors
+
+    _, src_path = save_tiny(tmp_path, "llama", tied=False)
+    lm_b = tiny_model("qwen2", seed=3)
+    tgt_path = tmp_path / "qwen2"
+    lm_b.model.save_pretrained(tgt_path)
+    lm_b.tokenizer.save_pretrained(tgt_path)
+    src, tgt = load_model(str(src_path)), load_model(str(tgt_path))
+    src_split, tgt_split = load_split(src_path, tmp_path), load_split(tgt_path, tmp_path)
+    A, B = random_steer_factors()
+    steer = Steer.lm_steer(A, B, epsilon=0.5, positive="positive", model={"spec": src.spec, "fingerprint": src.fingerprint})
+    options = TransferOptions(form="hidden", calibrate="kl", hidden_texts=SPLIT_TEXTS * 3, calib_texts=SPLIT_TEXTS)
+    want = transfer_steer(steer, src, tgt, options).steer
+    got = transfer_steer(steer, src_split, tgt_split, options).steer
+    assert got.epsilon == want.epsilon
+    for k in want.tensors:
+        torch.testing.assert_close(got.tensors[k], want.tensors[k], atol=0, rtol=0)
+
+
+def test_device_map_options_checked():
+    from steerport.models import parse_max_memory
+
+    assert parse_max_memory(["0=70GiB", "cpu=200GiB", "disk=123"]) == {0: "70GiB", "cpu": "200GiB", "disk": 123}
+    assert parse_max_memory([]) is None
+    for bad, fragment in [("cpu", "DEVICE=AMOUNT"), ("gpu0=1GB", "GPU index"), ("cpu=lots", "the amount")]:
+        with pytest.raises(SteerportError, match=fragment):
+            parse_max_memory([bad])
+    with pytest.raises(SteerportError, match="need a device map"):
+        load_model("whatever", max_memory={"cpu": 1})

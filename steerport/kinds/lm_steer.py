@@ -67,11 +67,14 @@ def apply(lm, steers: Sequence, values: torch.Tensor, include_domain: bool = Fal
     """One pre-hook on the LM head carrying every LM-Steer steer (concatenated along rank)."""
     A, B, scales = factors(steers, values, include_domain)
     A, B = A.to(lm.device, lm.dtype), B.to(lm.device, lm.dtype)
+    # a split model (device map): the head's input may come from another GPU; move it where the head computes
+    here = (lambda h: h.to(A.device)) if lm.is_split else (lambda h: h)
     if scales.dim() == 1:  # one value per steer: fold the scales into A once
         A = A * scales.to(lm.device, lm.dtype)
-        return edit_input(lm.lm_head, lambda h: h + lm_steer_shift(h, A, B))
+        return edit_input(lm.lm_head, lambda h: (h := here(h)) + lm_steer_shift(h, A, B))
 
     def add(h: torch.Tensor) -> torch.Tensor:  # h (b, T, d); scales (b, R) -> (b, 1, R)
+        h = here(h)
         return h + ((h @ A) * rows_of(scales, h)) @ B.T
 
     return edit_input(lm.lm_head, add)
