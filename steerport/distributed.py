@@ -292,7 +292,8 @@ def _gather(world: World, lm: LoadedModel, token_lists: Sequence[Sequence[int]],
     N, d = len(gid), lm.hidden_size
     item = torch.tensor([], dtype=dtype).element_size()
     raw_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[item]
-    raw = np.memmap(workdir / "hidden.bin", dtype=raw_dtype, mode="w+", shape=(max(N, 1), d))[:N]
+    mapped = np.memmap(workdir / "hidden.bin", dtype=raw_dtype, mode="w+", shape=(max(N, 1), d))
+    raw = mapped[:N]
     h = torch.from_numpy(raw).view(dtype) if N else torch.zeros(0, d, dtype=dtype)
     for a in range(0, N, COPY_ROWS):
         src = order[a : a + COPY_ROWS]
@@ -301,7 +302,7 @@ def _gather(world: World, lm: LoadedModel, token_lists: Sequence[Sequence[int]],
             sel = which == k
             rows = torch.from_numpy(src[sel] - offsets[k])
             h[a + torch.from_numpy(np.nonzero(sel)[0])] = shards[k].h[rows]
-    raw.flush()
+    mapped.flush()
     atomic_write_json(workdir / "hidden.json", {"shape": [N, d], "dtype": str(dtype), "batches_done": len(plan),
                                                 "batches": len(plan)})
     targets = torch.cat([s.targets for s in shards])[torch.from_numpy(order)]

@@ -120,15 +120,17 @@ def test_world_larger_than_the_texts_is_refused_before_any_work(monkeypatch, tmp
     assert not (tmp_path / "w").exists()  # refused before the work folder is touched
 
 
-def test_cli_world_larger_than_the_texts_is_one_line(setup, tmp_path):
+def test_cli_world_larger_than_the_texts_is_one_line(setup, tmp_path, monkeypatch, capsys):
+    from tests.test_cli import assert_one_line_error, main_run
+
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(CORPUS[:4])))
-    cmd = [sys.executable, "-m", "steerport.cli", "train", str(setup / "model"), "--data", str(few), "--positive-label", "1",
-           "--heldout", "0.25", "--out", str(tmp_path / "x.st")]
-    res = run(cmd, WORLD_SIZE="8", RANK="0", LOCAL_RANK="0")
-    assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1] == "error: 8 processes for 4 texts: launch at most 4 processes (or give more texts)"
-    assert "Traceback" not in res.stderr
+    for k, v in {"WORLD_SIZE": "8", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    code, _, err = main_run(monkeypatch, capsys, "train", setup / "model", "--data", few, "--positive-label", "1",
+                            "--heldout", "0.25", "--out", tmp_path / "x.st")
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("data: "))  # rank 0's data summary
+    assert_one_line_error(code, err, "8 processes for 4 texts: launch at most 4 processes (or give more texts)")
 
 
 # --------------------------------------------------------------------------- real launches

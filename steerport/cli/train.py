@@ -144,7 +144,7 @@ def train(
     docs/scale.md): accelerate launch --num_processes 8 -m steerport.cli train MODEL --device cuda ...
     """
     from steerport.data import DataOptions, load_data
-    from steerport.distributed import current_world, rank_device
+    from steerport.distributed import check_size, current_world, rank_device
     from steerport.models import load_model
     from steerport.steer import Steer
     from steerport.train import TrainConfig, remove_workdir
@@ -168,6 +168,7 @@ def train(
     c = dataset.summary["counts"]
     tell(f"data: train {c['train']['positive']} positive / {c['train']['negative']} negative, "
         f"held out {c['heldout']['positive']} / {c['heldout']['negative']}; +1 means {dataset.positive_name!r}")
+    check_size(world, len(dataset.train) + len(dataset.heldout))  # before loading the model
     wd = workdir or out_path.with_name(out_path.name + ".work")
     if restart and wd.exists() and world.is_main:
         remove_workdir(wd)
