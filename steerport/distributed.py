@@ -274,39 +274,42 @@ def _claim_shard(folder: Path, manifest: dict[str, Any]) -> None:
 
 def _gather(world: World, lm: LoadedModel, token_lists: Sequence[Sequence[int]], plan: list[list[int]],
             workdir: Path, args: dict[str, Any]) -> HiddenCache:
-    """Rank 0: read every rank's shard and write the full cache in text order (``hidden.bin``,
-    memory-mapped, with ``hidden.json`` marking it complete so a one-process rerun reuses it)."""
+    """Rank 0: copy every rank's shard into the full cache in text order (``hidden.bin``, memory-
+    mapped, with ``hidden.json`` marking it complete so a one-process rerun reuses it), one shard
+    at a time (memory: one shard, and not even that when the shards are memory-mapped)."""
     dtype: torch.dtype = args["dtype"]
-    shards: list[HiddenCache] = []
-    global_ids: list[np.ndarray] = []
-    for rank in range(world.size):
-        texts, batches = deal(plan, rank, world.size)
-        # every batch is done (the barrier passed), so this reads; a missing batch would be computed here
-        shard = cache_hidden(lm, token_lists=[token_lists[i] for i in texts], batches=batches,
-                             workdir=shard_dir(workdir, rank, world.size), **args)
-        shards.append(shard)
-        global_ids.append(np.asarray(texts, dtype=np.int64)[shard.text_id.numpy()] if texts else np.zeros(0, np.int64))
-    gid = np.concatenate(global_ids)  # (N,) the global text of every shard row, shards one after another
-    order = np.argsort(gid, kind="stable")  # rows in text order; within a text, in position order
-    offsets = np.cumsum([0] + [s.n_positions for s in shards])
-    N, d = len(gid), lm.hidden_size
+    kept = np.array([max(len(t) - 1, 0) if args["predicted_only"] else len(t) for t in token_lists], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)  # where each text's rows begin
+    N, d = int(starts[-1]), lm.hidden_size
     item = torch.tensor([], dtype=dtype).element_size()
     raw_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[item]
     mapped = np.memmap(workdir / "hidden.bin", dtype=raw_dtype, mode="w+", shape=(max(N, 1), d))
-    raw = mapped[:N]
-    h = torch.from_numpy(raw).view(dtype) if N else torch.zeros(0, d, dtype=dtype)
-    for a in range(0, N, COPY_ROWS):
-        src = order[a : a + COPY_ROWS]
-        which = np.searchsorted(offsets, src, side="right") - 1
-        for k in np.unique(which):
-            sel = which == k
-            rows = torch.from_numpy(src[sel] - offsets[k])
-            h[a + torch.from_numpy(np.nonzero(sel)[0])] = shards[k].h[rows]
+    h = torch.from_numpy(mapped[:N]).view(dtype) if N else torch.zeros(0, d, dtype=dtype)
+    targets = torch.full((N,), -1, dtype=torch.long)
+    text_id = torch.zeros(N, dtype=torch.long)
+    for rank in range(world.size):
+        texts, batches = deal(plan, rank, world.size)
+        if not texts:
+            continue
+        # every batch is done (the barrier passed), so this reads; a missing batch would be computed here
+        shard = cache_hidden(lm, token_lists=[token_lists[i] for i in texts], batches=batches,
+                             workdir=shard_dir(workdir, rank, world.size), **args)
+        local = shard.text_id.numpy()  # (n,) rows grouped by the shard's texts, in order
+        counts = np.bincount(local, minlength=len(texts))
+        if not np.array_equal(counts, kept[texts]):
+            raise SteerportError(f"{world.name}: the shard of rank {rank} does not match its texts; "
+                                 f"delete {shard_dir(workdir, rank, world.size)} and run again")
+        first = np.concatenate([[0], np.cumsum(counts)])[:-1]
+        gid = np.asarray(texts, dtype=np.int64)[local]
+        dest = torch.from_numpy(starts[gid] + np.arange(len(local)) - first[local])  # (n,) rows of the full cache
+        for a in range(0, len(dest), COPY_ROWS):
+            h[dest[a : a + COPY_ROWS]] = shard.h[a : a + COPY_ROWS]
+        targets[dest] = shard.targets
+        text_id[dest] = torch.from_numpy(gid)
+        del shard
     mapped.flush()
     atomic_write_json(workdir / "hidden.json", {"shape": [N, d], "dtype": str(dtype), "batches_done": len(plan),
                                                 "batches": len(plan)})
-    targets = torch.cat([s.targets for s in shards])[torch.from_numpy(order)]
-    text_id = torch.from_numpy(gid[order])
     if N * d * item <= IN_MEMORY_BYTES:
         h = h.clone()
     return HiddenCache(h, targets, text_id, len(token_lists))
