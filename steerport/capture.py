@@ -110,6 +110,9 @@ def input_of(model: torch.nn.Module, module: torch.nn.Module, **forward_kwargs: 
 def _hook_point(lm: LoadedModel, point: Point, keep: Callable[[torch.Tensor], None]):
     """Register ``keep(state)`` at ``point``; returns the handle."""
     if point == "head":
+        if lm.is_split:  # a device map may put the final norm on another GPU than the head: states come where E is
+            return lm.lm_head.register_forward_pre_hook(lambda m, a, kw: keep(main_input(a, kw).to(lm.device)),
+                                                        with_kwargs=True)
         return lm.lm_head.register_forward_pre_hook(lambda m, a, kw: keep(main_input(a, kw)), with_kwargs=True)
     blocks = decoder_layers(lm.model)
     if isinstance(point, bool) or not isinstance(point, int) or not 0 <= point <= len(blocks):
