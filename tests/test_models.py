@@ -214,3 +214,26 @@ def test_device_map_options_checked():
             parse_max_memory([bad])
     with pytest.raises(SteerportError, match="need a device map"):
         load_model("whatever", max_memory={"cpu": 1})
+
+
+def test_cli_device_map_options_reach_the_loader(tmp_path, monkeypatch, capsys, caplog):
+    from steerport.steer import Steer
+    from tests.test_cli import assert_one_line_error, main_run
+
+    _, path = save_tiny(tmp_path, "llama", tied=False)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"text": "{t}", "label": {i % 2}}}\n' for i, t in enumerate(SPLIT_TEXTS * 4)))
+    common = ["train", path, "--data", data, "--positive-label", "1", "--heldout", "0.25", "--steps", "3", "--dtype", "float32",
+              "--rank", "2"]
+    code, _, err = main_run(monkeypatch, capsys, *common, "--out", tmp_path / "a.st")
+    assert code in (0, None), err
+    code, _, err = main_run(monkeypatch, capsys, *common, "--out", tmp_path / "b.st", "--device-map", "auto",
+                            "--max-memory", "cpu=90000", "--offload-folder", tmp_path / "off")
+    assert code in (0, None), err
+    assert "offloaded to the" in caplog.text and "disk" in caplog.text  # the model really was split (accelerate says so)
+    a, b = Steer.load(tmp_path / "a.st"), Steer.load(tmp_path / "b.st")
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    code, _, err = main_run(monkeypatch, capsys, *common, "--out", tmp_path / "c.st", "--max-memory", "cpu=1GB")
+    assert_one_line_error(code, err, "--max-memory and --offload-folder need --device-map")
+    code, _, err = main_run(monkeypatch, capsys, *common, "--out", tmp_path / "c.st", "--device-map", "everywhere")
+    assert_one_line_error(code, err, "--device-map 'everywhere': use auto")
