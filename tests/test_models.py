@@ -163,6 +163,16 @@ def test_split_model_gives_identical_logits_steered_and_unsteered(tmp_path, tied
         got = logits_of(split, SPLIT_TEXTS)
     assert (want - logits_of(whole, SPLIT_TEXTS)).abs().max() > 0.1  # the steer does something
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+    from steerport.actadd import make_actadd  # an ActAdd steer, made on either, acts at a layer kept on disk
+
+    act = make_actadd(whole, [(" love", " hate")], layer=0.5, coeff=3.0)
+    assert torch.equal(make_actadd(split, [(" love", " hate")], layer=0.5, coeff=3.0).tensors["vector"], act.tensors["vector"])
+    with steered(whole, (act, 1.0)):
+        want = logits_of(whole, SPLIT_TEXTS)
+    with steered(split, (act, 1.0)):
+        got = logits_of(split, SPLIT_TEXTS)
+    assert (want - logits_of(whole, SPLIT_TEXTS)).abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_training_on_a_split_model_gives_the_identical_steer(tmp_path):
