@@ -141,7 +141,7 @@ def train(
       steerport train gemma3-270m --data sst2 --init positive.gemma3.st --steps 20 --out positive.native.st
 
     Data-parallel (each process caches a share of the texts; the same steer as one process;
-    docs/scale.md): accelerate launch --num_processes 8 -m steerport.cli train MODEL --device cuda ...
+    docs/scale.md): accelerate launch --multi_gpu --num_processes 8 -m steerport.cli train MODEL --device cuda ...
     """
     from steerport.data import DataOptions, load_data
     from steerport.distributed import check_size, current_world, rank_device

@@ -150,19 +150,20 @@ class _LayerAdds:
                 raise SteerportError(f"per-row actadd values for {values.shape[0]} rows, but this forward pass has "
                                      f"{h.shape[0]}")
             add = torch.zeros_like(h)
-            if ev is not None:
-                add = add + (ev[:, None, :] if per_row else ev)
+            if ev is not None:  # .to: on a split model (device map) this layer's stream may sit on another GPU
+                add = add + (ev[:, None, :] if per_row else ev).to(h.device)
             if fr is not None:
                 b, T, _ = h.shape
                 starts = window.starts.to(h.device) if window.starts is not None else torch.zeros(b, dtype=torch.long, device=h.device)
                 rel = window.offset + torch.arange(T, device=h.device)[None, :] - starts[:, None]  # (b, T)
                 hit = (rel >= 0) & (rel < fr.shape[-2])
                 if hit.any():
+                    fr_here = fr.to(h.device)
                     if per_row:
                         row = torch.arange(b, device=h.device)[:, None].expand(b, T)
-                        add[hit] = add[hit] + fr[row[hit], rel[hit]]
+                        add[hit] = add[hit] + fr_here[row[hit], rel[hit]]
                     else:
-                        add[hit] = add[hit] + fr[rel[hit]]
+                        add[hit] = add[hit] + fr_here[rel[hit]]
             return h + add
 
         return add_to
