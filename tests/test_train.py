@@ -108,7 +108,7 @@ def test_cached_gradient_equals_autograd_through_full_model(arch, bias, cap):
     if cap:
         lm.model.config.final_logit_softcapping = cap
     data = make_data(1, heldout=0)
-    config = TrainConfig(rank=3, epsilon=0.5, init_scale=0.3, domain=True)
+    config = TrainConfig(rank=3, epsilon=0.5, init_scale=0.3, domain=True, dtype="float32")
     fitter, tl, labels = setup_fit(lm, data, config)
     batch = [0, 3, 4, 7]
     loss = fitter.token_loss(text_positions(fitter, batch)).mean()
@@ -125,7 +125,7 @@ def test_cached_gradient_equals_autograd_through_full_model(arch, bias, cap):
 def test_cached_training_equals_full_model_training():
     lm = tiny_model("llama")
     data = make_data(1, heldout=0)
-    config = TrainConfig(rank=2, epsilon=0.3, init_scale=0.2, lr=0.05)
+    config = TrainConfig(rank=2, epsilon=0.3, init_scale=0.2, lr=0.05, dtype="float32")
     fitter, tl, labels = setup_fit(lm, data, config)
     ref = {k: v.detach().clone().requires_grad_() for k, v in fitter.params.items()}
     opt = torch.optim.Adam(list(ref.values()), lr=config.lr)
@@ -181,7 +181,7 @@ def test_trained_steer_applied_by_hooks_gives_the_fitted_loss():
 
 
 def cfg(**kw):
-    base = dict(rank=2, epsilon=0.2, lr=0.05, steps=10, tokens_per_batch=48, cache_dtype="float32",
+    base = dict(rank=2, epsilon=0.2, lr=0.05, steps=10, tokens_per_batch=48, cache_dtype="float32", dtype="float32",
                 eval_every=2, checkpoint_every=3, cache_tokens_per_batch=64)
     base.update(kw)
     return TrainConfig(**base)
@@ -258,10 +258,10 @@ def test_changed_settings_restart_the_fit_but_keep_the_cache(tmp_path):
 
 def test_early_stopping_and_summary():
     lm = tiny_model("llama")
-    r = train(lm, make_data(), cfg(steps=200, lr=0.3, patience=2, eval_every=1))
+    r = train(lm, make_data(), cfg(steps=200, lr=0.3, patience=2, eval_every=1, head="exact"))
     assert r.results["stopped"].startswith("early stop") and r.results["steps"] < 200
-    best = min(h["heldout_loss"] for h in r.history)
-    assert abs(r.results["heldout_loss_steered"] - best) < 1e-6  # the kept steer is the best one
+    best = min(h["heldout_loss"] for h in r.history)  # exact head, every held-out position (fewer than eval_tokens)
+    assert abs(r.results["heldout_loss_steered"] - best) < 1e-5  # the kept steer is the best one
     assert r.results["best_step"] == min(r.history, key=lambda h: h["heldout_loss"])["step"]
     assert r.results["heldout_loss_steered"] < r.results["heldout_loss_unsteered"]
     assert r.results["separation"] > 0 and r.results["heldout_auc"] == 1.0  # held-out texts also occur in training
@@ -376,7 +376,7 @@ def test_topk_approximation_is_exact_without_a_tail_and_at_zero_steer():
 
     lm = tiny_model("llama", head_bias=True)
     data = make_data(1, heldout=0)
-    fitter, _, _ = setup_fit(lm, data, TrainConfig(rank=3, epsilon=0.5, init_scale=0.3))
+    fitter, _, _ = setup_fit(lm, data, TrainConfig(rank=3, epsilon=0.5, init_scale=0.3, dtype="float32"))
     idx = torch.arange(fitter.cache.n_positions)
     V = fitter.E.shape[0]
     u = torch.randn(len(idx), 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -407,7 +407,7 @@ def test_topk_training_runs_and_resumes(tmp_path):
     assert "topk_stats_s" in whole.steer.meta["training"]["timings"]
     with pytest.raises(KeyboardInterrupt):
         train(lm, make_data(), cfg(head="topk", topk=16, patience=100), workdir=tmp_path / "b", stop_after_step=5)
-    assert (tmp_path / "b" / "topk16.safetensors").exists()
+    assert (tmp_path / "b" / "topk16.json").exists() and (tmp_path / "b" / "topk16.e_tail.npy").exists()
     resumed = train(lm, make_data(), cfg(head="topk", topk=16, patience=100), workdir=tmp_path / "b")
     assert torch.equal(whole.steer.A, resumed.steer.A)
     with pytest.raises(SteerportError, match="head must be"):
