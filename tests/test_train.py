@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -451,3 +452,104 @@ def test_real_model_trains_from_the_vendored_slice(tmp_path, catalog_model):
     with steered(lm, [(steer, 100.0)]):  # compatible with the model it was trained on, and it moves the logits
         moved = lm.model(**ids).logits
     assert not torch.allclose(base, moved)
+
+
+# --------------------------------------------------------------------------- one pass: statistics, cadence, stopping
+
+
+def test_topk_statistics_come_out_of_the_body_pass():
+    """The default head's statistics are filled batch by batch during the body pass and equal a separate pass."""
+    from steerport.train import TopKWriter, topk_stats
+
+    lm = tiny_model("llama", head_bias=True)
+    tl = tokenize(lm.tokenizer, [e.text for e in make_data().train], 64)
+    E = lm.output_embeddings.detach()
+    n = sum(len(t) - 1 for t in tl)
+    writer = TopKWriter(n, lm.hidden_size, 8, E, lm.lm_head_bias.detach(), torch.float32)
+    cache = cache_hidden(lm, token_lists=tl, predicted_only=True, dtype=torch.float32, tokens_per_batch=40, observe=writer)
+    assert int(writer.done.sum()) == n and writer.fill_missing(cache) == 0  # nothing left for a second pass
+    after = topk_stats(cache, E, lm.lm_head_bias.detach(), 8)
+    assert torch.equal(writer.stats.ids, after.ids)
+    for f in ("z0", "log_tail", "e_tail"):
+        torch.testing.assert_close(getattr(writer.stats, f), getattr(after, f), rtol=1e-5, atol=1e-6)
+    # the unsteered loss comes free: it is the exact head's loss at zero shift
+    idx = torch.arange(n)
+    zero = torch.zeros(n, 1)
+    exact = head_token_loss(cache.h, zero, torch.zeros(lm.hidden_size, 1), E, lm.lm_head_bias.detach(), cache.targets)
+    torch.testing.assert_close(writer.stats.base_loss(idx), exact, rtol=1e-5, atol=1e-5)
+    seen = []
+    train(lm, make_data(), cfg(), progress=lambda phase, info: seen.append(phase))
+    assert "cache" in seen and "stats-start" not in seen  # no separate statistics pass in a default run
+
+
+def test_statistics_are_computed_for_a_cache_made_without_them(tmp_path):
+    lm = tiny_model("llama")
+    exact = train(lm, make_data(), cfg(head="exact"), workdir=tmp_path)
+    seen = []
+    later = train(lm, make_data(), cfg(head="topk", topk=16), workdir=tmp_path, progress=lambda p, i: seen.append(p))
+    fresh = train(lm, make_data(), cfg(head="topk", topk=16))
+    assert "stats-start" in seen and later.results["head"] == "topk" and exact.results["head"] == "exact"
+    torch.testing.assert_close(later.steer.A, fresh.steer.A, rtol=1e-5, atol=1e-7)
+
+
+def test_exact_and_topk_heads_agree_on_held_out_loss():
+    """The approximate head trains a steer whose exact held-out loss is within 0.5 % of the exact head's."""
+    lm = tiny_model("llama")
+    data = make_data(4)
+    kw = dict(steps=40, lr=0.05, patience=100, eval_every=5, tokens_per_batch=64)
+    exact = train(lm, data, cfg(head="exact", **kw)).results
+    approx = train(lm, data, cfg(head="topk", topk=16, **kw)).results
+    assert exact["heldout_loss_steered"] < exact["heldout_loss_unsteered"] - 0.01  # the steer learned something
+    assert abs(approx["heldout_loss_steered"] - exact["heldout_loss_steered"]) <= 0.005 * exact["heldout_loss_steered"]
+    assert approx["heldout_loss_unsteered"] == pytest.approx(exact["heldout_loss_unsteered"], rel=1e-5)
+
+
+@pytest.mark.parametrize("cap", [None, 2.5])
+def test_fused_exact_losses_equal_one_version_at_a_time(cap):
+    from steerport.train.headloss import head_token_losses
+
+    g = torch.Generator().manual_seed(1)
+    N, d, V = 7, 5, 300
+    h, E, bias = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((N, d), (V, d), (V,)))
+    y = torch.randint(0, V, (N,), generator=g)
+    shifts = [(torch.randn(N, r, generator=g, dtype=torch.float64), torch.randn(d, r, generator=g, dtype=torch.float64))
+              for r in (2, 3, 2)]
+    got = head_token_losses(h, shifts, E, bias, y, softcap=cap)
+    for j, (u, B) in enumerate(shifts):
+        torch.testing.assert_close(got[j], head_token_loss(h, u, B, E, bias, y, softcap=cap, chunk=64), rtol=1e-12, atol=1e-12)
+
+
+def test_early_stopping_needs_a_real_share_of_the_gain():
+    from steerport.train.run import _early_stopping
+
+    state = {"step": 0, "best_loss": None, "best_step": 0, "bad_evals": 0, "ref_loss": None, "stopped": None}
+    config = TrainConfig(patience=2, min_improvement=0.1)
+    # unsteered 5.0; the steer gains 0.5, then creeps on by 1e-3 per evaluation
+    for step, held in enumerate([4.8, 4.5, 4.499, 4.498], start=1):
+        state["step"] = step
+        _early_stopping(state, held, 5.0, config)
+    assert state["stopped"] and state["best_step"] == 4 and state["best_loss"] == 4.498  # the lowest is still kept
+    state.update(stopped=None, bad_evals=0)
+    state["step"] = 5
+    _early_stopping(state, 4.40, 5.0, config)  # 0.098 below the reference 4.5 > 0.1 x gain 0.6: counts
+    assert state["bad_evals"] == 0 and state["ref_loss"] == 4.40
+
+
+def test_eval_cadence_and_subset_follow_the_cost_rule():
+    lm = tiny_model("llama")
+    r = train(lm, make_data(6), cfg(steps=30, eval_every=None, eval_tokens=40, tokens_per_batch=48)).results
+    assert r["eval_tokens"] == 40 and r["eval_every"] == math.ceil(4 * 40 / 48)
+    assert r["heldout_tokens"] > 40  # the summary still reads every held-out position
+
+
+def test_work_folder_cache_stays_memory_mapped(tmp_path):
+    """With a work folder the cache is read from disk, not copied: memory does not grow with the data."""
+    import numpy as np
+
+    lm = tiny_model("llama")
+    tl = tokenize(lm.tokenizer, [e.text for e in make_data().train], 64)
+    cache = cache_hidden(lm, token_lists=tl, predicted_only=True, dtype=torch.float32, workdir=tmp_path, in_memory_bytes=0)
+    disk = np.memmap(tmp_path / "hidden.bin", dtype=np.float32, mode="r+", shape=tuple(cache.h.shape))
+    disk[0, 0] = 1234.5
+    disk.flush()
+    assert cache.h[0, 0].item() == 1234.5  # the tensor is the file
