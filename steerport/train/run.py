@@ -178,7 +178,7 @@ def train(
                 held = fitter.mean_loss(eval_idx)  # the run's head (top-k: the approximation) on the held-out subset
                 state["history"].append({"step": state["step"], "train_loss": last_loss, "heldout_loss": held,
                                          "seconds": round(time.perf_counter() - t_start, 3)})
-                notify("eval", {"step": state["step"], "heldout_loss": held})
+                notify("eval", {"step": state["step"], "heldout_loss": held, "factors": fitter.tensors})  # factors(): a copy
                 _early_stopping(state, held, base_eval, config)
                 if state["best_step"] == state["step"]:
                     best = fitter.tensors()

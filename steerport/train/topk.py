@@ -197,7 +197,10 @@ def topk_token_loss(stats: TopKStats, idx: torch.Tensor, u: torch.Tensor, B: tor
     Only the distinct candidate rows of E are multiplied by B (U·d·R, not V·d·R).
     """
     ids = stats.ids[idx].long()  # (n, K)
-    uniq, inv = torch.unique(ids, return_inverse=True)
+    seen = torch.zeros(E.shape[0], dtype=torch.bool, device=ids.device)
+    seen[ids.flatten()] = True  # distinct candidates without sorting: a mark per vocabulary entry
+    uniq = torch.nonzero(seen).flatten()
+    inv = (torch.cumsum(seen, 0) - 1)[ids]  # (n, K) rows of uniq
     EB = E[uniq].float() @ B.float()  # (U, R)
     z = stats.z0[idx] + (EB[inv] * u[:, None, :]).sum(-1)  # (n, K)
     tail = stats.log_tail[idx] + (u * (stats.e_tail[idx].float() @ B.float())).sum(-1)  # (n,)
