@@ -68,7 +68,7 @@ class Fitter:
         if c.domain and domain:
             us.append(eps * (hf @ P["domain.A"]))
             Bs.append(P["domain.B"])
-        return torch.cat(us, 1), torch.cat(Bs, 1)
+        return torch.cat(us, 1), (Bs[0] if len(Bs) == 1 else torch.cat(Bs, 1))  # the same B object for every sign
 
     def token_loss(self, idx: torch.Tensor, sign: float | None = None, domain: bool = True, exact: bool = False) -> torch.Tensor:
         """Per-token loss of cache positions ``idx``; ``sign`` overrides the texts' labels (0 = unsteered).

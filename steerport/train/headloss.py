@@ -163,8 +163,12 @@ def head_token_losses(
         if bias is not None:
             base = base + bias[v0 : v0 + chunk].to(acc)
         Eca = Ec.to(acc)
+        EcB: dict[int, torch.Tensor] = {}  # versions that share B (the +1 / −1 / label signs) share E_c B
         for j, (u, B) in enumerate(us):
-            z, _ = apply_softcap(base + u @ (Eca @ B).T, softcap)
+            key = id(shifts[j][1])
+            if key not in EcB:
+                EcB[key] = Eca @ B
+            z, _ = apply_softcap(base + u @ EcB[key].T, softcap)
             m_new = torch.maximum(m[j], z.max(1).values)
             S[j] = S[j] * torch.exp(m[j] - m_new) + torch.exp(z - m_new[:, None]).sum(1)
             m[j] = m_new

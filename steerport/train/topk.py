@@ -84,20 +84,21 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
         z = (hc @ Ec.T).float()  # (M, c)
         if bias is not None:
             z += bias[v0 : v0 + c].float()
-        m_new = torch.maximum(m, z.max(1).values)
-        scale = torch.exp(m - m_new)
-        w = torch.exp(z - m_new[:, None])
-        S = S * scale + w.sum(1)
-        Q = Q * scale[:, None] + (w.to(E.dtype) @ Ec).float()
-        m = m_new
         inside = (y >= v0) & (y < v0 + z.shape[1])
         zy[inside] = z[rows[inside], y[inside] - v0]
         if k > 1:
-            z[rows[inside], y[inside] - v0] = -math.inf  # the target is kept apart
+            z[rows[inside], y[inside] - v0] = -math.inf  # the target is kept apart from the others
             cv, ci = z.topk(min(k - 1, z.shape[1]), dim=1)
+            z[rows[inside], y[inside] - v0] = zy[inside]  # and counts in the normaliser
             allv, alli = torch.cat([top_v, cv], 1), torch.cat([top_i, ci + v0], 1)
             top_v, pick = allv.topk(k - 1, dim=1)
             top_i = alli.gather(1, pick)
+        m_new = torch.maximum(m, z.amax(1))
+        scale = torch.exp(m - m_new)
+        w = z.sub_(m_new[:, None]).exp_()  # in place: z is not needed any more
+        S = S * scale + w.sum(1)
+        Q = Q * scale[:, None] + (w.to(E.dtype) @ Ec).float()
+        m = m_new
     ids = torch.cat([y[:, None], top_i], 1)  # (M, k), target first
     z0 = torch.cat([zy[:, None], top_v], 1)
     w_top = torch.exp(z0 - m[:, None])  # (M, k)
