@@ -30,6 +30,7 @@ from steerport.train.headloss import CHUNK_ELEMENTS
 
 STATS_FIELDS = ("ids", "z0", "log_tail", "e_tail")
 ROWS_PER_CHUNK = 1024  # rows of h per vocabulary sweep while computing statistics
+ROW_BLOCK = 256  # row counts are padded to a multiple of this
 
 
 @dataclass
@@ -169,8 +170,12 @@ class TopKWriter:
         """Statistics of positions ``pos`` (M,) whose states are h (M, d), next tokens ``targets``."""
         for i in range(0, len(pos), ROWS_PER_CHUNK):
             p = pos[i : i + ROWS_PER_CHUNK]
-            ids, z0, log_tail, e_tail = rows_stats(h[i : i + ROWS_PER_CHUNK], targets[i : i + ROWS_PER_CHUNK],
-                                                   self.E, self.bias, self.k)
+            hp, yp = h[i : i + ROWS_PER_CHUNK], targets[i : i + ROWS_PER_CHUNK]
+            pad = -len(p) % ROW_BLOCK  # a few fixed matmul shapes: oneDNN keeps a compiled kernel per shape, and
+            if pad:  # one per batch length would make memory grow with the number of texts
+                hp = torch.cat([hp, hp.new_zeros(pad, hp.shape[1])])
+                yp = torch.cat([yp, yp.new_zeros(pad)])
+            ids, z0, log_tail, e_tail = (t[: len(p)] for t in rows_stats(hp, yp, self.E, self.bias, self.k))
             self.stats.ids[p], self.stats.z0[p], self.stats.log_tail[p] = ids, z0, log_tail
             self.stats.e_tail[p] = e_tail.to(self.tail_dtype)
             self.done[p] = 1
