@@ -356,14 +356,18 @@ def render(result: dict[str, Any]) -> str:
                f"({res['steps']} steps, best at {res['best_step']}, {res['stopped']}; held-out evaluations of "
                f"{res['eval_tokens']} positions every {res['eval_every']} steps), summary {t['summary_s']:.1f} s, total "
                f"{sp['seconds']:.1f} s; padding in the body pass's batches {r['plain_forward']['padded_share']:.1%}", ""]
-    if result["memory"]:
-        md += ["Peak memory of `steerport train` (the CLI, defaults) at two data sizes:", "",
+    runs = [("this run", result["memory"])] if result["memory"] else []
+    runs += [(r["label"], r["probes"]) for r in result.get("memory_runs", [])]  # further probes merged in by hand
+    for label, probes in runs:
+        md += [f"Peak memory of `steerport train` (the CLI, defaults) at two data sizes — {label}:", "",
                "| texts per class | train tokens | peak RssAnon MiB | peak VmRSS MiB | peak RssFile MiB | wall s (incl. load) |",
                "|---|---|---|---|---|---|"]
-        for p in result["memory"]:
+        for p in probes:
             md.append(f"| {p['per_class']} | {p['results']['train_tokens']} | {p['peak_MiB']['RssAnon']} | {p['peak_MiB']['VmRSS']} | "
                       f"{p['peak_MiB']['RssFile']} | {p['wall_s_with_model_load']:.1f} |")
         md.append("")
+    if result.get("notes"):
+        md += ["What the numbers say:", "", *[f"- {n}" for n in result["notes"]], ""]
     return "\n".join(md)
 
 
