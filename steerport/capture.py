@@ -257,6 +257,8 @@ def cache_hidden(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     batches: Sequence[Sequence[int]] | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    in_memory_bytes: int = IN_MEMORY_BYTES,
 ) -> HiddenCache:
     """Run the model once over the texts (or ``token_lists``) and keep the state at ``point`` for
     every position (``predicted_only``: only positions that have a next token).
@@ -267,6 +269,11 @@ def cache_hidden(
     positions_done)`` is called after each batch; ``should_stop()`` true raises KeyboardInterrupt
     after the current batch (the work folder keeps what is done). ``batches`` replaces the
     :func:`batch_plan` (groups of indices into the token lists, covering each once).
+
+    ``observe(positions (M,), states (M, d), targets (M,))`` sees each batch's new rows (as
+    stored, in ``dtype``) before the batch counts as done: a hook for statistics that ride on the
+    same pass (the trainer's top-k head statistics). A memory-mapped cache larger than
+    ``in_memory_bytes`` stays on disk (0: always).
     """
     if token_lists is None:
         if texts is None:
@@ -309,6 +316,9 @@ def cache_hidden(
         hb = hb.to("cpu", dtype)
         for row, i in enumerate(batch):
             h_all[starts[i] : starts[i + 1]] = hb[row, : kept[i]]
+        if observe is not None:
+            pos = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in batch])
+            observe(pos, torch.cat([hb[row, : kept[i]] for row, i in enumerate(batch)]), torch.from_numpy(targets[pos.numpy()]))
         texts_done += len(batch)
         pos_done += int(sum(kept[i] for i in batch))
         if workdir is not None:
@@ -320,7 +330,7 @@ def cache_hidden(
             progress(texts_done, pos_done)
         if should_stop() and bi + 1 < len(batches):
             raise KeyboardInterrupt
-    if workdir is not None and N * d * item <= IN_MEMORY_BYTES:
+    if workdir is not None and N * d * item <= in_memory_bytes:
         h_all = h_all.clone()  # small: read it into memory; large: stay memory-mapped
     return HiddenCache(h_all, torch.from_numpy(targets), torch.from_numpy(text_id), len(token_lists))
 

@@ -105,14 +105,20 @@ def train(
     weight_decay: Annotated[float, finite_option(bound=NON_NEGATIVE, help="L2 weight decay on A and B.")] = 0.0,
     domain: Annotated[bool, typer.Option("--domain/--no-domain", help="Also learn the always-on domain component (anchor's "
             "dummy_steer), saved as domain.A/domain.B.")] = False,
-    patience: Annotated[int, typer.Option(help="Held-out evaluations without improvement before stopping early.")] = 3,
-    eval_every: Annotated[Optional[int], typer.Option(help="Steps between held-out evaluations (default: twice per epoch).")] = None,
+    patience: Annotated[int, typer.Option(help="Held-out evaluations without a real improvement before stopping early.")] = 3,
+    min_improvement: Annotated[float, finite_option(bound=NON_NEGATIVE, help="An improvement counts (resets the patience) when "
+            "it is at least this share of the steer's gain so far (held-out loss unsteered minus best).")] = 0.02,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between held-out evaluations (default: so that they cost about "
+            "a tenth of the fit).")] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out positions per evaluation (a fixed subset; the final summary uses "
+            "all).")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and batch order.")] = 0,
     dtype: DtypeOpt = "auto",
     cache_dtype: Annotated[str, typer.Option(help="Storage dtype of the cached hidden states: bfloat16, float16 or float32.")] = "bfloat16",
-    head: Annotated[str, typer.Option(help="exact: full softmax at every step. topk: opt-in approximation (normaliser over the base "
-            "model's top candidates plus a first-order tail term computed once), much faster; the summary is always exact.")] = "exact",
-    topk: Annotated[int, typer.Option(help="Candidates per token for --head topk.")] = 64,
+    head: Annotated[str, typer.Option(help="topk: normaliser over the base model's top candidates plus a first-order tail term, "
+            "computed during the body pass (fast). exact: full softmax at every step. auto: topk, or exact for heads with a logit "
+            "soft-cap. The summary is always exact.")] = "auto",
+    topk: Annotated[int, typer.Option(help="Candidates per token for the top-k head.")] = 64,
     device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = [],
@@ -155,7 +161,8 @@ def train(
     init_steer = Steer.load(init) if init is not None else None
     config = TrainConfig(rank=rank, epsilon=epsilon, lr=lr, epochs=epochs, steps=steps, tokens_per_batch=tokens_per_batch,
                          weight_decay=weight_decay, seed=seed, domain=domain, max_tokens=max_tokens, eval_every=eval_every,
-                         patience=patience, dtype=dtype, cache_dtype=cache_dtype, head=head, topk=topk)
+                         patience=patience, min_improvement=min_improvement, eval_tokens=eval_tokens, dtype=dtype,
+                         cache_dtype=cache_dtype, head=head, topk=topk)
     config.check()
     world = current_world()  # rank 0 of 1 unless started by accelerate launch / torchrun
     split = split_options(device_map, max_memory, offload_folder)
@@ -200,6 +207,7 @@ def train(
         ("steer-as-classifier ROC AUC (held out)", r.get("heldout_auc")),
         ("steps (best at)", f"{r['steps']} ({r['best_step']}), {r['epochs']} epochs; {r['stopped']}"),
         ("tokens train / held out", f"{r['train_tokens']} / {r['heldout_tokens']}"),
+        ("head; held-out evaluation", f"{r.get('head')}; {r.get('eval_tokens')} positions every {r.get('eval_every')} steps"),
         ("time: body pass / fit / this run", f"{t['cache_s']:.1f} s / {t.get('topk_stats_s', 0) + t['fit_s']:.1f} s / {t['total_s']:.1f} s"
          + ("  (resumed: the fit time counts every session)" if r.get("resumed") else "")),
     ]

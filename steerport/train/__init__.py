@@ -14,7 +14,7 @@ Modules, one job each:
 
 * :mod:`~steerport.train.config` — :class:`TrainConfig`, the settings and their checks;
 * :mod:`~steerport.train.headloss` — the exact chunked head loss :func:`head_token_loss`;
-* :mod:`~steerport.train.topk` — the opt-in ``head="topk"`` approximation (:class:`TopKStats`);
+* :mod:`~steerport.train.topk` — the default ``head="topk"`` approximation (:class:`TopKStats`, filled during the body pass);
 * :mod:`~steerport.train.fitter` — :class:`Fitter`, Adam on the factors over the cache;
 * :mod:`~steerport.train.checkpoint` — the work folder: keys, checkpoints, resume, stop signals;
 * :mod:`~steerport.train.summary` — held-out loss, separation and AUC of the result;
@@ -42,13 +42,14 @@ from steerport.train.fitter import Fitter, batch_for_step, epoch_order
 from steerport.train.headloss import check_head_matches, head_token_loss
 from steerport.train.run import TrainResult, train
 from steerport.train.summary import summarize
-from steerport.train.topk import TopKStats, topk_stats, topk_token_loss
+from steerport.train.topk import TopKStats, TopKWriter, topk_stats, topk_token_loss
 
 __all__ = [
     "Fitter",
     "HiddenCache",
     "StopFlag",
     "TopKStats",
+    "TopKWriter",
     "TrainConfig",
     "TrainResult",
     "batch_for_step",

@@ -3,7 +3,7 @@
 The folder holds ``run.json`` (the keys of the cache and of the fit it belongs to),
 ``hidden.bin`` / ``hidden.json`` (the body pass, written by :func:`steerport.capture.cache_hidden`),
 ``cache.done``, ``checkpoint.safetensors`` (factors, best factors, Adam state, loop state) and
-``topk{K}.safetensors`` (:mod:`steerport.train.topk`). A file belongs to a run only while its
+``topk{K}.*.npy`` / ``topk{K}.json`` (the top-k statistics, :mod:`steerport.train.topk`). A file belongs to a run only while its
 key matches: changed data or settings drop exactly the stale files.
 
 Example::
@@ -31,13 +31,13 @@ from steerport.distributed import WORLD_FILE, remove_shards
 from steerport.errors import SteerportError, one_line
 from steerport.fileio import atomic_write_json, read_json_safetensors, write_json_safetensors
 from steerport.train.fitter import Fitter
+from steerport.train.topk import stats_files
 
-FORMAT = 2  # of the work files; part of every key, so files of another format are never read
+FORMAT = 3  # of the work files; part of every key, so files of another format are never read
 MANIFEST = "run.json"
 CACHE_FILES = ("hidden.bin", "hidden.json", "cache.done")
 CHECKPOINT = "checkpoint.safetensors"
 WORK_FILES = (MANIFEST, *CACHE_FILES, CHECKPOINT)
-TOPK_GLOB = "topk*.safetensors"
 
 
 def run_key(obj: Any) -> str:
@@ -57,7 +57,7 @@ def prepare_workdir(wd: Path | None, cache_key: str, fit_key: str) -> bool:
     if old.get("cache_key") != cache_key:
         for name in (*CACHE_FILES, CHECKPOINT):
             (wd / name).unlink(missing_ok=True)
-        for stale in wd.glob(TOPK_GLOB):
+        for stale in stats_files(wd):
             stale.unlink()
     else:
         resumed = (wd / "hidden.json").exists()
@@ -86,7 +86,7 @@ def remove_workdir(wd: str | Path) -> None:
         return
     for name in WORK_FILES:
         (wd / name).unlink(missing_ok=True)
-    for stale in wd.glob(TOPK_GLOB):
+    for stale in stats_files(wd):
         stale.unlink()
     (wd / WORLD_FILE).unlink(missing_ok=True)  # a data-parallel run's files (steerport.distributed)
     remove_shards(wd)

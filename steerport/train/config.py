@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from steerport.errors import SteerportError
 from steerport.models import parse_dtype
 
-INT_AT_LEAST_ONE = ("rank", "tokens_per_batch", "max_tokens", "patience", "cache_tokens_per_batch", "checkpoint_every")
+INT_AT_LEAST_ONE = ("rank", "tokens_per_batch", "max_tokens", "patience", "cache_tokens_per_batch", "checkpoint_every",
+                    "eval_tokens")
 FLOAT_SETTINGS = ("epsilon", "init_scale", "lr", "epochs", "weight_decay", "min_improvement")
 
 
@@ -33,14 +34,17 @@ class TrainConfig:
     seed: int = 0
     domain: bool = False  # learn the always-on domain component too
     max_tokens: int = 128  # per text
-    eval_every: int | None = None  # steps between held-out evaluations; None: twice per epoch
-    patience: int = 3  # evaluations without improvement before stopping
-    min_improvement: float = 1e-4  # relative held-out loss improvement that counts
+    eval_every: int | None = None  # steps between held-out evaluations; None: so that they cost ~10 % of the fit
+    eval_tokens: int = 2048  # held-out positions per evaluation (a fixed seeded subset); the summary uses all
+    patience: int = 3  # evaluations without a real improvement before stopping
+    min_improvement: float = 0.02  # an improvement counts if it is this share of the steer's gain so far
+    #                                (held-out loss unsteered − best); smaller gains do not reset patience
     dtype: str = "auto"  # compute dtype of the body pass and the fit
     cache_dtype: str = "bfloat16"  # storage dtype of the cached hidden states
     cache_tokens_per_batch: int = 4096  # padded tokens per forward batch while caching
     checkpoint_every: int = 25  # steps between checkpoints (when a workdir is given)
-    head: str = "exact"  # "exact": full softmax every step; "topk": opt-in approximation (see steerport.train.topk)
+    head: str = "auto"  # "topk": candidates + tail statistics from the body pass (steerport.train.topk); "exact": full
+    #                     softmax every step; "auto": topk, or exact for heads with a logit soft-cap
     topk: int = 64  # candidates per token kept by head="topk" (the target is always one of them)
 
     def check(self) -> None:
@@ -63,7 +67,9 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise SteerportError(f"weight decay must be >= 0, got {self.weight_decay}")
         parse_dtype(self.cache_dtype)
-        if self.head not in ("exact", "topk"):
-            raise SteerportError(f"head must be 'exact' or 'topk', got {self.head!r}")
+        if self.head not in ("auto", "exact", "topk"):
+            raise SteerportError(f"head must be 'auto', 'exact' or 'topk', got {self.head!r}")
+        if self.min_improvement < 0:
+            raise SteerportError(f"min improvement must be >= 0, got {self.min_improvement}")
         if self.topk < 2:
             raise SteerportError(f"topk must be at least 2, got {self.topk}")

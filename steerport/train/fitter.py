@@ -19,7 +19,7 @@ import torch
 from steerport.capture import HiddenCache
 from steerport.models import LoadedModel, parse_dtype
 from steerport.train.config import TrainConfig
-from steerport.train.headloss import head_token_loss
+from steerport.train.headloss import head_token_loss, head_token_losses
 from steerport.train.topk import TopKStats, topk_token_loss
 
 
@@ -53,28 +53,48 @@ class Fitter:
 
     # ---------------------------------------------------------------- math
 
+    def shift(self, idx: torch.Tensor, sign: float | None = None, domain: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The steer's shift B u of cache positions ``idx`` as (u (n, R), B (d, R)); ``sign``
+        overrides the texts' labels (0 = unsteered)."""
+        c, eps = self.config, self.config.epsilon
+        h = self.cache.h[idx].to(self.device)  # (n, d)
+        if sign is None:
+            s = self.labels[self.cache.text_id[idx].long()].to(self.device)
+        else:
+            s = torch.full((len(idx),), float(sign), device=self.device)
+        hf = h.to(self.compute_dtype).float()
+        P = self.params
+        us, Bs = [(s * eps)[:, None] * (hf @ P["A"])], [P["B"]]
+        if c.domain and domain:
+            us.append(eps * (hf @ P["domain.A"]))
+            Bs.append(P["domain.B"])
+        return torch.cat(us, 1), (Bs[0] if len(Bs) == 1 else torch.cat(Bs, 1))  # the same B object for every sign
+
     def token_loss(self, idx: torch.Tensor, sign: float | None = None, domain: bool = True, exact: bool = False) -> torch.Tensor:
         """Per-token loss of cache positions ``idx``; ``sign`` overrides the texts' labels (0 = unsteered).
 
         Uses the top-k approximation when :attr:`stats` is set, unless ``exact``.
         """
-        c, eps = self.config, self.config.epsilon
-        h = self.cache.h[idx].to(self.device)  # (n, d)
-        y = self.cache.targets[idx].to(self.device)  # (n,)
-        if sign is None:
-            s = self.labels[self.cache.text_id[idx].long()].to(self.device)
-        else:
-            s = torch.full((len(idx),), float(sign), device=self.device)
-        hf = h.to(self.compute_dtype)
-        P = self.params
-        us, Bs = [(s * eps)[:, None] * (hf.float() @ P["A"])], [P["B"]]
-        if c.domain and domain:
-            us.append(eps * (hf.float() @ P["domain.A"]))
-            Bs.append(P["domain.B"])
-        u, B = torch.cat(us, 1), torch.cat(Bs, 1)
+        u, B = self.shift(idx, sign, domain)
         if self.stats is not None and not exact:
             return topk_token_loss(self.stats, idx, u, B, self.E)
+        h = self.cache.h[idx].to(self.device)
+        y = self.cache.targets[idx].to(self.device)
         return head_token_loss(h, u, B, self.E, self.bias, y, softcap=self.softcap)  # exact
+
+    @torch.no_grad()
+    def exact_losses(self, idx: torch.Tensor, versions: list[tuple[float | None, bool]]) -> torch.Tensor:
+        """Exact per-token losses (len(versions), n) of positions ``idx`` for several (sign, domain)
+        versions of the steer, sharing one head pass per batch (:func:`head_token_losses`)."""
+        out = []
+        T = max(self.config.tokens_per_batch * 2, 2048)
+        for i in range(0, len(idx), T):
+            part = idx[i : i + T]
+            h = self.cache.h[part].to(self.device)
+            y = self.cache.targets[part].to(self.device)
+            out.append(head_token_losses(h, [self.shift(part, s, dom) for s, dom in versions], self.E, self.bias, y,
+                                         softcap=self.softcap).cpu())
+        return torch.cat(out, 1) if out else torch.zeros(len(versions), 0)
 
     def step(self, idx: torch.Tensor) -> float:
         """One Adam step on the positions ``idx``; returns the batch's mean loss."""
@@ -95,16 +115,14 @@ class Fitter:
     @torch.no_grad()
     def text_logprob(self, idx: torch.Tensor, sign: float | None, domain: bool = False) -> torch.Tensor:
         """Mean per-token log-likelihood of each text touched by ``idx`` (indexed by text id)."""
+        return self.text_means(idx, -self.exact_losses(idx, [(sign, domain)])[0])
+
+    def text_means(self, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Per-text mean of per-position ``values`` (n,) at positions ``idx`` (indexed by text id)."""
         n_texts = len(self.labels)
-        tot = torch.zeros(n_texts, dtype=torch.float64)
-        cnt = torch.zeros(n_texts, dtype=torch.float64)
-        T = max(self.config.tokens_per_batch * 2, 2048)
-        for i in range(0, len(idx), T):
-            part = idx[i : i + T]
-            lp = -self.token_loss(part, sign, domain, exact=True).double().cpu()
-            t = self.cache.text_id[part].long()
-            tot.index_add_(0, t, lp)
-            cnt.index_add_(0, t, torch.ones_like(lp))
+        t = self.cache.text_id[idx].long()
+        tot = torch.zeros(n_texts, dtype=torch.float64).index_add_(0, t, values.double())
+        cnt = torch.zeros(n_texts, dtype=torch.float64).index_add_(0, t, torch.ones(len(idx), dtype=torch.float64))
         return tot / cnt.clamp_min(1)
 
     # ---------------------------------------------------------------- state

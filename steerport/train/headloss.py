@@ -131,3 +131,53 @@ def check_head_matches(lm: LoadedModel, ids: list[int]) -> None:
             f"{lm.spec}: its logits are not E·h + bias of the LM head's input (relative difference "
             f"{err:.3g}); the trainer cannot fit steers for this architecture"
         )
+
+
+@torch.no_grad()
+def head_token_losses(
+    h: torch.Tensor,
+    shifts: list[tuple[torch.Tensor, torch.Tensor]],
+    E: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Exact per-token losses of several steered versions of h at once: (len(shifts), N).
+
+    ``shifts``: pairs (u (N, R), B (d, R)), version j being h + B u; the base logits E h are
+    computed once per vocabulary chunk and shared (the summary's +1 / −1 / label versions cost
+    little more than one head pass). Each row equals :func:`head_token_loss` of that pair.
+    """
+    N = h.shape[0]
+    J = len(shifts)
+    chunk = max(256, min(E.shape[0], CHUNK_ELEMENTS // max(N, 1)))
+    acc = torch.promote_types(E.dtype, torch.float32)
+    hc = h.to(E.dtype)
+    m = torch.full((J, N), -math.inf, dtype=acc, device=h.device)
+    S = torch.zeros(J, N, dtype=acc, device=h.device)
+    us = [(u.to(acc), B.to(acc)) for u, B in shifts]
+    for v0 in range(0, E.shape[0], chunk):
+        Ec = E[v0 : v0 + chunk]
+        base = (hc @ Ec.T).to(acc)  # (N, c)
+        if bias is not None:
+            base = base + bias[v0 : v0 + chunk].to(acc)
+        Eca = Ec.to(acc)
+        EcB: dict[int, torch.Tensor] = {}  # versions that share B (the +1 / −1 / label signs) share E_c B
+        for j, (u, B) in enumerate(us):
+            key = id(shifts[j][1])
+            if key not in EcB:
+                EcB[key] = Eca @ B
+            z, _ = apply_softcap(base + u @ EcB[key].T, softcap)
+            m_new = torch.maximum(m[j], z.max(1).values)
+            S[j] = S[j] * torch.exp(m[j] - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+            m[j] = m_new
+    Ey = E[targets]
+    zy0 = (hc * Ey).sum(1).to(acc)
+    if bias is not None:
+        zy0 = zy0 + bias[targets].to(acc)
+    out = torch.empty(J, N, dtype=acc, device=h.device)
+    for j, (u, B) in enumerate(us):
+        zy, _ = apply_softcap(zy0 + (u * (Ey.to(acc) @ B)).sum(1), softcap)
+        out[j] = m[j] + torch.log(S[j]) - zy
+    return out

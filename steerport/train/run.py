@@ -45,7 +45,7 @@ from steerport.train.config import TrainConfig
 from steerport.train.fitter import Fitter, batch_for_step
 from steerport.train.headloss import check_head_matches
 from steerport.train.summary import summarize
-from steerport.train.topk import TopKStats, load_topk_stats, save_topk_stats, stats_path, topk_stats
+from steerport.train.topk import TopKWriter
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 NOT_IN_FIT_KEY = ("cache_tokens_per_batch", "checkpoint_every")  # settings that do not change the result
@@ -105,21 +105,40 @@ def train(
     notify = progress or (lambda phase, info: None)
     timings: dict[str, float] = {}
 
+    compute_dtype = parse_dtype(config.dtype, str(lm.device))
+    head = config.head if config.head != "auto" else ("exact" if lm.softcap else "topk")
+    if head == "topk" and lm.softcap:
+        raise SteerportError(f"{lm.spec}: head='topk' does not support logit softcapping; use head='exact'")
+    cache_dtype = parse_dtype(config.cache_dtype)
+    n_pos = int(sum(max(len(t) - 1, 0) for t in token_lists))
+    writer = None
+    if head == "topk" and world.is_main:  # the candidates and tail statistics ride on the body pass (one head pass in all)
+        E = lm.output_embeddings.detach().to(dtype=compute_dtype)
+        bias = None if lm.lm_head_bias is None else lm.lm_head_bias.detach().float()
+        writer = TopKWriter(n_pos, lm.hidden_size, config.topk, E, bias, cache_dtype, path=wd,
+                            key=f"{cache_key}:{compute_dtype}")
+
+    def observe(pos: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
+        assert writer is not None
+        writer(pos, h, y)
+        writer.flush()
+
     with StopFlag() as flag:
-        # ---- phase 1: the body, once
+        # ---- phase 1: the body, once (and the head once, for the top-k statistics)
         t0 = time.perf_counter()
         check_head_matches(lm, min((t for t in token_lists if len(t) > 1), key=len))
-        notify("cache-start", {"texts": len(texts), "tokens": int(sum(max(len(t) - 1, 0) for t in token_lists))})
+        notify("cache-start", {"texts": len(texts), "tokens": n_pos})
         cache_args: dict[str, Any] = dict(
-            predicted_only=True, dtype=parse_dtype(config.cache_dtype), tokens_per_batch=config.cache_tokens_per_batch,
+            predicted_only=True, dtype=cache_dtype, tokens_per_batch=config.cache_tokens_per_batch,
             workdir=wd, progress=lambda n, k: notify("cache", {"texts": n, "tokens": k}), should_stop=lambda: flag.stop)
-        if world.size > 1:  # each rank caches its share; rank 0 gathers them and fits, the others get its result
+        if world.size > 1:  # each rank caches its share; rank 0 gathers them, fills the top-k statistics and fits
             shared = distributed.cache_hidden_sharded(world, lm, token_lists, key=cache_key, **cache_args)
             if shared is None:
                 return distributed.share(world, None)
             cache = shared
         else:
-            cache = cache_hidden(lm, token_lists=token_lists, **cache_args)
+            cache = cache_hidden(lm, token_lists=token_lists, **cache_args, in_memory_bytes=0,
+                                 observe=observe if writer is not None else None)
         timings["cache_s"] = time.perf_counter() - t0
         if wd is not None:
             atomic_write_json(wd / "cache.done", {"key": cache_key, "seconds": timings["cache_s"]})
@@ -128,24 +147,32 @@ def train(
         fitter = Fitter(lm, cache, labels, config)
         if init is not None:  # the init steer's scale folded into A, at this run's base scale ε₀
             fitter.load_tensors({**fitter.tensors(), "A": init.A * (init.epsilon / config.epsilon), "B": init.B})
-        if config.head == "topk":
-            if fitter.softcap:
-                raise SteerportError(f"{lm.spec}: head='topk' does not support logit softcapping; use head='exact'")
+        if writer is not None:
             t_stats = time.perf_counter()
-            fitter.stats = _cached_topk_stats(fitter, wd, cache_key, config.topk, notify)
+            if int((writer.done == 0).sum()):  # a cache made without statistics: one head pass over it now
+                notify("stats-start", {"tokens": int((writer.done == 0).sum())})
+                writer.fill_missing(cache, progress=lambda n: notify("stats", {"tokens": n}))
+            fitter.stats = writer.stats
             timings["topk_stats_s"] = time.perf_counter() - t_stats
         is_train = cache.text_id < n_train_texts
         train_idx = torch.nonzero(is_train).flatten()
         held_idx = torch.nonzero(~is_train).flatten()
+        eval_idx = _eval_subset(held_idx, config.eval_tokens, config.seed)
         per_epoch = math.ceil(len(train_idx) / config.tokens_per_batch)
         total_steps = config.steps or max(1, math.ceil(config.epochs * per_epoch))
-        eval_every = config.eval_every or max(1, per_epoch // 2)
-        state: dict[str, Any] = {"step": 0, "best_loss": None, "best_step": 0, "bad_evals": 0,
+        # an evaluation (forward only, n_eval positions) costs ~n_eval / (3 T) of a step (forward + backward, T positions):
+        # every 4 n_eval / T steps keeps the evaluations under ~10 % of the fit
+        eval_every = config.eval_every or max(1, math.ceil(4 * len(eval_idx) / config.tokens_per_batch))
+        state: dict[str, Any] = {"step": 0, "best_loss": None, "best_step": 0, "bad_evals": 0, "ref_loss": None,
                                  "history": [], "stopped": None, "fit_seconds": 0.0, "fit_key": fit_key}
         best = fitter.tensors()
         ckpt = wd / CHECKPOINT if wd is not None else None
         if ckpt is not None and ckpt.exists():
             best, state = load_checkpoint(ckpt, fitter)
+        base_eval = None
+        if len(eval_idx):  # the unsteered held-out loss: what the steer's gain is measured from
+            base_eval = (float(fitter.stats.base_loss(eval_idx).double().mean()) if fitter.stats is not None
+                         else fitter.mean_loss(eval_idx, sign=0.0, exact=True))
         notify("fit-start", {"steps": total_steps, "start": state["step"], "tokens_per_step": config.tokens_per_batch,
                              "per_epoch": per_epoch})
         fit_clock = time.perf_counter() - state["fit_seconds"]
@@ -155,19 +182,15 @@ def train(
             last_loss = fitter.step(idx)
             state["step"] = step + 1
             notify("fit", {"step": step + 1, "loss": last_loss, "tokens": len(idx)})
-            if len(held_idx) and (state["step"] % eval_every == 0 or state["step"] == total_steps):
-                held = fitter.mean_loss(held_idx, exact=True)  # early stopping never trusts the approximation
+            if len(eval_idx) and (state["step"] % eval_every == 0 or state["step"] == total_steps):
+                held = fitter.mean_loss(eval_idx)  # the run's head (top-k: the approximation) on the held-out subset
                 state["history"].append({"step": state["step"], "train_loss": last_loss, "heldout_loss": held,
                                          "seconds": round(time.perf_counter() - t_start, 3)})
-                notify("eval", {"step": state["step"], "heldout_loss": held})
-                if state["best_loss"] is None or held < state["best_loss"] * (1 - config.min_improvement):
-                    state.update(best_loss=held, best_step=state["step"], bad_evals=0)
+                notify("eval", {"step": state["step"], "heldout_loss": held, "factors": fitter.tensors})  # factors(): a copy
+                _early_stopping(state, held, base_eval, config)
+                if state["best_step"] == state["step"]:
                     best = fitter.tensors()
-                else:
-                    state["bad_evals"] += 1
-                    if state["bad_evals"] >= config.patience:
-                        state["stopped"] = "early stop: held-out loss stopped improving"
-            elif not len(held_idx):
+            elif not len(eval_idx):
                 best = fitter.tensors()
             state["fit_seconds"] = time.perf_counter() - fit_clock
             interrupted = flag.stop or (stop_after_step is not None and state["step"] >= stop_after_step)
@@ -186,7 +209,8 @@ def train(
     timings["total_s"] = time.perf_counter() - t_start
     results.update(steps=state["step"], best_step=state["best_step"], stopped=state["stopped"],
                    epochs=round(state["step"] / per_epoch, 3), resumed=resumed,
-                   train_tokens=len(train_idx), heldout_tokens=len(held_idx))
+                   train_tokens=len(train_idx), heldout_tokens=len(held_idx), head=head,
+                   eval_every=eval_every, eval_tokens=len(eval_idx))
     training = {
         "method": "lm-steer (cached final hidden states, head-only fit)",
         "settings": asdict(config),
@@ -220,15 +244,28 @@ def _check_init(lm: LoadedModel, init: Steer) -> None:
                              f"{lm.spec!r} ({lm.fingerprint}); transfer it to this model first")
 
 
-def _cached_topk_stats(fitter: Fitter, wd: Path | None, cache_key: str, k: int, notify: ProgressFn) -> TopKStats:
-    """:func:`~steerport.train.topk.topk_stats`, kept in the work folder so a resumed run does not recompute it."""
-    path = stats_path(wd, k) if wd is not None else None
-    if path is not None:
-        kept = load_topk_stats(path, cache_key)
-        if kept is not None:
-            return kept
-    notify("stats-start", {"tokens": fitter.cache.n_positions})
-    stats = topk_stats(fitter.cache, fitter.E, fitter.bias, k, progress=lambda n: notify("stats", {"tokens": n}))
-    if path is not None:
-        save_topk_stats(path, stats, cache_key)
-    return stats
+def _eval_subset(held_idx: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A fixed seeded subset of ``n`` held-out positions (all of them when there are fewer), in order."""
+    if len(held_idx) <= n:
+        return held_idx
+    pick = torch.randperm(len(held_idx), generator=torch.Generator().manual_seed(seed + 17))[:n]
+    return held_idx[pick.sort().values]
+
+
+def _early_stopping(state: dict[str, Any], held: float, base: float | None, config: TrainConfig) -> None:
+    """Update the loop ``state`` after a held-out evaluation ``held``.
+
+    The best step is the lowest loss seen. Patience resets only on a real improvement: at least
+    ``min_improvement`` times the steer's gain so far (``base`` − best) below the loss that last
+    reset it, so a fit that creeps on by tiny gains stops after ``patience`` evaluations.
+    """
+    if state["best_loss"] is None or held < state["best_loss"]:
+        state.update(best_loss=held, best_step=state["step"])
+    ref = state["ref_loss"]
+    gain = max((base if base is not None else held) - state["best_loss"], 0.0)
+    if ref is None or held < ref - config.min_improvement * gain:
+        state.update(ref_loss=held, bad_evals=0)
+    else:
+        state["bad_evals"] += 1
+        if state["bad_evals"] >= config.patience:
+            state["stopped"] = "early stop: held-out loss stopped improving"

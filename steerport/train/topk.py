@@ -1,9 +1,11 @@
-"""The opt-in ``head="topk"`` approximation of the steered LM-head loss.
+"""The ``head="topk"`` approximation of the steered LM-head loss (the default head).
 
 Instead of the full softmax of every step, keep the base model's top candidates of each cached
-position plus a first-order tail term, computed once after the body pass (:class:`TopKStats`);
-steps then cost O(N·K·r) instead of O(N·V·d). Held-out evaluations and the final summary
-always use the exact head (:mod:`steerport.train.headloss`).
+position plus a first-order tail term (:class:`TopKStats`). They come out of the head pass
+that the body pass runs anyway (:class:`TopKWriter`, fed by :func:`steerport.capture.cache_hidden`
+batch by batch), so the fit needs no second pass over the data; steps then cost O(N·K·r + U·d·r)
+(U: distinct candidates of the batch) instead of O(N·V·d). The final summary always uses the
+exact head (:mod:`steerport.train.headloss`).
 
 Example::
 
@@ -13,18 +15,22 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from steerport.capture import HiddenCache
-from steerport.fileio import read_json_safetensors, write_json_safetensors
+from steerport.fileio import atomic_write_json
 from steerport.train.headloss import CHUNK_ELEMENTS
 
 STATS_FIELDS = ("ids", "z0", "log_tail", "e_tail")
+ROWS_PER_CHUNK = 1024  # rows of h per vocabulary sweep while computing statistics
+ROW_BLOCK = 256  # row counts are padded to a multiple of this
 
 
 @dataclass
@@ -39,7 +45,7 @@ class TopKStats:
         logsumexp_v z_v ≈ logsumexp( z0_ids + (E B)_ids u ,  log_tail + u·(Bᵀ e_tail) )
 
     exact on the K candidates and first-order (Jensen) on the tail, whose logits shift by
-    δ_v = u·(Bᵀ e_v): a step costs O(N·K·r + V·d·r) instead of O(N·V·d).
+    δ_v = u·(Bᵀ e_v). The tensors may be memory-mapped (:class:`TopKWriter`).
     """
 
     ids: torch.Tensor
@@ -47,45 +53,162 @@ class TopKStats:
     log_tail: torch.Tensor
     e_tail: torch.Tensor
 
+    def base_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """The exact *unsteered* loss −log p(y) of positions ``idx`` (n,), free from the statistics."""
+        z0 = self.z0[idx]
+        return torch.logsumexp(torch.cat([z0, self.log_tail[idx][:, None]], 1), 1) - z0[:, 0]
+
+
+@torch.no_grad()
+def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Tensor | None,
+               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`TopKStats` fields of the rows h (M, d) with targets y (M,): one sweep over E (V, d).
+
+    The vocabulary is swept in chunks with a running max, sum, top-(K−1) and tail accumulator
+    Q = Σ_v exp(z_v − m) e_v, so the (M, V) logits never exist at once; the matmuls run in
+    E's dtype and accumulate in fp32. The K candidates' share is taken out of S and Q at the end.
+    """
+    M, d = h.shape
+    V = E.shape[0]
+    k = min(k, V)
+    hc, y = h.to(E.dtype), y.long()
+    m = torch.full((M,), -math.inf)
+    S = torch.zeros(M)
+    Q = torch.zeros(M, d)
+    top_v = torch.full((M, max(k - 1, 0)), -math.inf)
+    top_i = torch.zeros((M, max(k - 1, 0)), dtype=torch.long)
+    c = max(256, CHUNK_ELEMENTS // max(M, 1))
+    rows = torch.arange(M)
+    zy = torch.zeros(M)  # the target's logit, read from the same matmul as the rest
+    for v0 in range(0, V, c):
+        Ec = E[v0 : v0 + c]
+        z = (hc @ Ec.T).float()  # (M, c)
+        if bias is not None:
+            z += bias[v0 : v0 + c].float()
+        inside = (y >= v0) & (y < v0 + z.shape[1])
+        zy[inside] = z[rows[inside], y[inside] - v0]
+        if k > 1:
+            z[rows[inside], y[inside] - v0] = -math.inf  # the target is kept apart from the others
+            cv, ci = z.topk(min(k - 1, z.shape[1]), dim=1)
+            z[rows[inside], y[inside] - v0] = zy[inside]  # and counts in the normaliser
+            allv, alli = torch.cat([top_v, cv], 1), torch.cat([top_i, ci + v0], 1)
+            top_v, pick = allv.topk(k - 1, dim=1)
+            top_i = alli.gather(1, pick)
+        m_new = torch.maximum(m, z.amax(1))
+        scale = torch.exp(m - m_new)
+        w = z.sub_(m_new[:, None]).exp_()  # in place: z is not needed any more
+        S = S * scale + w.sum(1)
+        Q = Q * scale[:, None] + (w.to(E.dtype) @ Ec).float()
+        m = m_new
+    ids = torch.cat([y[:, None], top_i], 1)  # (M, k), target first
+    z0 = torch.cat([zy[:, None], top_v], 1)
+    w_top = torch.exp(z0 - m[:, None])  # (M, k)
+    tail = S - w_top.sum(1)
+    # a tail below fp32 rounding of S (all of V among the candidates, or a near-certain token) is
+    # noise: drop it (log_tail −inf, e_tail 0); its share of the normaliser is < 1e-5
+    small = tail <= 1e-5 * S
+    tail = torch.where(small, torch.zeros_like(tail), tail)
+    Q_tail = Q - torch.cat([torch.einsum("mk,mkd->md", w_top[i : i + 256], E[ids[i : i + 256]].float())
+                            for i in range(0, M, 256)]) if M else Q
+    e_tail = torch.where(small[:, None], torch.zeros_like(Q_tail), Q_tail / torch.where(small, 1.0, tail)[:, None])
+    return ids.int(), z0, m + torch.log(tail), e_tail
+
 
 @torch.no_grad()
 def topk_stats(cache: HiddenCache, E: torch.Tensor, bias: torch.Tensor | None, k: int,
                progress: Callable[[int], None] | None = None) -> TopKStats:
-    """One pass of the unsteered head over the cache, keeping :class:`TopKStats`."""
-    N, d = cache.h.shape
-    V = E.shape[0]
-    k = min(k, V)
-    ids = torch.empty(N, k, dtype=torch.int32)
-    z0 = torch.empty(N, k, dtype=torch.float32)
-    log_tail = torch.empty(N, dtype=torch.float32)
-    e_tail = torch.empty(N, d, dtype=cache.h.dtype)
-    rows = max(16, CHUNK_ELEMENTS // V)
-    Ef = E.float()
-    for i in range(0, N, rows):
-        h = cache.h[i : i + rows].float()
-        y = cache.targets[i : i + rows].long()
-        z = h @ Ef.T  # (M, V)
-        if bias is not None:
-            z += bias.float()
-        others = z.scatter(1, y[:, None], -math.inf)
-        top = torch.cat([y[:, None], others.topk(k - 1, dim=1).indices], 1)  # (M, k), target first
-        lse = torch.logsumexp(z, 1)
-        p_tail = torch.exp(z - lse[:, None]).scatter_(1, top, 0.0)  # (M, V) tail probabilities
-        mass = p_tail.sum(1).clamp_min(1e-30)
-        ids[i : i + rows] = top.int()
-        z0[i : i + rows] = z.gather(1, top)
-        log_tail[i : i + rows] = lse + torch.log(mass)
-        e_tail[i : i + rows] = ((p_tail @ Ef) / mass[:, None]).to(e_tail.dtype)
-        if progress:
-            progress(min(i + rows, N))
-    return TopKStats(ids, z0, log_tail, e_tail)
+    """The statistics of a whole cache at once, in memory (the trainer uses :class:`TopKWriter`)."""
+    writer = TopKWriter(cache.n_positions, cache.h.shape[1], k, E, bias, cache.h.dtype)
+    writer.fill_missing(cache, progress)
+    return writer.stats
+
+
+class TopKWriter:
+    """:class:`TopKStats` filled batch by batch while the body pass runs (``cache_hidden(observe=...)``).
+
+    With a ``path`` (the work folder) the fields live in memory-mapped ``.npy`` files next to a
+    small JSON that names the cache they belong to, plus a per-position ``done`` flag, so an
+    interrupted pass resumes and memory does not grow with the data. Positions the pass did not
+    see (statistics asked for after the cache was made) are filled by :meth:`fill_missing`.
+    """
+
+    def __init__(self, n: int, d: int, k: int, E: torch.Tensor, bias: torch.Tensor | None,
+                 tail_dtype: torch.dtype, path: Path | None = None, key: str = ""):
+        self.k, self.E, self.bias = min(k, E.shape[0]), E, bias
+        shapes = {"ids": ((n, self.k), np.int32), "z0": ((n, self.k), np.float32), "log_tail": ((n,), np.float32),
+                  "e_tail": ((n, d), {2: np.uint16, 4: np.float32}[torch.tensor([], dtype=tail_dtype).element_size()]),
+                  "done": ((n,), np.uint8)}
+        self.tail_dtype = tail_dtype
+        self.path = path
+        arrays: dict[str, np.ndarray] = {}
+        reuse = False
+        if path is not None:
+            path.mkdir(parents=True, exist_ok=True)
+            meta = path / f"topk{k}.json"
+            want = {"key": key, "k": self.k, "n": n, "d": d, "tail_dtype": str(tail_dtype)}
+            try:
+                reuse = json.loads(meta.read_text()) == want and all((path / f"topk{k}.{f}.npy").exists() for f in shapes)
+            except (OSError, ValueError):
+                reuse = False
+            for f, (shape, dt) in shapes.items():
+                file = path / f"topk{k}.{f}.npy"
+                if reuse:
+                    arrays[f] = np.load(file, mmap_mode="r+")
+                else:
+                    arrays[f] = np.lib.format.open_memmap(file, mode="w+", dtype=dt, shape=shape if n else (1, *shape[1:]))[:n]
+            if not reuse:
+                atomic_write_json(meta, want)
+        else:
+            arrays = {f: np.zeros(shape, dtype=dt) for f, (shape, dt) in shapes.items()}
+        self.arrays = arrays
+        t = {f: torch.from_numpy(a) for f, a in arrays.items()}
+        self.done = t["done"]
+        e_tail = t["e_tail"].view(tail_dtype) if tail_dtype != torch.float32 else t["e_tail"]
+        self.stats = TopKStats(t["ids"], t["z0"], t["log_tail"], e_tail)
+
+    def __call__(self, pos: torch.Tensor, h: torch.Tensor, targets: torch.Tensor) -> None:
+        """Statistics of positions ``pos`` (M,) whose states are h (M, d), next tokens ``targets``."""
+        for i in range(0, len(pos), ROWS_PER_CHUNK):
+            p = pos[i : i + ROWS_PER_CHUNK]
+            hp, yp = h[i : i + ROWS_PER_CHUNK], targets[i : i + ROWS_PER_CHUNK]
+            pad = -len(p) % ROW_BLOCK  # a few fixed matmul shapes: oneDNN keeps a compiled kernel per shape, and
+            if pad:  # one per batch length would make memory grow with the number of texts
+                hp = torch.cat([hp, hp.new_zeros(pad, hp.shape[1])])
+                yp = torch.cat([yp, yp.new_zeros(pad)])
+            ids, z0, log_tail, e_tail = (t[: len(p)] for t in rows_stats(hp, yp, self.E, self.bias, self.k))
+            self.stats.ids[p], self.stats.z0[p], self.stats.log_tail[p] = ids, z0, log_tail
+            self.stats.e_tail[p] = e_tail.to(self.tail_dtype)
+            self.done[p] = 1
+
+    def flush(self) -> None:
+        for a in self.arrays.values():
+            if isinstance(a, np.memmap):
+                a.flush()
+
+    def fill_missing(self, cache: HiddenCache, progress: Callable[[int], None] | None = None) -> int:
+        """Compute the statistics of every position not done yet (from the cache); returns how many."""
+        missing = torch.nonzero(self.done == 0).flatten()
+        for i in range(0, len(missing), ROWS_PER_CHUNK):
+            p = missing[i : i + ROWS_PER_CHUNK]
+            self(p, cache.h[p], cache.targets[p])
+            if progress:
+                progress(min(i + ROWS_PER_CHUNK, len(missing)))
+        self.flush()
+        return len(missing)
 
 
 def topk_token_loss(stats: TopKStats, idx: torch.Tensor, u: torch.Tensor, B: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-    """Per-token loss under the :class:`TopKStats` approximation; u (n, R), B (d, R)."""
-    EB = E.float() @ B.float()  # (V, R)
+    """Per-token loss under the :class:`TopKStats` approximation; u (n, R), B (d, R).
+
+    Only the distinct candidate rows of E are multiplied by B (U·d·R, not V·d·R).
+    """
     ids = stats.ids[idx].long()  # (n, K)
-    z = stats.z0[idx] + (EB[ids] * u[:, None, :]).sum(-1)  # (n, K)
+    seen = torch.zeros(E.shape[0], dtype=torch.bool, device=ids.device)
+    seen[ids.flatten()] = True  # distinct candidates without sorting: a mark per vocabulary entry
+    uniq = torch.nonzero(seen).flatten()
+    inv = (torch.cumsum(seen, 0) - 1)[ids]  # (n, K) rows of uniq
+    EB = E[uniq].float() @ B.float()  # (U, R)
+    z = stats.z0[idx] + (EB[inv] * u[:, None, :]).sum(-1)  # (n, K)
     tail = stats.log_tail[idx] + (u * (stats.e_tail[idx].float() @ B.float())).sum(-1)  # (n,)
     return torch.logsumexp(torch.cat([z, tail[:, None]], 1), 1) - z[:, 0]
 
@@ -93,21 +216,6 @@ def topk_token_loss(stats: TopKStats, idx: torch.Tensor, u: torch.Tensor, B: tor
 # --------------------------------------------------------------------------- kept in the work folder
 
 
-def stats_path(workdir: Path, k: int) -> Path:
-    """Where a run's top-k statistics live in its work folder."""
-    return workdir / f"topk{k}.safetensors"
-
-
-def load_topk_stats(path: Path, cache_key: str) -> TopKStats | None:
-    """The statistics saved at ``path`` if they were computed for this cache, else None."""
-    if not path.exists():
-        return None
-    doc, tensors = read_json_safetensors(path, "topk", "top-k statistics of a training run")
-    if not isinstance(doc, dict) or doc.get("cache_key") != cache_key or set(tensors) != set(STATS_FIELDS):
-        return None  # computed for another cache (or by an older steerport): recompute
-    return TopKStats(**tensors)
-
-
-def save_topk_stats(path: Path, stats: TopKStats, cache_key: str) -> None:
-    """Write the statistics atomically, tagged with the cache they belong to."""
-    write_json_safetensors(path, {f: getattr(stats, f) for f in STATS_FIELDS}, "topk", {"cache_key": cache_key})
+def stats_files(workdir: Path) -> list[Path]:
+    """The statistics files of a work folder (any K)."""
+    return sorted([*workdir.glob("topk*.npy"), *workdir.glob("topk*.json"), *workdir.glob("topk*.safetensors")])
