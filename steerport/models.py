@@ -225,8 +225,8 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = "float32", device
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    check_device(device)  # --device cuda on a machine without CUDA: one line, before any loading
     hf_logging.disable_progress_bar()  # steerport draws its own progress; per-tensor bars are noise
-    check_device(device)
     resolved = resolve_spec(spec)
     where = _local_or_hub(resolved)
     torch_dtype = parse_dtype(dtype, device)

@@ -72,10 +72,14 @@ def apply(lm, steers: Sequence, values: torch.Tensor, include_domain: bool = Fal
     """
     A, B, scales = factors(steers, values, include_domain)
     Bt = B.T.contiguous().to(lm.device, lm.dtype)  # (R, d)
+    # a split model (device map): the head's input may come from another device; move it where the head computes
+    split = getattr(lm, "is_split", False)
     if scales.dim() == 1:  # one value per steer: fold the scales into A once
         A = (A * scales).to(lm.device, lm.dtype)
 
         def shift(h: torch.Tensor) -> torch.Tensor:  # h + B (Aᵀ h); a + b == b + a exactly
+            if split:
+                h = h.to(A.device)
             return ((h @ A) @ Bt).add_(h)
 
         return edit_input(lm.lm_head, shift)
@@ -83,6 +87,8 @@ def apply(lm, steers: Sequence, values: torch.Tensor, include_domain: bool = Fal
     rows = scales.to(lm.device, lm.dtype)  # (b, R)
 
     def add(h: torch.Tensor) -> torch.Tensor:  # h (b, T, d); rows (b, R) -> (b, 1, R)
+        if split:
+            h = h.to(A.device)
         return (((h @ A) * rows_of(rows, h)) @ Bt).add_(h)
 
     return edit_input(lm.lm_head, add)
