@@ -50,7 +50,7 @@ def plain_forward_seconds(lm, token_lists, tokens_per_batch: int) -> tuple[float
     t0, c0 = time.perf_counter(), time.process_time()
     for batch in pack_by_length([len(t) for t in token_lists], tokens_per_batch):
         ids, mask = padded_batch([token_lists[i] for i in batch], pad)
-        lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.sum()
+        lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits.sum()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -58,13 +58,13 @@ def anchor_loop(lm, data, config: TrainConfig, batch_texts: int, judge, eval_eve
     """LM-Steer-style training: body forward on every padded batch, steered head, Adam."""
     d, r, eps = lm.hidden_size, config.rank, config.epsilon
     g = torch.Generator().manual_seed(config.seed)  # same initialisation as steerport's Fitter
-    A = (torch.randn(d, r, generator=g) * config.init_scale).requires_grad_()
-    B = (torch.randn(d, r, generator=g) * config.init_scale).requires_grad_()
+    A = (torch.randn(d, r, generator=g) * config.init_scale).to(lm.device).requires_grad_()
+    B = (torch.randn(d, r, generator=g) * config.init_scale).to(lm.device).requires_grad_()
     opt = torch.optim.Adam([A, B], lr=config.lr, weight_decay=config.weight_decay)
     E = lm.output_embeddings.detach()
     bias = lm.lm_head_bias
     texts = [e.text for e in data.train]
-    labels = torch.tensor([e.label for e in data.train])
+    labels = torch.tensor([e.label for e in data.train], device=lm.device)
     tok = lm.tokenizer
     history, clock, cpu, step = [], 0.0, 0.0, 0
     epoch, steps = 0, config.steps or 0  # main() always sets steps
@@ -77,10 +77,10 @@ def anchor_loop(lm, data, config: TrainConfig, batch_texts: int, judge, eval_eve
             t0, c0 = time.perf_counter(), time.process_time()
             rows = order[k : k + batch_texts]
             enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True,
-                      max_length=config.max_tokens)
+                      max_length=config.max_tokens).to(lm.device)
             (h,) = capture(lm, ["head"], input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])  # frozen body, every step
-            s = labels[rows][:, None, None]
-            hs = h + (s * eps) * ((h @ A) @ B.T)  # steered head input (b, T, d)
+            s = labels[rows.to(lm.device)][:, None, None].to(h.dtype)
+            hs = h + (s * eps) * ((h @ A.to(h.dtype)) @ B.to(h.dtype).T)  # steered head input (b, T, d)
             logits = hs @ E.T + (0 if bias is None else bias)  # (b, T, V)
             keep = enc["attention_mask"][:, 1:].bool()
             loss = F.cross_entropy(logits[:, :-1][keep], enc["input_ids"][:, 1:][keep])
@@ -119,10 +119,11 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_train")
     args = ap.parse_args()
 
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     data = load_data(DataOptions(files=[args.data], positive_labels=[args.positive_label],
                                  limit_per_class=args.per_class, heldout_fraction=0.1, seed=args.seed))
     train_tokens = tokenize(lm.tokenizer, [e.text for e in data.train], 128)
