@@ -64,6 +64,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STEERED = ["lm-steer x1", "lm-steer x3", "actadd"]
 SETTINGS = ["unsteered", *STEERED, "merged"]
 TARGETS = {"lm-steer x1": 1.03, "lm-steer x3": 1.05}
+CLOCKS = ("wall", "cpu")  # wall-clock seconds; CPU seconds of this process (what a loaded machine perturbs least)
 
 
 def random_lm_steer(lm: LoadedModel, seed: int, rank: int = 8) -> sp.Steer:
@@ -100,7 +101,8 @@ class HookTimer:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.seconds = 0.0
+        self.seconds = 0.0  # wall
+        self.cpu_seconds = 0.0  # CPU time of this process
         self.calls = 0
 
     @contextmanager
@@ -114,10 +116,11 @@ class HookTimer:
     def _timed(self, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
             sync(self.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn(*args, **kwargs)
             sync(self.device)
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.process_time() - c0
             self.calls += 1
             return out
 
@@ -131,7 +134,8 @@ def hook_keys(model: torch.nn.Module) -> dict[int, set]:
 
 @torch.no_grad()
 def decode_seconds(lm: LoadedModel, steers: list, prompts: list[str], new_tokens: int,
-                   timer: HookTimer | None = None) -> float:
+                   timer: HookTimer | None = None) -> tuple[float, float]:
+    """Wall and CPU seconds of one greedy generation of exactly ``new_tokens`` tokens."""
     tok = lm.tokenizer
     tok.padding_side = "left"
     batch = tok(prompts, return_tensors="pt", padding=True).to(lm.device)
@@ -139,13 +143,13 @@ def decode_seconds(lm: LoadedModel, steers: list, prompts: list[str], new_tokens
     with sp.steered(lm, steers, force=True):
         with timer.wrap(lm.model, before) if timer else nullcontext():
             sync(lm.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = cast("GenerationMixin", lm.model).generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                     pad_token_id=tok.pad_token_id, top_k=None, top_p=None, temperature=None)
             sync(lm.device)
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
-    return seconds
+    return seconds, cpu
 
 
 def dispatch_seconds(device: torch.device, calls: int = 20000) -> float:
@@ -198,65 +202,74 @@ def bench_batch(settings: dict, prompts: list[str], args: argparse.Namespace, rn
     for name in SETTINGS:  # warm-up, not timed
         model, steers = settings[name]
         decode_seconds(model, steers, prompts, min(4, args.new_tokens))
-    times: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    ratios: dict[str, list[float]] = {name: [] for name in [*STEERED, "merged", "unsteered A/A"]}
+    times: dict[str, dict[str, list[float]]] = {clock: {name: [] for name in SETTINGS} for clock in CLOCKS}
+    ratios: dict[str, dict[str, list[float]]] = {clock: {name: [] for name in [*STEERED, "merged", "unsteered A/A"]}
+                                                 for clock in CLOCKS}
     for _ in range(args.reps):
         order = [*SETTINGS, "unsteered"]
         rng.shuffle(order)
-        got: dict[str, list[float]] = {name: [] for name in SETTINGS}
+        got: dict[str, list[tuple[float, float]]] = {name: [] for name in SETTINGS}
         for name in order:
             model, steers = settings[name]
             got[name].append(decode_seconds(model, steers, prompts, args.new_tokens))
-        base = sum(got["unsteered"]) / 2
-        for name in SETTINGS:
-            times[name] += got[name]
-            if name != "unsteered":
-                ratios[name].append(got[name][0] / base)
-        ratios["unsteered A/A"].append(got["unsteered"][0] / got["unsteered"][1])
+        for k, clock in enumerate(CLOCKS):
+            u1, u2 = (t[k] for t in got["unsteered"])
+            for name in SETTINGS:
+                times[clock][name] += [t[k] for t in got[name]]
+                if name != "unsteered":
+                    ratios[clock][name].append(got[name][0][k] / ((u1 + u2) / 2))
+            ratios[clock]["unsteered A/A"].append(u1 / u2)
     hooks = {}
     for name in STEERED:  # the hooks' own time, inside real generations
         model, steers = settings[name]
-        fractions, per_step = [], []
+        share: dict[str, list[float]] = {clock: [] for clock in CLOCKS}
+        per_token: dict[str, list[float]] = {clock: [] for clock in CLOCKS}
         for _ in range(args.hook_reps):
             timer = HookTimer(device)
             total = decode_seconds(model, steers, prompts, args.new_tokens, timer)
-            spent = timer.seconds + timer.calls * args.dispatch_s
-            fractions.append(spent / total)
-            per_step.append(spent / args.new_tokens)
-        hooks[name] = {"hook_share": statistics.median(fractions), "hook_us_per_token": 1e6 * statistics.median(per_step),
-                       "hook_calls_per_generation": timer.calls}
-    return {"ms_per_token_unsteered": 1e3 * statistics.median(times["unsteered"]) / args.new_tokens,
-            "median_s": {n: statistics.median(t) for n, t in times.items()},
-            "ratio": {n: summary(r) for n, r in ratios.items()}, "hooks": hooks, "all_s": times}
+            for k, (clock, inside) in enumerate(zip(CLOCKS, (timer.seconds, timer.cpu_seconds))):
+                spent = inside + timer.calls * args.dispatch_s
+                share[clock].append(spent / total[k])
+                per_token[clock].append(spent / args.new_tokens)
+        hooks[name] = {clock: {"hook_share": statistics.median(share[clock]),
+                               "hook_us_per_token": 1e6 * statistics.median(per_token[clock])} for clock in CLOCKS}
+        hooks[name]["hook_calls_per_generation"] = timer.calls
+    return {"ms_per_token_unsteered": {c: 1e3 * statistics.median(times[c]["unsteered"]) / args.new_tokens for c in CLOCKS},
+            "median_s": {c: {n: statistics.median(t) for n, t in times[c].items()} for c in CLOCKS},
+            "ratio": {c: {n: summary(r) for n, r in ratios[c].items()} for c in CLOCKS}, "hooks": hooks, "all_s": times}
 
 
 def markdown(result: dict, args: argparse.Namespace) -> str:
     m = result["machine"]
     where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
+    primary = "wall" if args.device.startswith("cuda") else "cpu"
     lines = [f"# Steered vs unsteered decoding ({args.new_tokens} new tokens, greedy, {args.reps} paired repetitions)", "",
              f"{m['date']}. Machine: {where}; torch {m['torch']} ({m['torch_threads']} threads), {args.device}, "
              f"{args.dtype}; load average {m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end.",
              f"Command: `python benchmarks/bench_decode.py {' '.join(result['argv'])}`", "",
-             "## End to end", "",
-             "Each cell: median over repetitions of (setting's time / mean of the two unsteered runs of the same "
-             "repetition), with its 95 % bootstrap interval. `A/A`: unsteered / unsteered, the noise floor. "
-             "Targets: one LM-Steer steer ≤ 1.03×, three ≤ 1.05×.", ""]
+             "Targets: one LM-Steer steer ≤ 1.03×, three ≤ 1.05×. Each end-to-end cell: median over repetitions of "
+             "(setting's time / mean of the two unsteered runs of the same repetition), with its 95 % bootstrap "
+             "interval. `A/A`: unsteered / unsteered, the noise floor. CPU time (the process's CPU seconds) is what "
+             "a crowded machine perturbs least; wall time also counts the waits for a core.", ""]
     cols = ["unsteered A/A", *STEERED, "merged"]
-    lines += ["| model | batch | unsteered ms/token | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
-    for spec, per_model in result["models"].items():
-        for b, row in per_model.items():
-            cells = [f"{row['ratio'][c]['median']:.3f} [{row['ratio'][c]['ci95'][0]:.3f}, {row['ratio'][c]['ci95'][1]:.3f}]"
-                     for c in cols]
-            lines.append(f"| {spec} | {b.split()[1]} | {row['ms_per_token_unsteered']:.1f} | " + " | ".join(cells) + " |")
-    lines += ["", "## The hooks' own time", "",
+    for clock in (primary, *[c for c in CLOCKS if c != primary]):
+        lines += [f"## End to end, {clock} time", "",
+                  "| model | batch | unsteered ms/token | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        for spec, per_model in result["models"].items():
+            for b, row in per_model.items():
+                r = row["ratio"][clock]
+                cells = [f"{r[c]['median']:.3f} [{r[c]['ci95'][0]:.3f}, {r[c]['ci95'][1]:.3f}]" for c in cols]
+                lines.append(f"| {spec} | {b.split()[1]} | {row['ms_per_token_unsteered'][clock]:.1f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## The hooks' own time", "",
               f"Time spent inside the steer's hooks during real generations (median of {args.hook_reps}), plus torch's "
-              f"dispatch cost of a hooked module ({1e6 * args.dispatch_s:.2f} µs per call, measured), as µs per new token "
-              "and as a share of the generation time: the steer's cost without the machine's noise. "
+              f"dispatch cost of a hooked module ({1e6 * args.dispatch_s:.2f} µs per call, measured), per new token "
+              f"and as a share of the generation's {primary} time: the steer's cost without the machine's noise. "
               "`1 + share` is the slowdown it implies.", ""]
     lines += ["| model | batch | " + " | ".join(STEERED) + " |", "|---|---|" + "---|" * len(STEERED)]
     for spec, per_model in result["models"].items():
         for b, row in per_model.items():
-            cells = [f"{row['hooks'][c]['hook_us_per_token']:.0f} µs ({100 * row['hooks'][c]['hook_share']:.2f} %)"
+            cells = [f"{row['hooks'][c][primary]['hook_us_per_token']:.0f} µs ({100 * row['hooks'][c][primary]['hook_share']:.2f} %)"
                      for c in STEERED]
             lines.append(f"| {spec} | {b.split()[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -292,8 +305,8 @@ def main() -> None:
         for b in map(int, args.batches.split(",")):
             row = bench_batch(settings, prompts_all[:b], args, rng)
             per_model[f"batch {b}"] = row
-            print(spec, f"batch {b}", {n: round(r["median"], 3) for n, r in row["ratio"].items()},
-                  {n: f"{100 * h['hook_share']:.2f}%" for n, h in row["hooks"].items()}, flush=True)
+            print(spec, f"batch {b}", {c: {n: round(r["median"], 3) for n, r in row["ratio"][c].items()} for c in CLOCKS},
+                  {n: f"{100 * h['cpu']['hook_share']:.2f}%" for n, h in row["hooks"].items()}, flush=True)
         result["models"][spec] = per_model
         del lm, settings
         result["machine"]["load_average_end"] = os.getloadavg()
