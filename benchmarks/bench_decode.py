@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 import steerport as sp
+from steerport.errors import SteerportError
 from steerport.fileio import atomic_write_json, atomic_write_text
 from steerport.models import LoadedModel, check_device
 from steerport.texts import bundled, read_texts
@@ -292,7 +293,10 @@ def main() -> None:
         torch.set_num_threads(args.threads or 1)
     device = torch.device(args.device)
     prompts_all = read_texts(bundled("prompts-sentiment"), min_chars=1)
-    check_device(args.device)
+    try:
+        check_device(args.device)
+    except SteerportError as e:
+        sys.exit(f"bench_decode: {e}")
     result: dict = {"machine": machine(device), "argv": sys.argv[1:], "settings": {k: v for k, v in vars(args).items() if k != "out"}, "models": {}}
     rng = random.Random(args.seed)
     for spec in args.models.split(","):
