@@ -315,8 +315,8 @@ def main() -> None:
         del lm, settings
         result["machine"]["load_average_end"] = os.getloadavg()
         args.out.parent.mkdir(parents=True, exist_ok=True)  # written after each model: a cut-short run keeps what it has
-        atomic_write_json(args.out.with_suffix(".json"), result)
-        atomic_write_text(args.out.with_suffix(".md"), markdown(result, args))
+        atomic_write_json(args.out.parent / f"{args.out.name}.json", result)
+        atomic_write_text(args.out.parent / f"{args.out.name}.md", markdown(result, args))
     print(markdown(result, args))
 
 
