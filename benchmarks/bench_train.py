@@ -62,7 +62,7 @@ def plain_forward_seconds(lm, token_lists, tokens_per_batch: int) -> tuple[float
     real = padded = 0
     for batch in pack_by_length([len(t) for t in token_lists], tokens_per_batch):
         ids, mask = padded_batch([token_lists[i] for i in batch], pad)
-        lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.sum()
+        lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits.sum()
         real, padded = real + int(mask.sum()), padded + mask.numel()
     return time.perf_counter() - t0, time.process_time() - c0, 1 - real / padded
 
@@ -71,13 +71,13 @@ def anchor_loop(lm, data, config: TrainConfig, steps: int, batch_texts: int, jud
     """LM-Steer-style training: body forward on every padded batch, steered head, Adam."""
     d, r, eps = lm.hidden_size, config.rank, config.epsilon
     g = torch.Generator().manual_seed(config.seed)  # same initialisation as steerport's Fitter
-    A = (torch.randn(d, r, generator=g) * config.init_scale).requires_grad_()
-    B = (torch.randn(d, r, generator=g) * config.init_scale).requires_grad_()
+    A = (torch.randn(d, r, generator=g) * config.init_scale).to(lm.device).requires_grad_()
+    B = (torch.randn(d, r, generator=g) * config.init_scale).to(lm.device).requires_grad_()
     opt = torch.optim.Adam([A, B], lr=config.lr, weight_decay=config.weight_decay)
     E = lm.output_embeddings.detach()
     bias = lm.lm_head_bias
     texts = [e.text for e in data.train]
-    labels = torch.tensor([e.label for e in data.train])
+    labels = torch.tensor([e.label for e in data.train], device=lm.device)
     tok = lm.tokenizer
     history, clock, cpu, step, epoch = [], 0.0, 0.0, 0, 0
     while step < steps:
@@ -88,9 +88,9 @@ def anchor_loop(lm, data, config: TrainConfig, steps: int, batch_texts: int, jud
                 break
             t0, c0 = time.perf_counter(), time.process_time()
             rows = order[k : k + batch_texts]
-            enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True, max_length=config.max_tokens)
+            enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True, max_length=config.max_tokens).to(lm.device)
             (h,) = capture(lm, ["head"], input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])  # frozen body, every step
-            s = labels[rows][:, None, None].to(h.dtype)
+            s = labels[rows.to(lm.device)][:, None, None].to(h.dtype)
             hs = h + (s * eps) * ((h @ A.to(h.dtype)) @ B.to(h.dtype).T)  # steered head input (b, T, d)
             logits = hs @ E.T + (0 if bias is None else bias)  # (b, T, V)
             keep = enc["attention_mask"][:, 1:].bool()
@@ -140,7 +140,7 @@ def time_to(history, target: float) -> float | None:
 
 def bench_model(model: str, args) -> dict[str, Any]:
     print(f"== {model}", flush=True)
-    lm = load_model(model, dtype=args.dtype)
+    lm = load_model(model, dtype=args.dtype, device=args.device)
     data = load_data(DataOptions(files=[args.data], positive_labels=[args.positive_label],
                                  limit_per_class=args.per_class_of[model], heldout_fraction=0.1, seed=args.seed))
     train_tokens = tokenize(lm.tokenizer, [e.text for e in data.train], 128)
@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="auto", help="as the CLI's default")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--exact-models", default="", help="comma-separated models that also run --head exact")
     ap.add_argument("--memory-model", default="smollm2-135m")
     ap.add_argument("--memory-per-class", default="250,1000", help="two data sizes for the memory probe ('' skips it)")

@@ -43,10 +43,13 @@ ANCHOR_STEPS = 10_000
 def timed(fn, *args, **kw) -> tuple[float, object]:
     t = time.perf_counter()
     out = fn(*args, **kw)
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return time.perf_counter() - t, out
 
 
-def bench_fits(grid: list[tuple[int, int]], anchor_probe_steps: dict[int, int], out: Callable[[dict], None]) -> list[dict]:
+def bench_fits(grid: list[tuple[int, int]], anchor_probe_steps: dict[int, int], out: Callable[[dict], None],
+               device: str = "cpu") -> list[dict]:
     """Closed form = Gram products (shared by all methods) + a d x d solve per method."""
     rows = []
     for n, d in grid:
@@ -54,6 +57,7 @@ def bench_fits(grid: list[tuple[int, int]], anchor_probe_steps: dict[int, int], 
         Xt = torch.randn(n, d, generator=g)
         perm = torch.randperm(d, generator=g)
         Xs = 0.5 * Xt[:, perm] + 0.1 * torch.randn(n, d, generator=g)  # a planted linear map (cheap to make)
+        Xt, Xs = Xt.to(device), Xs.to(device)
         row = {"n": n, "d": d}
         secs, (XtX, XtY) = timed(gram, Xt, Xs)
         row["gram_s"] = round(secs, 3)
@@ -76,7 +80,7 @@ def bench_fits(grid: list[tuple[int, int]], anchor_probe_steps: dict[int, int], 
     return rows
 
 
-def bench_end_to_end(models: list[str]) -> list[dict]:
+def bench_end_to_end(models: list[str], dtype: str = "float32", device: str = "cpu") -> list[dict]:
     from steerport.models import load_embeddings
     from steerport.steer import Steer
     from steerport.transfer import TransferOptions, transfer_steer
@@ -90,8 +94,8 @@ def bench_end_to_end(models: list[str]) -> list[dict]:
                                epsilon=1e-3, model={"spec": src, "fingerprint": se.fingerprint})
         with tempfile.TemporaryDirectory() as tmp:
             mfile = Path(tmp) / "m.safetensors"
-            t_first, r1 = timed(transfer_steer, steer, src, tgt, TransferOptions(), mapping_path=mfile)
-            t_again, r2 = timed(transfer_steer, steer, src, tgt, TransferOptions(), mapping_path=mfile)
+            t_first, r1 = timed(transfer_steer, steer, src, tgt, TransferOptions(dtype=dtype, device=device), mapping_path=mfile)
+            t_again, r2 = timed(transfer_steer, steer, src, tgt, TransferOptions(dtype=dtype, device=device), mapping_path=mfile)
         row = {"source": src, "target": tgt, "pairs": r1.mapping.n_pairs,
                "load_embeddings_s": round(t_load + t_load2, 2),
                "transfer_fit_mapping_s": round(t_first, 2), "transfer_reuse_mapping_s": round(t_again, 2),
@@ -132,6 +136,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small grid and two models")
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the synthetic fits run, and full models load (cpu, cuda)")
+    ap.add_argument("--dtype", default="float32", help="full models' dtype (embeddings-only transfer reads float32)")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -144,16 +151,16 @@ def main() -> None:
     res = {"created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
                       f"{args.threads} torch threads, torch {torch.__version__}"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     name = "bench_transfer_quick" if args.quick else "bench_transfer"
 
     def save(part: dict) -> None:  # after every row, so a long run that is stopped keeps its numbers
         res.update(part)
-        atomic_write_json(RESULTS / f"{name}.json", res)
-        atomic_write_text(RESULTS / f"{name}.md", markdown(res))
+        atomic_write_json(args.out_dir / f"{name}.json", res)
+        atomic_write_text(args.out_dir / f"{name}.md", markdown(res))
 
-    bench_fits(grid, {128: 50, 256: 50, 1024: 10, 4096: 1}, save)
-    save({"end_to_end": bench_end_to_end(models) if models else []})
+    bench_fits(grid, {128: 50, 256: 50, 1024: 10, 4096: 1}, save, device=args.device)
+    save({"end_to_end": bench_end_to_end(models, args.dtype, args.device) if models else []})
     print(markdown(res))
 
 

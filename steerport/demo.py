@@ -56,6 +56,8 @@ def run_demo(
     value: float = 1.0,
     log: Callable[[str], None] = print,
     train_progress: Callable[[str, dict], None] | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
 ) -> dict:
     """Run the five steps above; returns (and saves) every number with its settings."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +66,7 @@ def run_demo(
     results: dict = {"value": value, "test_texts": len(texts), "prompts": PROMPTS}
 
     log(f"[1/5] training a sentiment steer on {source} (shipped SST-2 slice, {limit_per_class} per class)")
-    src = load_model(source, dtype="auto")
+    src = load_model(source, dtype=dtype, device=device)
     data = load_data(DataOptions(files=["sst2"], limit_per_class=limit_per_class, seed=0))
     trained = train(src, data, TrainConfig(seed=0, head="topk"), progress=train_progress)
     src_path = trained.steer.save(out_dir / f"positive.{source}.st")
@@ -75,19 +77,19 @@ def run_demo(
     results["source"] = {"model": source, "steer": str(src_path), "auc": auc_src, "train": trained.results}
 
     log(f"[3/5] transferring the steer to {target}")
-    moved = transfer(trained.steer, source, target, TransferOptions(), log=lambda m: log(f"      {m}"))
+    moved = transfer(trained.steer, source, target, TransferOptions(device=device), log=lambda m: log(f"      {m}"))
     tgt_path = moved.steer.save(out_dir / f"positive.{target}.st")
     results["lineage"] = moved.lineage
 
     log(f"[4/5] scoring the transferred steer on {target}")
     del src
-    tgt = load_model(target, dtype="auto")
+    tgt = load_model(target, dtype=dtype, device=device)
     auc_tgt = roc_auc(steer_scores(tgt, moved.steer, texts, value), labels)
     results["target"] = {"model": target, "steer": str(tgt_path), "auc": auc_tgt}
 
     log(f"[5/5] greedy continuations at values -{value:g}, 0, +{value:g}")
     generations = {}
-    for name, lm, steer in ((target, tgt, moved.steer), (source, load_model(source, dtype="auto"), trained.steer)):
+    for name, lm, steer in ((target, tgt, moved.steer), (source, load_model(source, dtype=dtype, device=device), trained.steer)):
         generations[name] = {
             f"{s:+g}": generate(lm, PROMPTS, [(steer, s)], max_new_tokens=24) for s in (-value, 0.0, value)
         }

@@ -349,6 +349,7 @@ def export_lora_command(
     dtype: str = "float32",
     force: bool = False,
     untie: Path | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Load ``model`` and the steers, write the adapter; returns its path.
 
@@ -364,7 +365,7 @@ def export_lora_command(
     for s, _ in items:  # refuse before the (slow) model load
         if s.kind not in HEAD_KINDS:
             _check_kind_only(s)
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, device=device)
     paths = [str(p) for p, _ in pairs]
     if fmt == "peft":
         return export_peft(lm, items, out, paths=paths, include_domain=include_domain, force=force, overwrite=overwrite)
@@ -405,9 +406,11 @@ def register(app) -> None:
         force: Annotated[bool, typer.Option("--force", help="Export steers made for a model with another fingerprint.")] = False,
         untie: Annotated[Path | None, typer.Option(
             help="gguf, tied --gguf-base: write an untied copy of the model file here (adds output.weight) and target it.")] = None,
+        device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     ):
         """Export steers at fixed values as a LoRA on the LM head (PEFT, or GGUF for llama.cpp)."""
-        path = export_lora_command(steer, model, out, fmt, gguf_base, include_domain, overwrite, dtype, force, untie)
+        path = export_lora_command(steer, model, out, fmt, gguf_base, include_domain, overwrite, dtype, force, untie,
+                                   device=device)
         if untie is not None:
             console.print(f"wrote {untie} (the model file with its own output.weight)")
         console.print(f"wrote {path} ({fmt} LoRA on the LM head)")

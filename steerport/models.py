@@ -53,6 +53,23 @@ def default_dtype(device: str = "cpu") -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device ``device`` names, refused in one line when it is malformed or not on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SteerportError(f"unknown device {str(device)!r} ({str(e).splitlines()[0]}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SteerportError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                                 "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SteerportError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SteerportError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return dev
+
+
 def parse_dtype(name: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
     """``"auto"``/None -> :func:`default_dtype`; else one of float32, bfloat16, float16."""
     if isinstance(name, torch.dtype):
@@ -230,6 +247,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    check_device(device)  # --device cuda on a machine without CUDA: one line, before any loading
     hf_logging.disable_progress_bar()  # steerport draws its own progress; per-tensor bars are noise
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise SteerportError("max_memory and offload_folder need a device map (e.g. device_map='auto')")

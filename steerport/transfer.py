@@ -227,8 +227,8 @@ def anchor_fit(X_s: torch.Tensor, X_t: torch.Tensor, *, steps: int = 10_000, lr:
     """
     torch.manual_seed(seed)
     Xs, Xt = X_s[:top_k].float(), X_t[:top_k].float()
-    B_f = torch.randn(Xs.shape[1], Xt.shape[1], requires_grad=True)
-    B_b = torch.randn(Xt.shape[1], Xs.shape[1], requires_grad=True)
+    B_f = torch.randn(Xs.shape[1], Xt.shape[1], device=Xs.device, requires_grad=True)  # on the pairs' device (cuda too)
+    B_b = torch.randn(Xt.shape[1], Xs.shape[1], device=Xs.device, requires_grad=True)
     opt = torch.optim.Adam([B_f, B_b], lr=lr)
     for _ in range(steps):
         opt.zero_grad()

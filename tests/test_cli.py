@@ -314,3 +314,22 @@ def test_a_steer_whose_header_length_looks_like_a_pickle_magic_loads(tmp_path, m
     code, out, err = main_run(monkeypatch, capsys, "inspect", path, "--json")
     assert code == 0, err
     assert json.loads(out)["kind"] == "lm-steer"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("args", [
+    ["generate", "smollm2-135m", "--prompt", "hi", "--device", "cuda"],
+    ["train", "smollm2-135m", "--data", "sst2", "--out", "never-written.st", "--device", "cuda"],
+])
+def test_device_cuda_without_cuda_is_one_line(args):
+    r = run(*args)
+    assert r.returncode == 1
+    err = r.stderr.strip()
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("error: --device cuda: CUDA is not available"), err
+
+
+def test_missing_required_option_is_a_usage_message_not_a_traceback():
+    r = run("train", "smollm2-135m", "--data", "sst2")
+    assert r.returncode == 2
+    assert "Missing option" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -157,3 +157,52 @@ def test_scoring_identities():
     assert roc_auc([0.1, 0.9, 0.8, 0.2], [0, 1, 1, 0]) == 1.0
     assert roc_auc([0.9, 0.1], [0, 1]) == 0.0
     assert roc_auc([0.5, 0.5, 0.5, 0.5], [0, 1, 1, 0]) == 0.5
+
+
+# --------------------------------------------------------------------------- half precision (the GPU dtypes, run on the CPU)
+
+
+def half_copy(lm, dtype):
+    from steerport.models import LoadedModel
+
+    return LoadedModel(spec=lm.spec, model=copy.deepcopy(lm.model).to(dtype), tokenizer=lm.tokenizer)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_steered_forward_in_half_precision_is_close_to_float32(arch, dtype):
+    """bf16/fp16 models: the hooks run in the model's dtype (no float32 leaks into its stream) and the
+    steered logits, and the steer's own shift of them, stay close to the float32 ones."""
+    from steerport.actadd import make_actadd
+
+    lm = tiny_model(arch)
+    half = half_copy(lm, dtype)
+    s3 = [steer_for(lm, seed=k, eps=2.0) for k in (1, 2, 3)]
+    act = make_actadd(lm, [(" love", " hate")], layer=1, coeff=2.0, positions="all")
+    cases = {"lm-steer x1": dict(steers=[(s3[0], 3.0)]), "lm-steer x3": dict(steers=[(s, 2.0) for s in s3]),
+             "per-row": dict(steers=[(s3[0], 0.0)], rows=torch.tensor([[3.0], [-3.0]])),
+             "actadd": dict(steers=[(act, 1.0)])}
+    base32, base16 = logits(lm), logits(half)
+    assert base16.dtype == dtype
+    for name, kw in cases.items():
+        with steered(lm, kw["steers"], rows=kw.get("rows"), force=True):
+            got32 = logits(lm)
+        with steered(half, kw["steers"], rows=kw.get("rows"), force=True):
+            got16 = logits(half)
+        assert got16.dtype == dtype, name
+        scale = got32.abs().max().item()
+        torch.testing.assert_close(got16.float(), got32, atol=0.02 * scale, rtol=0, msg=name)
+        shift32, shift16 = (got32 - base32).flatten(), (got16.float() - base16.float()).flatten()
+        assert shift32.abs().max() > 0.05 * scale, f"{name}: the steer should change something"
+        cos = torch.nn.functional.cosine_similarity(shift16, shift32, dim=0)
+        assert cos > 0.98, f"{name}: {dtype} shift has cosine {cos:.3f} to float32's"
+
+
+def test_generate_in_bfloat16_matches_float32_greedy_tokens():
+    """Greedy steered decoding in bf16 (with the KV cache, one token per step) runs and starts like float32."""
+    lm = tiny_model("llama")
+    half = half_copy(lm, torch.bfloat16)
+    s = steer_for(lm, eps=2.0)
+    out32 = generate(lm, ["The movie was"], [(s, 3.0)], max_new_tokens=6)
+    out16 = generate(half, ["The movie was"], [(s, 3.0)], max_new_tokens=6, force=True)
+    assert out16 and out16[0][:3] == out32[0][:3]

@@ -102,7 +102,7 @@ def test_export_lora_cli(tmp_path, monkeypatch):
     steers = tiny_steers(lm)
     steers["pos"].save(tmp_path / "pos.st")
     steers["wide"].save(tmp_path / "wide.st")
-    monkeypatch.setattr("steerport.models.load_model", lambda spec, dtype=None: lm)
+    monkeypatch.setattr("steerport.models.load_model", lambda spec, dtype=None, device="cpu": lm)
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)  # two commands, so typer keeps the command name

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from steerport import SteerportError, load_embeddings, load_model, resolve_spec
-from steerport.models import ModelEmbeddings, parse_dtype
+from steerport.models import ModelEmbeddings, check_device, parse_dtype
 from tests.tiny import ARCHS, tiny_model
 
 
@@ -74,6 +74,27 @@ def test_bad_dtype():
     assert parse_dtype("float32") == torch.float32
     with pytest.raises(SteerportError, match="dtype"):
         parse_dtype("int8")
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+
+@NO_CUDA
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_device_refused_in_one_line_without_cuda(tmp_path, device):
+    """Refused before anything is read (so also for a model that is not there)."""
+    with pytest.raises(SteerportError, match="CUDA is not available") as e:
+        load_model(str(tmp_path / "no-such-model"), device=device)
+    assert "\n" not in str(e.value)
+    _, path = save_tiny(tmp_path, "llama")
+    with pytest.raises(SteerportError, match="CUDA is not available"):
+        load_model(str(path), device=device)
+
+
+def test_device_names_checked():
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(SteerportError, match="unknown device 'gpu0'"):
+        check_device("gpu0")
 
 
 # --------------------------------------------------------------------------- decoder layers, soft-cap

@@ -76,6 +76,21 @@ def register_groups(target: typer.Typer) -> None:
 register_groups(app)
 
 
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """click's exception class ``name``, and typer's vendored copy of it where there is one
+    (typer ≥ 0.26 parses with its own copy of click, whose exceptions are not click's)."""
+    try:
+        from typer._click import exceptions as vendored
+
+        theirs = getattr(vendored, name, None)
+    except ImportError:
+        theirs = None
+    return (getattr(click.exceptions, name),) + ((theirs,) if isinstance(theirs, type) else ())
+
+
+_USAGE_ERRORS, _EXITS, _ABORTS = (_click_classes(n) for n in ("ClickException", "Exit", "Abort"))
+
+
 def main() -> None:
     """Entry point: bad input becomes one plain line on stderr and exit code 1."""
     try:
@@ -83,11 +98,11 @@ def main() -> None:
     except SteerportError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    except click.exceptions.ClickException as e:  # usage errors: click's own message
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except _USAGE_ERRORS as e:  # usage errors: click's own message
+        e.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(e, "exit_code", 1))
+    except _EXITS as e:
+        sys.exit(getattr(e, "exit_code", 0))
+    except _ABORTS:
         print("interrupted", file=sys.stderr)
         sys.exit(1)

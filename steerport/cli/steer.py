@@ -103,6 +103,7 @@ def inspect(
             "(default: bundled neutral paragraphs).")] = None,
     dtype: DtypeOpt = "float32",
     force: ForceOpt = False,
+    device: DeviceOpt = "cpu",
 ):
     """Show a steer file's metadata and tensors; with --model also its keywords."""
     from steerport.steer import Steer
@@ -111,7 +112,7 @@ def inspect(
     meta = steer.metadata()
     if model is not None:
         show_keywords(steer, model, k=keywords, value=value, n_directions=directions, neutral=neutral,
-                      dtype=dtype, force=force, as_json=as_json, meta=meta)
+                      dtype=dtype, force=force, as_json=as_json, meta=meta, device=device)
         return
     if as_json:
         print_json(meta)
@@ -126,14 +127,14 @@ def inspect(
 
 
 def show_keywords(steer, model: str, *, k: int, value: float, n_directions: int, neutral: Optional[Path],
-                  dtype: str, force: bool, as_json: bool, meta: dict) -> None:
+                  dtype: str, force: bool, as_json: bool, meta: dict, device: str = "cpu") -> None:
     """Body of ``inspect --model``: SVD keywords and raised/lowered tokens."""
     from steerport.explain import steer_keywords
     from steerport.models import load_model
 
     check_at_least("--keywords", k, 1)
     texts = read_prompts(neutral)[:64] if neutral else None
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, device=device)
     with status("computing keywords"):
         kw = steer_keywords(lm, steer, k=k, n_directions=n_directions, value=value, texts=texts, force=force)
     if as_json:

@@ -145,6 +145,17 @@ class _LayerAdds:
             padded = [(j, torch.cat([v, v.new_zeros(P - v.shape[0], v.shape[1])])) for j, v in self.front]
             fr = _weighted_sum(values, padded).to(device, dtype)  # (P, d) or (b, P, d)
 
+        if fr is None and ev is not None:  # the common case (all positions): one add per forward pass
+            ev_b = ev[:, None, :] if per_row else ev
+
+            def add_everywhere(h: torch.Tensor) -> torch.Tensor:
+                if per_row and h.shape[0] != values.shape[0]:
+                    raise SteerportError(f"per-row actadd values for {values.shape[0]} rows, but this forward pass "
+                                         f"has {h.shape[0]}")
+                return h + ev_b
+
+            return add_everywhere
+
         def add_to(h: torch.Tensor) -> torch.Tensor:
             if per_row and h.shape[0] != values.shape[0]:
                 raise SteerportError(f"per-row actadd values for {values.shape[0]} rows, but this forward pass has "
@@ -185,7 +196,9 @@ def apply(lm, steers: Sequence, values: torch.Tensor, include_domain: bool = Fal
             else:
                 slot.front.append((j, v))
     window = _Window()
-    removers = [lm.model.register_forward_pre_hook(_window_pre_hook(window), with_kwargs=True).remove]
+    removers: list[Remover] = []
+    if any(adds.front for adds in per_layer.values()):  # only front vectors need to know the positions
+        removers.append(lm.model.register_forward_pre_hook(_window_pre_hook(window), with_kwargs=True).remove)
     for layer, adds in per_layer.items():
         add_to = adds.adder(window, values, lm.device, lm.dtype)
         if layer < n:  # the stream entering block `layer`

@@ -64,18 +64,32 @@ def factors(steers: Sequence, values: torch.Tensor, include_domain: bool = False
 
 
 def apply(lm, steers: Sequence, values: torch.Tensor, include_domain: bool = False) -> Remover:
-    """One pre-hook on the LM head carrying every LM-Steer steer (concatenated along rank)."""
-    A, B, scales = factors(steers, values, include_domain)
-    A, B = A.to(lm.device, lm.dtype), B.to(lm.device, lm.dtype)
-    # a split model (device map): the head's input may come from another GPU; move it where the head computes
-    here = (lambda h: h.to(A.device)) if lm.is_split else (lambda h: h)
-    if scales.dim() == 1:  # one value per steer: fold the scales into A once
-        A = A * scales.to(lm.device, lm.dtype)
-        return edit_input(lm.lm_head, lambda h: (h := here(h)) + lm_steer_shift(h, A, B))
+    """One pre-hook on the LM head carrying every LM-Steer steer (concatenated along rank).
 
-    def add(h: torch.Tensor) -> torch.Tensor:  # h (b, T, d); scales (b, R) -> (b, 1, R)
-        h = here(h)
-        return h + ((h @ A) * rows_of(scales, h)) @ B.T
+    Everything is prepared here, once, on the model's device and in its dtype (scales folded into A
+    in float32 before the cast), so each forward pass pays two thin matmuls and one in-place add:
+    h (b, T, d) @ A (d, R) @ Bᵀ (R, d), and no tensor creation, cast or transpose.
+    """
+    A, B, scales = factors(steers, values, include_domain)
+    Bt = B.T.contiguous().to(lm.device, lm.dtype)  # (R, d)
+    # a split model (device map): the head's input may come from another device; move it where the head computes
+    split = lm.is_split
+    if scales.dim() == 1:  # one value per steer: fold the scales into A once
+        A = (A * scales).to(lm.device, lm.dtype)
+
+        def shift(h: torch.Tensor) -> torch.Tensor:  # h + B (Aᵀ h); a + b == b + a exactly
+            if split:
+                h = h.to(A.device)
+            return ((h @ A) @ Bt).add_(h)
+
+        return edit_input(lm.lm_head, shift)
+    A = A.to(lm.device, lm.dtype)
+    rows = scales.to(lm.device, lm.dtype)  # (b, R)
+
+    def add(h: torch.Tensor) -> torch.Tensor:  # h (b, T, d); rows (b, R) -> (b, 1, R)
+        if split:
+            h = h.to(A.device)
+        return (((h @ A) * rows_of(rows, h)) @ Bt).add_(h)
 
     return edit_input(lm.lm_head, add)
 

@@ -50,7 +50,7 @@ def _rows(steers: Sequence, values: torch.Tensor, V: int) -> tuple[torch.Tensor,
 def apply(lm, steers: Sequence, values: torch.Tensor, include_domain: bool = False) -> Remover:
     """One forward hook on the LM head: z[..., w] += s · ε₀ · (delta_w · h) for the steered tokens only."""
     ids, delta, scales = _rows(steers, values, lm.output_embeddings.shape[0])
-    ids, delta = ids.to(lm.device), delta.to(lm.device)
+    ids, delta, scales = ids.to(lm.device), delta.to(lm.device), scales.to(lm.device)  # moved once, not per step
 
     def hook(module, args, kwargs, output):
         h = args[0] if args else kwargs["input"]  # (..., d)
