@@ -209,9 +209,6 @@ class Mapping:
                    meta={k: v for k, v in meta.items() if k not in CORE_FIELDS}, pairs=pairs)
 
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int64)
-
-
 def encode_pairs(src_ids: torch.Tensor, tgt_ids: torch.Tensor, tgt_vocab: int) -> dict[str, torch.Tensor]:
     """The aligned pairs as two uint8 tensors: a bit mask over target ids (ceil(V_t/8),) and the
     source ids as 3-byte little-endian integers (n, 3), in increasing target-id order.
@@ -224,9 +221,11 @@ def encode_pairs(src_ids: torch.Tensor, tgt_ids: torch.Tensor, tgt_vocab: int) -
         raise SteerportError("aligned pairs must be sorted by strictly increasing target id")
     if len(tgt) and (int(tgt[-1]) >= tgt_vocab or int(src.max()) >= 1 << 24 or int(min(src.min(), tgt[0])) < 0):
         raise SteerportError("aligned token ids out of range for the mapping's vocabularies")
-    bits = torch.zeros(-(-tgt_vocab // 8) * 8, dtype=torch.int64)
-    bits[tgt] = 1
-    mask = (bits.view(-1, 8) * _BIT_WEIGHTS).sum(1).to(torch.uint8)
+    import numpy as np
+
+    bits = np.zeros(tgt_vocab, dtype=np.uint8)
+    bits[tgt.numpy()] = 1
+    mask = torch.from_numpy(np.packbits(bits, bitorder="little"))  # (ceil(V_t/8),) uint8
     src_bytes = torch.stack([(src >> s) & 0xFF for s in (0, 8, 16)], 1).to(torch.uint8)  # (n, 3)
     return {"pairs_tgt_mask": mask, "pairs_src_u24": src_bytes}
 
@@ -242,10 +241,12 @@ def decode_pairs(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
         raise SteerportError(f"{path}: damaged aligned token pairs (pairs_tgt_mask / pairs_src_u24 do not fit the "
                              f"metadata's n_pairs and vocabulary sizes)")
     assert mask is not None and src_bytes is not None
-    bits = ((mask.long().unsqueeze(1) >> torch.arange(8)) & 1).flatten()[:V_t]
-    tgt = bits.nonzero().squeeze(1)
-    b = src_bytes.long()
-    src = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+    import numpy as np
+
+    bits = np.unpackbits(mask.numpy(), count=V_t, bitorder="little")
+    tgt = torch.from_numpy(np.flatnonzero(bits)).long()
+    b = src_bytes.numpy().astype(np.int64)
+    src = torch.from_numpy(b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16))
     if len(tgt) != n or (n and int(src.max()) >= V_s):
         raise SteerportError(f"{path}: damaged aligned token pairs ({len(tgt)} target ids for {n} pairs, or a source "
                              f"id beyond the source vocabulary of {V_s})")

@@ -53,6 +53,7 @@ Example::
 from __future__ import annotations
 
 import datetime
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -62,7 +63,7 @@ from typing import Any
 import torch
 
 from steerport import __version__
-from steerport.calibration import calibration_rows, embed_calibration, kl_calibration, require_finite
+from steerport.calibration import cached_proxy_map, calibration_rows, embed_calibration, kl_calibration, require_finite
 from steerport.capture import paired_states
 from steerport.errors import SteerportError, one_line
 from steerport.headfile import EmbeddingSource, open_head
@@ -411,8 +412,12 @@ def carry_lm_steer(
             timings["align"] = round(time.perf_counter() - ta, 3)
             pairs = (al.src_ids, al.tgt_ids)
         rows, _ = calibration_rows(len(pairs[0]), opt.embed_pairs)  # read only the rows calibration uses
-        calib = embed_calibration(steer, factors, src_e.rows(pairs[0][rows]), tgt_e.rows(pairs[1][rows]),
-                                  max_proxies=opt.embed_proxies, max_pairs=opt.embed_pairs, sampled_from=len(pairs[0]))
+        s_ids, t_ids = pairs[0][rows], pairs[1][rows]
+        X_s, X_t = src_e.rows(s_ids), tgt_e.rows(t_ids)
+        digest = hashlib.sha256(s_ids.numpy().tobytes() + t_ids.numpy().tobytes()).hexdigest()[:16]
+        T = cached_proxy_map(X_s, X_t, f"{src_e.fingerprint}_{tgt_e.fingerprint}_{digest}")
+        calib = embed_calibration(steer, factors, X_s, X_t, max_proxies=opt.embed_proxies, max_pairs=opt.embed_pairs,
+                                  sampled_from=len(pairs[0]), T=T)
     else:
         texts = list(opt.calib_texts) if opt.calib_texts is not None else neutral("calib", limit=opt.calib_count)
         log(f"calibrating on {len(texts)} neutral texts at reference value {opt.calib_value:g}")

@@ -833,3 +833,30 @@ def test_embeddings_only_transfer_from_files_equals_the_loaded_path(tmp_path, mo
     with pytest.raises(SteerportError, match="stale mapping") as e:
         carry_lm_steer(steer, db, da, TransferOptions(calibrate="embed"), mapping_path=mfile, force=True)
     assert "\n" not in str(e.value)
+
+
+def test_cached_proxy_map_gives_the_same_calibration(tmp_path, monkeypatch):
+    import steerport.calibration as cal
+
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    se, te = ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt)
+    al = align_vocab(se.tokenizer, te.tokenizer)
+    X_s, X_t = se.embeddings[al.src_ids], te.embeddings[al.tgt_ids]
+    steer = source_steer(src)
+    factors = {"A": steer.A * 0.7, "B": steer.B}
+    fresh = cal.embed_calibration(steer, factors, X_s, X_t, max_pairs=60, max_proxies=9)
+    rows, _ = cal.calibration_rows(len(X_s), 60)
+    T1 = cal.cached_proxy_map(X_s[rows], X_t[rows], "k")  # computed and written
+    with monkeypatch.context() as mp:
+        mp.setattr(cal, "proxy_map", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
+        T2 = cal.cached_proxy_map(X_s[rows], X_t[rows], "k")  # read back
+    assert torch.equal(T1, T2)
+    cached = cal.embed_calibration(steer, factors, X_s[rows], X_t[rows], max_pairs=60, max_proxies=9,
+                                   sampled_from=len(X_s), T=T2)
+    assert cached == fresh
+    # a damaged cache file is recomputed, not an error
+    path = next((tmp_path / "home" / "calibration").glob("k.safetensors"))
+    path.write_bytes(b"junk")
+    assert torch.equal(cal.cached_proxy_map(X_s[rows], X_t[rows], "k"), T1)
+    with pytest.raises(SteerportError, match="expected the 60 sampled"):
+        cal.embed_calibration(steer, factors, X_s, X_t, max_pairs=60, sampled_from=len(X_s))
