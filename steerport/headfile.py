@@ -27,12 +27,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from steerport.errors import SteerportError
-from steerport.models import ModelEmbeddings, locate_head, read_tensor
+from steerport.models import ModelEmbeddings, fingerprint_of_rows, fingerprint_rows, locate_head, read_tensor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CACHE_VERSION = 1  # bump when steerport.models.fingerprint (or what is cached here) changes
 _NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}  # BF16 read as raw 16-bit words
@@ -61,7 +64,9 @@ class HeadFile:
     vocab_size: int
     hidden_size: int
     weight: tuple[Path, str]  # (safetensors file, tensor key)
-    loaded: ModelEmbeddings | None = field(default=None, repr=False)  # set when this call read everything anyway
+    bias: tuple[Path, str] | None = None
+    tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)  # kept when a cache miss loaded it
+    loaded: ModelEmbeddings | None = field(default=None, repr=False)  # set by full()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (k,) of the output embedding -> (k, d) float32."""
@@ -72,10 +77,34 @@ class HeadFile:
     def full(self) -> ModelEmbeddings:
         """The whole matrix and the tokenizer (for fitting a mapping or aligning vocabularies)."""
         if self.loaded is None:
-            from steerport.models import load_embeddings
+            if self.tokenizer is None:
+                from steerport.models import load_embeddings
 
-            self.loaded = load_embeddings(self.spec)
+                self.loaded = load_embeddings(self.spec)
+            else:
+                self.loaded = ModelEmbeddings(spec=self.spec, embeddings=read_tensor(*self.weight), tokenizer=self.tokenizer,
+                                              bias=read_tensor(*self.bias) if self.bias else None)
         return self.loaded
+
+
+def _tensor_info(path: Path, key: str) -> tuple[dict[str, Any], int]:
+    """The safetensors header entry of the 2-D float tensor ``key`` and the header's length."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise SteerportError(f"{path}: cannot read the safetensors header ({e})") from None
+    info = header.get(key) if isinstance(header, dict) else None
+    if not isinstance(info, dict) or info.get("dtype") not in _NUMPY_DTYPES or len(info.get("shape", ())) != 2:
+        raise SteerportError(f"{path}: no 2-D float tensor {key!r} in this safetensors file")
+    return info, n
+
+
+def tensor_shape(path: str | Path, key: str) -> tuple[int, int]:
+    """(rows, columns) of the 2-D tensor ``key`` in a safetensors file, from its header alone."""
+    info, _ = _tensor_info(Path(path), key)
+    return int(info["shape"][0]), int(info["shape"][1])
 
 
 def read_rows(path: str | Path, key: str, ids: torch.Tensor) -> torch.Tensor:
@@ -87,15 +116,7 @@ def read_rows(path: str | Path, key: str, ids: torch.Tensor) -> torch.Tensor:
     import numpy as np
 
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise SteerportError(f"{path}: cannot read the safetensors header ({e})") from None
-    info = header.get(key) if isinstance(header, dict) else None
-    if not isinstance(info, dict) or info.get("dtype") not in _NUMPY_DTYPES or len(info.get("shape", ())) != 2:
-        raise SteerportError(f"{path}: no 2-D float tensor {key!r} in this safetensors file")
+    info, n = _tensor_info(path, key)
     V, d = info["shape"]
     begin = info["data_offsets"][0]
     idx = ids.long()
@@ -151,7 +172,7 @@ def _from_cache(spec: str, folder: Path, stats: dict[str, list[int]]) -> HeadFil
 def open_head(spec: str) -> HeadFile | None:
     """The output embedding of the local model ``spec`` as a :class:`HeadFile`; None for a hub id or a
     checkpoint without safetensors. A cache hit reads no tokenizer and no tensor data; a miss loads the
-    embeddings and tokenizer once (the result keeps them) and writes the cache entry."""
+    tokenizer (kept in the result) and the 256 rows the fingerprint hashes, and writes the cache entry."""
     from steerport.fileio import atomic_write_json
 
     folder = _model_folder(spec)
@@ -164,13 +185,13 @@ def open_head(spec: str) -> HeadFile | None:
     loc = locate_head(spec)
     if loc.weight is None:
         return None
-    emb = ModelEmbeddings(spec=spec, embeddings=read_tensor(*loc.weight), tokenizer=loc.tokenizer,
-                          bias=read_tensor(*loc.bias) if loc.bias else None)
-    V, d = emb.embeddings.shape
-    head = HeadFile(spec=spec, fingerprint=emb.fingerprint, vocab_size=V, hidden_size=d, weight=loc.weight, loaded=emb)
+    V, d = tensor_shape(*loc.weight)
+    fp = fingerprint_of_rows((V, d), read_rows(*loc.weight, fingerprint_rows(V)), loc.tokenizer.get_vocab())
+    head = HeadFile(spec=spec, fingerprint=fp, vocab_size=V, hidden_size=d, weight=loc.weight, bias=loc.bias,
+                    tokenizer=loc.tokenizer)
     wfile = Path(loc.weight[0]).resolve()
     if wfile.parent == folder and folder_stats(folder) == stats:  # unchanged while we read it
-        doc = {"version": CACHE_VERSION, "spec": spec, "files": stats, "fingerprint": emb.fingerprint,
+        doc = {"version": CACHE_VERSION, "spec": spec, "files": stats, "fingerprint": fp,
                "vocab_size": V, "hidden_size": d, "weight_file": wfile.name, "weight_key": loc.weight[1]}
         try:
             atomic_write_json(cache_file(folder), doc)

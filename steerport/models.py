@@ -139,9 +139,18 @@ def fingerprint(embeddings: torch.Tensor, vocab: dict[str, int]) -> str:
     Hashes the shape, ``FINGERPRINT_ROWS`` evenly spaced rows rounded to bf16 (so fp32 and
     bf16 copies of the same weights agree) and the vocabulary; cheap even for a 7B model.
     """
-    V, d = embeddings.shape
-    rows = torch.linspace(0, V - 1, min(V, FINGERPRINT_ROWS)).long()
-    sample = embeddings[rows].detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+    return fingerprint_of_rows(tuple(embeddings.shape), embeddings[fingerprint_rows(embeddings.shape[0])], vocab)
+
+
+def fingerprint_rows(V: int) -> torch.Tensor:
+    """The row ids :func:`fingerprint` hashes: ``FINGERPRINT_ROWS`` evenly spaced over V rows."""
+    return torch.linspace(0, V - 1, min(V, FINGERPRINT_ROWS)).long()
+
+
+def fingerprint_of_rows(shape: tuple[int, ...], sample: torch.Tensor, vocab: dict[str, int]) -> str:
+    """:func:`fingerprint` from the matrix's shape (V, d) and only its rows ``fingerprint_rows(V)``."""
+    V, d = shape
+    sample = sample.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
     h = hashlib.sha256(f"{V}x{d}".encode())
     h.update(sample.numpy().tobytes())
     h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())

@@ -50,7 +50,8 @@ def test_open_head_caches_the_identity_and_reads_the_same_rows(tmp_path, monkeyp
     d = _save_dir(tiny_model("qwen2", seed=2), tmp_path / "m")
     full = load_embeddings(d)
     first = open_head(d)
-    assert first is not None and first.loaded is not None  # a miss reads everything once
+    assert first is not None and first.tokenizer is not None  # a miss loads the tokenizer (for the fingerprint)
+    assert first.full().fingerprint == full.fingerprint and torch.equal(first.full().embeddings, full.embeddings)
     assert (first.fingerprint, first.vocab_size, first.hidden_size) == (full.fingerprint, *full.embeddings.shape)
     entry = cache_file(tmp_path / "m")
     assert json.loads(entry.read_text())["fingerprint"] == full.fingerprint
@@ -60,7 +61,7 @@ def test_open_head_caches_the_identity_and_reads_the_same_rows(tmp_path, monkeyp
 
     monkeypatch.setattr(hf, "locate_head", no_tokenizer)
     again = open_head(d)
-    assert again is not None and again.loaded is None and again.fingerprint == full.fingerprint
+    assert again is not None and again.tokenizer is None and again.fingerprint == full.fingerprint
     ids = torch.tensor([3, 1, 150, 0])
     assert torch.equal(again.rows(ids), full.embeddings[ids]) and torch.equal(first.rows(ids), full.embeddings[ids])
     # any file in the folder changes (here: its modification time): the entry is not trusted
@@ -71,7 +72,7 @@ def test_open_head_caches_the_identity_and_reads_the_same_rows(tmp_path, monkeyp
         open_head(d)
     monkeypatch.undo()
     monkeypatch.setenv("STEERPORT_HOME", str(tmp_path / "home"))
-    assert open_head(d).loaded is not None  # recomputed
+    assert open_head(d).tokenizer is not None  # recomputed
     # a damaged entry is recomputed, never an error
     entry.write_text("{not json")
     assert open_head(d).fingerprint == full.fingerprint

@@ -745,6 +745,18 @@ def test_real_alignment_and_shipped_mapping_smollm2_gemma3(monkeypatch):
     m = Mapping.load(shipped)
     assert m.matches(se.fingerprint, te.fingerprint, FitOptions())
     assert m.n_pairs == al.n and m.diagnostics["H"]["heldout"]["r2"] > 0.2
+    # the file's stored pairs are today's alignment, and the fast embeddings-only path (identity cached, rows
+    # read from the checkpoint, no alignment) carries exactly the steer the fully loaded path carries
+    assert m.pairs is not None and torch.equal(m.pairs[0], al.src_ids) and torch.equal(m.pairs[1], al.tgt_ids)
+    A, B = random_steer_factors(se.hidden_size, 4)
+    steer = Steer.lm_steer(A, B, epsilon=1e-3, model={"spec": "smollm2-135m", "fingerprint": se.fingerprint})
+    opt = TransferOptions(calibrate="embed")
+    want = carry_lm_steer(steer, se, te, opt)
+    for _ in range(2):  # the identity cache cold, then warm
+        got = carry_lm_steer(steer, "smollm2-135m", "gemma3-270m", opt)
+        assert got.lineage["seconds"]["align"] == 0.0
+        assert torch.equal(got.steer.A, want.steer.A) and torch.equal(got.steer.B, want.steer.B)
+        assert got.steer.epsilon == want.steer.epsilon
 
 
 # --------------------------------------------------------------------------- stored pairs, embeddings-only fast path
