@@ -288,11 +288,12 @@ def cold_warm_markdown(cw: dict) -> str:
                  "for the pair removed (model identities, calibration proxy map), the page cache not dropped; warm = "
                  "the next run."), "",
                 f"Floor every process pays: `python -c \"import torch\"` takes {cw['import_torch_s']} s here.", "",
-                "| source → target | CLI cold | CLI warm | API cold | API warm | import torch+steerport in the API process | "
-                "steer tensor-equal in every run |",
-                "|---|---|---|---|---|---|---|"]
+                "| source → target | CLI cold | CLI warm | CLI warm − import torch | API cold | API warm | "
+                "import torch+steerport in the API process | steer tensor-equal in every run |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in cw["rows"]:
-            out.append(f"| {r['source']} → {r['target']} | {r['cli_cold_s']} | {r['cli_warm_s']} | {r['api_cold_s']} | "
+            out.append(f"| {r['source']} → {r['target']} | {r['cli_cold_s']} | {r['cli_warm_s']} | "
+                       f"{round(r['cli_warm_s'] - cw['import_torch_s'], 2)} | {r['api_cold_s']} | "
                        f"{r['api_warm_s']} | {r['import_torch_steerport_s']} | {r['steer_equal_across_runs']} |")
         out += ["", "API warm stages (last repetition, s): " + "; ".join(
             f"{r['source']} → {r['target']}: " + ", ".join(f"{k} {v}" for k, v in r["api_warm_stages_last"].items())
