@@ -43,6 +43,15 @@ logits on shared tokens — it corrects the shrinkage or mis-scaling of an imper
 knows nothing about the models' real hidden states. ``auto`` = ``kl`` for the hidden form
 (full models are loaded anyway), else ``embed``. The anchor baseline is never calibrated.
 
+**Embeddings only, in about a second.** With form logit / logit-pinv / paper and calibration
+``embed`` or ``none``, models given as local specs are opened as :class:`~steerport.headfile.HeadFile`:
+their fingerprints come from a cache keyed by the model folder's file stats, and a reused mapping
+file brings its aligned token pairs, so neither tokenizer is loaded, nothing is re-aligned, and only
+the ``embed_pairs`` output-embedding rows the calibration samples are read (memory-mapped). The
+calibration's proxy map T depends only on the two models and those pairs and is cached too
+(:func:`steerport.calibration.cached_proxy_map`). The result is the same steer, tensor for tensor,
+as loading everything; a mapping that must be fitted loads the full matrices and tokenizers.
+
 Example::
 
     steer = Steer.load("positive.st")
