@@ -715,6 +715,11 @@ def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "give the steer's own model as SRC" in err and "Traceback" not in err
     assert run("transfer", da, db, "--steer", steer_file, "--form", "nope") == 1
+    # a mapping file made for another pair (here: the reverse direction) is refused in one line
+    capsys.readouterr()
+    assert run("transfer", db, da, "--steer", steer_file, "--mapping", mfile, "--force", "--calibrate", "embed") == 1
+    err = capsys.readouterr().err
+    assert "stale mapping" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- real models
