@@ -51,22 +51,77 @@ def rms_logit_shift(P: torch.Tensor, A: torch.Tensor, X: torch.Tensor, B: torch.
     return math.sqrt(max(float(sq), 0.0) / (len(P) * len(X)))
 
 
+def calibration_rows(n_pairs: int, max_pairs: int = 16384, seed: int = 0) -> tuple[torch.Tensor, torch.Generator]:
+    """The aligned pairs :func:`embed_calibration` uses (a random subset of at most ``max_pairs``
+    of ``n_pairs``: plenty), and the generator it goes on drawing from."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_pairs, generator=g)[:max_pairs], g
+
+
+PROXY_MAP_FORMAT = "steerport.proxy-map"
+
+
+def proxy_map(X_s: torch.Tensor, X_t: torch.Tensor) -> torch.Tensor:
+    """T (d_t x d_s) = X_t⁺ X_s, float32: the least-squares solution of X_s ≈ X_t T (rows (n, d_s), (n, d_t))."""
+    T, _ = fit_linear(X_t, X_s, "lstsq")
+    require_finite("the embed calibration's proxy map", T)
+    return T
+
+
+def cached_proxy_map(X_s: torch.Tensor, X_t: torch.Tensor, key: str) -> torch.Tensor:
+    """:func:`proxy_map`, kept in ``STEERPORT_HOME/calibration/<key>.safetensors``.
+
+    T depends only on the two models and the sampled pairs, not on the steer, so ``key`` must name
+    exactly those (both fingerprints and a digest of the sampled token ids). A missing, unreadable or
+    ill-shaped file is recomputed; an unwritable cache only costs time. The value is stored exactly,
+    so a cached T gives the same calibration as a fresh one.
+    """
+    from steerport.catalog import steerport_home
+    from steerport.fileio import read_json_safetensors, write_json_safetensors
+
+    path = steerport_home() / "calibration" / f"{key}.safetensors"
+    want = (X_t.shape[1], X_s.shape[1])
+    if path.is_file():
+        try:
+            _, tensors = read_json_safetensors(path, PROXY_MAP_FORMAT, "a cached proxy map")
+            T = tensors.get("T")
+            if T is not None and tuple(T.shape) == want and T.dtype == torch.float32 and bool(torch.isfinite(T).all()):
+                return T
+        except SteerportError:
+            pass
+    T = proxy_map(X_s, X_t)
+    try:
+        write_json_safetensors(path, {"T": T}, PROXY_MAP_FORMAT, {"key": key, "n_pairs": len(X_s)})
+    except OSError:
+        pass
+    return T
+
+
 def embed_calibration(steer: Steer, factors: dict[str, torch.Tensor], X_s: torch.Tensor, X_t: torch.Tensor,
-                      max_proxies: int = 4096, max_pairs: int = 16384, seed: int = 0) -> dict[str, Any]:
+                      max_proxies: int = 4096, max_pairs: int = 16384, seed: int = 0, *,
+                      sampled_from: int | None = None, T: torch.Tensor | None = None) -> dict[str, Any]:
     """Factor f for ε₀ so the target's RMS logit shift equals the source's (see module doc).
 
-    X_s, X_t: aligned output-embedding rows (n, d_s), (n, d_t). Proxy source hidden states p_s
-    are unit aligned source rows; their target partners p_t = T p_s solve X_t p_t ≈ X_s p_s in
-    least squares (the same logits on shared tokens), T = X_t⁺ X_s (d_t x d_s) — fitted here,
-    independent of the map used to carry the steer, so a mis-scaled map is corrected.
+    X_s, X_t: aligned output-embedding rows (n, d_s), (n, d_t); or, with ``sampled_from`` = n,
+    only the rows ``calibration_rows(n, max_pairs, seed)[0]`` of them (what an embeddings-only
+    transfer reads from disk) — the same result. Proxy source hidden states p_s are unit aligned
+    source rows; their target partners p_t = T p_s solve X_t p_t ≈ X_s p_s in least squares (the
+    same logits on shared tokens), T = X_t⁺ X_s (d_t x d_s) — fitted here, independent of the map
+    used to carry the steer, so a mis-scaled map is corrected. ``T`` given (from
+    :func:`cached_proxy_map` of the same sampled rows) skips fitting it.
     """
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(len(X_s), generator=g)[:max_pairs]  # a random subset of pairs is plenty
-    X_s, X_t = X_s[rows], X_t[rows]
+    rows, g = calibration_rows(len(X_s) if sampled_from is None else sampled_from, max_pairs, seed)
+    if sampled_from is None:
+        X_s, X_t = X_s[rows], X_t[rows]
+    elif not len(X_s) == len(X_t) == len(rows):
+        raise SteerportError(f"embed calibration: got {len(X_s)} and {len(X_t)} rows, expected the {len(rows)} "
+                             f"sampled from {sampled_from} pairs")
     idx = torch.randperm(len(X_s), generator=g)[:max_proxies]
     P_s = X_s[idx] / X_s[idx].norm(dim=1, keepdim=True).clamp_min(1e-12)  # (m, d_s)
-    T, _ = fit_linear(X_t, X_s, "lstsq")  # (d_t, d_s): X_s ≈ X_t T
-    require_finite("the embed calibration's proxy map", T)
+    if T is None:
+        T = proxy_map(X_s, X_t)  # (d_t, d_s): X_s ≈ X_t T
+    elif tuple(T.shape) != (X_t.shape[1], X_s.shape[1]):
+        raise SteerportError(f"embed calibration: proxy map is {tuple(T.shape)}, expected {(X_t.shape[1], X_s.shape[1])}")
     P_t = P_s @ T.T  # (m, d_t)
     rms_s = rms_logit_shift(P_s, steer.A, X_s, steer.B)
     rms_t = rms_logit_shift(P_t, factors["A"], X_t, factors["B"])

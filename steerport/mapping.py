@@ -16,7 +16,11 @@ retrieval accuracy are reported on it.
 A mapping file is a safetensors file: tensors ``H``, ``G`` (and ``mean_src``/``mean_tgt`` when
 centered) plus ``__metadata__["steerport.mapping"]``, a JSON document with both models' specs
 and fingerprints, the method and options, pair counts, coverage and diagnostics. A mapping is
-reused only when both fingerprints and the options match.
+reused only when both fingerprints and the options match. Files written since steerport 0.1
+also store the aligned token pairs (``pairs_tgt_mask``: a bit per target token id, set for the
+aligned ones, least significant bit first; ``pairs_src_u24``: each pair's source id as three
+little-endian bytes, in target-id order), so a reused mapping needs no vocabulary alignment;
+files without them stay readable (the pairs are then aligned from the tokenizers).
 
 Example::
 
@@ -35,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -53,6 +57,7 @@ from steerport.vocab import Alignment, align_vocab
 FORMAT = "steerport.mapping"
 VERSION = 1
 WEIGHTINGS = ("none", "zipf")
+PAIR_TENSORS = ("pairs_tgt_mask", "pairs_src_u24")
 CORE_FIELDS = ("format", "version", "source", "target", "method", "options", "n_pairs", "n_train", "n_heldout",
                "coverage", "alignment", "diagnostics")
 
@@ -124,6 +129,7 @@ class Mapping:
     mean_src: torch.Tensor | None = None
     mean_tgt: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # aligned (src_ids, tgt_ids), (n,) int64 each, by target id
 
     # ---------------------------------------------------------------- checks
 
@@ -162,6 +168,8 @@ class Mapping:
                 raise SteerportError("mapping has mean_src but no mean_tgt; a centred map needs both means")
             tensors["mean_src"] = self.mean_src.float().contiguous()
             tensors["mean_tgt"] = self.mean_tgt.float().contiguous()
+        if self.pairs is not None and (not len(self.pairs[0]) or int(self.pairs[0].max()) < 1 << 24):
+            tensors.update(encode_pairs(*self.pairs, int(self.target["vocab_size"])))
         return write_json_safetensors(path, tensors, FORMAT, self.metadata())
 
     @classmethod
@@ -191,11 +199,58 @@ class Mapping:
             options = FitOptions(**meta["options"])
         except TypeError:
             raise SteerportError(f"{path}: unknown mapping options {meta['options']}") from None
+        pairs = None
+        if any(k in tensors for k in PAIR_TENSORS):
+            pairs = decode_pairs(path, tensors, meta)
         return cls(H=H, G=G, source=meta["source"], target=meta["target"], options=options,
                    n_pairs=meta["n_pairs"], n_train=meta["n_train"], n_heldout=meta["n_heldout"],
                    alignment=meta["alignment"], diagnostics=meta["diagnostics"],
                    mean_src=tensors.get("mean_src"), mean_tgt=tensors.get("mean_tgt"),
-                   meta={k: v for k, v in meta.items() if k not in CORE_FIELDS})
+                   meta={k: v for k, v in meta.items() if k not in CORE_FIELDS}, pairs=pairs)
+
+
+def encode_pairs(src_ids: torch.Tensor, tgt_ids: torch.Tensor, tgt_vocab: int) -> dict[str, torch.Tensor]:
+    """The aligned pairs as two uint8 tensors: a bit mask over target ids (ceil(V_t/8),) and the
+    source ids as 3-byte little-endian integers (n, 3), in increasing target-id order.
+
+    ~3 bytes a pair instead of 16; pairs must be sorted by strictly increasing target id (as
+    :func:`steerport.vocab.align_vocab` returns them) and source ids below 2²⁴.
+    """
+    src, tgt = src_ids.long(), tgt_ids.long()
+    if len(src) != len(tgt) or (len(tgt) > 1 and not bool((tgt[1:] > tgt[:-1]).all())):
+        raise SteerportError("aligned pairs must be sorted by strictly increasing target id")
+    if len(tgt) and (int(tgt[-1]) >= tgt_vocab or int(src.max()) >= 1 << 24 or int(min(src.min(), tgt[0])) < 0):
+        raise SteerportError("aligned token ids out of range for the mapping's vocabularies")
+    import numpy as np
+
+    bits = np.zeros(tgt_vocab, dtype=np.uint8)
+    bits[tgt.numpy()] = 1
+    mask = torch.from_numpy(np.packbits(bits, bitorder="little"))  # (ceil(V_t/8),) uint8
+    src_bytes = torch.stack([(src >> s) & 0xFF for s in (0, 8, 16)], 1).to(torch.uint8)  # (n, 3)
+    return {"pairs_tgt_mask": mask, "pairs_src_u24": src_bytes}
+
+
+def decode_pairs(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src_ids, tgt_ids) from :func:`encode_pairs`' tensors, checked against the metadata (one-line errors)."""
+    mask, src_bytes = tensors.get("pairs_tgt_mask"), tensors.get("pairs_src_u24")
+    n, V_s, V_t = meta.get("n_pairs"), meta["source"].get("vocab_size"), meta["target"].get("vocab_size")
+    ok = (mask is not None and src_bytes is not None and mask.dtype == torch.uint8 and src_bytes.dtype == torch.uint8
+          and isinstance(V_s, int) and isinstance(V_t, int) and mask.dim() == 1 and len(mask) == -(-V_t // 8)
+          and src_bytes.dim() == 2 and src_bytes.shape[1] == 3 and len(src_bytes) == n)
+    if not ok:
+        raise SteerportError(f"{path}: damaged aligned token pairs (pairs_tgt_mask / pairs_src_u24 do not fit the "
+                             f"metadata's n_pairs and vocabulary sizes)")
+    assert mask is not None and src_bytes is not None
+    import numpy as np
+
+    bits = np.unpackbits(mask.numpy(), count=V_t, bitorder="little")
+    tgt = torch.from_numpy(np.flatnonzero(bits)).long()
+    b = src_bytes.numpy().astype(np.int64)
+    src = torch.from_numpy(b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16))
+    if len(tgt) != n or (n and int(src.max()) >= V_s):
+        raise SteerportError(f"{path}: damaged aligned token pairs ({len(tgt)} target ids for {n} pairs, or a source "
+                             f"id beyond the source vocabulary of {V_s})")
+    return src, tgt
 
 
 def _fit_direction(X: torch.Tensor, Y: torch.Tensor, train: torch.Tensor, held: torch.Tensor,
@@ -244,6 +299,7 @@ def fit_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions 
         meta={"align_seconds": round(t_align, 3), "total_seconds": round(time.perf_counter() - t0, 3),
               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "steerport_version": __version__},
+        pairs=(al.src_ids, al.tgt_ids),
     )
 
 
@@ -267,6 +323,56 @@ def shipped_name(src_spec: str, tgt_spec: str) -> str:
     return f"{src_spec}__{tgt_spec}.safetensors"
 
 
+class ModelId(Protocol):
+    """What finding a mapping needs of a model (:class:`~steerport.models.ModelEmbeddings`, :class:`~steerport.headfile.HeadFile`)."""
+
+    spec: str
+    fingerprint: str
+
+
+def find_mapping(src: ModelId, tgt: ModelId, options: FitOptions = FitOptions(), *,
+                 path: str | os.PathLike | None = None, log: Callable[[str], None] = lambda msg: None
+                 ) -> tuple[Mapping, str] | None:
+    """A fresh mapping for (src, tgt, options) that can be reused, with where it came from; None if one must be fitted.
+
+    ``path`` given: its mapping when the file exists (a stale one is refused: SteerportError), else None.
+    ``path`` None: the cache, then the shipped ``mappings/``; stale or differently-fitted files are skipped.
+    Needs only the models' specs and fingerprints.
+    """
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            return None
+        m = Mapping.load(path)
+        m.check(src.fingerprint, tgt.fingerprint, where=str(path))
+        return m, f"reused {path}"
+    for cand in (cache_path(src.fingerprint, tgt.fingerprint, options), shipped_dir() / shipped_name(src.spec, tgt.spec)):
+        if not cand.is_file():
+            continue
+        try:
+            m = Mapping.load(cand)
+        except SteerportError as e:
+            log(f"ignoring unreadable mapping {e}")
+            continue
+        if m.matches(src.fingerprint, tgt.fingerprint, options):
+            return m, f"reused {cand}"
+        if not m.matches(src.fingerprint, tgt.fingerprint):
+            log(f"{cand} is stale (made for other weights or tokenizer); fitting a fresh mapping")
+    return None
+
+
+def fit_and_save(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions = FitOptions(), *,
+                 path: str | os.PathLike | None = None, alignment: Alignment | None = None) -> tuple[Mapping, str]:
+    """Fit a mapping and save it to ``path`` (None: the cache); returns (mapping, where it went)."""
+    m = fit_mapping(src, tgt, options, alignment=alignment)
+    if path is not None:
+        m.save(path)
+        return m, f"fitted, saved to {path}"
+    dest = cache_path(src.fingerprint, tgt.fingerprint, options)
+    m.save(dest)
+    return m, f"fitted, cached at {dest}"
+
+
 def get_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions = FitOptions(), *,
                 path: str | os.PathLike | None = None, refit: bool = False,
                 log: Callable[[str], None] = lambda msg: None,
@@ -278,29 +384,7 @@ def get_mapping(src: ModelEmbeddings, tgt: ModelEmbeddings, options: FitOptions 
     or differently-fitted file there is ignored and a fresh mapping is fitted into the cache.
     Returns (mapping, where it came from).
     """
-    if path is not None:
-        path = Path(path)
-        if path.exists() and not refit:
-            m = Mapping.load(path)
-            m.check(src.fingerprint, tgt.fingerprint, where=str(path))
-            return m, f"reused {path}"
-        m = fit_mapping(src, tgt, options, alignment=alignment)
-        m.save(path)
-        return m, f"fitted, saved to {path}"
-    candidates = [cache_path(src.fingerprint, tgt.fingerprint, options), shipped_dir() / shipped_name(src.spec, tgt.spec)]
-    for cand in candidates:
-        if refit or not cand.is_file():
-            continue
-        try:
-            m = Mapping.load(cand)
-        except SteerportError as e:
-            log(f"ignoring unreadable mapping {e}")
-            continue
-        if m.matches(src.fingerprint, tgt.fingerprint, options):
-            return m, f"reused {cand}"
-        if not m.matches(src.fingerprint, tgt.fingerprint):
-            log(f"{cand} is stale (made for other weights or tokenizer); fitting a fresh mapping")
-    m = fit_mapping(src, tgt, options, alignment=alignment)
-    dest = candidates[0]
-    m.save(dest)
-    return m, f"fitted, cached at {dest}"
+    found = None if refit else find_mapping(src, tgt, options, path=path, log=log)
+    if found is not None:
+        return found
+    return fit_and_save(src, tgt, options, path=path, alignment=alignment)

@@ -157,9 +157,18 @@ def fingerprint(embeddings: torch.Tensor, vocab: dict[str, int]) -> str:
     Hashes the shape, ``FINGERPRINT_ROWS`` evenly spaced rows rounded to bf16 (so fp32 and
     bf16 copies of the same weights agree) and the vocabulary; cheap even for a 7B model.
     """
-    V, d = embeddings.shape
-    rows = torch.linspace(0, V - 1, min(V, FINGERPRINT_ROWS)).long()
-    sample = embeddings[rows].detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+    return fingerprint_of_rows(tuple(embeddings.shape), embeddings[fingerprint_rows(embeddings.shape[0])], vocab)
+
+
+def fingerprint_rows(V: int) -> torch.Tensor:
+    """The row ids :func:`fingerprint` hashes: ``FINGERPRINT_ROWS`` evenly spaced over V rows."""
+    return torch.linspace(0, V - 1, min(V, FINGERPRINT_ROWS)).long()
+
+
+def fingerprint_of_rows(shape: tuple[int, ...], sample: torch.Tensor, vocab: dict[str, int]) -> str:
+    """:func:`fingerprint` from the matrix's shape (V, d) and only its rows ``fingerprint_rows(V)``."""
+    V, d = shape
+    sample = sample.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
     h = hashlib.sha256(f"{V}x{d}".encode())
     h.update(sample.numpy().tobytes())
     h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
@@ -378,6 +387,14 @@ class ModelEmbeddings:
     def hidden_size(self) -> int:
         return self.embeddings.shape[1]
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Output-embedding rows ``ids`` (k,) -> (k, d) float32 (the interface :class:`steerport.headfile.HeadFile` shares)."""
+        return self.embeddings[ids]
+
+    def full(self) -> ModelEmbeddings:
+        """Itself: the embeddings and tokenizer are already loaded."""
+        return self
+
     @classmethod
     def from_loaded(cls, lm: LoadedModel) -> ModelEmbeddings:
         bias = lm.lm_head_bias
@@ -443,12 +460,23 @@ def _fetch(where: str, filename: str, hub: bool) -> Path | None:
         return None
 
 
-def load_embeddings(spec: str) -> ModelEmbeddings:
-    """Read only the output embeddings (and LM-head bias) and the tokenizer of a model.
+@dataclass
+class HeadLocation:
+    """Where a model's output embedding (and LM-head bias) is stored: safetensors file and key each.
 
-    Reads the one safetensors shard that holds the LM head instead of building the whole
-    network: seconds instead of minutes for a 6B model.
+    ``weight`` is None when the checkpoint has no safetensors (an old pickled checkpoint).
     """
+
+    spec: str
+    where: str  # local directory or hub id
+    hub: bool
+    tokenizer: PreTrainedTokenizerBase
+    weight: tuple[Path, str] | None  # (safetensors file, tensor key)
+    bias: tuple[Path, str] | None
+
+
+def locate_head(spec: str) -> HeadLocation:
+    """Find the safetensors file and key of the output embedding (and bias), and load the tokenizer."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
@@ -463,8 +491,8 @@ def load_embeddings(spec: str) -> ModelEmbeddings:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         else:
             single = _fetch(where, "model.safetensors", hub)
-            if single is None:  # no safetensors (old pickled checkpoint): load the model the slow way
-                return ModelEmbeddings.from_loaded(load_model(spec))
+            if single is None:  # no safetensors (old pickled checkpoint): only a full load reads it
+                return HeadLocation(spec, where, hub, tokenizer, None, None)
             with safe_open(str(single), "pt") as f:
                 weight_map = dict.fromkeys(f.keys(), "model.safetensors")
     except OSError as e:
@@ -477,11 +505,31 @@ def load_embeddings(spec: str) -> ModelEmbeddings:
         raise SteerportError(f"{spec}: cannot find the output embedding ({weight_names[0]}) in the checkpoint")
     bkey = _find_key(keys, bias_names) if bias_names else None
 
-    def read(key: str) -> torch.Tensor:
-        shard = _fetch(where, weight_map[key], hub)
-        with safe_open(str(shard), "pt") as f:
-            return f.get_tensor(key).float()
+    def shard(key: str) -> tuple[Path, str]:
+        path = _fetch(where, weight_map[key], hub)
+        if path is None:
+            raise SteerportError(f"{spec}: the checkpoint index names {weight_map[key]} but there is no such file")
+        return path, key
 
-    return ModelEmbeddings(
-        spec=spec, embeddings=read(wkey), tokenizer=tokenizer, bias=read(bkey) if bkey else None
-    )
+    return HeadLocation(spec, where, hub, tokenizer, shard(wkey), shard(bkey) if bkey else None)
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, as float32."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(key).float()
+
+
+def load_embeddings(spec: str) -> ModelEmbeddings:
+    """Read only the output embeddings (and LM-head bias) and the tokenizer of a model.
+
+    Reads the one safetensors shard that holds the LM head instead of building the whole
+    network: seconds instead of minutes for a 6B model.
+    """
+    loc = locate_head(spec)
+    if loc.weight is None:  # no safetensors (old pickled checkpoint): load the model the slow way
+        return ModelEmbeddings.from_loaded(load_model(spec))
+    return ModelEmbeddings(spec=spec, embeddings=read_tensor(*loc.weight), tokenizer=loc.tokenizer,
+                           bias=read_tensor(*loc.bias) if loc.bias else None)

@@ -43,6 +43,15 @@ logits on shared tokens — it corrects the shrinkage or mis-scaling of an imper
 knows nothing about the models' real hidden states. ``auto`` = ``kl`` for the hidden form
 (full models are loaded anyway), else ``embed``. The anchor baseline is never calibrated.
 
+**Embeddings only, in about a second.** With form logit / logit-pinv / paper and calibration
+``embed`` or ``none``, models given as local specs are opened as :class:`~steerport.headfile.HeadFile`:
+their fingerprints come from a cache keyed by the model folder's file stats, and a reused mapping
+file brings its aligned token pairs, so neither tokenizer is loaded, nothing is re-aligned, and only
+the ``embed_pairs`` output-embedding rows the calibration samples are read (memory-mapped). The
+calibration's proxy map T depends only on the two models and those pairs and is cached too
+(:func:`steerport.calibration.cached_proxy_map`). The result is the same steer, tensor for tensor,
+as loading everything; a mapping that must be fitted loads the full matrices and tokenizers.
+
 Example::
 
     steer = Steer.load("positive.st")
@@ -53,6 +62,7 @@ Example::
 from __future__ import annotations
 
 import datetime
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -62,12 +72,13 @@ from typing import Any
 import torch
 
 from steerport import __version__
-from steerport.calibration import embed_calibration, kl_calibration, require_finite
+from steerport.calibration import cached_proxy_map, calibration_rows, embed_calibration, kl_calibration, require_finite
 from steerport.capture import paired_states
 from steerport.errors import SteerportError, one_line
+from steerport.headfile import EmbeddingSource, open_head
 from steerport.kinds import get_kind
 from steerport.linmap import fit_map
-from steerport.mapping import FitOptions, Mapping, get_mapping
+from steerport.mapping import FitOptions, Mapping, find_mapping, fit_and_save
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model
 from steerport.steer import Steer
 from steerport.texts import neutral
@@ -253,7 +264,19 @@ def _embeddings(model: ModelLike) -> ModelEmbeddings:
     return load_embeddings(model)
 
 
-def check_source(steer: Steer, src: ModelEmbeddings, force: bool = False) -> None:
+def _source_of_rows(model: ModelLike, opt: TransferOptions) -> EmbeddingSource:
+    """The model's output embeddings as needed by ``opt``: for an embeddings-only transfer of a local
+    model spec, a :class:`~steerport.headfile.HeadFile` (cached identity, rows read on demand);
+    otherwise (or when the checkpoint has no safetensors) the loaded :class:`ModelEmbeddings`."""
+    embeddings_only = opt.form in ("logit", "logit-pinv", "paper") and opt.calibration_method() in ("embed", "none")
+    if embeddings_only and isinstance(model, str):
+        head = open_head(model)
+        if head is not None:
+            return head
+    return _embeddings(model)
+
+
+def check_source(steer: Steer, src: EmbeddingSource, force: bool = False) -> None:
     """Refuse a steer that was not made for the source model (or is not an LM-Steer steer)."""
     if steer.kind != "lm-steer":
         raise SteerportError(f"only lm-steer steers are carried by a vocabulary map; this one is {steer.kind!r} "
@@ -321,7 +344,7 @@ def carry_lm_steer(
     """
     opt = options or TransferOptions()
     t0 = time.perf_counter()
-    src_e, tgt_e = _embeddings(source), _embeddings(target)
+    src_e, tgt_e = _source_of_rows(source, opt), _source_of_rows(target, opt)
     check_source(steer, src_e, force)
     timings: dict[str, float] = {"load_embeddings": round(time.perf_counter() - t0, 3)}
     calib_method = opt.calibration_method()
@@ -341,19 +364,25 @@ def carry_lm_steer(
         timings["load_models"] = round(time.perf_counter() - t, 3)
 
     m: Mapping | None = None
-    t = time.perf_counter()
-    al = align_vocab(src_e.tokenizer, tgt_e.tokenizer) if opt.form != "anchor" else None
-    timings["align"] = round(time.perf_counter() - t, 3)
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # aligned (src_ids, tgt_ids)
+    timings["align"] = 0.0
     t = time.perf_counter()
     if opt.form == "anchor":
-        P_A, lineage["anchor"] = _carry_anchor(src_e, tgt_e, opt, log, progress)
+        P_A, lineage["anchor"] = _carry_anchor(src_e.full(), tgt_e.full(), opt, log, progress)
         P_B = P_A
     else:
         if mapping is not None:
             m, how = mapping, "given"
             m.check(src_e.fingerprint, tgt_e.fingerprint)
         else:
-            m, how = get_mapping(src_e, tgt_e, opt.fit, path=mapping_path, log=log, alignment=al)
+            found = find_mapping(src_e, tgt_e, opt.fit, path=mapping_path, log=log)
+            if found is None:  # fit one: needs the whole matrices, the tokenizers and the alignment
+                ta = time.perf_counter()
+                al = align_vocab(src_e.full().tokenizer, tgt_e.full().tokenizer)
+                timings["align"] = round(time.perf_counter() - ta, 3)
+                found = fit_and_save(src_e.full(), tgt_e.full(), opt.fit, path=mapping_path, alignment=al)
+            m, how = found
+        pairs = m.pairs
         log(f"mapping: {how}")
         H, G = m.H, m.G  # (d_s, d_t), (d_t, d_s)
         lineage["mapping"] = {"source": how, "method": m.options.method, "options": m.options.to_dict(),
@@ -385,9 +414,19 @@ def carry_lm_steer(
     if calib_method == "none":
         calib: dict[str, Any] = {"method": "none", "factor": 1.0}
     elif calib_method == "embed":
-        assert al is not None  # only the anchor form skips the alignment, and it is never calibrated
-        calib = embed_calibration(steer, factors, src_e.embeddings[al.src_ids], tgt_e.embeddings[al.tgt_ids],
-                                  max_proxies=opt.embed_proxies, max_pairs=opt.embed_pairs)
+        assert m is not None  # only the anchor form has no mapping, and it is never calibrated
+        if pairs is None:  # a mapping file written before the pairs were stored: align the tokenizers
+            ta = time.perf_counter()
+            al = align_vocab(src_e.full().tokenizer, tgt_e.full().tokenizer)
+            timings["align"] = round(time.perf_counter() - ta, 3)
+            pairs = (al.src_ids, al.tgt_ids)
+        rows, _ = calibration_rows(len(pairs[0]), opt.embed_pairs)  # read only the rows calibration uses
+        s_ids, t_ids = pairs[0][rows], pairs[1][rows]
+        X_s, X_t = src_e.rows(s_ids), tgt_e.rows(t_ids)
+        digest = hashlib.sha256(s_ids.numpy().tobytes() + t_ids.numpy().tobytes()).hexdigest()[:16]
+        T = cached_proxy_map(X_s, X_t, f"{src_e.fingerprint}_{tgt_e.fingerprint}_{digest}")
+        calib = embed_calibration(steer, factors, X_s, X_t, max_proxies=opt.embed_proxies, max_pairs=opt.embed_pairs,
+                                  sampled_from=len(pairs[0]), T=T)
     else:
         texts = list(opt.calib_texts) if opt.calib_texts is not None else neutral("calib", limit=opt.calib_count)
         log(f"calibrating on {len(texts)} neutral texts at reference value {opt.calib_value:g}")

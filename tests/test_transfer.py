@@ -715,6 +715,11 @@ def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "give the steer's own model as SRC" in err and "Traceback" not in err
     assert run("transfer", da, db, "--steer", steer_file, "--form", "nope") == 1
+    # a mapping file made for another pair (here: the reverse direction) is refused in one line
+    capsys.readouterr()
+    assert run("transfer", db, da, "--steer", steer_file, "--mapping", mfile, "--force", "--calibrate", "embed") == 1
+    err = capsys.readouterr().err
+    assert "stale mapping" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- real models
@@ -745,3 +750,130 @@ def test_real_alignment_and_shipped_mapping_smollm2_gemma3(monkeypatch):
     m = Mapping.load(shipped)
     assert m.matches(se.fingerprint, te.fingerprint, FitOptions())
     assert m.n_pairs == al.n and m.diagnostics["H"]["heldout"]["r2"] > 0.2
+    # the file's stored pairs are today's alignment, and the fast embeddings-only path (identity cached, rows
+    # read from the checkpoint, no alignment) carries exactly the steer the fully loaded path carries
+    assert m.pairs is not None and torch.equal(m.pairs[0], al.src_ids) and torch.equal(m.pairs[1], al.tgt_ids)
+    A, B = random_steer_factors(se.hidden_size, 4)
+    steer = Steer.lm_steer(A, B, epsilon=1e-3, model={"spec": "smollm2-135m", "fingerprint": se.fingerprint})
+    opt = TransferOptions(calibrate="embed")
+    want = carry_lm_steer(steer, se, te, opt)
+    for _ in range(2):  # the identity cache cold, then warm
+        got = carry_lm_steer(steer, "smollm2-135m", "gemma3-270m", opt)
+        assert got.lineage["seconds"]["align"] == 0.0
+        assert torch.equal(got.steer.A, want.steer.A) and torch.equal(got.steer.B, want.steer.B)
+        assert got.steer.epsilon == want.steer.epsilon
+
+
+# --------------------------------------------------------------------------- stored pairs, embeddings-only fast path
+
+
+def test_pairs_encoding_round_trip_and_damage_is_one_line(tmp_path):
+    from steerport.mapping import decode_pairs, encode_pairs
+
+    g = torch.Generator().manual_seed(0)
+    tgt = torch.randperm(1001, generator=g)[:300].sort().values  # a vocabulary that is no multiple of 8
+    src = torch.randperm(70_000, generator=g)[:300]  # ids beyond 16 bits
+    enc = encode_pairs(src, tgt, 1001)
+    assert enc["pairs_tgt_mask"].shape == (126,) and enc["pairs_src_u24"].shape == (300, 3)
+    meta = {"n_pairs": 300, "source": {"vocab_size": 70_000}, "target": {"vocab_size": 1001}}
+    s2, t2 = decode_pairs(tmp_path, enc, meta)
+    assert torch.equal(s2, src) and torch.equal(t2, tgt)
+    with pytest.raises(SteerportError, match="strictly increasing"):
+        encode_pairs(src, tgt.flip(0), 1001)
+    for bad_meta in ({**meta, "n_pairs": 299}, {**meta, "target": {"vocab_size": 2000}},
+                     {**meta, "source": {"vocab_size": 1000}}):
+        with pytest.raises(SteerportError, match="damaged aligned token pairs") as e:
+            decode_pairs(tmp_path, enc, bad_meta)
+        assert "\n" not in str(e.value)
+
+
+def test_mapping_file_stores_the_alignment_and_old_files_stay_readable(tmp_path):
+    from safetensors.torch import load_file
+
+    from steerport.fileio import read_json_metadata, write_json_safetensors
+    from steerport.mapping import FORMAT
+
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    se, te = ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt)
+    al = align_vocab(se.tokenizer, te.tokenizer)
+    path = fit_mapping(se, te).save(tmp_path / "m.safetensors")
+    back = Mapping.load(path)
+    assert back.pairs is not None
+    assert torch.equal(back.pairs[0], al.src_ids) and torch.equal(back.pairs[1], al.tgt_ids)
+    # a file from before the pairs were stored (H, G and metadata only) loads without them ...
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("pairs_")}
+    meta = read_json_metadata(path, path.read_bytes(), FORMAT, "mapping")
+    old = write_json_safetensors(tmp_path / "old.safetensors", tensors, FORMAT, meta)
+    assert Mapping.load(old).pairs is None
+    # ... and a transfer with it aligns the tokenizers and gives the same steer
+    steer = source_steer(src)
+    opt = TransferOptions(calibrate="embed", embed_pairs=50)
+    a = carry_lm_steer(steer, se, te, opt, mapping_path=path)
+    b = carry_lm_steer(steer, se, te, opt, mapping_path=old)
+    assert torch.equal(a.steer.A, b.steer.A) and torch.equal(a.steer.B, b.steer.B) and a.steer.epsilon == b.steer.epsilon
+    # only one of the two pair tensors: a one-line error
+    write_json_safetensors(tmp_path / "half.safetensors", {**tensors, "pairs_tgt_mask": load_file(str(path))["pairs_tgt_mask"]},
+                           FORMAT, meta)
+    with pytest.raises(SteerportError, match="damaged aligned token pairs"):
+        Mapping.load(tmp_path / "half.safetensors")
+
+
+def test_embeddings_only_transfer_from_files_equals_the_loaded_path(tmp_path, monkeypatch):
+    """Model folders given by path: the warm run reads neither tokenizer nor whole matrix, aligns
+    nothing, and carries exactly the same steer as the path that loads everything."""
+    import steerport.headfile
+    import steerport.transfer as tr
+    from steerport.headfile import HeadFile
+
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    da, db = _save_dir(src, tmp_path / "a"), _save_dir(tgt, tmp_path / "b")
+    se, te = tr.load_embeddings(da), tr.load_embeddings(db)
+    steer = Steer.lm_steer(*random_steer_factors(D, 3), epsilon=0.5, model={"spec": da, "fingerprint": se.fingerprint})
+    mfile = tmp_path / "ab.safetensors"
+    for opt in (TransferOptions(calibrate="embed"), TransferOptions(calibrate="embed", embed_pairs=40, embed_proxies=7),
+                TransferOptions(form="paper", calibrate="none")):
+        want = carry_lm_steer(steer, se, te, opt, mapping_path=mfile)  # everything loaded (fits the mapping once)
+        carry_lm_steer(steer, da, db, opt, mapping_path=mfile)  # fills the identity cache
+        with monkeypatch.context() as mp:
+            def nothing_heavy(*a, **kw):
+                raise AssertionError("tokenizer, whole matrix or alignment on the warm path")
+
+            mp.setattr(steerport.headfile, "locate_head", nothing_heavy)
+            mp.setattr(tr, "align_vocab", nothing_heavy)
+            mp.setattr(tr, "load_embeddings", nothing_heavy)
+            assert isinstance(tr._source_of_rows(da, opt), HeadFile)
+            got = carry_lm_steer(steer, da, db, opt, mapping_path=mfile)
+        assert torch.equal(got.steer.A, want.steer.A) and torch.equal(got.steer.B, want.steer.B)
+        assert got.steer.epsilon == want.steer.epsilon and got.steer.model == want.steer.model
+        assert got.lineage["calibration"] == want.lineage["calibration"]
+    # a mapping fitted for another pair is refused in one line, on the fast path too
+    with pytest.raises(SteerportError, match="stale mapping") as e:
+        carry_lm_steer(steer, db, da, TransferOptions(calibrate="embed"), mapping_path=mfile, force=True)
+    assert "\n" not in str(e.value)
+
+
+def test_cached_proxy_map_gives_the_same_calibration(tmp_path, monkeypatch):
+    import steerport.calibration as cal
+
+    src, tgt, *_ = _setup(orthogonal=False, rename=True)
+    se, te = ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt)
+    al = align_vocab(se.tokenizer, te.tokenizer)
+    X_s, X_t = se.embeddings[al.src_ids], te.embeddings[al.tgt_ids]
+    steer = source_steer(src)
+    factors = {"A": steer.A * 0.7, "B": steer.B}
+    fresh = cal.embed_calibration(steer, factors, X_s, X_t, max_pairs=60, max_proxies=9)
+    rows, _ = cal.calibration_rows(len(X_s), 60)
+    T1 = cal.cached_proxy_map(X_s[rows], X_t[rows], "k")  # computed and written
+    with monkeypatch.context() as mp:
+        mp.setattr(cal, "proxy_map", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
+        T2 = cal.cached_proxy_map(X_s[rows], X_t[rows], "k")  # read back
+    assert torch.equal(T1, T2)
+    cached = cal.embed_calibration(steer, factors, X_s[rows], X_t[rows], max_pairs=60, max_proxies=9,
+                                   sampled_from=len(X_s), T=T2)
+    assert cached == fresh
+    # a damaged cache file is recomputed, not an error
+    path = next((tmp_path / "home" / "calibration").glob("k.safetensors"))
+    path.write_bytes(b"junk")
+    assert torch.equal(cal.cached_proxy_map(X_s[rows], X_t[rows], "k"), T1)
+    with pytest.raises(SteerportError, match="expected the 60 sampled"):
+        cal.embed_calibration(steer, factors, X_s, X_t, max_pairs=60, sampled_from=len(X_s))
