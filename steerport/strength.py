@@ -42,10 +42,10 @@ if TYPE_CHECKING:
     from steerport.steer import Steer
 
 CURVE_VALUES = (-1.0, 0.5, 1.0, 2.0)
-CURVE_TEXTS = 32  # bundled neutral calib paragraphs
+CURVE_TEXTS = 16  # bundled neutral calib paragraphs (~1,400 token positions: a few head passes)
 CURVE_CHARS = 400  # each cut to at most this many characters, at a word boundary
 MAX_TOKENS = 1024  # a token cap the cut texts never reach (checked): both models see every character
-MIN_TEXT_CHARS = 1000  # total characters below which a strength curve is not measured
+MIN_TEXT_CHARS = 200  # total characters below which a strength curve is not measured (too short to align strengths)
 REL_TOL = 0.02  # calibration stops when |κ_t − κ_s| ≤ REL_TOL · κ_s
 META_KEY = "strength_curve"
 Log = Callable[[str], None]
@@ -283,7 +283,8 @@ def calibrate_to_curve(steer: Steer, lm: LoadedModel, source: StrengthCurve, *, 
     new.meta[META_KEY] = measure_curve(lm, new, text=text, scorer=scorer).to_dict()
     info = {"method": "kl", "against": "source strength curve", "factor": factor, "reference_value": value,
             "kappa_src": k_s, "kappa_tgt": found.kl, "converged": converged, "text": text.describe(),
-            "source_curve_model": dict(source.model), "evaluations": found.evaluations}
+            "source_curve_model": dict(source.model),
+            "iterations": [{"factor": s / value, "kappa_tgt": k} for s, k in found.history]}
     return new, info
 
 
@@ -316,3 +317,65 @@ def warn_uncalibrated(steers: Sequence[Steer], warn: Log) -> None:
         spec = steer.model.get("spec", "its model")
         warn(f"warning: this steer was transferred without calibration on {spec}; its value is approximate "
              f"(calibrate it: steerport calibrate STEER.st --model {spec})")
+
+
+# --------------------------------------------------------------------------- a file's steer, on its model
+
+
+def source_curve_of(steer: Steer, source: Steer | None = None, source_lm: Callable[[], LoadedModel] | None = None,
+                    *, text: CurveText | None = None, force: bool = False, log: Log = lambda m: None) -> StrengthCurve:
+    """The strength curve of the steer a transferred ``steer`` was carried from.
+
+    From ``source`` (the source steer itself: its recorded curve, else measured on ``source_lm()``), else from the
+    source steer's metadata kept in ``steer``'s lineage. A source that is not the one in the lineage, or no curve
+    anywhere, is a one-line error.
+    """
+    text = text or curve_text()
+    lin = steer.meta.get("lineage")
+    if not isinstance(lin, dict):
+        raise SteerportError("this steer was not transferred (it has no lineage), so it has no source strength to match")
+    src_info = lin.get("source_steer")
+    src_fp = src_info.get("fingerprint") if isinstance(src_info, dict) else src_info
+    if source is not None:
+        if src_fp and source.fingerprint != src_fp:
+            raise SteerportError(f"the given source steer (fingerprint {source.fingerprint}) is not the one this steer was "
+                                 f"transferred from ({src_fp})")
+        doc = source.meta.get(META_KEY)
+        lm = None if isinstance(doc, dict) and doc.get("text", {}).get("sha256") == text.sha256 else (
+            source_lm() if source_lm else None)
+        return curve_for(source, lm, text=text, force=force, log=log)
+    meta = src_info.get("meta") if isinstance(src_info, dict) else None
+    doc = meta.get(META_KEY) if isinstance(meta, dict) else None
+    if doc is None:
+        raise SteerportError("this steer's lineage records no strength curve of its source steer (an older file); give "
+                             "the source steer with --source SRC.st")
+    curve = StrengthCurve.from_dict(doc)
+    if src_fp and curve.steer != src_fp:
+        raise SteerportError(f"the source strength curve in this steer's lineage was measured for another steer "
+                             f"({curve.steer}, source {src_fp})")
+    if curve.text.get("sha256") != text.sha256:
+        raise SteerportError(f"the source strength curve in this steer's lineage was measured on other neutral text "
+                             f"(fingerprint {curve.text.get('sha256')}, this steerport's {text.sha256}); give --source SRC.st")
+    return curve
+
+
+def calibrate_steer(steer: Steer, lm: LoadedModel, *, source: Steer | None = None,
+                    source_lm: Callable[[], LoadedModel] | None = None, value: float = 1.0, force: bool = False,
+                    log: Log = lambda m: None) -> tuple[Steer, dict[str, Any]]:
+    """``steer`` (a file's, on its model ``lm``) with its strength curve recorded and, when it was transferred, its
+    ε₀ calibrated against its source's curve. Returns the new steer and what was done (``action``)."""
+    from steerport.hooks import check_compatible
+
+    check_compatible(lm, steer, force=force)
+    text = curve_text()
+    if not isinstance(steer.meta.get("lineage"), dict):
+        new = replace(steer, meta=dict(steer.meta))
+        record_curve(lm, new, text=text, force=force)
+        return new, {"action": "recorded", "curve": new.meta[META_KEY]}
+    curve = source_curve_of(steer, source, source_lm, text=text, force=force, log=log)
+    new, info = calibrate_to_curve(steer, lm, curve, value=value, text=text, log=log)
+    lineage = dict(new.meta["lineage"])
+    info = {**info, "epsilon_before": steer.epsilon, "by": "steerport calibrate", "previous": lineage.get("calibration")}
+    lineage["calibration"] = info
+    new.meta["lineage"] = lineage
+    return new, {"action": "calibrated", **info}

@@ -72,8 +72,8 @@ from steerport.linmap import fit_map
 from steerport.mapping import FitOptions, Mapping, get_mapping
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model
 from steerport.steer import Steer
+from steerport.strength import CURVE_TEXTS, calibrate_to_curve
 from steerport.strength import META_KEY as STRENGTH_KEY
-from steerport.strength import calibrate_to_curve
 from steerport.texts import neutral
 from steerport.vocab import align_vocab, raw_shared_tokens
 
@@ -102,7 +102,7 @@ class TransferOptions:
     calibrate: str = "auto"
     calib_value: float = 1.0  # reference steer value at which strengths are matched
     calib_texts: Sequence[str] | None = None
-    calib_count: int = 32  # paragraphs of neutral("calib") used when calib_texts is None
+    calib_count: int = CURVE_TEXTS  # paragraphs of the strength-curve text (steerport.strength) when calib_texts is None
     calib_max_tokens: int = 64
     kl_rel_tol: float = 0.02  # kl calibration stops when |κ_t − κ_s| ≤ kl_rel_tol · κ_s
     kl_max_evals: int = 12  # at most this many κ_t evaluations (each a pass over calib_texts)
@@ -424,7 +424,11 @@ def calibrate_carried(steer: Steer, carried: Steer, source: LoadedModel | Callab
     from steerport.strength import curve_for, curve_text
 
     text = curve_text(opt.calib_texts, limit=opt.calib_count)
-    src_lm = source if isinstance(source, LoadedModel) or steer_has_curve(steer, text.sha256) else source()
+    src_lm: LoadedModel | None = None
+    if isinstance(source, LoadedModel):
+        src_lm = source
+    elif not steer_has_curve(steer, text.sha256):  # an old file: measure the source's curve now
+        src_lm = source()
     curve = curve_for(steer, src_lm, text=text, force=force, log=log)
     log(f"calibrating on {len(text.texts)} neutral texts at reference value {opt.calib_value:g} "
         f"(source κ from {'the recorded curve' if steer_has_curve(steer, text.sha256) else 'the source model'})")

@@ -475,7 +475,8 @@ def test_lineage_recorded_and_survives_the_file(tmp_path):
     assert lin["source_steer"]["fingerprint"] == steer.fingerprint and lin["source_steer"]["path"] == "pos.st"
     assert lin["form"] == "logit" and lin["mapping"]["method"] == "lstsq"
     assert lin["mapping"]["diagnostics"]["H"]["heldout"]["r2"] > 0.99
-    assert lin["calibration"]["method"] == "embed" and "factor" in lin["calibration"]
+    assert lin["calibration"]["method"] == "kl" and "factor" in lin["calibration"]  # the default: on the target
+    assert back.meta["strength_curve"]["model"]["fingerprint"] == tgt.fingerprint  # the target's own curve
     assert back.model["fingerprint"] == tgt.fingerprint and back.rank == steer.rank
     with steered(tgt, [(back, 1.0)]):  # applies to the target without --force
         pass
@@ -705,7 +706,8 @@ def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys
     assert "fitted" in capsys.readouterr().out
     assert run("map", da, db, "--out", mfile) == 0
     assert "reused" in capsys.readouterr().out
-    assert run("transfer", da, db, "--steer", steer_file, "--mapping", mfile) == 0
+    assert run("transfer", da, db, "--steer", steer_file, "--mapping", mfile, "--calibrate", "embed") == 0
+    assert "approximate" in capsys.readouterr().err
     out_file = tmp_path / "pos.b.st"
     assert out_file.exists()
     assert Steer.load(out_file).meta["lineage"]["mapping"]["source"].startswith("reused")

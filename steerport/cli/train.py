@@ -25,6 +25,7 @@ from steerport.cli.common import (
     finite_option,
     make_progress,
     say,
+    status,
     stderr_console,
     table,
 )
@@ -165,6 +166,10 @@ def train(
     except KeyboardInterrupt:
         say(f"stopped: progress saved in {wd}; run the same command again to resume")
         raise SystemExit(130) from None
+    from steerport.strength import record_curve
+
+    with status("measuring the strength curve on neutral text"):
+        record_curve(lm, result.steer)
     result.steer.save(out_path)
     if not keep_cache:
         remove_workdir(wd)
