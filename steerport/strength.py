@@ -104,10 +104,14 @@ def curve_text(texts: Sequence[str] | None = None, *, limit: int = CURVE_TEXTS, 
 
 
 def _check_not_truncated(lm: LoadedModel, text: CurveText) -> None:
+    """Every text must fit whole (both models see every character) in the token cap and the model's context."""
+    config = lm.model.config
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or MAX_TOKENS
+    limit = min(MAX_TOKENS, int(context))
     longest = max(len(lm.tokenizer(t)["input_ids"]) for t in text.texts)
-    if longest > MAX_TOKENS:
-        raise SteerportError(f"a strength-curve text has {longest} tokens on {lm.spec}, above {MAX_TOKENS}: models would "
-                             "see different text; give shorter texts")
+    if longest > limit:
+        raise SteerportError(f"a strength-curve text has {longest} tokens on {lm.spec}, above {limit} (its context or the "
+                             "cap): the models would not see the same text; give shorter texts")
 
 
 # --------------------------------------------------------------------------- the curve
@@ -196,6 +200,17 @@ def record_curve(lm: LoadedModel, steer: Steer, *, text: CurveText | None = None
     """Measure ``steer``'s curve on ``lm`` and store it in ``steer.meta`` (in place; returned for chaining)."""
     steer.meta[META_KEY] = measure_curve(lm, steer, text=text, force=force).to_dict()
     return steer
+
+
+def try_record_curve(lm: LoadedModel, steer: Steer, note: Log) -> bool:
+    """:func:`record_curve` where a steer is made; when it cannot be measured (a model whose context is shorter than
+    the curve text, NaN outputs) the steer is saved without one (measured on demand later) and ``note`` says why."""
+    try:
+        record_curve(lm, steer)
+        return True
+    except SteerportError as e:
+        note(f"note: no strength curve recorded ({e})")
+        return False
 
 
 def recorded_curve(steer: Steer) -> StrengthCurve | None:

@@ -42,6 +42,15 @@ def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("STEERPORT_HOME", str(tmp_path / "home"))
 
 
+@pytest.fixture
+def short_default_text(monkeypatch):
+    """The bundled curve text is 16 paragraphs of 400 characters: ~400 tokens each on the tiny tokenizer, beyond the
+    tiny models' 128 positions. Tests that use the default text get short texts instead."""
+    import steerport.strength
+
+    monkeypatch.setattr(steerport.strength, "neutral", lambda split, limit=None: TEXTS[:limit])
+
+
 def make_steer(lm: LoadedModel, epsilon: float = 0.5, seed: int = 1) -> Steer:
     A, B = random_steer_factors(D, 3, seed=seed)
     return Steer.lm_steer(A, B, epsilon=epsilon, positive="positive", model={"spec": lm.spec, "fingerprint": lm.fingerprint})
@@ -171,7 +180,14 @@ def test_nan_model_outputs_are_one_line_errors():
         calibrate_to_curve(steer, broken, curve, text=TEXT)
 
 
-def test_calibrate_steer_from_the_lineage_and_from_a_source_file():
+def test_default_text_longer_than_the_context_is_one_line():
+    lm = tiny_model("llama", seed=0)  # 128 positions; the bundled paragraphs are ~400 tokens here
+    with pytest.raises(SteerportError, match="would not see the same text") as e:
+        measure_curve(lm, make_steer(lm))
+    assert "\n" not in str(e.value)
+
+
+def test_calibrate_steer_from_the_lineage_and_from_a_source_file(short_default_text):
     src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=3)
     native = make_steer(src)
     new, info = calibrate_steer(native, src)  # not transferred: records the curve, ε₀ unchanged
@@ -212,7 +228,7 @@ def _save_dir(lm: LoadedModel, path):
     return str(path)
 
 
-def test_cli_calibrate_and_warnings(tmp_path, monkeypatch, capsys):
+def test_cli_calibrate_and_warnings(tmp_path, monkeypatch, capsys, short_default_text):
     import steerport.strength
     from steerport.cli import main
     from steerport.models import load_embeddings

@@ -468,7 +468,7 @@ def test_kl_calibration_matches_kappa():
 def test_lineage_recorded_and_survives_the_file(tmp_path):
     src, tgt, *_ = _setup(orthogonal=False, rename=True)
     steer = source_steer(src)
-    res = transfer(steer, src, tgt, source_path="pos.st")
+    res = transfer(steer, src, tgt, TransferOptions(calib_texts=TEXTS), source_path="pos.st")
     path = res.steer.save(tmp_path / "pos.tgt.st")
     back = Steer.load(path)
     lin = back.meta["lineage"]

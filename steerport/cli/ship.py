@@ -81,10 +81,10 @@ def import_cvec(
         raise SteerportError(f"{file}: directions have {st.hidden_size} values but {model} has hidden size {emb.hidden_size}")
     if model is not None:  # the file records its strength curve on that model (loads it in full)
         from steerport.models import load_model
-        from steerport.strength import record_curve
+        from steerport.strength import try_record_curve
 
         with status(f"measuring the strength curve on {model}"):
-            record_curve(load_model(model, dtype="float32"), st)
+            try_record_curve(load_model(model, dtype="float32"), st, say)
     st.save(out_path)
     layers = st.meta.get("layers", [st.meta.get("layer")])
     say(f"wrote {out_path}: actadd, layers {layers}, hidden size {st.hidden_size}")

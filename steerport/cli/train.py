@@ -166,10 +166,10 @@ def train(
     except KeyboardInterrupt:
         say(f"stopped: progress saved in {wd}; run the same command again to resume")
         raise SystemExit(130) from None
-    from steerport.strength import record_curve
+    from steerport.strength import try_record_curve
 
     with status("measuring the strength curve on neutral text"):
-        record_curve(lm, result.steer)
+        try_record_curve(lm, result.steer, say)
     result.steer.save(out_path)
     if not keep_cache:
         remove_workdir(wd)
