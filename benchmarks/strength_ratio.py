@@ -69,12 +69,22 @@ def main() -> None:
     ap.add_argument("--all-pairs", action="store_true", help="every ordered pair of the ladder, not only from smollm2-135m")
     ap.add_argument("--n-texts", type=int, default=24, help="independent neutral texts (fit split)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--targets", default=",".join(LADDER), help="target models (the ladder by default)")
+    ap.add_argument("--merge", nargs="+", default=None, help="only merge the rows of these result .json files into --out")
     ap.add_argument("--out", default="benchmarks/results/strength_ratio")
     args = ap.parse_args()
+    if args.merge:  # runs split over processes (tasks, targets) become one result
+        docs = [json.loads(Path(p).read_text()) for p in args.merge]
+        args.n_texts = docs[0]["settings"]["n_texts"]
+        write(Path(args.out + ".json"), Path(args.out + ".md"), [r for d in docs for r in d["rows"]], args,
+              sum(d["seconds"] for d in docs), machines=[d["machine"] for d in docs])
+        return
     torch.set_num_threads(args.threads)
     out_json, out_md = Path(args.out + ".json"), Path(args.out + ".md")
     texts = eval_texts(args.n_texts)
-    models = {spec: load_model(spec, dtype="float32") for spec in LADDER}
+    targets = args.targets.split(",")
+    needed = LADDER if args.all_pairs else ["smollm2-135m", *targets]
+    models = {spec: load_model(spec, dtype="float32") for spec in LADDER if spec in needed}
     scorers: dict = {}
     rows: list[dict] = []
     t_start = time.perf_counter()
@@ -99,7 +109,7 @@ def main() -> None:
                     sources[task][s_spec] = transfer_steer(base, models[base.model["spec"]], models[s_spec],
                                                            TransferOptions()).steer
                 s_steer = sources[task][s_spec]
-                for t_spec in (x for x in LADDER if x != s_spec):
+                for t_spec in (x for x in LADDER if x != s_spec and (args.all_pairs or x in targets)):
                     for cal in (args.calibrations.split(",") if phase is phases[0] else ["auto"]):
                         t = time.perf_counter()
                         res = transfer_steer(s_steer, models[s_spec], models[t_spec], TransferOptions(calibrate=cal))
@@ -125,8 +135,9 @@ def machine() -> dict:
     return {"cpu": cpu, "loadavg": os.getloadavg(), "torch_threads": torch.get_num_threads()}
 
 
-def write(out_json: Path, out_md: Path, rows: list[dict], args, seconds: float) -> None:
-    doc = {"benchmark": "strength_ratio", "steerport_version": __version__, "machine": machine(),
+def write(out_json: Path, out_md: Path, rows: list[dict], args, seconds: float, machines: list | None = None) -> None:
+    doc = {"benchmark": "strength_ratio", "steerport_version": __version__, "machine": (machines or [machine()])[0],
+           "machines": machines or [machine()],
            "settings": {"n_texts": args.n_texts, "text": "neutral fit split, cut to 400 characters",
                         "measure": "ForwardScorer (full forward with the hook), find_value_for_kl rel_tol 0.01",
                         "transfer": "TransferOptions() default form; calibrate as listed"},
@@ -135,7 +146,7 @@ def write(out_json: Path, out_md: Path, rows: list[dict], args, seconds: float) 
     lines = ["# Strength ratio: target value reproducing the source's κ at s = 1", "",
              f"Independent measurement: full forward passes with the steer's hook on {args.n_texts} bundled neutral `fit` paragraphs "
              "(cut to 400 characters; the calibration uses the `calib` paragraphs and the head-only scorer). "
-             "Target: 0.8–1.25.", "", f"Machine: {doc['machine']['cpu']}, load average {doc['machine']['loadavg']}, "
+             "Target: 0.8–1.25.", "", f"Machine: {doc['machine']['cpu']}, load average {[m['loadavg'] for m in doc['machines']]}, "
              f"steerport {__version__}.", "",
              "| task | source → target | calibrate | method | ε₀ factor | strength ratio | κ_src(1) | in 0.8–1.25 |",
              "|---|---|---|---|---|---|---|---|"]

@@ -103,6 +103,17 @@ def curve_text(texts: Sequence[str] | None = None, *, limit: int = CURVE_TEXTS, 
     return CurveText(got, src)
 
 
+def _scorer(lm: LoadedModel, steer: Steer, text: CurveText, force: bool = False) -> Any:
+    """The shared scorer on the curve text, refusing text that gives the model no next-token positions."""
+    from steerport.scoring import scorer_for
+
+    _check_not_truncated(lm, text)
+    scorer = scorer_for(lm, list(text.texts), [steer], max_tokens=MAX_TOKENS, force=force)
+    if not bool((scorer.targets >= 0).any()):
+        raise SteerportError(f"the strength-curve text gives {lm.spec} no token positions to measure on; give longer texts")
+    return scorer
+
+
 def _check_not_truncated(lm: LoadedModel, text: CurveText) -> None:
     """Every text must fit whole (both models see every character) in the token cap and the model's context."""
     config = lm.model.config
@@ -181,12 +192,8 @@ def _finite_number(x: Any) -> bool:
 def measure_curve(lm: LoadedModel, steer: Steer, *, values: Sequence[float] = CURVE_VALUES,
                   text: CurveText | None = None, force: bool = False, scorer: Any = None) -> StrengthCurve:
     """κ(s) of ``steer`` on ``lm`` at ``values``, one pass over the text (:func:`steerport.scoring.scorer_for`)."""
-    from steerport.scoring import scorer_for
-
     text = text or curve_text()
-    if scorer is None:
-        _check_not_truncated(lm, text)
-        scorer = scorer_for(lm, list(text.texts), [steer], max_tokens=MAX_TOKENS, force=force)
+    scorer = scorer or _scorer(lm, steer, text, force)
     stats = scorer.stats_many([[(steer, float(v))] for v in values])
     kappa = [st.kl for st in stats]
     if not all(math.isfinite(k) for k in kappa):
@@ -264,7 +271,6 @@ def calibrate_to_curve(steer: Steer, lm: LoadedModel, source: StrengthCurve, *, 
     ``factor`` (new ε₀ / old ε₀), ``kappa_src``, ``kappa_tgt``, ``converged``, the text fingerprint.
     """
     from steerport.metrics import find_value_for_kl
-    from steerport.scoring import scorer_for
 
     text = text or curve_text()
     if source.text.get("sha256") != text.sha256:
@@ -276,8 +282,7 @@ def calibrate_to_curve(steer: Steer, lm: LoadedModel, source: StrengthCurve, *, 
     if not k_s > 0:
         raise SteerportError("the source steer does not change its model's outputs at the reference value "
                              f"(κ = {k_s:g}); there is no strength to match")
-    _check_not_truncated(lm, text)
-    scorer = scorer_for(lm, list(text.texts), [steer], max_tokens=MAX_TOKENS)
+    scorer = _scorer(lm, steer, text)
 
     seen: dict[float, float] = {}  # the solver may ask for a value twice (a bracket's end)
 

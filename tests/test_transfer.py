@@ -468,15 +468,15 @@ def test_kl_calibration_matches_kappa():
 def test_lineage_recorded_and_survives_the_file(tmp_path):
     src, tgt, *_ = _setup(orthogonal=False, rename=True)
     steer = source_steer(src)
-    res = transfer(steer, src, tgt, TransferOptions(calib_texts=TEXTS), source_path="pos.st")
+    res = transfer(steer, src, tgt, TransferOptions(calibrate="embed"), source_path="pos.st")
     path = res.steer.save(tmp_path / "pos.tgt.st")
     back = Steer.load(path)
     lin = back.meta["lineage"]
     assert lin["source_steer"]["fingerprint"] == steer.fingerprint and lin["source_steer"]["path"] == "pos.st"
     assert lin["form"] == "logit" and lin["mapping"]["method"] == "lstsq"
     assert lin["mapping"]["diagnostics"]["H"]["heldout"]["r2"] > 0.99
-    assert lin["calibration"]["method"] == "kl" and "factor" in lin["calibration"]  # the default: on the target
-    assert back.meta["strength_curve"]["model"]["fingerprint"] == tgt.fingerprint  # the target's own curve
+    assert lin["calibration"]["method"] == "embed" and "factor" in lin["calibration"]
+    assert "strength_curve" not in back.meta  # embeddings only: no curve on the target (see test_strength.py)
     assert back.model["fingerprint"] == tgt.fingerprint and back.rank == steer.rank
     with steered(tgt, [(back, 1.0)]):  # applies to the target without --force
         pass
