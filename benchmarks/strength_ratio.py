@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import time
@@ -49,17 +50,40 @@ def eval_texts(n: int) -> list[str]:
     return [cut(t) for t in neutral("fit", limit=n)]
 
 
+def solve_value(kl_at, target: float, rel_tol: float = 0.01, max_evals: int = 8) -> tuple[float, float, list]:
+    """s with κ(s) = target: secant steps on log κ against log s from s = 1 (κ ≈ c s^p, p ≈ 2 to start),
+    falling back to the library's bracketing solver when the secant misbehaves."""
+    hist = [(1.0, kl_at(1.0))]
+    s = (target / hist[0][1]) ** 0.5 if hist[0][1] > 0 else 4.0
+    while len(hist) < max_evals:
+        hist.append((s, kl_at(s)))
+        (s0, k0), (s1, k1) = hist[-2], hist[-1]
+        if abs(k1 - target) <= rel_tol * target:
+            return s1, k1, hist
+        if not (k0 > 0 and k1 > 0 and k1 != k0):
+            break
+        p = math.log(k1 / k0) / math.log(s1 / s0)
+        if not 0.5 < p < 4:
+            break
+        s = s1 * (target / k1) ** (1 / p)
+    found = find_value_for_kl(kl_at, target, start=1.0, rel_tol=rel_tol, max_evals=16)
+    return found.value, found.kl, hist + found.history
+
+
 def strength_ratio(src: LoadedModel, s_steer: Steer, tgt: LoadedModel, t_steer: Steer, texts: list[str],
-                   scorers: dict) -> dict:
+                   scorers: dict, k_src_cache: dict) -> dict:
     """s_t with κ_tgt(s_t) = κ_src(1), both by full forward passes on ``texts``."""
     for lm in (src, tgt):
         if lm.spec not in scorers:
-            scorers[lm.spec] = ForwardScorer(lm, texts, batch_size=8, max_tokens=1024)
-    k_src = scorers[src.spec].stats([(s_steer, 1.0)]).kl
+            scorers[lm.spec] = ForwardScorer(lm, texts, batch_size=4, max_tokens=1024, max_base_bytes=2 << 30)
+    key = (src.spec, s_steer.fingerprint)
+    if key not in k_src_cache:
+        k_src_cache[key] = scorers[src.spec].stats([(s_steer, 1.0)]).kl
+    k_src = k_src_cache[key]
     sc = scorers[tgt.spec]
-    found = find_value_for_kl(lambda s: sc.stats([(t_steer, s)]).kl, k_src, start=1.0, rel_tol=0.01, max_evals=16)
-    return {"ratio": found.value, "kappa_src_at_1": k_src, "kappa_tgt_at_ratio": found.kl,
-            "kappa_tgt_at_1": next((k for s, k in found.history if s == 1.0), None), "evaluations": found.evaluations}
+    value, kl, hist = solve_value(lambda s: sc.stats([(t_steer, s)]).kl, k_src)
+    return {"ratio": value, "kappa_src_at_1": k_src, "kappa_tgt_at_ratio": kl, "kappa_tgt_at_1": hist[0][1],
+            "evaluations": len(hist)}
 
 
 def main() -> None:
@@ -67,7 +91,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="sentiment,detox")
     ap.add_argument("--calibrations", default="auto,embed", help="TransferOptions.calibrate values to compare")
     ap.add_argument("--all-pairs", action="store_true", help="every ordered pair of the ladder, not only from smollm2-135m")
-    ap.add_argument("--n-texts", type=int, default=24, help="independent neutral texts (fit split)")
+    ap.add_argument("--n-texts", type=int, default=8, help="independent neutral texts (fit split)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--targets", default=",".join(LADDER), help="target models (the ladder by default)")
     ap.add_argument("--merge", nargs="+", default=None, help="only merge the rows of these result .json files into --out")
@@ -86,6 +110,7 @@ def main() -> None:
     needed = LADDER if args.all_pairs else ["smollm2-135m", *targets]
     models = {spec: load_model(spec, dtype="float32") for spec in LADDER if spec in needed}
     scorers: dict = {}
+    k_src: dict = {}
     rows: list[dict] = []
     t_start = time.perf_counter()
     tasks = args.tasks.split(",")
@@ -114,7 +139,7 @@ def main() -> None:
                         t = time.perf_counter()
                         res = transfer_steer(s_steer, models[s_spec], models[t_spec], TransferOptions(calibrate=cal))
                         secs = time.perf_counter() - t
-                        r = strength_ratio(models[s_spec], s_steer, models[t_spec], res.steer, texts, scorers)
+                        r = strength_ratio(models[s_spec], s_steer, models[t_spec], res.steer, texts, scorers, k_src)
                         c = res.lineage["calibration"]
                         row = {"task": task, "source": s_spec, "target": t_spec, "calibrate": cal, "method": c["method"],
                                "factor": c["factor"], "transfer_s": round(secs, 1), **r,
@@ -139,7 +164,7 @@ def write(out_json: Path, out_md: Path, rows: list[dict], args, seconds: float, 
     doc = {"benchmark": "strength_ratio", "steerport_version": __version__, "machine": (machines or [machine()])[0],
            "machines": machines or [machine()],
            "settings": {"n_texts": args.n_texts, "text": "neutral fit split, cut to 400 characters",
-                        "measure": "ForwardScorer (full forward with the hook), find_value_for_kl rel_tol 0.01",
+                        "measure": "ForwardScorer (full forward with the hook), secant on log κ vs log s to 1 %",
                         "transfer": "TransferOptions() default form; calibrate as listed"},
            "seconds": round(seconds, 1), "rows": rows}
     atomic_write_json(out_json, doc)
