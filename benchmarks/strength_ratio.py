@@ -100,7 +100,11 @@ def main() -> None:
     if args.merge:  # runs split over processes (tasks, targets) become one result
         docs = [json.loads(Path(p).read_text()) for p in args.merge]
         args.n_texts = docs[0]["settings"]["n_texts"]
-        write(Path(args.out + ".json"), Path(args.out + ".md"), [r for d in docs for r in d["rows"]], args,
+        seen: dict[tuple, dict] = {}  # one row per cell (a cell measured by two processes: the first kept)
+        for r in (r for d in docs for r in d["rows"]):
+            seen.setdefault((r["task"], r["source"], r["target"], r["calibrate"]), r)
+        write(Path(args.out + ".json"), Path(args.out + ".md"), sorted(seen.values(), key=lambda r: (
+            r["task"], r["source"], r["target"], r["calibrate"])), args,
               sum(d["seconds"] for d in docs), machines=[d["machine"] for d in docs])
         return
     torch.set_num_threads(args.threads)
