@@ -30,6 +30,7 @@ from steerport.hooks import generate
 from steerport.metrics import roc_auc
 from steerport.models import load_model
 from steerport.scoring import steer_scores
+from steerport.strength import try_record_curve
 from steerport.texts import bundled, read_texts_and_labels
 from steerport.train import TrainConfig, train
 from steerport.transfer import TransferOptions, transfer
@@ -69,6 +70,7 @@ def run_demo(
     src = load_model(source, dtype=dtype, device=device)
     data = load_data(DataOptions(files=["sst2"], limit_per_class=limit_per_class, seed=0))
     trained = train(src, data, TrainConfig(seed=0, head="topk"), progress=train_progress)
+    try_record_curve(src, trained.steer, log)  # the transfer then calibrates against it on the target alone
     src_path = trained.steer.save(out_dir / f"positive.{source}.st")
     log(f"      saved {src_path}")
 

@@ -31,17 +31,19 @@ The hidden-state map K is fitted on the LM-head inputs of both models at the pos
 the two tokenizations end on the same character (:func:`steerport.capture.paired_states`;
 position 0 never pairs), by :func:`steerport.linmap.fit_map`, on ``texts.neutral("fit")``.
 
-**Calibration** (:mod:`steerport.calibration`). The same value s rarely means the same
-strength on two models. ``kl``
-(needs both full models) scales ε₀ so that the mean KL from the unsteered model on neutral
-text (``texts.neutral("calib")``) at the reference value equals the source's: the target value
-with κ_t(s) = κ_s(value) comes from :func:`steerport.metrics.find_value_for_kl`, κ from
-:func:`steerport.scoring.mean_kl`, and the factor is s / value. ``embed`` (embeddings only)
+**Calibration** (:mod:`steerport.strength`, :mod:`steerport.calibration`). The same value s
+rarely means the same strength on two models. ``kl`` (the default, ``auto``; needs the full
+target model) scales ε₀ so that the mean KL from the unsteered model on neutral text (the
+strength-curve text of :mod:`steerport.strength`) at the reference value equals the source's,
+read from the source steer's recorded strength curve (measured on the source model only for
+old files without one): the target value with κ_t(s) = κ_s(value) comes from
+:func:`steerport.metrics.find_value_for_kl`, and the factor is s / value; the output records its
+own curve. ``embed`` (embeddings only, approximate)
 matches the RMS centred logit shift over the aligned vocabulary at proxy hidden states: unit
 aligned source embedding rows p_s and target states p_t = X_t⁺X_s p_s, which give the same
 logits on shared tokens — it corrects the shrinkage or mis-scaling of an imperfect map but
-knows nothing about the models' real hidden states. ``auto`` = ``kl`` for the hidden form
-(full models are loaded anyway), else ``embed``. The anchor baseline is never calibrated.
+knows nothing about the models' real hidden states; such a steer can be calibrated later
+(``steerport calibrate``). The anchor baseline is never calibrated.
 
 **Embeddings only, in about a second.** With form logit / logit-pinv / paper and calibration
 ``embed`` or ``none``, models given as local specs are opened as :class:`~steerport.headfile.HeadFile`:
@@ -72,7 +74,7 @@ from typing import Any
 import torch
 
 from steerport import __version__
-from steerport.calibration import cached_proxy_map, calibration_rows, embed_calibration, kl_calibration, require_finite
+from steerport.calibration import cached_proxy_map, calibration_rows, embed_calibration, require_finite
 from steerport.capture import paired_states
 from steerport.errors import SteerportError, one_line
 from steerport.headfile import EmbeddingSource, open_head
@@ -81,6 +83,8 @@ from steerport.linmap import fit_map
 from steerport.mapping import FitOptions, Mapping, find_mapping, fit_and_save
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model
 from steerport.steer import Steer
+from steerport.strength import CURVE_TEXTS, calibrate_to_curve
+from steerport.strength import META_KEY as STRENGTH_KEY
 from steerport.texts import neutral
 from steerport.vocab import align_vocab, raw_shared_tokens
 
@@ -109,7 +113,7 @@ class TransferOptions:
     calibrate: str = "auto"
     calib_value: float = 1.0  # reference steer value at which strengths are matched
     calib_texts: Sequence[str] | None = None
-    calib_count: int = 32  # paragraphs of neutral("calib") used when calib_texts is None
+    calib_count: int = CURVE_TEXTS  # paragraphs of the strength-curve text (steerport.strength) when calib_texts is None
     calib_max_tokens: int = 64
     kl_rel_tol: float = 0.02  # kl calibration stops when |κ_t − κ_s| ≤ kl_rel_tol · κ_s
     kl_max_evals: int = 12  # at most this many κ_t evaluations (each a pass over calib_texts)
@@ -147,7 +151,7 @@ class TransferOptions:
         if self.form == "anchor":
             return "none"
         if self.calibrate == "auto":
-            return "kl" if self.form == "hidden" else "embed"
+            return "kl"  # on the target model, against the source's strength curve (steerport.strength)
         return self.calibrate
 
     def lineage(self) -> dict[str, Any]:
@@ -177,7 +181,11 @@ def transfer_steer(steer: Steer, source: ModelLike, target: ModelLike, options: 
 
         res = transfer_steer(Steer.load("love.st"), "smollm2-135m", "gemma3-270m")
     """
-    return get_kind(steer.kind).transfer_steer(steer, source, target, options or TransferOptions(), **how)
+    res = get_kind(steer.kind).transfer_steer(steer, source, target, options or TransferOptions(), **how)
+    doc = res.steer.meta.get(STRENGTH_KEY)
+    if isinstance(doc, dict) and doc.get("steer") != res.steer.fingerprint:  # the source's curve, copied with its meta
+        del res.steer.meta[STRENGTH_KEY]
+    return res
 
 
 transfer = transfer_steer  # the older public name
@@ -356,11 +364,12 @@ def carry_lm_steer(
         "form": opt.form,
     }
     src_lm = tgt_lm = None
-    if opt.form == "hidden" or calib_method == "kl":
+    if opt.form == "hidden" or calib_method == "kl":  # kl needs the source model only when its curve is not recorded
         why = "the hidden form" if opt.form == "hidden" else "kl calibration"
         t = time.perf_counter()
-        src_lm = _full_model(source, src_e.spec, opt, why)
         tgt_lm = _full_model(target, tgt_e.spec, opt, why)
+        if opt.form == "hidden" or isinstance(source, LoadedModel):
+            src_lm = _full_model(source, src_e.spec, opt, why)
         timings["load_models"] = round(time.perf_counter() - t, 3)
 
     m: Mapping | None = None
@@ -409,6 +418,7 @@ def carry_lm_steer(
     require_finite("the carried steer", *factors.values())
 
     t = time.perf_counter()
+    calibrated: Steer | None = None
     model_id = {"spec": tgt_e.spec, "fingerprint": tgt_e.fingerprint}
     base = Steer("lm-steer", factors, steer.epsilon, positive=steer.positive, model=model_id)
     if calib_method == "none":
@@ -428,18 +438,45 @@ def carry_lm_steer(
         calib = embed_calibration(steer, factors, X_s, X_t, max_proxies=opt.embed_proxies, max_pairs=opt.embed_pairs,
                                   sampled_from=len(pairs[0]), T=T)
     else:
-        texts = list(opt.calib_texts) if opt.calib_texts is not None else neutral("calib", limit=opt.calib_count)
-        log(f"calibrating on {len(texts)} neutral texts at reference value {opt.calib_value:g}")
-        assert src_lm is not None and tgt_lm is not None  # loaded above for kl calibration
-        calib = kl_calibration(steer, base, src_lm, tgt_lm, texts, opt.calib_value, opt.calib_max_tokens,
-                               rel_tol=opt.kl_rel_tol, max_evals=opt.kl_max_evals, force=force, log=log)
+        assert tgt_lm is not None  # loaded above for kl calibration
+        calibrated, calib = calibrate_carried(steer, base, src_lm or (lambda: _full_model(source, src_e.spec, opt,
+                                              "kl calibration")), tgt_lm, opt, force=force, log=log)
     timings["calibrate"] = round(time.perf_counter() - t, 3)
     timings["total"] = round(time.perf_counter() - t0, 3)
     calib = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in calib.items()}
     lineage.update(calibration=calib, options=opt.lineage(), seconds=timings, steerport_version=__version__,
                    created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     meta = {"lineage": lineage}  # the source's training metadata lives in lineage.source_steer.meta
-    out = Steer("lm-steer", factors, steer.epsilon * calib["factor"], positive=steer.positive, model=model_id,
-                meta=meta)
+    eps = calibrated.epsilon if calibrated is not None else steer.epsilon * calib["factor"]
+    out = Steer("lm-steer", factors, eps, positive=steer.positive, model=model_id, meta=meta)
+    if calibrated is not None:  # the target's own strength curve, measured after calibration
+        out.meta[STRENGTH_KEY] = calibrated.meta[STRENGTH_KEY]
     return TransferResult(steer=out, mapping=m, lineage=lineage)
+
+
+def calibrate_carried(steer: Steer, carried: Steer, source: LoadedModel | Callable[[], LoadedModel],
+                      target: LoadedModel, opt: TransferOptions, *, force: bool = False,
+                      log: Log = lambda m: None) -> tuple[Steer, dict[str, Any]]:
+    """KL calibration of ``carried`` on ``target`` against the source steer's strength curve
+    (:mod:`steerport.strength`): the recorded one when it fits, else measured on the source model
+    (``source`` may be a loader, called only then). Returns the calibrated steer and the lineage record."""
+    from steerport.strength import curve_for, curve_text
+
+    text = curve_text(opt.calib_texts, limit=opt.calib_count)
+    src_lm: LoadedModel | None = None
+    if isinstance(source, LoadedModel):
+        src_lm = source
+    elif not steer_has_curve(steer, text.sha256):  # an old file: measure the source's curve now
+        src_lm = source()
+    curve = curve_for(steer, src_lm, text=text, force=force, log=log)
+    log(f"calibrating on {len(text.texts)} neutral texts at reference value {opt.calib_value:g} "
+        f"(source κ from {'the recorded curve' if steer_has_curve(steer, text.sha256) else 'the source model'})")
+    return calibrate_to_curve(carried, target, curve, value=opt.calib_value, text=text, rel_tol=opt.kl_rel_tol,
+                              max_evals=opt.kl_max_evals, log=log)
+
+
+def steer_has_curve(steer: Steer, text_sha256: str) -> bool:
+    """Whether ``steer`` records a strength curve measured on the text with this fingerprint."""
+    doc = steer.meta.get(STRENGTH_KEY)
+    return isinstance(doc, dict) and isinstance(doc.get("text"), dict) and doc["text"].get("sha256") == text_sha256
 

@@ -468,7 +468,7 @@ def test_kl_calibration_matches_kappa():
 def test_lineage_recorded_and_survives_the_file(tmp_path):
     src, tgt, *_ = _setup(orthogonal=False, rename=True)
     steer = source_steer(src)
-    res = transfer(steer, src, tgt, source_path="pos.st")
+    res = transfer(steer, src, tgt, TransferOptions(calibrate="embed"), source_path="pos.st")
     path = res.steer.save(tmp_path / "pos.tgt.st")
     back = Steer.load(path)
     lin = back.meta["lineage"]
@@ -476,6 +476,7 @@ def test_lineage_recorded_and_survives_the_file(tmp_path):
     assert lin["form"] == "logit" and lin["mapping"]["method"] == "lstsq"
     assert lin["mapping"]["diagnostics"]["H"]["heldout"]["r2"] > 0.99
     assert lin["calibration"]["method"] == "embed" and "factor" in lin["calibration"]
+    assert "strength_curve" not in back.meta  # embeddings only: no curve on the target (see test_strength.py)
     assert back.model["fingerprint"] == tgt.fingerprint and back.rank == steer.rank
     with steered(tgt, [(back, 1.0)]):  # applies to the target without --force
         pass
@@ -705,7 +706,8 @@ def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys
     assert "fitted" in capsys.readouterr().out
     assert run("map", da, db, "--out", mfile) == 0
     assert "reused" in capsys.readouterr().out
-    assert run("transfer", da, db, "--steer", steer_file, "--mapping", mfile) == 0
+    assert run("transfer", da, db, "--steer", steer_file, "--mapping", mfile, "--calibrate", "embed") == 0
+    assert "approximate" in capsys.readouterr().err
     out_file = tmp_path / "pos.b.st"
     assert out_file.exists()
     assert Steer.load(out_file).meta["lineage"]["mapping"]["source"].startswith("reused")

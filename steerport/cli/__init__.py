@@ -8,7 +8,7 @@ Layout: one module per group of commands, each with a ``register(app)`` that add
 :mod:`~steerport.cli.train`, :mod:`~steerport.cli.transfer` map/transfer and its aliases,
 :mod:`~steerport.cli.measure` evaluate/score/sweep/explain/judge-*, :mod:`~steerport.cli.seeds`
 actadd/token-steer/analyze, :mod:`~steerport.cli.ship` merge/export-cvec/import-cvec,
-:mod:`~steerport.cli.demo`); what they share is in :mod:`~steerport.cli.common`.
+:mod:`~steerport.cli.demo`, :mod:`~steerport.cli.strength` calibrate); what they share is in :mod:`~steerport.cli.common`.
 Command modules import nothing heavy at module level (torch, transformers and the library load
 inside each command), so ``steerport --help`` stays fast.
 
@@ -46,6 +46,7 @@ COMMAND_GROUPS = (
     "steerport.cli.seeds",
     "steerport.cli.ship",
     "steerport.cli.demo",
+    "steerport.cli.strength",
 )
 
 # Optional command groups that live with their feature. Each is a module with a

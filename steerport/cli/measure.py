@@ -146,9 +146,11 @@ def score(
     from steerport.metrics import roc_auc
     from steerport.models import load_model
     from steerport.scoring import steer_scores
+    from steerport.strength import warn_uncalibrated
 
     common.check_at_least("--batch-size", batch_size, 1)
     st, value, path = common.one_steer(steer)
+    warn_uncalibrated([st], common.say)
     positive = _positive_labels(st, positive_label)
     texts, labels = _labeled(data, text_field, label_field, positive, require=False)
     if limit is not None:

@@ -58,6 +58,7 @@ def actadd_cmd(
     """ActAdd: the residual-stream difference of prompt pairs at a decoder layer, as a steer."""
     from steerport.actadd import calibrate_value, make_actadd
     from steerport.models import load_model
+    from steerport.strength import try_record_curve
     from steerport.texts import neutral
 
     if len(plus) != len(minus):
@@ -75,6 +76,8 @@ def actadd_cmd(
         if abs(math.log(reached / kappa)) > 0.1:
             say(f"note: κ = {kappa:g} was not reached (closest {reached:.3g}); this vector's effect "
                 "may saturate below it at this layer")
+    with status("measuring the strength curve on neutral text"):
+        try_record_curve(lm, steer, say)
     steer.save(out_path)
     v = steer.tensors["vector"]
     say(f"wrote {out_path}: layer {steer.meta['layer']}/{steer.meta['n_layers']}, "
@@ -164,6 +167,7 @@ def token_steer_cmd(
     """Scale tokens' average probability by moving only their output-embedding rows (Cho et al.); by default the
     step is solved so the detect text's average probability changes by exactly r (--step paper: Algorithm 1)."""
     from steerport.models import load_model
+    from steerport.strength import try_record_curve
     from steerport.tokenprob import token_steer
 
     if len(token) != len(scale):
@@ -175,6 +179,8 @@ def token_steer_cmd(
     with counting("average distribution", total=len(texts)) as advance:
         steer, _, enc = token_steer(lm, texts, wanted, b=b, step=step, direction_rule=direction, max_tokens=max_tokens,
                                     detect={"file": str(detect or "bundled neutral text")}, progress=advance)
+    with status("measuring the strength curve on neutral text"):
+        try_record_curve(lm, steer, say)
     steer.save(out_path)
     t = table("token", "id", "r asked", "r̂ on detect text", "|log r - log r̂|",
               title=f"adjusted R² {enc.adj_r2:.3f}, {direction} direction, {step} step")

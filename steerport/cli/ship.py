@@ -79,6 +79,12 @@ def import_cvec(
     st = import_control_vector(file, model=made_for, positive=positive)
     if emb is not None and st.hidden_size != emb.hidden_size:
         raise SteerportError(f"{file}: directions have {st.hidden_size} values but {model} has hidden size {emb.hidden_size}")
+    if model is not None:  # the file records its strength curve on that model (loads it in full)
+        from steerport.models import load_model
+        from steerport.strength import try_record_curve
+
+        with status(f"measuring the strength curve on {model}"):
+            try_record_curve(load_model(model, dtype="float32"), st, say)
     st.save(out_path)
     layers = st.meta.get("layers", [st.meta.get("layer")])
     say(f"wrote {out_path}: actadd, layers {layers}, hidden size {st.hidden_size}")

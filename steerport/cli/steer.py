@@ -34,6 +34,7 @@ from steerport.cli.common import (
     parse_steer_arg,
     print_json,
     read_prompts,
+    say,
     show,
     split_options,
     status,
@@ -67,6 +68,7 @@ def generate(
     """Generate continuations, optionally steered: --steer detox.st:5 --steer pos.st:2."""
     from steerport.hooks import generate as do_generate
     from steerport.models import load_model
+    from steerport.strength import warn_uncalibrated
 
     check_at_least("--batch-size", batch_size, 1)
     check_at_least("--max-new-tokens", max_new_tokens, 1)
@@ -76,6 +78,7 @@ def generate(
     if not texts:
         raise SteerportError("give at least one --prompt or a --prompts file")
     steers = load_steers(steer)
+    warn_uncalibrated([s for s, _ in steers], say)
     lm = load_model(model, dtype=dtype, device=device, **split_options(device_map, max_memory, offload_folder))
     with counting("generating", total=len(texts)) as advance:
         outs = do_generate(lm, texts, steers, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

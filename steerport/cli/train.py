@@ -29,6 +29,7 @@ from steerport.cli.common import (
     make_progress,
     say,
     split_options,
+    status,
     stderr_console,
     table,
 )
@@ -194,6 +195,10 @@ def train(
         raise SystemExit(130) from None
     if not world.is_main:
         return
+    from steerport.strength import try_record_curve
+
+    with status("measuring the strength curve on neutral text"):
+        try_record_curve(lm, result.steer, say)
     result.steer.save(out_path)
     if not keep_cache:
         remove_workdir(wd)

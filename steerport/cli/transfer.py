@@ -152,6 +152,9 @@ def describe(source: Steer, res: TransferResult, dest: Path) -> list[str]:
         msg += f"; hidden map R² {lin['hidden_map'].get('heldout', {}).get('r2', float('nan')):.3f}"
     if "seconds" in lin:
         msg += f"; {lin['seconds']['total']:.1f} s"
+    if cal["method"] != "kl":
+        return [msg, f"note: the value is approximate ({cal['method']} calibration, the target model not loaded); for a "
+                     f"calibrated value: steerport calibrate {dest} --model {new.model.get('spec')}"]
     return [msg]
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import threading
 import time
 import uuid
@@ -75,9 +76,11 @@ class ServerState:
         """Check the steers, describe them (strength curves), start the engine, queue the keywords."""
         from steerport.serve.info import describe_steers
         from steerport.serve.rows import check_steers
+        from steerport.strength import warn_uncalibrated
 
         limits = limits or Limits()
         check_steers(lm, list(steers.values()), force=force)
+        warn_uncalibrated(list(steers.values()), logging.getLogger("steerport.serve").warning)
         info = describe_steers(lm, steers, max_value=limits.max_value, curve=curve, keywords=False)
         lock = threading.RLock()
         engine = Engine(lm, steers, max_batch=limits.max_batch, window_s=limits.window_ms / 1000, tok_lock=lock)

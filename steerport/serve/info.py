@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from steerport.errors import SteerportError
 from steerport.explain import default_neutral, steer_keywords
 from steerport.models import LoadedModel
 from steerport.scoring import scorer_for
 from steerport.steer import Steer
+from steerport.strength import calibration_state, recorded_curve
 
 CURVE_VALUES = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)
 KL_BUDGET = 0.1  # nats/token
@@ -27,6 +29,18 @@ def strength_curve(lm: LoadedModel, steer: Steer, values: Sequence[float], texts
     scorer = scorer_for(lm, texts, [steer], max_tokens=max_tokens, force=True)
     stats = scorer.stats_many([[(steer, float(v))] for v in values])
     return [{"value": float(v), "kl": round(st.kl, 5)} for v, st in zip(values, stats)]
+
+
+def recorded_for(steer: Steer, lm: LoadedModel) -> dict | None:
+    """The strength curve recorded in the steer's file (:mod:`steerport.strength`) when it was measured for this
+    steer on this model, else None."""
+    try:
+        curve = recorded_curve(steer)
+    except SteerportError:
+        return None
+    if curve is None or curve.steer != steer.fingerprint or curve.model.get("fingerprint") != lm.fingerprint:
+        return None
+    return {"points": curve.rows(), "text": curve.text}
 
 
 def recommended_range(steer: Steer, curve: list[dict], max_value: float) -> dict:
@@ -60,6 +74,8 @@ def describe_steers(lm: LoadedModel, steers: dict[str, Steer], *, max_value: flo
             {"range": steer.meta.get("recommended_range"), "source": "file"},
             "strength_curve": pts,
             "strength_curve_text": f"{len(texts)} bundled neutral paragraphs, 64 tokens each",
+            "calibration": calibration_state(steer),  # native, calibrated or uncalibrated (a transferred value is approximate)
+            "recorded_strength_curve": recorded_for(steer, lm),
             "model": dict(steer.model), "fingerprint": steer.fingerprint,
         }
         if keywords and steer.kind == "lm-steer":
