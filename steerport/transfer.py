@@ -17,6 +17,8 @@ rank and writes the target factors as A_t = P_A A_s, B_t = P_B B_s (P_A, P_B: d_
     logit        G  (fitted)      Hᵀ    embeddings + tokenizers        similar logits on shared tokens
     logit-pinv   H⁺               Hᵀ    embeddings + tokenizers        same, G = H⁺
     hidden       Kᵀ               Hᵀ    both full models, one pass     h_s ≈ K h_t fitted on neutral text
+    refined      (fitted)         (fitted) both full models, one pass  hidden, then fitted to the source's
+                                                                       probability-weighted log-prob shifts
     anchor       N (Adam, unit rows) N  embeddings + tokenizers        the original LM-Steer code's recipe
 
 **Default: ``logit``** (fitted G). Measured as held-out steer-as-classifier AUC on Gemma-3 for
@@ -26,6 +28,10 @@ with H⁺ 0.74 / 0.72, logit with fitted G 0.75 / 0.73, hidden-state map 0.85 / 
 full models (for ``transfer gpt2 gpt-j`` that is a 24 GB load) while the logit form needs only
 the two output-embedding matrices and tokenizers, and it is the best of those. So the default
 keeps transfer cheap and embeddings-only; choose ``--form hidden`` when both models fit.
+
+``refined`` (:mod:`steerport.refine`) starts from the hidden form and fits A_t, B_t so the target's
+first-order next-token log-prob shifts match the source's on shared tokens at paired positions,
+weighted by the tokens' probabilities (the unweighted version of that fit is the hidden form).
 
 The hidden-state map K is fitted on the LM-head inputs of both models at the positions where
 the two tokenizations end on the same character (:func:`steerport.capture.paired_states`;
@@ -69,11 +75,13 @@ from steerport.kinds import get_kind
 from steerport.linmap import fit_map
 from steerport.mapping import FitOptions, Mapping, get_mapping
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model
+from steerport.refine import RefineOptions, refined_carry
 from steerport.steer import Steer
 from steerport.texts import neutral
 from steerport.vocab import align_vocab, raw_shared_tokens
 
-FORMS = ("logit", "logit-pinv", "paper", "hidden", "anchor")
+FORMS = ("logit", "logit-pinv", "paper", "hidden", "refined", "anchor")
+FULL_MODEL_FORMS = ("hidden", "refined")  # forms that run both full models over neutral text
 DEFAULT_FORM = "logit"
 CALIBRATIONS = ("auto", "embed", "kl", "none")
 ACTADD_METHODS = ("recipe", "map")
@@ -111,6 +119,7 @@ class TransferOptions:
     anchor_steps: int = 10_000  # the anchor's defaults: Adam, lr 1e-3, 10k steps, top 4000 tokens
     anchor_lr: float = 1e-3
     anchor_top_k: int = 4000
+    refine: RefineOptions = field(default_factory=RefineOptions)  # the refined form's fit
     actadd_method: str = "recipe"
     texts: Sequence[str] | None = None
     max_tokens: int = 128
@@ -136,7 +145,7 @@ class TransferOptions:
         if self.form == "anchor":
             return "none"
         if self.calibrate == "auto":
-            return "kl" if self.form == "hidden" else "embed"
+            return "kl" if self.form in FULL_MODEL_FORMS else "embed"
         return self.calibrate
 
     def lineage(self) -> dict[str, Any]:
@@ -333,14 +342,15 @@ def carry_lm_steer(
         "form": opt.form,
     }
     src_lm = tgt_lm = None
-    if opt.form == "hidden" or calib_method == "kl":
-        why = "the hidden form" if opt.form == "hidden" else "kl calibration"
+    if opt.form in FULL_MODEL_FORMS or calib_method == "kl":
+        why = f"the {opt.form} form" if opt.form in FULL_MODEL_FORMS else "kl calibration"
         t = time.perf_counter()
         src_lm = _full_model(source, src_e.spec, opt, why)
         tgt_lm = _full_model(target, tgt_e.spec, opt, why)
         timings["load_models"] = round(time.perf_counter() - t, 3)
 
     m: Mapping | None = None
+    refined: dict[str, torch.Tensor] | None = None  # the refined form's factors
     t = time.perf_counter()
     al = align_vocab(src_e.tokenizer, tgt_e.tokenizer) if opt.form != "anchor" else None
     timings["align"] = round(time.perf_counter() - t, 3)
@@ -367,6 +377,14 @@ def carry_lm_steer(
             P_A = G
         elif opt.form == "logit-pinv":
             P_A = torch.linalg.pinv(H.double()).float()
+        elif opt.form == "refined":
+            assert src_lm is not None and tgt_lm is not None and al is not None  # loaded above
+            texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")
+            log(f"fitting the hidden-state map and refining on {len(texts)} neutral texts")
+            rc = refined_carry(steer, src_lm, tgt_lm, H, al.src_ids, al.tgt_ids, texts, max_tokens=opt.hidden_max_tokens,
+                               ridge=opt.hidden_ridge, opts=opt.refine, log=log, progress=progress)
+            P_A, refined = rc.K.T, rc.factors
+            lineage["hidden_map"], lineage["refine"] = rc.hidden_map, rc.refine
         else:  # hidden
             texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")
             log(f"fitting the hidden-state map on {len(texts)} neutral texts")
@@ -376,7 +394,7 @@ def carry_lm_steer(
             P_A = hm.K.T
             lineage["hidden_map"] = hm.diagnostics
     timings["map"] = round(time.perf_counter() - t, 3)
-    factors = carry_factors(steer, P_A, P_B)
+    factors = refined if refined is not None else carry_factors(steer, P_A, P_B)
     require_finite("the carried steer", *factors.values())
 
     t = time.perf_counter()
