@@ -172,7 +172,8 @@ def transfer_cmd(
     normalize: NormalizeOpt = False,
     weighting: WeightingOpt = "none",
     top_k: TopKOpt = None,
-    calibrate: Annotated[str, typer.Option(help="auto (kl for the hidden and refined forms, else embed), embed (embeddings only), kl (loads both "
+    calibrate: Annotated[str, typer.Option(help="auto (kl for the hidden and refined forms, else embed), embed (embeddings only), "
+            "kl (loads both "
             "models) or none.")] = "auto",
     calib_value: Annotated[float, finite_option(bound=POSITIVE, help="Reference steer value at which strengths are matched.")] = 1.0,
     calib_text: Annotated[Optional[Path], file_option(what="text file", help="Neutral text for kl calibration, one text per line "
