@@ -65,7 +65,7 @@ class RefineOptions:
     top_k: int = 64  # shared tokens kept per position, by weight
     weight: str = "both"  # whose next-token probabilities weight the tokens: both (mean), target, source
     holdout: float = 0.2  # share of the neutral texts held out to choose the iterate
-    max_positions: int = 6000  # paired positions used (a seeded sample when there are more)
+    max_positions: int = 4000  # paired positions used (a seeded sample when there are more)
     rounds: int = 30  # L-BFGS rounds of ``iters_per_round`` iterations; held-out loss checked after each
     iters_per_round: int = 10
     patience: int = 3  # stop after this many rounds without a held-out improvement
@@ -246,26 +246,27 @@ def refine_factors(prob: ShiftProblem, A_s: torch.Tensor, B_s: torch.Tensor, eps
 
 
 @dataclass
-class RefinedCarry:
-    """The refined target factors ({"A", "B"} and the closed-form domain part, if any), K (d_s x d_t)
-    and the record for the lineage (``hidden_map`` and ``refine``)."""
+class RefineData:
+    """What the refinement needs that does not depend on the steer: K (d_s x d_t, h_s ≈ K h_t, fitted
+    on the fit texts' paired positions), its record, and the objective's data (:class:`ShiftProblem`)
+    on a sample of fit and held-out positions (``fit_idx``, ``held_idx`` index its rows).
+    Reusable for every steer carried between the same two models."""
 
-    factors: dict[str, torch.Tensor]
     K: torch.Tensor
     hidden_map: dict[str, Any]
-    refine: dict[str, Any]
+    problem: ShiftProblem
+    fit_idx: torch.Tensor
+    held_idx: torch.Tensor
+    seconds: float
 
 
-def refined_carry(steer: Steer, src_lm: LoadedModel, tgt_lm: LoadedModel, H: torch.Tensor, src_ids: torch.Tensor,
-                  tgt_ids: torch.Tensor, texts: Sequence[str], *, max_tokens: int = 128, ridge: float = 0.0,
-                  opts: RefineOptions = RefineOptions(), log: Callable[[str], None] = lambda m: None,
-                  progress: Callable[[int], None] | None = None) -> RefinedCarry:
-    """The ``refined`` form: the hidden-state closed form A_t = Kᵀ A_s, B_t = Hᵀ B_s, then the weighted
-    fit of :func:`refine_factors` on the same paired positions.
-
-    H (d_s x d_t) is the vocabulary map (e_s ≈ H e_t). K is fitted on the fit texts' positions only;
-    the held-out texts choose the refinement's iterate. Too few texts or pairs: a one-line error.
-    """
+def prepare_refine(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
+                   texts: Sequence[str], *, max_tokens: int = 128, ridge: float = 0.0,
+                   opts: RefineOptions = RefineOptions(), log: Callable[[str], None] = lambda m: None,
+                   progress: Callable[[int], None] | None = None) -> RefineData:
+    """One pass of both models over neutral ``texts`` (split by text into fit and held-out parts),
+    the hidden-state map K on the fit part, and the objective's data. Too few texts or paired
+    positions, or non-finite states: a one-line error."""
     t0 = time.perf_counter()
     texts = [t for t in texts if t.strip()]
     n_held = max(1, int(round(opts.holdout * len(texts))))
@@ -285,28 +286,46 @@ def refined_carry(steer: Steer, src_lm: LoadedModel, tgt_lm: LoadedModel, H: tor
     fm = fit_map(torch.cat([Xt, Xt_h]), torch.cat([Ys, Ys_h]), method="ridge" if ridge > 0 else "lstsq", ridge=ridge,
                  train_rows=torch.arange(len(Xt)), held_rows=torch.arange(len(Xt_h)) + len(Xt))
     require_finite("the hidden-state map", fm.M)
-    K = fm.M.T.contiguous()  # (d_s, d_t)
     hidden = {"n_positions": len(Ys), "n_heldout_positions": len(Ys_h), "n_texts": len(fit_texts),
               "n_heldout_texts": len(held_texts), "max_tokens": max_tokens, "ridge": ridge, "train": fm.train,
               "heldout": fm.heldout}
-    factors = {"A": K.T @ steer.A, "B": H.T @ steer.B}  # the closed form (hidden)
-    if "domain.A" in steer.tensors:  # the always-on domain part keeps the closed form
-        factors["domain.A"] = K.T @ steer.tensors["domain.A"]
-        factors["domain.B"] = H.T @ steer.tensors["domain.B"]
-    require_finite("the carried steer", *factors.values())
-
     # positions for the objective: a seeded sample of each part, in proportion
     n_fit = min(len(Ys), max(1, int(round(opts.max_positions * (1 - opts.holdout)))))
     n_hold = min(len(Ys_h), max(1, opts.max_positions - n_fit))
     pick_f = torch.randperm(len(Ys), generator=g)[:n_fit].sort().values
     pick_h = torch.randperm(len(Ys_h), generator=g)[:n_hold].sort().values
-    hs = torch.cat([Ys[pick_f], Ys_h[pick_h]])
-    ht = torch.cat([Xt[pick_f], Xt_h[pick_h]])
-    log(f"refining on {n_fit} + {n_hold} held-out paired positions, top {opts.top_k} shared tokens each")
-    prob = shift_problem(hs, ht, src_lm, tgt_lm, src_ids, tgt_ids, top_k=opts.top_k, weight=opts.weight)
-    A, B, rec = refine_factors(prob, steer.A, steer.B, steer.epsilon, factors["A"], factors["B"],
-                               torch.arange(n_fit), torch.arange(n_fit, n_fit + n_hold), opts)
-    factors["A"], factors["B"] = A, B
-    rec.update(tokens_used=int(prob.X_s.shape[0]), weight_mass=round(float(prob.w.sum(1).mean()), 4),
-               total_seconds=round(time.perf_counter() - t0, 2))
-    return RefinedCarry(factors=factors, K=K, hidden_map=hidden, refine=rec)
+    log(f"refinement data: {n_fit} + {n_hold} held-out paired positions, top {opts.top_k} shared tokens each")
+    prob = shift_problem(torch.cat([Ys[pick_f], Ys_h[pick_h]]), torch.cat([Xt[pick_f], Xt_h[pick_h]]), src_lm, tgt_lm,
+                         src_ids, tgt_ids, top_k=opts.top_k, weight=opts.weight)
+    return RefineData(K=fm.M.T.contiguous(), hidden_map=hidden, problem=prob, fit_idx=torch.arange(n_fit),
+                      held_idx=torch.arange(n_fit, n_fit + n_hold), seconds=round(time.perf_counter() - t0, 2))
+
+
+@dataclass
+class RefinedCarry:
+    """The refined target factors ({"A", "B"} and the closed-form domain part, if any), the closed
+    form it started from (the ``hidden`` form with this K) and the record for the lineage."""
+
+    factors: dict[str, torch.Tensor]
+    closed_form: dict[str, torch.Tensor]
+    K: torch.Tensor
+    hidden_map: dict[str, Any]
+    refine: dict[str, Any]
+
+
+def refined_carry(steer: Steer, H: torch.Tensor, data: RefineData, opts: RefineOptions = RefineOptions()) -> RefinedCarry:
+    """The ``refined`` form: the hidden-state closed form A_t = Kᵀ A_s, B_t = Hᵀ B_s (H, d_s x d_t: the
+    vocabulary map e_s ≈ H e_t), then the weighted fit of :func:`refine_factors`; the held-out
+    positions choose the iterate."""
+    K = data.K
+    closed = {"A": K.T @ steer.A, "B": H.T @ steer.B}  # (d_t, r) each
+    if "domain.A" in steer.tensors:  # the always-on domain part keeps the closed form
+        closed["domain.A"] = K.T @ steer.tensors["domain.A"]
+        closed["domain.B"] = H.T @ steer.tensors["domain.B"]
+    require_finite("the carried steer", *closed.values())
+    A, B, rec = refine_factors(data.problem, steer.A, steer.B, steer.epsilon, closed["A"], closed["B"], data.fit_idx,
+                               data.held_idx, opts)
+    rec.update(tokens_used=int(data.problem.X_s.shape[0]), weight_mass=round(float(data.problem.w.sum(1).mean()), 4),
+               prepare_seconds=data.seconds)
+    return RefinedCarry(factors={**closed, "A": A, "B": B}, closed_form=closed, K=K, hidden_map=data.hidden_map,
+                        refine=rec)

@@ -75,7 +75,7 @@ from steerport.kinds import get_kind
 from steerport.linmap import fit_map
 from steerport.mapping import FitOptions, Mapping, get_mapping
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model
-from steerport.refine import RefineOptions, refined_carry
+from steerport.refine import RefineOptions, prepare_refine, refined_carry
 from steerport.steer import Steer
 from steerport.texts import neutral
 from steerport.vocab import align_vocab, raw_shared_tokens
@@ -381,8 +381,9 @@ def carry_lm_steer(
             assert src_lm is not None and tgt_lm is not None and al is not None  # loaded above
             texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")
             log(f"fitting the hidden-state map and refining on {len(texts)} neutral texts")
-            rc = refined_carry(steer, src_lm, tgt_lm, H, al.src_ids, al.tgt_ids, texts, max_tokens=opt.hidden_max_tokens,
-                               ridge=opt.hidden_ridge, opts=opt.refine, log=log, progress=progress)
+            data = prepare_refine(src_lm, tgt_lm, al.src_ids, al.tgt_ids, texts, max_tokens=opt.hidden_max_tokens,
+                                  ridge=opt.hidden_ridge, opts=opt.refine, log=log, progress=progress)
+            rc = refined_carry(steer, H, data, opt.refine)
             P_A, refined = rc.K.T, rc.factors
             lineage["hidden_map"], lineage["refine"] = rc.hidden_map, rc.refine
         else:  # hidden
