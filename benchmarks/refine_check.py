@@ -9,9 +9,13 @@ forms' own magnitudes show) and measure on the target
 * **fidelity** = (AUC_target − 0.5) / (AUC_source − 0.5);
 * **ρ**: Spearman correlation of the steer's log-prob shift (value +1 minus unsteered) of the same
   character spans on both models: spans between consecutive positions where both tokenizations
-  end at the same character, over the held-out texts;
+  end at the same character, over the same held-out texts;
 * **κ ratio**: mean KL from the unsteered model at value 1 on neutral text, target / source —
   how well a form keeps the strength without calibration.
+
+Log-probs come from one body pass and one full LM-head pass per model and text set (the trainer's
+top-k statistics, :mod:`steerport.train.topk`: the 256 most likely tokens of each position exact,
+the tail to first order); ``topk_check`` in the result compares it with full forward passes.
 
 ``hidden`` and ``refined`` share one pass over neutral text per target (:func:`steerport.refine.prepare_refine`):
 ``hidden`` is the closed form the refinement starts from (K fitted on the refinement's fit texts,
@@ -38,7 +42,7 @@ from typing import Any, cast
 import torch
 
 from steerport import __version__
-from steerport.capture import pair_by_end_offset, token_end_offsets
+from steerport.capture import cache_hidden, pair_by_end_offset, token_end_offsets
 from steerport.fileio import atomic_write_json
 from steerport.linmap import fit_map
 from steerport.mapping import get_mapping
@@ -48,6 +52,7 @@ from steerport.refine import RefineData, prepare_refine, refined_carry
 from steerport.scoring import mean_kl, token_logprobs
 from steerport.steer import Steer
 from steerport.texts import bundled, neutral, read_texts_and_labels
+from steerport.train.topk import topk_stats, topk_token_loss
 from steerport.transfer import TransferOptions, transfer_steer
 from steerport.vocab import align_vocab
 
@@ -67,11 +72,49 @@ def held_out(task: str, n: int) -> tuple[list[str], list[int]]:
     return pos + neg, [1] * len(pos) + [0] * len(neg)
 
 
-def span_shifts(lm: LoadedModel, steer: Steer, texts: list[str], max_tokens: int) -> list[torch.Tensor]:
-    """Per text, the log-prob shift (value +1 minus unsteered) of each token after the first."""
-    base = token_logprobs(lm, texts, [], max_tokens=max_tokens)
-    steered = token_logprobs(lm, texts, [(steer, 1.0)], max_tokens=max_tokens)
-    return [s - b for s, b in zip(steered, base)]
+class HeadEval:
+    """Per-token log-probs of fixed texts under any LM-Steer steer, from one body pass and one full
+    head pass (the trainer's ``head="topk"`` statistics: the top ``k`` candidates of each position
+    exact, the tail to first order), so every form and value costs O(N·k·r), not a forward pass.
+    ``check`` compares it with full forward passes on a few texts."""
+
+    def __init__(self, lm: LoadedModel, texts: list[str], max_tokens: int, k: int = 256):
+        self.lm, self.texts = lm, texts
+        self.cache = cache_hidden(lm, texts, max_tokens=max_tokens, predicted_only=True)
+        self.stats = topk_stats(self.cache, lm.output_embeddings.detach(), lm.lm_head_bias, k=k)
+        self.E = lm.output_embeddings.detach()
+        self.idx = torch.arange(self.cache.n_positions)
+
+    @torch.no_grad()
+    def token_lp(self, steer: Steer | None, value: float = 1.0) -> torch.Tensor:
+        """log p(next token) at every cached position (N,)."""
+        h = self.cache.h.float()
+        if steer is None:
+            u, B = h.new_zeros(len(h), 1), h.new_zeros(h.shape[1], 1)
+        else:
+            u, B = value * steer.epsilon * (h @ steer.A.float()), steer.B.float()
+        return -topk_token_loss(self.stats, self.idx, u, B, self.E)
+
+    def per_text(self, lp: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(lp, torch.bincount(self.cache.text_id, minlength=len(self.texts)).tolist()))
+
+    def scores(self, steer: Steer, value: float = 1.0) -> torch.Tensor:
+        """The steer as a classifier: mean log-likelihood under +value minus under −value, per text."""
+        d = self.token_lp(steer, value) - self.token_lp(steer, -value)
+        return torch.stack([x.mean() if x.numel() else x.new_zeros(()) for x in self.per_text(d)])
+
+    def shifts(self, steer: Steer) -> list[torch.Tensor]:
+        """Per text, the log-prob shift of each token after the first (value +1 minus unsteered)."""
+        return self.per_text(self.token_lp(steer) - self.token_lp(None))
+
+    def check(self, steer: Steer, n: int, max_tokens: int) -> dict[str, float]:
+        """Max |approximate − exact| per-token shift at value 1 on the first n texts (full forward passes)."""
+        exact = [s - b for s, b in zip(token_logprobs(self.lm, self.texts[:n], [(steer, 1.0)], max_tokens=max_tokens),
+                                       token_logprobs(self.lm, self.texts[:n], [], max_tokens=max_tokens))]
+        approx = self.shifts(steer)[:n]
+        e, a = torch.cat(exact), torch.cat(approx)
+        return {"max_abs_err": float((e - a).abs().max()), "rms_shift": float(e.pow(2).mean().sqrt()),
+                "spearman": spearman(e.tolist(), a.tolist()), "tokens": len(e)}
 
 
 def aligned_spans(tok_s: Any, tok_t: Any, texts: list[str], shifts_s: list[torch.Tensor], shifts_t: list[torch.Tensor],
@@ -108,6 +151,43 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "steerport": __version__}
 
 
+def markdown(res: dict[str, Any]) -> str:
+    """The result as a table per task: source, then each target's forms."""
+    st, m = res["settings"], res["machine"]
+    lines = [f"# Transfer fidelity by form: {st['source']} -> {st['targets']}", "",
+             f"Held-out texts: {st['n']} per class of the shipped test split; value ±1, no calibration; "
+             f"steerport {m['steerport']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}.", "",
+             "AUC: steer-as-classifier on the target; fidelity = (AUC − 0.5) / (AUC_source − 0.5); "
+             "ρ: Spearman of the log-prob shifts of the same character spans on source and target; "
+             "κ ratio: mean KL at value 1 on neutral text, target / source (1 = strength kept without calibration); "
+             "shift loss: the refinement's held-out relative weighted loss (closed form → refined).", ""]
+    for task in TASKS:
+        if task not in res:
+            continue
+        cell = res[task]
+        src = cell["source"]
+        lines += [f"## {task}", "", f"Source steer on {st['source']}: AUC {src['auc']:.3f}, κ {src['kappa']:.4f} "
+                  f"(top-k head vs full forward passes: Spearman {src['topk_check']['spearman']:.4f} over "
+                  f"{src['topk_check']['tokens']} token shifts).", "",
+                  "| target | form | AUC | fidelity | ρ (spans) | κ ratio | shift loss | transfer s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for tgt, forms in cell.items():
+            if tgt == "source":
+                continue
+            for form, r in forms.items():
+                if not isinstance(r, dict):
+                    continue
+                loss = r.get("refine", {}).get("heldout_loss")
+                ls = f"{loss['init']:.3f} → {loss['final']:.3f}" if loss else ""
+                lines.append(f"| {tgt} | {form} | {r['auc']:.3f} | {r['fidelity']:.2f} | {r['rho']:.3f} | "
+                             f"{r['kappa_ratio']:.2f} | {ls} | {r['transfer_s']:.0f} |")
+        lines.append("")
+    if "prepare_s" in res:
+        lines += [f"One pass of both models over neutral text (shared by hidden and refined, both tasks): "
+                  f"{res['prepare_s']} s.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", default="smollm2-135m")
@@ -115,17 +195,25 @@ def main() -> None:
     ap.add_argument("--tasks", default="sentiment,toxicity")
     ap.add_argument("--forms", default="logit,hidden,refined,emb2emb")
     ap.add_argument("--n", type=int, default=100, help="held-out texts per class")
-    ap.add_argument("--rho-texts", type=int, default=60, help="held-out texts (per class) for ρ of span shifts")
+    ap.add_argument("--topk", type=int, default=256, help="exact head candidates per position (the rest first-order)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--hidden-texts", type=int, default=200, help="neutral fit texts for hidden / refined")
+    ap.add_argument("--hidden-texts", type=int, default=120, help="neutral fit texts for hidden / refined")
+    ap.add_argument("--hidden-max-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/refine_check.json")
+    ap.add_argument("--report", action="store_true", help="only rewrite the .md from the existing .json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     res: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    if args.report:
+        out.with_suffix(".md").write_text(markdown(res))
+        return
     res.update(settings=vars(args), machine=machine())
-    save = lambda: atomic_write_json(out, res)
+    def save() -> None:
+        atomic_write_json(out, res)
+        out.with_suffix(".md").write_text(markdown(res))
+
     src = load_model(args.source)
     kl_texts = neutral("calib", 16)
     targets: dict[str, LoadedModel] = {}  # kept loaded across tasks (3 small models fit in memory)
@@ -134,25 +222,27 @@ def main() -> None:
         steer_path = TASKS[task][0]
         steer = Steer.load(steer_path)
         texts, labels = held_out(task, args.n)
-        rho_texts = texts[: args.rho_texts] + texts[len(texts) // 2 : len(texts) // 2 + args.rho_texts]
         cell = res.setdefault(task, {})
+        t = time.time()
+        src_eval = HeadEval(src, texts, args.max_tokens, k=args.topk)
         if "source" not in cell:
-            t = time.time()
-            lp = torch.stack([x.mean() for x in token_logprobs(src, texts, [(steer, 1.0)], max_tokens=args.max_tokens)])
-            ln = torch.stack([x.mean() for x in token_logprobs(src, texts, [(steer, -1.0)], max_tokens=args.max_tokens)])
-            cell["source"] = {"auc": roc_auc(lp - ln, labels), "kappa": mean_kl(src, kl_texts, [(steer, 1.0)], max_tokens=64),
-                              "n": len(texts), "eval_s": round(time.time() - t, 1)}
+            auc = roc_auc(src_eval.scores(steer), labels)
+            cell["source"] = {"auc": auc, "kappa": mean_kl(src, kl_texts, [(steer, 1.0)], max_tokens=64), "n": len(texts),
+                              "topk_check": src_eval.check(steer, 12, args.max_tokens), "eval_s": round(time.time() - t, 1)}
             print(task, "source", cell["source"], flush=True)
             save()
-        src_shifts = span_shifts(src, steer, rho_texts, args.max_tokens)
+        src_shifts = src_eval.shifts(steer)
         for tgt_spec in args.targets.split(","):
             tgt = targets.get(tgt_spec) or targets.setdefault(tgt_spec, load_model(tgt_spec))
             data = prepared.get(tgt_spec)
             tc = cell.setdefault(tgt_spec, {})
             al = align_vocab(src.tokenizer, tgt.tokenizer)
+            t = time.time()
+            tgt_eval = HeadEval(tgt, texts, args.max_tokens, k=args.topk)
+            tc["eval_cache_s"] = round(time.time() - t, 1)
             for form in args.forms.split(","):
                 if form in tc:
-                    continue
+                    continue  # a rerun resumes
                 t = time.time()
                 info: dict[str, Any] = {}
                 if form == "emb2emb":
@@ -161,7 +251,7 @@ def main() -> None:
                     if data is None:
                         t = time.time()
                         data = prepare_refine(src, tgt, al.src_ids, al.tgt_ids, neutral("fit", args.hidden_texts),
-                                              max_tokens=96)
+                                              max_tokens=args.hidden_max_tokens)
                         res.setdefault("prepare_s", {})[tgt_spec] = round(time.time() - t, 1)
                         t = time.time()
                     H = get_mapping(ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt))[0].H
@@ -172,16 +262,14 @@ def main() -> None:
                     info = {"hidden_map": rc.hidden_map, **({"refine": rc.refine} if form == "refined" else {})}
                 else:
                     r = transfer_steer(steer, src, tgt, TransferOptions(
-                        form=form, calibrate="none", hidden_texts=neutral("fit", args.hidden_texts), hidden_max_tokens=96))
+                        form=form, calibrate="none", hidden_texts=neutral("fit", args.hidden_texts), hidden_max_tokens=args.hidden_max_tokens))
                     new = r.steer
                     info = {k: r.lineage[k] for k in ("hidden_map", "refine") if k in r.lineage}
                 transfer_s = time.time() - t
                 t = time.time()
-                lp = torch.stack([x.mean() for x in token_logprobs(tgt, texts, [(new, 1.0)], max_tokens=args.max_tokens)])
-                ln = torch.stack([x.mean() for x in token_logprobs(tgt, texts, [(new, -1.0)], max_tokens=args.max_tokens)])
-                auc = roc_auc(lp - ln, labels)
-                xs, xt = aligned_spans(src.tokenizer, tgt.tokenizer, rho_texts, src_shifts,
-                                       span_shifts(tgt, new, rho_texts, args.max_tokens), args.max_tokens)
+                auc = roc_auc(tgt_eval.scores(new), labels)
+                xs, xt = aligned_spans(src.tokenizer, tgt.tokenizer, texts, src_shifts, tgt_eval.shifts(new),
+                                       args.max_tokens)
                 kappa = mean_kl(tgt, kl_texts, [(new, 1.0)], max_tokens=64)
                 tc[form] = {"auc": auc, "fidelity": (auc - 0.5) / (cell["source"]["auc"] - 0.5),
                             "rho": spearman(xs, xt), "n_spans": len(xs), "kappa": kappa,
