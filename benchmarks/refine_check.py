@@ -160,7 +160,11 @@ def markdown(res: dict[str, Any]) -> str:
              "AUC: steer-as-classifier on the target; fidelity = (AUC − 0.5) / (AUC_source − 0.5); "
              "ρ: Spearman of the log-prob shifts of the same character spans on source and target; "
              "κ ratio: mean KL at value 1 on neutral text, target / source (1 = strength kept without calibration); "
-             "shift loss: the refinement's held-out relative weighted loss (closed form → refined).", ""]
+             "shift loss: the refinement's held-out relative weighted loss (closed form → refined); "
+             "transfer s: hidden and refined come from one call that also runs the refinement, after the shared "
+             "neutral pass (its time below). Log-probs from cached body states and the top-256 head statistics.", ""]
+    if res.get("note"):
+        lines += [res["note"], ""]
     for task in TASKS:
         if task not in res:
             continue
