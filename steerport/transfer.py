@@ -32,6 +32,11 @@ keeps transfer cheap and embeddings-only; choose ``--form hidden`` when both mod
 ``refined`` (:mod:`steerport.refine`) starts from the hidden form and fits A_t, B_t so the target's
 first-order next-token log-prob shifts match the source's on shared tokens at paired positions,
 weighted by the tokens' probabilities (the unweighted version of that fit is the hidden form).
+Measured SmolLM2 → Gemma-3 (``benchmarks/results/refine_check.md``; 200 held-out texts of the shipped
+test splits, source AUC 0.888 / 0.913, sentiment / toxicity): AUC logit 0.846 / 0.753, hidden
+0.867 / 0.824, refined 0.878 / 0.843, an Emb2Emb-style input-embedding map 0.751 / 0.634; Spearman ρ
+of the same spans' log-prob shifts on both models 0.57 / 0.69, 0.61 / 0.77, 0.66 / 0.81, 0.31 / 0.28;
+the uncalibrated strength (κ_t / κ_s) 0.29 / 0.33, 0.27 / 0.44, 0.57 / 0.75, 0.07 / 0.08.
 
 The hidden-state map K is fitted on the LM-head inputs of both models at the positions where
 the two tokenizations end on the same character (:func:`steerport.capture.paired_states`;
