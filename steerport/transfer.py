@@ -17,6 +17,8 @@ rank and writes the target factors as A_t = P_A A_s, B_t = P_B B_s (P_A, P_B: d_
     logit        G  (fitted)      Hᵀ    embeddings + tokenizers        similar logits on shared tokens
     logit-pinv   H⁺               Hᵀ    embeddings + tokenizers        same, G = H⁺
     hidden       Kᵀ               Hᵀ    both full models, one pass     h_s ≈ K h_t fitted on neutral text
+    refined      (fitted)         (fitted) both full models, one pass  hidden, then fitted to the source's
+                                                                       probability-weighted log-prob shifts
     anchor       N (Adam, unit rows) N  embeddings + tokenizers        the original LM-Steer code's recipe
 
 **Default: ``logit``** (fitted G). Measured as held-out steer-as-classifier AUC on Gemma-3 for
@@ -26,6 +28,15 @@ with H⁺ 0.74 / 0.72, logit with fitted G 0.75 / 0.73, hidden-state map 0.85 / 
 full models (for ``transfer gpt2 gpt-j`` that is a 24 GB load) while the logit form needs only
 the two output-embedding matrices and tokenizers, and it is the best of those. So the default
 keeps transfer cheap and embeddings-only; choose ``--form hidden`` when both models fit.
+
+``refined`` (:mod:`steerport.refine`) starts from the hidden form and fits A_t, B_t so the target's
+first-order next-token log-prob shifts match the source's on shared tokens at paired positions,
+weighted by the tokens' probabilities (the unweighted version of that fit is the hidden form).
+Measured SmolLM2 → Gemma-3 (``benchmarks/results/refine_check.md``; 200 held-out texts of the shipped
+test splits, source AUC 0.888 / 0.913, sentiment / toxicity): AUC logit 0.846 / 0.753, hidden
+0.867 / 0.824, refined 0.878 / 0.843, an Emb2Emb-style input-embedding map 0.751 / 0.634; Spearman ρ
+of the same spans' log-prob shifts on both models 0.57 / 0.69, 0.61 / 0.77, 0.66 / 0.81, 0.31 / 0.28;
+the uncalibrated strength (κ_t / κ_s) 0.29 / 0.33, 0.27 / 0.44, 0.57 / 0.75, 0.07 / 0.08.
 
 The hidden-state map K is fitted on the LM-head inputs of both models at the positions where
 the two tokenizations end on the same character (:func:`steerport.capture.paired_states`;
@@ -82,13 +93,15 @@ from steerport.kinds import get_kind
 from steerport.linmap import fit_map
 from steerport.mapping import FitOptions, Mapping, find_mapping, fit_and_save
 from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model
+from steerport.refine import RefineOptions, prepare_refine, refined_carry
 from steerport.steer import Steer
 from steerport.strength import CURVE_TEXTS, calibrate_to_curve
 from steerport.strength import META_KEY as STRENGTH_KEY
 from steerport.texts import neutral
 from steerport.vocab import align_vocab, raw_shared_tokens
 
-FORMS = ("logit", "logit-pinv", "paper", "hidden", "anchor")
+FORMS = ("logit", "logit-pinv", "paper", "hidden", "refined", "anchor")
+FULL_MODEL_FORMS = ("hidden", "refined")  # forms that run both full models over neutral text
 DEFAULT_FORM = "logit"
 CALIBRATIONS = ("auto", "embed", "kl", "none")
 ACTADD_METHODS = ("recipe", "map")
@@ -126,6 +139,7 @@ class TransferOptions:
     anchor_steps: int = 10_000  # the anchor's defaults: Adam, lr 1e-3, 10k steps, top 4000 tokens
     anchor_lr: float = 1e-3
     anchor_top_k: int = 4000
+    refine: RefineOptions = field(default_factory=RefineOptions)  # the refined form's fit
     actadd_method: str = "recipe"
     texts: Sequence[str] | None = None
     max_tokens: int = 128
@@ -364,16 +378,17 @@ def carry_lm_steer(
         "form": opt.form,
     }
     src_lm = tgt_lm = None
-    if opt.form == "hidden" or calib_method == "kl":  # kl needs the source model only when its curve is not recorded
-        why = "the hidden form" if opt.form == "hidden" else "kl calibration"
+    if opt.form in FULL_MODEL_FORMS or calib_method == "kl":  # kl needs the source model only when its curve is not recorded
+        why = f"the {opt.form} form" if opt.form in FULL_MODEL_FORMS else "kl calibration"
         t = time.perf_counter()
         tgt_lm = _full_model(target, tgt_e.spec, opt, why)
-        if opt.form == "hidden" or isinstance(source, LoadedModel):
+        if opt.form in FULL_MODEL_FORMS or isinstance(source, LoadedModel):
             src_lm = _full_model(source, src_e.spec, opt, why)
         timings["load_models"] = round(time.perf_counter() - t, 3)
 
     m: Mapping | None = None
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # aligned (src_ids, tgt_ids)
+    refined: dict[str, torch.Tensor] | None = None  # the refined form's factors
     timings["align"] = 0.0
     t = time.perf_counter()
     if opt.form == "anchor":
@@ -405,6 +420,18 @@ def carry_lm_steer(
             P_A = G
         elif opt.form == "logit-pinv":
             P_A = torch.linalg.pinv(H.double()).float()
+        elif opt.form == "refined":
+            assert src_lm is not None and tgt_lm is not None  # loaded above
+            if pairs is None:  # a mapping file written before the pairs were stored: align the tokenizers
+                al = align_vocab(src_e.full().tokenizer, tgt_e.full().tokenizer)
+                pairs = (al.src_ids, al.tgt_ids)
+            texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")
+            log(f"fitting the hidden-state map and refining on {len(texts)} neutral texts")
+            data = prepare_refine(src_lm, tgt_lm, pairs[0], pairs[1], texts, max_tokens=opt.hidden_max_tokens,
+                                  ridge=opt.hidden_ridge, opts=opt.refine, log=log, progress=progress)
+            rc = refined_carry(steer, H, data, opt.refine)
+            P_A, refined = rc.K.T, rc.factors
+            lineage["hidden_map"], lineage["refine"] = rc.hidden_map, rc.refine
         else:  # hidden
             texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")
             log(f"fitting the hidden-state map on {len(texts)} neutral texts")
@@ -414,7 +441,7 @@ def carry_lm_steer(
             P_A = hm.K.T
             lineage["hidden_map"] = hm.diagnostics
     timings["map"] = round(time.perf_counter() - t, 3)
-    factors = carry_factors(steer, P_A, P_B)
+    factors = refined if refined is not None else carry_factors(steer, P_A, P_B)
     require_finite("the carried steer", *factors.values())
 
     t = time.perf_counter()

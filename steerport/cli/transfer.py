@@ -150,6 +150,8 @@ def describe(source: Steer, res: TransferResult, dest: Path) -> list[str]:
         msg += f"; mapping {lin['mapping']['method']} on {lin['mapping']['n_pairs']} pairs, held-out R² {h.get('r2', float('nan')):.3f}"
     if "hidden_map" in lin:
         msg += f"; hidden map R² {lin['hidden_map'].get('heldout', {}).get('r2', float('nan')):.3f}"
+    if "refine" in lin:
+        msg += f"; refined: held-out shift loss {lin['refine']['heldout_loss']['init']:.3f} -> {lin['refine']['heldout_loss']['final']:.3f}"
     if "seconds" in lin:
         msg += f"; {lin['seconds']['total']:.1f} s"
     if cal["method"] != "kl":
@@ -163,8 +165,8 @@ def transfer_cmd(
     tgt: ModelArg,
     steer: SteerFileOpt,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .st (default: STEER.TGT.st next to the steer).")] = None,
-    form: Annotated[str, typer.Option(help="logit (default, fitted G), logit-pinv, paper (HᵀWH), hidden (needs both full models) or "
-            "anchor (baseline).")] = "logit",
+    form: Annotated[str, typer.Option(help="logit (default, fitted G), logit-pinv, paper (HᵀWH), hidden (needs both full models), "
+            "refined (hidden, then fitted to the source's log-prob shifts; both full models) or anchor (baseline).")] = "logit",
     mapping: Annotated[Optional[Path], typer.Option(help="Mapping file to use (refused if stale; fitted and written there if "
             "missing).")] = None,
     method: MethodOpt = "lstsq",
@@ -173,7 +175,8 @@ def transfer_cmd(
     normalize: NormalizeOpt = False,
     weighting: WeightingOpt = "none",
     top_k: TopKOpt = None,
-    calibrate: Annotated[str, typer.Option(help="auto (kl for the hidden form, else embed), embed (embeddings only), kl (loads both "
+    calibrate: Annotated[str, typer.Option(help="auto (kl for the hidden and refined forms, else embed), embed (embeddings only), "
+            "kl (loads both "
             "models) or none.")] = "auto",
     calib_value: Annotated[float, finite_option(bound=POSITIVE, help="Reference steer value at which strengths are matched.")] = 1.0,
     calib_text: Annotated[Optional[Path], file_option(what="text file", help="Neutral text for kl calibration, one text per line "

@@ -1,0 +1,130 @@
+"""The refined transfer form: exact maps refine to the identical steer; the fit lowers a real loss;
+the objective's math; bad input is a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerport.capture import paired_states
+from steerport.errors import SteerportError
+from steerport.refine import RefineOptions, ShiftProblem, paired_head_states, refine_factors, shift_problem, token_shifts
+from steerport.transfer import TransferOptions, transfer_steer
+from tests.test_transfer import TEXTS, D, logit_shift, random_basis, source_steer, transformed_model
+from tests.tiny import tiny_model
+
+
+def _refined(steer, src, tgt, **kw):
+    return transfer_steer(steer, src, tgt, TransferOptions(form="refined", calibrate="none", hidden_texts=TEXTS, **kw),
+                          force=True)
+
+
+def test_same_model_refines_to_the_identical_steer():
+    src = tiny_model("llama", seed=0)
+    steer = source_steer(src)
+    res = _refined(steer, src, src)
+    assert torch.equal(res.steer.A, steer.A) and torch.equal(res.steer.B, steer.B)
+    rec = res.lineage["refine"]
+    assert rec["loss"]["init"] == 0 and rec["rounds"] == 0 and "exact" in rec["kept"]
+    assert res.lineage["form"] == "refined" and res.lineage["options"]["refine"]["top_k"] == 64
+
+
+@pytest.mark.parametrize("orthogonal", [True, False])
+def test_exact_linear_image_refines_to_the_closed_form_and_reproduces_the_shift(orthogonal):
+    """Target = source in another basis and vocabulary order (h_t = P h_s, E_t = E_s P⁻¹): the
+    closed form is exact, the refinement keeps it bit for bit, and the logit shifts match."""
+    src = tiny_model("llama", seed=0)
+    V = src.output_embeddings.shape[0]
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(7))
+    tgt = transformed_model(src, random_basis(D, orthogonal), perm)
+    steer = source_steer(src)
+    hidden = transfer_steer(steer, src, tgt, TransferOptions(form="hidden", calibrate="none", hidden_texts=TEXTS,
+                                                             hidden_holdout=0.0))
+    res = _refined(steer, src, tgt)
+    assert res.lineage["refine"]["rounds"] == 0
+    # K is fitted on the refinement's fit texts only, so it equals the hidden form's K up to rounding
+    assert torch.allclose(res.steer.A, hidden.steer.A, atol=1e-4) and torch.equal(res.steer.B, hidden.steer.B)
+    ids = src.tokenizer(TEXTS[:3], return_tensors="pt", padding=True)["input_ids"]
+    want = logit_shift(src, steer, ids)
+    got = logit_shift(tgt, res.steer, perm[ids])[..., perm]
+    assert torch.allclose(got, want, atol=2e-4 * want.abs().max())
+
+
+def test_inexact_pair_lowers_the_heldout_loss_and_keeps_the_domain_part():
+    src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
+    steer = source_steer(src)
+    res = _refined(steer, src, tgt, refine=RefineOptions(rounds=5))
+    rec = res.lineage["refine"]
+    assert rec["rounds"] >= 1
+    assert rec["heldout_loss"]["final"] < rec["heldout_loss"]["init"]
+    assert rec["loss"]["final"] < rec["loss"]["init"]
+    assert res.steer.A.shape == (D, steer.rank) and torch.isfinite(res.steer.A).all()
+    assert res.lineage["calibration"]["method"] == "none"
+    assert TransferOptions(form="refined").calibration_method() == "kl"
+
+
+def _random_problem(n=40, m=30, K=5, d=6, seed=0) -> ShiftProblem:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    return ShiftProblem(h_s=r(n, d), h_t=r(n, d), X_s=r(m, d), X_t=r(m, d),
+                        ids=torch.randint(0, m, (n, K), generator=g), w=torch.rand(n, K, generator=g),
+                        cen_s=r(n, d), cen_t=r(n, d), slope_s=torch.ones(n, K), slope_t=torch.ones(n, K))
+
+
+def test_token_shifts_are_the_centred_logit_shift():
+    p = _random_problem()
+    A, B = torch.randn(6, 2), torch.randn(6, 2)
+    got = token_shifts(p.h_s, p.cen_s, p.slope_s, p.X_s, p.ids, A, B, 0.3)
+    W = A @ B.T  # Δz_v = ε hᵀ W x_v, minus ε hᵀ W ē
+    want = 0.3 * ((p.h_s @ W)[:, None, :] * p.X_s[p.ids]).sum(-1) - 0.3 * ((p.h_s @ W) * p.cen_s).sum(-1, keepdim=True)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_refine_factors_fixed_point_and_fit():
+    """The source itself as a start has zero loss and comes back unchanged; a perturbed start is improved."""
+    p = _random_problem()
+    p.h_t, p.X_t, p.cen_t = p.h_s, p.X_s, p.cen_s  # the same model on both sides
+    A, B = torch.randn(6, 2), torch.randn(6, 2)
+    fit, held = torch.arange(30), torch.arange(30, 40)
+    A1, B1, rec = refine_factors(p, A, B, 0.1, A, B, fit, held)
+    assert torch.equal(A1, A) and torch.equal(B1, B) and rec["rounds"] == 0
+    A2, B2, rec = refine_factors(p, A, B, 0.1, A + 0.3 * torch.randn(6, 2), B, fit, held)
+    assert rec["heldout_loss"]["final"] < 0.01 * rec["heldout_loss"]["init"]
+
+
+def test_shift_problem_weights_are_probabilities_of_shared_tokens():
+    src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
+    h_s, h_t = torch.randn(7, D), torch.randn(7, D)
+    ids = torch.arange(1, 50)
+    p = shift_problem(h_s, h_t, src, tgt, ids, ids, top_k=4, weight="target")
+    probs = torch.softmax(h_t @ tgt.output_embeddings.T.float(), 1)[:, ids]
+    assert torch.allclose(p.w, probs.topk(4, dim=1).values, atol=1e-6)
+    assert torch.allclose(p.cen_t, torch.softmax(h_t @ tgt.output_embeddings.T.float(), 1) @ tgt.output_embeddings.float(),
+                          atol=1e-5)
+
+
+def test_bad_input_is_a_one_line_error():
+    src = tiny_model("llama", seed=0)
+    steer = source_steer(src)
+    with pytest.raises(SteerportError, match="neutral text"):
+        transfer_steer(steer, src, src, TransferOptions(form="refined", calibrate="none", hidden_texts=["Hi.", "Ok", "Yes."]))
+    with pytest.raises(SteerportError, match="at least 2 neutral texts"):
+        transfer_steer(steer, src, src, TransferOptions(form="refined", calibrate="none", hidden_texts=["One text."]))
+    with pytest.raises(SteerportError, match="refine weight"):
+        RefineOptions(weight="uniform")
+    with pytest.raises(SteerportError, match="refine top_k"):
+        RefineOptions(top_k=0)
+    tgt = tiny_model("llama", seed=2)
+    tgt.model.model.norm.weight.data[0] = float("nan")
+    with pytest.raises(SteerportError, match="NaN"):
+        _refined(steer, src, tgt)
+
+
+def test_batched_pairing_gives_the_rows_of_paired_states():
+    src, tgt = tiny_model("llama", seed=0), tiny_model("gemma3_text", seed=1)
+    ((Ys, Xt),) = paired_states(src, tgt, TEXTS, ["head"], ["head"], max_tokens=20)
+    Ys2, Xt2 = paired_head_states(src, tgt, TEXTS, max_tokens=20)
+    assert Ys.shape == Ys2.shape and Xt.shape == Xt2.shape
+    assert torch.allclose(Ys, Ys2, atol=1e-4) and torch.allclose(Xt, Xt2, atol=1e-4)
+    with pytest.raises(SteerportError, match="pair up"):
+        paired_head_states(src, tgt, ["Hi."], min_pairs=10)
