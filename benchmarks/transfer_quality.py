@@ -101,11 +101,13 @@ class Plan:
     warm_eval_every: int = 2
     warm_fraction: float = 0.1  # share of the training texts the warm-small run trains on
     curve: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0)
+    curve_chars: int = 0  # >0: the strength-curve text (KL calibration) cut to this many characters (tiny models' contexts)
 
 
 QUICK = Plan(per_class=40, train_max_tokens=24, rank=4, steps=6, tokens_per_batch=256, lr=5e-2, epsilon=0.3, kappa=0.01,
              heldout_per_class=12, heldout_max_tokens=24, neutral_texts=6, neutral_max_tokens=32, n_prompts=3, samples=2,
-             max_new_tokens=6, anchor_steps=50, hidden_texts=20, warm_steps=4, warm_eval_every=2, warm_fraction=0.3, curve=(0.5, 1.0, 2.0))
+             max_new_tokens=6, anchor_steps=50, hidden_texts=20, warm_steps=4, warm_eval_every=2, warm_fraction=0.3, curve=(0.5, 1.0, 2.0),
+             curve_chars=100)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -198,17 +200,20 @@ def ablation_options(plan: Plan) -> dict[str, Any]:
     # calibration factor; the form/method ablations therefore skip calibration (it only scales ε₀ and
     # costs a vocabulary alignment each) — their "value ratio" is then uncalibrated by design.
     none = {"calibrate": "none"}
+    # the default KL calibration's text: the library's, or (tiny models) the same paragraphs cut shorter
+    kl = {"calib_texts": [t[: plan.curve_chars] for t in neutral("calib", limit=16)]} if plan.curve_chars else {}
     return {
-        "default": TransferOptions(),
+        "default": TransferOptions(**kl),
         "calibration=none": TransferOptions(**none),
         "form=paper": TransferOptions(form="paper", **none),
         "form=logit-pinv": TransferOptions(form="logit-pinv", **none),
         "anchor": TransferOptions(form="anchor", anchor_steps=plan.anchor_steps),
         # the hidden-state map on 120 neutral paragraphs of <= 64 tokens (the transfer default is 300 x 128)
-        "form=hidden": TransferOptions(form="hidden", hidden_texts=neutral("fit")[:plan.hidden_texts], hidden_max_tokens=64),
+        "form=hidden": TransferOptions(form="hidden", hidden_texts=neutral("fit")[:plan.hidden_texts], hidden_max_tokens=64,
+                                       **kl),
         "method=procrustes": TransferOptions(fit=FitOptions(method="procrustes"), **none),
         "method=ridge": TransferOptions(fit=FitOptions(method="ridge"), **none),
-        "calibration=kl": TransferOptions(calibrate="kl"),
+        "calibration=kl": TransferOptions(calibrate="kl", **kl),
     }
 
 

@@ -227,7 +227,7 @@ def test_transfer_between_split_models_matches_whole_models(tmp_path):
     src_split, tgt_split = load_split(src_path, tmp_path), load_split(tgt_path, tmp_path)
     A, B = random_steer_factors()
     steer = Steer.lm_steer(A, B, epsilon=0.5, positive="positive", model={"spec": src.spec, "fingerprint": src.fingerprint})
-    options = TransferOptions(form="hidden", calibrate="kl", hidden_texts=SPLIT_TEXTS * 3, calib_texts=SPLIT_TEXTS)
+    options = TransferOptions(form="hidden", calibrate="kl", hidden_texts=SPLIT_TEXTS * 3, calib_texts=SPLIT_TEXTS * 3)
     want = transfer_steer(steer, src, tgt, options).steer
     got = transfer_steer(steer, src_split, tgt_split, options).steer
     assert got.epsilon == want.epsilon

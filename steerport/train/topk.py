@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from steerport.capture import HiddenCache
 from steerport.fileio import atomic_write_json
@@ -208,7 +209,9 @@ def topk_token_loss(stats: TopKStats, idx: torch.Tensor, u: torch.Tensor, B: tor
     uniq = torch.nonzero(seen).flatten()
     inv = (torch.cumsum(seen, 0) - 1)[ids]  # (n, K) rows of uniq
     EB = E[uniq].float() @ B.float()  # (U, R)
-    z = stats.z0[idx] + (EB[inv] * u[:, None, :]).sum(-1)  # (n, K)
+    # F.embedding, not EB[inv]: its backward sums rows in a fixed order (indexing's uses atomic adds on
+    # CPU, so the same run would give steers that differ in the last bits)
+    z = stats.z0[idx] + (F.embedding(inv, EB) * u[:, None, :]).sum(-1)  # (n, K)
     tail = stats.log_tail[idx] + (u * (stats.e_tail[idx].float() @ B.float())).sum(-1)  # (n,)
     return torch.logsumexp(torch.cat([z, tail[:, None]], 1), 1) - z[:, 0]
 
