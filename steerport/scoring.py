@@ -206,6 +206,11 @@ class _Scorer:
 #     Δz = Σ_i s_i ε_i (h A_i)(E B_i)ᵀ        h: (n, d), A_i, B_i: (d, r_i), E: (V, d), Δz: (n, V)
 
 
+# Unsteered logits are kept in memory up to this size: the bundled neutral text on a 262k-token
+# vocabulary (Gemma-3) needs 1.45 GB, and recomputing it on each calibration step costs ~40 %.
+BASE_CACHE_BYTES = 2 << 30
+
+
 class HeadScorer(_Scorer):
     """Score steer settings on a :class:`~steerport.capture.HiddenCache` of LM-head inputs by
     recomputing only the LM head.
@@ -221,8 +226,8 @@ class HeadScorer(_Scorer):
         kappa = scorer.stats([(steer, 2.0)]).kl
     """
 
-    def __init__(self, lm: LoadedModel, cache: HiddenCache, *, chunk: int = 256, max_base_bytes: int = 1 << 30,
-                 force: bool = False):
+    def __init__(self, lm: LoadedModel, cache: HiddenCache, *, chunk: int = 256,
+                 max_base_bytes: int = BASE_CACHE_BYTES, force: bool = False):
         self.lm, self.cache, self.chunk, self.force, self._checked = lm, cache, chunk, force, set()
         self.targets, self.text_id, self.n_texts = cache.targets, cache.text_id, cache.n_texts
         self.E = lm.output_embeddings.detach().float()  # (V, d)
@@ -303,7 +308,7 @@ class ForwardScorer(_Scorer):
     """
 
     def __init__(self, lm: LoadedModel, texts: Sequence[str], *, batch_size: int = 8, max_tokens: int = 128,
-                 max_base_bytes: int = 1 << 30, force: bool = False):
+                 max_base_bytes: int = BASE_CACHE_BYTES, force: bool = False):
         self.lm, self.force, self._checked = lm, force, set()
         self.batches = list(text_batches(lm, texts, batch_size, max_tokens))
         self.V, self.n_texts = lm.output_embeddings.shape[0], len(texts)
