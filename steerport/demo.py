@@ -211,9 +211,10 @@ def run_demo(
                                       "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "top_p": TOP_P,
                                       "seed": SEED, "values": list(values), "interval": "95 % Wilson"}
     generation: dict[str, Any] = {}
-    for i, (lm, steer, what) in enumerate(((src, trained.steer, "native"), (tgt, moved.steer, "transferred")), 4):
-        log(f"[{i}/5] {what} steer on {lm.spec}: {len(prompts)} prompts sampled per value (seed {SEED}), judged")
-        generation[lm.spec] = steer_in_action(lm, steer, values, prompts, judge)
+    for i, (name, lm, steer, what) in enumerate(((source, src, trained.steer, "native"),
+                                                 (target, tgt, moved.steer, "transferred")), 4):
+        log(f"[{i}/5] {what} steer on {name}: {len(prompts)} prompts sampled per value (seed {SEED}), judged")
+        generation[name] = steer_in_action(lm, steer, values, prompts, judge)
         t = stage(f"generate_{what}", t)
     results["generation"] = generation
     swing = {spec: g[f"{value:+g}"]["judge"]["share"] - g[f"{-value:+g}"]["judge"]["share"] for spec, g in generation.items()}

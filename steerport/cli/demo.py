@@ -45,23 +45,23 @@ def demo(
 def print_results(r: dict) -> None:
     """The demo's tables: AUC, strength ratio and judge shares per value, then examples."""
     source, target, value, st = r["source_model"], r["target_model"], r["value"], r["strength"]
-    t = table("model", "steer", "held-out SST-2 AUC", title="sentiment steer as a classifier (200 test sentences)")
+    t = table("model", "steer", "held-out SST-2 AUC", title=f"sentiment steer as a classifier ({r['test_texts']} test sentences)")
     t.add_row(source, "trained natively", f"{r['source']['auc']:.3f}")
     t.add_row(target, f"transferred ({r['lineage']['form']} form)", f"{r['target']['auc']:.3f}")
     show(t)
     g = r["generation_settings"]
     keys = [f"{s:+g}" for s in g["values"]]
-    t = table("model", "steer", *(f"s = {k}" for k in keys), "swing (+s vs -s)", "strength ratio",
-              title=f"share of continuations the offline judge calls positive ({g['prompts']} shipped prompts, sampled, "
-                    f"seed {g['seed']}; 95 % Wilson interval)")
-    for spec, what, ratio in ((source, "native", "1 (reference)"),
-                              (target, "transferred", f"{st['ratio_at_1']:.2f} at s=1, {st['ratio_at_value']:.2f} at s={value:g}")):
-        rows = r["generation"][spec]
-        cells = [f"{rows[k]['judge']['share']:.2f} [{rows[k]['judge']['low']:.2f}, {rows[k]['judge']['high']:.2f}]" for k in keys]
-        t.add_row(spec, what, *cells, f"{r['swing'][spec]:+.2f}", ratio)
+    t = table("steer value", f"{source} (native)", f"{target} (transferred)",
+              title=f"judged positive: share of {g['prompts']} sampled continuations [95 % Wilson interval]",
+              caption=f"strength ratio {st['ratio_at_1']:.2f} at s = 1, {st['ratio_at_value']:.2f} at s = {value:g}: the "
+                      f"{target} value that gives {source}'s KL budget, per unit (1 = equally strong)")
+    for k in keys:
+        cells = [r["generation"][spec][k]["judge"] for spec in (source, target)]
+        t.add_row(k, *(f"{j['share']:.2f} [{j['low']:.2f}, {j['high']:.2f}]" for j in cells))
+    t.add_row(f"swing {keys[-1]} vs {keys[0]}", *(f"{r['swing'][spec]:+.2f}" for spec in (source, target)))
     show(t)
-    say(f"value ±{value:g} chosen by {st['value_chosen_by']}; strength ratio = the {target} value that reproduces "
-        f"{source}'s KL budget (1 = equally strong), on neutral text the calibration did not use")
+    say(f"value ±{value:g} chosen by {st['value_chosen_by']}; the strength ratio is measured on neutral text the "
+        "calibration did not use; sampled with a fixed seed, the offline TF-IDF sentiment judge")
     for spec in (source, target):
         for kind in ("greedy", "sampled"):
             rows = r["generation"][spec]
