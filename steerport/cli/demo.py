@@ -53,15 +53,19 @@ def print_results(r: dict) -> None:
     keys = [f"{s:+g}" for s in g["values"]]
     t = table("steer value", f"{source} (native)", f"{target} (transferred)",
               title=f"judged positive: share of {g['prompts']} sampled continuations [95 % Wilson interval]",
-              caption=f"strength ratio {st['ratio_at_1']:.2f} at s = 1, {st['ratio_at_value']:.2f} at s = {value:g}: the "
-                      f"{target} value that gives {source}'s KL budget, per unit (1 = equally strong)")
+              caption=f"strength ratio {st['ratio_at_1']:.2f} at s = 1, {st['ratio_at_value']:.2f} at s = {value:g} "
+                      f"({target} value giving {source}'s KL budget at s, divided by s; 1 = equally strong)")
     for k in keys:
         cells = [r["generation"][spec][k]["judge"] for spec in (source, target)]
         t.add_row(k, *(f"{j['share']:.2f} [{j['low']:.2f}, {j['high']:.2f}]" for j in cells))
     t.add_row(f"swing {keys[-1]} vs {keys[0]}", *(f"{r['swing'][spec]:+.2f}" for spec in (source, target)))
     show(t)
-    say(f"value ±{value:g} chosen by {st['value_chosen_by']}; the strength ratio is measured on neutral text the "
-        "calibration did not use; sampled with a fixed seed, the offline TF-IDF sentiment judge")
+    ratio = r["swing"]["target_over_source"]
+    say(f"the transferred steer moves {target}'s judged-positive share "
+        + (f"{ratio:.2f}x as much as the native steer moves {source}'s" if ratio is not None else "(the native steer "
+           f"does not move {source}'s at all)")
+        + f"; value ±{value:g} chosen by {st['value_chosen_by']}; strength ratio measured on neutral text the "
+        "calibration did not use; sampled with a fixed seed; judge: the shipped offline TF-IDF sentiment judge")
     for spec in (source, target):
         for kind in ("greedy", "sampled"):
             rows = r["generation"][spec]
