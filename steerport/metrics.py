@@ -3,6 +3,7 @@
 * :func:`roc_auc` — the steer as a classifier (scikit-learn's ``roc_auc_score``).
 * :func:`separation` — Sep = [ℓ_s(D+) − ℓ_0(D+)] − [ℓ_s(D−) − ℓ_0(D−)].
 * :func:`kl_divergence` — KL(p ‖ q) per position from log-probabilities; the KL budget κ is its mean.
+* :func:`wilson_interval` — a share's 95 % interval (judge rates).
 * :func:`spearman`, :func:`retention`, :func:`distinct_n`, :func:`mean_distinct`.
 * :func:`find_value_for_kl` — the one value-for-κ solver: bracket the root, then
   ``scipy.optimize.brentq`` on log s.
@@ -38,6 +39,16 @@ def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
     if y.all() or not y.any():
         raise SteerportError("ROC AUC needs texts of both classes")
     return float(roc_auc_score(y, s))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial share ``successes / n`` (95 % for z = 1.96); (nan, nan) when n = 0."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def separation(lp_pos_s: torch.Tensor, lp_pos_0: torch.Tensor, lp_neg_s: torch.Tensor, lp_neg_0: torch.Tensor) -> float:

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from steerport.errors import SteerportError
-from steerport.metrics import find_value_for_kl, kl_divergence, mean_distinct, retention, roc_auc, separation, spearman
+from steerport.metrics import (
+    find_value_for_kl,
+    kl_divergence,
+    mean_distinct,
+    retention,
+    roc_auc,
+    separation,
+    spearman,
+    wilson_interval,
+)
 
 
 def test_roc_auc_matches_the_mann_whitney_count():
@@ -16,6 +25,14 @@ def test_roc_auc_matches_the_mann_whitney_count():
     assert roc_auc(scores, labels) == pytest.approx(4.5 / 6)
     with pytest.raises(SteerportError, match="both classes"):
         roc_auc([0.1, 0.2], [1, 1])
+
+
+def test_wilson_interval_on_known_values():
+    lo, hi = wilson_interval(5, 10)  # the textbook 95 % interval of 5/10
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(0.2775, abs=1e-4))  # never below 0 nor a zero width
+    assert wilson_interval(10, 10) == (pytest.approx(0.7225, abs=1e-4), 1.0)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
 
 
 def test_separation_and_kl_on_known_values():
