@@ -77,7 +77,9 @@ def train(
     identical steer either way. ``progress(phase, info)`` receives updates ("cache", "fit",
     "eval"). ``stop_after_step`` simulates an interruption after that step (tests).
     ``init`` starts the fit from an existing steer of this model (a warm start, e.g. from a
-    transferred steer) instead of random factors; its rank replaces ``config.rank``.
+    transferred steer) instead of random factors; its rank replaces ``config.rank``. The init is
+    evaluated on the held-out subset at step 0 and counts as the best so far, so the run returns it
+    unchanged unless a later evaluation beats it (``results["init_heldout_loss"]``).
     """
     config = config or TrainConfig()
     if init is not None:
