@@ -132,6 +132,29 @@ def run_train(lm: Any, data: Dataset, cfg: TrainConfig, init: Steer | None, path
     return out
 
 
+def time_reps(lm: Any, specs: dict[str, tuple[Dataset, TrainConfig, Steer | None]], reps: int, path: Path) -> dict[str, Any]:
+    """Rerun the native and warm runs ``reps`` times, interleaved (order reversed every other repetition); the same
+    steers come out (the trainer is deterministic), only the clock matters. Cached in ``path``."""
+    names = [n for n in specs if not n.startswith("scratch")]  # the native run and the warm runs
+    done: list[dict[str, Any]] = json.loads(path.read_text())["reps"] if path.exists() else []
+    for i in range(len(done), reps):
+        order = names if i % 2 == 0 else names[::-1]
+        rep: dict[str, Any] = {"load_avg": [], "total_s": {}}
+        for name in order:
+            t = time.perf_counter()
+            train(lm, *specs[name][:2], init=specs[name][2])
+            rep["total_s"][name] = time.perf_counter() - t
+            rep["load_avg"].append(os.getloadavg()[0])
+            log(f"timing rep {i}: {name} {rep['total_s'][name]:.0f}s (load {rep['load_avg'][-1]:.1f})")
+        done.append(rep)
+        path.write_text(json.dumps({"reps": done}, indent=1))
+    done = done[:reps]
+    med = lambda xs: float(torch.tensor(xs, dtype=torch.float64).median())  # noqa: E731 (lower median for even counts)
+    return {"reps": done, "total_s_median": {n: med([r["total_s"][n] for r in done]) for n in names},
+            "ratio_median": {n: med([r["total_s"][n] / r["total_s"]["native"] for r in done]) for n in names},
+            "note": "interleaved repetitions on the shared machine; ratio = run / native in the same repetition, median"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=sorted(TASKS), default="sentiment")
@@ -143,6 +166,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the warm runs' cache names and of the results (variants)")
     ap.add_argument("--test-max-tokens", type=int, default=64)
     ap.add_argument("--scratch-fractions", default="", help="also train from scratch on these fractions (comma list)")
+    ap.add_argument("--time-reps", type=int, default=0, help="rerun every run this many times, interleaved, for the cost "
+                    "ratios (median over repetitions of each run's time / native's in the same repetition)")
     ap.add_argument("--curve-points", type=int, default=5, help="steers scored along each run's fit")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -170,21 +195,29 @@ def main() -> None:
     test_rows = [json.loads(ln) for ln in Path(ROOT / "steerport" / "data" / ("sentiment/sst2_test.jsonl" if a.task == "sentiment"
                                                                                else "toxicity/paradetox_test.jsonl")).read_text().splitlines()]
     pos_label = 1 if a.task == "sentiment" else 0
-    test = TestSet(lm, [r["text"] for r in test_rows], torch.tensor([1.0 if r["label"] == pos_label else -1.0 for r in test_rows]),
-                   a.test_max_tokens)
-    log(f"test cache: {len(test_rows)} texts")
+    test_cache: list[TestSet] = []
+
+    def test() -> TestSet:  # built on first use (a rerun with everything scored needs no test pass)
+        if not test_cache:
+            test_cache.append(TestSet(lm, [r["text"] for r in test_rows],
+                                      torch.tensor([1.0 if r["label"] == pos_label else -1.0 for r in test_rows]), a.test_max_tokens))
+            log(f"test cache: {len(test_rows)} texts")
+        return test_cache[0]
 
     cfg = TrainConfig()
     runs: dict[str, dict[str, Any]] = {"native": run_train(lm, data, cfg, None, work / "native")}
+    specs: dict[str, tuple[Dataset, TrainConfig, Steer | None]] = {"native": (data, cfg, None)}
     log(f"native: {runs['native']['total_s']:.0f}s, {runs['native']['steps']} steps")
     warm_cfg = replace(cfg, lr=a.warm_lr) if a.warm_lr else cfg
     for f in [float(x) for x in a.scratch_fractions.split(",") if x]:  # native training on the same small data
         name = f"scratch_{round(100 * f):g}pct"
-        runs[name] = run_train(lm, fraction_of(data, f), cfg, None, work / name)
+        specs[name] = (fraction_of(data, f), cfg, None)
+        runs[name] = run_train(lm, *specs[name], work / name)
         log(f"{name}: {runs[name]['total_s']:.0f}s, {runs[name]['steps']} steps, stopped: {runs[name]['stopped']}")
     for f in [float(x) for x in a.fractions.split(",")]:
         name = f"warm{a.tag}_{round(100 * f):g}pct"  # no dot: the name takes file suffixes
-        runs[name] = run_train(lm, fraction_of(data, f), warm_cfg, moved, work / name)
+        specs[name] = (fraction_of(data, f), warm_cfg, moved)
+        runs[name] = run_train(lm, *specs[name], work / name)
         log(f"{name}: {runs[name]['total_s']:.0f}s, {runs[name]['steps']} steps, stopped: {runs[name]['stopped']}")
 
     # ---- scoring on the test slice (not timed): each run's returned steer, its evaluations, and the start
@@ -193,7 +226,7 @@ def main() -> None:
 
     moved_test = work / f"transferred.{a.target}.test.json"
     if not moved_test.exists():
-        moved_test.write_text(json.dumps(test.evaluate([moved])[0]))
+        moved_test.write_text(json.dumps(test().evaluate([moved])[0]))
     scored: dict[str, Any] = {"transferred": json.loads(moved_test.read_text())}
     for name, r in runs.items():
         if "test" not in r:  # scored once, kept in the run's file
@@ -202,19 +235,27 @@ def main() -> None:
             if len(snaps) > a.curve_points:  # each scored steer costs two exact head passes over the test slice
                 keep = sorted({round(i * (len(snaps) - 1) / (a.curve_points - 1)) for i in range(a.curve_points)})
                 snaps = [snaps[i] for i in keep]
-            ev = test.evaluate([final] + [as_steer(s["factors"], final.epsilon) for s in snaps])
+            ev = test().evaluate([final] + [as_steer(s["factors"], final.epsilon) for s in snaps])
             r["test"] = ev[0]
             r["curve"] = [{"step": s["step"], "s": s["s"], "heldout_loss": s["heldout_loss"], **e} for s, e in zip(snaps, ev[1:])]
             (work / name).with_suffix(".json").write_text(json.dumps(r, indent=1))
         log(f"{name}: test AUC {r['test']['auc']:.3f} [{r['test']['auc_lo']:.3f}, {r['test']['auc_hi']:.3f}] in {r['total_s']:.0f}s")
 
+    timing = time_reps(lm, specs, a.time_reps, work / f"timing{a.tag}.json") if a.time_reps else None
     nat = runs["native"]
+    nat_s = timing["total_s_median"]["native"] if timing else nat["total_s"]
+
+    def ratio_of(name: str) -> float:
+        if timing and name in timing["ratio_median"]:
+            return float(timing["ratio_median"][name])
+        return float(runs[name]["total_s"] / nat["total_s"])
+
     summary = {name: {"fraction": None if name == "native" else float(name.split("_")[-1].removesuffix("pct")) / 100, "total_s": r["total_s"],
-                      "cost_ratio": r["total_s"] / nat["total_s"],
-                      "cost_ratio_with_transfer": (r["total_s"] + tinfo["transfer_s"]) / nat["total_s"] if name.startswith("warm") else None,
+                      "cost_ratio": ratio_of(name),
+                      "cost_ratio_with_transfer": (ratio_of(name) + tinfo["transfer_s"] / nat_s) if name.startswith("warm") else None,
                       "test_auc": r["test"]["auc"], "reaches_native": r["test"]["auc"] >= nat["test"]["auc"]}
                for name, r in runs.items()}
-    result = {"task": a.task, "source": a.source, "target": a.target, "source_steer": src_steer, "transfer": tinfo,
+    result = {"timing": timing, "task": a.task, "source": a.source, "target": a.target, "source_steer": src_steer, "transfer": tinfo,
               "transferred_test": scored["transferred"], "runs": runs, "summary": summary,
               "settings": {"native": asdict(cfg), "warm": asdict(warm_cfg), "fractions": a.fractions,
                            "test_max_tokens": a.test_max_tokens, "data": data.summary},
@@ -248,6 +289,12 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {run['train_texts']} + {run['dev_texts']} | {run['steps']} ({run['best_step']}) | {run['stopped']} | "
                      f"{run['total_s']:.0f} | **{s['cost_ratio']:.3f}** | {wt} | {e['auc']:.3f} [{e['auc_lo']:.3f}, {e['auc_hi']:.3f}] | "
                      f"{'yes' if s['reaches_native'] or name == 'native' else 'no'} |")
+    tm = r.get("timing")
+    if tm:
+        lines += ["", f"Cost ratios: median over {len(tm['reps'])} interleaved repetitions of every run (each run's time / native's "
+                  "in the same repetition; the table's total s is the first, scored run). Times per repetition (s): "
+                  + "; ".join(", ".join(f"{n} {v:.0f}" for n, v in rep["total_s"].items()) + f" (load {min(rep['load_avg']):.1f}–"
+                              f"{max(rep['load_avg']):.1f})" for rep in tm["reps"]) + "."]
     lines += ["", "Curves (test AUC at the trainer's held-out evaluations; seconds from the run's start):", ""]
     for name, run in r["runs"].items():
         pts = ", ".join(f"{p['step']}: {p['auc']:.3f} @{p['s']:.0f}s" for p in run["curve"])
