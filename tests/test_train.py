@@ -211,6 +211,25 @@ def test_warm_start_begins_at_the_init_steer_and_checks_it():
         train(other, make_data(), cfg(), init=first)
 
 
+def test_warm_start_never_returns_worse_than_its_init():
+    """The init is evaluated at step 0 and kept as the best unless the fit beats it on the held-out loss."""
+    lm = tiny_model("llama")
+    good = train(lm, make_data(), cfg(rank=3, steps=40, head="exact")).steer
+    # a learning rate that wrecks the factors on the first step: every later evaluation is worse than the start
+    wrecked = train(lm, make_data(), cfg(lr=5.0, steps=6, eval_every=1, head="exact", patience=100), init=good)
+    r = wrecked.results
+    assert r["best_step"] == 0 and wrecked.history[0]["step"] == 0
+    assert all(h["heldout_loss"] > r["init_heldout_loss"] for h in wrecked.history[1:])
+    assert torch.allclose(wrecked.steer.A * wrecked.steer.epsilon, good.A * good.epsilon) and torch.equal(wrecked.steer.B, good.B)
+    assert r["heldout_loss_steered"] == pytest.approx(good.meta["training"]["results"]["heldout_loss_steered"], abs=1e-6)
+    # a sound fit from a weak start moves on, and what it returns is no worse than where it began
+    weak = train(lm, make_data(), cfg(rank=3, steps=2, head="exact")).steer
+    better = train(lm, make_data(), cfg(steps=30, eval_every=2, head="exact", patience=100), init=weak)
+    assert better.results["best_step"] > 0
+    assert better.results["heldout_loss_steered"] < weak.meta["training"]["results"]["heldout_loss_steered"]
+    assert better.results["init_heldout_loss"] == better.history[0]["heldout_loss"]
+
+
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     lm = tiny_model("llama")
     whole = train(lm, make_data(), cfg(patience=100), workdir=tmp_path / "a")

@@ -129,7 +129,8 @@ def train(
     restart: Annotated[bool, typer.Option("--restart", help="Discard saved progress in the work folder and start over.")] = False,
     keep_cache: Annotated[bool, typer.Option("--keep-cache", help="Keep the work folder (cache, checkpoint) after success.")] = False,
     init: Annotated[Optional[Path], file_option("--init", what="steer file", help="Warm start: begin from this steer of MODEL (e.g. one "
-            "transferred from another model) instead of random factors; its rank is used.")] = None,
+            "transferred from another model) instead of random factors; its rank is used. The init is scored on the held-out "
+            "texts first and returned unchanged unless the fit beats it.")] = None,
 ):
     """Train an LM-Steer steer: one pass of the frozen model caches its final hidden states, then
     the low-rank steer is fitted on the LM head alone. Ctrl-C (or a kill) keeps the progress:

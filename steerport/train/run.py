@@ -77,7 +77,9 @@ def train(
     identical steer either way. ``progress(phase, info)`` receives updates ("cache", "fit",
     "eval"). ``stop_after_step`` simulates an interruption after that step (tests).
     ``init`` starts the fit from an existing steer of this model (a warm start, e.g. from a
-    transferred steer) instead of random factors; its rank replaces ``config.rank``.
+    transferred steer) instead of random factors; its rank replaces ``config.rank``. The init is
+    evaluated on the held-out subset at step 0 and counts as the best so far, so the run returns it
+    unchanged unless a later evaluation beats it (``results["init_heldout_loss"]``).
     """
     config = config or TrainConfig()
     if init is not None:
@@ -175,6 +177,12 @@ def train(
                          else fitter.mean_loss(eval_idx, sign=0.0, exact=True))
         notify("fit-start", {"steps": total_steps, "start": state["step"], "tokens_per_step": config.tokens_per_batch,
                              "per_epoch": per_epoch})
+        if init is not None and len(eval_idx) and state["step"] == 0 and not state["history"]:
+            # a warm start's step 0 is a candidate too: the fit returns something else only if it beats the init
+            held = fitter.mean_loss(eval_idx)
+            state["history"].append({"step": 0, "heldout_loss": held, "seconds": round(time.perf_counter() - t_start, 3)})
+            notify("eval", {"step": 0, "heldout_loss": held, "factors": fitter.tensors})
+            _early_stopping(state, held, base_eval, config)
         fit_clock = time.perf_counter() - state["fit_seconds"]
         while state["step"] < total_steps and state["stopped"] is None:
             step = state["step"]
@@ -211,6 +219,8 @@ def train(
                    epochs=round(state["step"] / per_epoch, 3), resumed=resumed,
                    train_tokens=len(train_idx), heldout_tokens=len(held_idx), head=head,
                    eval_every=eval_every, eval_tokens=len(eval_idx))
+    if init is not None and state["history"] and state["history"][0]["step"] == 0:
+        results["init_heldout_loss"] = state["history"][0]["heldout_loss"]  # the start, on the evaluation subset
     training = {
         "method": "lm-steer (cached final hidden states, head-only fit)",
         "settings": asdict(config),
