@@ -175,9 +175,8 @@ def transfer_cmd(
     normalize: NormalizeOpt = False,
     weighting: WeightingOpt = "none",
     top_k: TopKOpt = None,
-    calibrate: Annotated[str, typer.Option(help="auto (kl for the hidden and refined forms, else embed), embed (embeddings only), "
-            "kl (loads both "
-            "models) or none.")] = "auto",
+    calibrate: Annotated[str, typer.Option(help="auto or kl (loads TGT and matches the strength the steer had on SRC), embed "
+            "(embeddings only; the value is approximate) or none.")] = "auto",
     calib_value: Annotated[float, finite_option(bound=POSITIVE, help="Reference steer value at which strengths are matched.")] = 1.0,
     calib_text: Annotated[Optional[Path], file_option(what="text file", help="Neutral text for kl calibration, one text per line "
             "(default: bundled neutral text); for ActAdd and token-probability steers the neutral / detect text.")] = None,
@@ -193,8 +192,9 @@ def transfer_cmd(
 ):
     """Carry a steer from SRC to TGT: steerport transfer gpt2 gpt-j --steer toxic.st.
 
-    For LM-Steer steers the default form reads only both models' output embeddings and
-    tokenizers. ActAdd steers go by recipe or by a residual-stream map (see --actadd-method);
+    For LM-Steer steers the default form reads both models' output embeddings and tokenizers,
+    then loads TGT to calibrate the value to the strength it had on SRC (--calibrate embed skips
+    that). ActAdd steers go by recipe or by a residual-stream map (see --actadd-method);
     token-probability steers keep their token texts and scales and recompute the direction on
     TGT (--calib-text is then the detect text). Both load the full models.
     """
