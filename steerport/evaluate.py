@@ -127,17 +127,24 @@ def sample_continuations(lm: LoadedModel, prompts: Sequence[str], steers, s: Eva
     return [list(group) for group in zip(*per_sample)]
 
 
-def conditional_perplexity(ref: LoadedModel, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 8) -> float:
-    """exp(− mean log p_ref(continuation tokens | prompt)), pooled over all continuation tokens."""
+def continuation_nll(ref: LoadedModel, prompts: Sequence[str], continuations: Sequence[str], *,
+                     batch_size: int = 8) -> tuple[list[float], list[int]]:
+    """Per continuation: − Σ log p_ref(its tokens | prompt) and the number of those tokens."""
     full = [p + c for p, c in zip(prompts, continuations)]
     lps = token_logprobs(ref, full, batch_size=batch_size, max_tokens=512)
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     for p, f, lp in zip(prompts, full, lps):
-        n_cont = len(ref.tokenizer(f)["input_ids"]) - len(ref.tokenizer(p)["input_ids"])
-        if n_cont > 0:
-            total += float(lp[-n_cont:].sum())
-            count += min(n_cont, lp.numel())
-    return math.exp(-total / count) if count else math.nan
+        n_cont = min(len(ref.tokenizer(f)["input_ids"]) - len(ref.tokenizer(p)["input_ids"]), lp.numel())
+        sums.append(-float(lp[-n_cont:].sum()) if n_cont > 0 else 0.0)
+        counts.append(max(n_cont, 0))
+    return sums, counts
+
+
+def conditional_perplexity(ref: LoadedModel, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 8) -> float:
+    """exp(− mean log p_ref(continuation tokens | prompt)), pooled over all continuation tokens."""
+    sums, counts = continuation_nll(ref, prompts, continuations, batch_size=batch_size)
+    return math.exp(sum(sums) / sum(counts)) if sum(counts) else math.nan
 
 
 # --------------------------------------------------------------------------- the evaluation

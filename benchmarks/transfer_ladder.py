@@ -1,0 +1,694 @@
+"""Transfer on the model ladder, measured so that it can tell (converged natives, intervals).
+
+The reworked transfer benchmark. Per task (sentiment: SST-2; toxicity: ParaDetox) and model of
+the ladder:
+
+1. ``train``: native steers with the CLI's default settings (``TrainConfig()``: early stopping on
+   held-out loss) on the **full** training set (SST-2 train, 6,920 sentences; ParaDetox, 5,000
+   texts per class), stopped on a dev split (SST-2 dev; 500 ParaDetox texts per class from pairs
+   never trained on), for 3 seeds. The seeds share the data and its cached body pass; they differ
+   in the initial factors, batch order and evaluation subset. Their spread is reported first: a
+   ratio means nothing when it is large.
+2. ``transfer``: every seed's steer carried to every other model with the default transfer
+   (``TransferOptions()``: logit form, KL calibration against the source's strength curve).
+3. ``evaluate``: on every model, on ``--heldout`` texts per class of the task's **test** split
+   (never seen in training or model selection), every native and transferred steer:
+
+   * AUC of the steer as a classifier (ℓ(+v) − ℓ(−v), per-text mean log-likelihood, v its value at κ = 0.05);
+   * separation at matched κ ∈ {0.02, 0.05, 0.1, 0.2} (the value reaching mean KL κ per token on
+     neutral text), and the retained effect Sep_transferred / Sep_native(target);
+   * fidelity: (AUC_transferred − 0.5) / (AUC_source on its own model − 0.5), and ρ, the Spearman
+     correlation of the per-token log-prob shifts of the same character spans on source and target;
+   * transfer efficiency: (AUC_transferred − 0.5) / min(AUC_source − 0.5, AUC_native(target) − 0.5).
+
+   Every figure comes with a bootstrap 95 % interval over held-out texts (the same resampled texts
+   for every quantity of a cell) and the spread over seeds.
+4. ``generate``: per task and target, the smallest κ of {0.05, 0.1, 0.2, 0.4} where the native steer
+   (seed 0) moves the shipped offline judge by at least 0.2 on ``--prompts`` prompts; there, the
+   unsteered model, the native steer and each transferred steer (seed 0): judge rate (Wilson 95 %
+   interval), perplexity under another ladder model and distinct-1/2/3 (bootstrap over prompts).
+5. ``report``: ``<out>.json`` (every number, settings, machine, version) and ``<out>.md``.
+
+Log-probabilities come from one body pass per model and text set and the trainer's top-k head
+statistics (``benchmarks.refine_check.HeadEval``: the 256 most likely tokens of each position exact,
+the tail to first order), so every steer and value costs O(N·k·r) instead of a forward pass.
+
+Every stage writes its results under ``--work`` (default ``~/.cache/steerport-bench/ladder``) as
+it goes; an interrupted run resumes, a finished stage is skipped. Run from the repository root::
+
+    python -m benchmarks.transfer_ladder --data-root ../shared/data --stages train,transfer,evaluate,generate,report
+    python -m benchmarks.transfer_ladder --quick --work /tmp/ladder-quick   # 120 training texts, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks.refine_check import HeadEval, aligned_spans
+from steerport import __version__
+from steerport.capture import cache_hidden
+from steerport.data import Dataset, Example
+from steerport.evaluate import EvalSettings, continuation_nll, sample_continuations
+from steerport.fileio import atomic_write_json, atomic_write_text
+from steerport.judges import load_judge
+from steerport.metrics import distinct_n, find_value_for_kl, wilson_interval
+from steerport.metrics import roc_auc as auc
+from steerport.models import LoadedModel, load_model
+from steerport.scoring import HeadScorer
+from steerport.steer import Steer
+from steerport.strength import cut, record_curve
+from steerport.texts import neutral
+from steerport.train import TrainConfig, train
+from steerport.transfer import TransferOptions, transfer_steer
+
+LADDER = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
+KAPPAS = (0.02, 0.05, 0.1, 0.2)
+AUC_KAPPA = 0.05
+GEN_KAPPAS = (0.05, 0.1, 0.2, 0.4)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TaskData:
+    """One task's splits: training and dev examples (label = steer value ±1) and labeled test texts
+    (label 1 = the steer's positive side)."""
+
+    name: str
+    positive_name: str
+    train: list[Example]
+    dev: list[Example]
+    test_texts: list[str]
+    test_labels: list[int]
+    prompts: list[str]
+    judge: str
+    files: dict[str, str]
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _test_sample(rows: list[dict[str, Any]], positive: int, per_class: int, seed: int) -> tuple[list[str], list[int]]:
+    """``per_class`` texts of each class, seeded, label 1 = the steer's positive side."""
+    rng = random.Random(seed)
+    pos = [r["text"] for r in rows if r["label"] == positive]
+    neg = [r["text"] for r in rows if r["label"] != positive]
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    return pos[:per_class] + neg[:per_class], [1] * min(per_class, len(pos)) + [0] * min(per_class, len(neg))
+
+
+def _examples(rows: list[dict[str, Any]], positive: int, where: str) -> list[Example]:
+    return [Example(r["text"], 1.0 if r["label"] == positive else -1.0, f"{where}:{i}") for i, r in enumerate(rows)]
+
+
+def _cap(rows: list[dict[str, Any]], per_class: int) -> list[dict[str, Any]]:
+    """The first ``per_class`` rows of each label, in their order."""
+    seen: dict[Any, int] = defaultdict(int)
+    out = []
+    for r in rows:
+        seen[r["label"]] += 1
+        if seen[r["label"]] <= per_class:
+            out.append(r)
+    return out
+
+
+def sentiment(root: Path, heldout: int, n_prompts: int, quick: bool) -> TaskData:
+    d = root / "sentiment/sst2"
+    train_rows, dev_rows, test_rows = _rows(d / "train.jsonl"), _rows(d / "dev.jsonl"), _rows(d / "test.jsonl")
+    if quick:
+        train_rows, dev_rows = train_rows[:120], dev_rows[:40]
+    texts, labels = _test_sample(test_rows, 1, heldout, seed=1)
+    prompts = [json.loads(x)["prompt"]["text"] for x in (root / "prompts/sentiment/neutral_prompts.jsonl")
+               .read_text().splitlines()[:n_prompts]]
+    return TaskData("sentiment", "positive sentiment", _examples(train_rows, 1, "sst2/train"),
+                    _examples(dev_rows, 1, "sst2/dev"), texts, labels, prompts, "sentiment",
+                    {"train": str(d / "train.jsonl"), "dev": str(d / "dev.jsonl"), "test": str(d / "test.jsonl")})
+
+
+def toxicity(root: Path, heldout: int, n_prompts: int, quick: bool, per_class: int = 5000, dev_per_class: int = 500) -> TaskData:
+    """ParaDetox pairs (a toxic sentence and its detoxified paraphrases share a pair_id) are kept whole
+    on one side of the train/dev split, so no paraphrase of a dev text is trained on."""
+    d = root / "toxicity/paradetox"
+    rows = _rows(d / "train.jsonl")
+    if quick:
+        per_class, dev_per_class = 60, 20
+    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[r.get("pair_id", id(r))].append(r)
+    order = list(groups)
+    random.Random(0).shuffle(order)
+    dev: list[dict[str, Any]] = []
+    tr: list[dict[str, Any]] = []
+    for key in order:
+        side = dev if min(sum(r["label"] == c for r in dev) for c in (0, 1)) < dev_per_class else tr
+        if side is tr and min(sum(r["label"] == c for r in tr) for c in (0, 1)) >= per_class:
+            break
+        side.extend(groups[key])
+    # a pair holds one toxic text and one or more paraphrases: cap each class, in split order
+    dev = _cap(dev, dev_per_class)
+    tr = _cap(tr, per_class)
+    texts, labels = _test_sample(_rows(d / "test.jsonl"), 0, heldout, seed=1)
+    prompts = [json.loads(x)["prompt"]["text"] for x in (root / "prompts/rtp_nontoxic.jsonl").read_text().splitlines()[:n_prompts]]
+    return TaskData("toxicity", "non-toxic", _examples(tr, 0, "paradetox/train"), _examples(dev, 0, "paradetox/train"),
+                    texts, labels, prompts, "toxicity",
+                    {"train": str(d / "train.jsonl"), "test": str(d / "test.jsonl")})
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Models:
+    """Load each ladder model once, on first use."""
+
+    def __init__(self, threads: int):
+        self.loaded: dict[str, LoadedModel] = {}
+        torch.set_num_threads(threads)
+
+    def __getitem__(self, spec: str) -> LoadedModel:
+        if spec not in self.loaded:
+            log(f"loading {spec}")
+            self.loaded[spec] = load_model(spec, dtype="float32")
+        return self.loaded[spec]
+
+
+def done(path: Path) -> bool:
+    return path.exists()
+
+
+# --------------------------------------------------------------------------- stage 1: native steers
+
+
+def stage_train(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int], config: TrainConfig) -> None:
+    data = Dataset(task.train, task.dev, task.positive_name,
+                   {"files": task.files, "train": len(task.train), "heldout": len(task.dev), "split": "benchmark"})
+    for spec in specs:
+        for seed in seeds:
+            out = work / "native" / task.name / spec / f"seed{seed}.st"
+            if done(out):
+                continue
+            lm = models[spec]
+            log(f"train {task.name} {spec} seed {seed}: {len(task.train)} texts, dev {len(task.dev)}")
+            t = time.perf_counter()
+            last = [0.0]
+
+            def progress(phase: str, info: dict[str, Any]) -> None:
+                if time.perf_counter() - last[0] > 60:
+                    last[0] = time.perf_counter()
+                    log(f"  {phase} {info if phase != 'eval' else {k: v for k, v in info.items() if k != 'factors'}}")
+
+            res = train(lm, data, TrainConfig(**{**config.__dict__, "seed": seed}),
+                        workdir=work / "trainwork" / task.name / spec, progress=progress)
+            record_curve(lm, res.steer)  # as `steerport train` does: the file carries its strength curve
+            res.steer.save(out)
+            atomic_write_json(out.with_suffix(".json"), {"results": res.results, "seconds": time.perf_counter() - t,
+                                                         "timings": res.steer.meta["training"]["timings"]})
+            log(f"  done in {time.perf_counter() - t:.0f} s: {json.dumps({k: res.results.get(k) for k in ('heldout_auc', 'auc', 'steps', 'stopped')})}")
+
+
+# --------------------------------------------------------------------------- stage 2: transfers
+
+
+def native_path(work: Path, task: str, spec: str, seed: int) -> Path:
+    return work / "native" / task / spec / f"seed{seed}.st"
+
+
+def transferred_path(work: Path, task: str, src: str, tgt: str, seed: int) -> Path:
+    return work / "transferred" / task / f"{src}__{tgt}" / f"seed{seed}.st"
+
+
+def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int]) -> None:
+    for seed in seeds:
+        for src in specs:
+            if not native_path(work, task.name, src, seed).exists():
+                log(f"transfer {task.name}: no native steer on {src} seed {seed} yet; skipped")
+                continue
+            for tgt in (x for x in specs if x != src):
+                out = transferred_path(work, task.name, src, tgt, seed)
+                if done(out):
+                    continue
+                t = time.perf_counter()
+                res = transfer_steer(Steer.load(native_path(work, task.name, src, seed)), models[src], models[tgt],
+                                     TransferOptions())
+                res.steer.save(out)
+                cal = res.lineage.get("calibration", {})
+                atomic_write_json(out.with_suffix(".json"), {"seconds": time.perf_counter() - t, "calibration": cal})
+                log(f"transfer {task.name} {src} -> {tgt} seed {seed}: {time.perf_counter() - t:.0f} s, "
+                    f"calibration {cal.get('method')} factor {cal.get('factor')}")
+
+
+# --------------------------------------------------------------------------- stage 3: evaluation on held-out texts
+
+
+def steers_on(work: Path, task: str, tgt: str, specs: list[str], seeds: list[int]) -> dict[str, Path]:
+    """Every steer that runs on ``tgt``: its natives ("native/seed0") and the transfers into it ("smollm2-135m/seed0")."""
+    out = {f"native/seed{n}": native_path(work, task, tgt, n) for n in seeds}
+    out.update({f"{src}/seed{n}": transferred_path(work, task, src, tgt, n) for src in specs if src != tgt for n in seeds})
+    return {k: v for k, v in out.items() if v.exists()}
+
+
+def neutral_scorer(lm: LoadedModel, n: int = 16) -> HeadScorer:
+    """Mean KL per token on neutral text the calibration never sees (the bundled ``fit`` paragraphs)."""
+    texts = [cut(t) for t in neutral("fit", limit=n)]
+    return HeadScorer(lm, cache_hidden(lm, texts, max_tokens=256, tokens_per_batch=1024), max_base_bytes=2 << 30)
+
+
+def matched_values(scorer: HeadScorer, steer: Steer, kappas: tuple[float, ...], rel_tol: float = 0.02,
+                   max_evals: int = 8) -> dict[str, dict[str, float]]:
+    """Per κ, the value v > 0 with mean KL κ per token on the neutral text (to ``rel_tol``).
+
+    κ grows about as a power of v, so each step is a secant on log κ against log v through the two
+    measured points nearest the target (slope 2 to start); every measurement serves every κ. Where
+    the secant does not converge, the library's bracketing solver takes over.
+    """
+    pts: list[tuple[float, float]] = []
+
+    def kl(v: float) -> float:
+        k = scorer.stats([(steer, v)]).kl
+        pts.append((v, k))
+        return k
+
+    def gap(p: tuple[float, float], target: float) -> float:
+        return abs(math.log(p[1] / target)) if p[1] > 0 else math.inf
+
+    kl(1.0)
+    out: dict[str, dict[str, float]] = {}
+    for target in kappas:
+        n0 = len(pts)
+        while True:
+            near = sorted(pts, key=lambda p: gap(p, target))
+            v, k = near[0]
+            if abs(k - target) <= rel_tol * target:
+                break
+            if len(pts) - n0 >= max_evals:
+                found = find_value_for_kl(lambda x: kl(x), target, start=v, rel_tol=rel_tol)
+                v, k = found.value, found.kl
+                break
+            slope = 2.0
+            if len(near) > 1 and near[1][1] > 0 and k > 0 and near[1][0] != v:
+                p = math.log(near[1][1] / k) / math.log(near[1][0] / v)
+                slope = p if 0.5 < p < 4 else 2.0
+            kl(v * (target / k) ** (1 / slope) if k > 0 else v * 4)
+        out[str(target)] = {"value": v, "kl": k, "evals": len(pts) - n0}
+    return out
+
+
+def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int], max_tokens: int) -> None:
+    for tgt in specs:
+        steers = steers_on(work, task.name, tgt, specs, seeds)
+        folder = work / "eval" / task.name / tgt
+        doc_path = folder / "scores.json"
+        doc: dict[str, Any] = json.loads(doc_path.read_text()) if doc_path.exists() else {"steers": {}}
+        todo = [k for k in steers if k not in doc["steers"]]
+        if not todo:
+            continue
+        lm = models[tgt]
+        t = time.perf_counter()
+        he = HeadEval(lm, task.test_texts, max_tokens)
+        nscorer = neutral_scorer(lm)
+        doc["cache_s"] = time.perf_counter() - t
+        lp0 = he.token_lp(None)
+        doc["n_tokens"] = [int(x.numel()) for x in he.per_text(lp0)]
+        log(f"evaluate {task.name} on {tgt}: caches in {doc['cache_s']:.0f} s; {len(todo)} steers")
+        for name in todo:
+            t = time.perf_counter()
+            steer = Steer.load(steers[name])
+            vals = matched_values(nscorer, steer, KAPPAS)
+            rec: dict[str, Any] = {"file": str(steers[name]), "fingerprint": steer.fingerprint, "matched": vals,
+                                   "text_shift": {}}
+            for k in KAPPAS:  # per text: mean log-likelihood change at +v_κ
+                d = he.token_lp(steer, vals[str(k)]["value"]) - lp0
+                rec["text_shift"][str(k)] = [float(x.mean()) if x.numel() else 0.0 for x in he.per_text(d)]
+            v = vals[str(AUC_KAPPA)]["value"]
+            rec["auc_score"] = [float(x) for x in he.scores(steer, v)]
+            token_shift = he.token_lp(steer, v) - lp0  # (N,) for ρ of aligned spans
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({"token_shift": token_shift.float().contiguous()}, str(folder / f"{name.replace('/', '__')}.safetensors"))
+            rec["seconds"] = time.perf_counter() - t
+            doc["steers"][name] = rec
+            atomic_write_json(doc_path, doc)
+            log(f"  {name}: v(0.05) {v:.3f}, AUC {auc(np.array(rec['auc_score']), np.array(task.test_labels)):.3f}, "
+                f"{rec['seconds']:.0f} s")
+
+
+# --------------------------------------------------------------------------- stage 4: generation
+
+
+def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str], max_new_tokens: int) -> None:
+    judge = load_judge(task.judge)
+    if judge.positive != task.positive_name:
+        raise SystemExit(f"judge {task.judge} scores {judge.positive!r}, the steers {task.positive_name!r}")
+    settings = EvalSettings(samples_per_prompt=1, max_new_tokens=max_new_tokens, batch_size=20)
+    for tgt in specs:
+        path = work / "generate" / task.name / f"{tgt}.json"
+        doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+        lm = models[tgt]
+        ref_spec = "gemma3-270m" if tgt == "smollm2-135m" else "smollm2-135m"  # perplexity under another ladder model
+        nscorer = None
+
+        def run(name: str, steer: Steer | None, value: float) -> dict[str, Any]:
+            if name in doc["runs"]:
+                return doc["runs"][name]
+            t = time.perf_counter()
+            conts = [g[0] for g in sample_continuations(lm, task.prompts, [(steer, value)] if steer else [], settings)]
+            p = judge.score(conts)
+            sums, counts = continuation_nll(models[ref_spec], task.prompts, conts)
+            r = {"value": value, "judge_prob": [float(x) for x in p], "nll_sum": sums, "nll_count": counts,
+                 "distinct": {str(n): [distinct_n([c], n) for c in conts] for n in (1, 2, 3)},
+                 "samples": conts[:5], "seconds": time.perf_counter() - t}
+            doc["runs"][name] = r
+            atomic_write_json(path, doc)
+            log(f"  generate {task.name} on {tgt}, {name}: judge rate {np.mean(np.array(p) > 0.5):.2f} "
+                f"({r['seconds']:.0f} s)")
+            return r
+
+        doc["reference_model"] = ref_spec
+        base = run("unsteered", None, 0.0)
+        base_rate = float(np.mean(np.array(base["judge_prob"]) > 0.5))
+        native = Steer.load(native_path(work, task.name, tgt, 0))
+        chosen = doc.get("kappa")
+        if chosen is None:
+            nscorer = nscorer or neutral_scorer(lm)
+            values = matched_values(nscorer, native, GEN_KAPPAS)
+            for k in GEN_KAPPAS:
+                r = run(f"native@{k}", native, values[str(k)]["value"])
+                chosen = k
+                if float(np.mean(np.array(r["judge_prob"]) > 0.5)) - base_rate >= 0.2:
+                    break
+            doc["kappa"] = chosen
+            doc["kappa_reaches_0.2"] = float(np.mean(np.array(doc["runs"][f"native@{chosen}"]["judge_prob"]) > 0.5)) - base_rate >= 0.2
+            atomic_write_json(path, doc)
+        for src in (x for x in specs if x != tgt):
+            f = transferred_path(work, task.name, src, tgt, 0)
+            if f.exists() and f"{src}@{chosen}" not in doc["runs"]:
+                nscorer = nscorer or neutral_scorer(lm)
+                steer = Steer.load(f)
+                run(f"{src}@{chosen}", steer, matched_values(nscorer, steer, (chosen,))[str(chosen)]["value"])
+
+
+# --------------------------------------------------------------------------- stage 5: report
+
+
+def ratio(a: float, b: float) -> float:
+    return float(a / b) if b != 0 else math.nan
+
+
+def interval(samples: list[float]) -> list[float]:
+    a = np.array([x for x in samples if math.isfinite(x)])
+    return [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))] if len(a) else [math.nan, math.nan]
+
+
+def summary(point_per_seed: list[float], boot: list[float]) -> dict[str, Any]:
+    """Mean over seeds, their std, and the bootstrap 95 % interval of that mean."""
+    p = np.array(point_per_seed, dtype=float)
+    return {"mean": float(p.mean()), "seed_std": float(p.std(ddof=1)) if len(p) > 1 else 0.0,
+            "per_seed": [float(x) for x in p], "ci95": interval(boot)}
+
+
+def span_rho(tok_s: Any, tok_t: Any, texts: list[str], n_src: list[int], n_tgt: list[int],
+             shift_src: torch.Tensor, shift_tgt: torch.Tensor, max_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shifts of the same character spans on both models: (source shift, target shift, text index) per span."""
+    xs: list[float] = []
+    xt: list[float] = []
+    owner: list[int] = []
+    per_s, per_t = torch.split(shift_src, n_src), torch.split(shift_tgt, n_tgt)
+    for i, text in enumerate(texts):
+        a, b = aligned_spans(tok_s, tok_t, [text], [per_s[i]], [per_t[i]], max_tokens)
+        xs += a
+        xt += b
+        owner += [i] * len(a)
+    return np.array(xs), np.array(xt), np.array(owner)
+
+
+def rank_corr(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic) if len(x) > 2 else math.nan
+
+
+def cell_figures(work: Path, task: TaskData, src: str, tgt: str, seeds: list[int], models: Models | None,
+                 max_tokens: int, n_boot: int, rng: np.random.Generator) -> dict[str, Any] | None:
+    """Every figure of one ordered pair: point per seed, spread over seeds and bootstrap interval over texts."""
+    e_src = json.loads((work / "eval" / task.name / src / "scores.json").read_text())
+    e_tgt = json.loads((work / "eval" / task.name / tgt / "scores.json").read_text())
+    seeds = [n for n in seeds if f"native/seed{n}" in e_src["steers"] and f"native/seed{n}" in e_tgt["steers"]
+             and f"{src}/seed{n}" in e_tgt["steers"]]
+    if not seeds:
+        return None
+    y = np.array(task.test_labels)
+    n = len(y)
+    def arr(doc: dict[str, Any], name: str, key: str, k: str | None = None) -> np.ndarray:
+        r = doc["steers"][name]
+        return np.array(r[key][k] if k else r[key])
+
+    def figures(idx: np.ndarray) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = defaultdict(list)
+        yy = y[idx]
+        for s in seeds:
+            a_src = auc(arr(e_src, f"native/seed{s}", "auc_score")[idx], yy)
+            a_nat = auc(arr(e_tgt, f"native/seed{s}", "auc_score")[idx], yy)
+            a_tr = auc(arr(e_tgt, f"{src}/seed{s}", "auc_score")[idx], yy)
+            out["auc_source"].append(a_src)
+            out["auc_native"].append(a_nat)
+            out["auc_transferred"].append(a_tr)
+            out["fidelity"].append(ratio(a_tr - 0.5, a_src - 0.5))
+            out["efficiency"].append(ratio(a_tr - 0.5, min(a_src - 0.5, a_nat - 0.5)))
+            for k in KAPPAS:
+                sep = {}
+                for who, doc, name in (("tr", e_tgt, f"{src}/seed{s}"), ("nat", e_tgt, f"native/seed{s}"),
+                                       ("src", e_src, f"native/seed{s}")):
+                    d = arr(doc, name, "text_shift", str(k))[idx]
+                    sep[who] = d[yy == 1].mean() - d[yy == 0].mean()
+                out[f"retained@{k}"].append(ratio(sep["tr"], sep["nat"]))
+                out[f"sep_native@{k}"].append(sep["nat"])
+                out[f"sep_source@{k}"].append(sep["src"])
+        return out
+
+    point = figures(np.arange(n))
+    boots = [figures(rng.integers(0, n, n)) for _ in range(n_boot)]
+    res = {key: summary(vals, [float(np.mean(b[key])) for b in boots]) for key, vals in point.items()}
+    if models is not None:  # ρ of aligned spans: needs both tokenizers
+        rho_point, pairs = [], []
+        for s in seeds:
+            sh_s = load_file(str(work / "eval" / task.name / src / f"native__seed{s}.safetensors"))["token_shift"]
+            sh_t = load_file(str(work / "eval" / task.name / tgt / f"{src}__seed{s}.safetensors"))["token_shift"]
+            xs, xt, owner = span_rho(models[src].tokenizer, models[tgt].tokenizer, task.test_texts, e_src["n_tokens"],
+                                     e_tgt["n_tokens"], sh_s, sh_t, max_tokens)
+            rho_point.append(rank_corr(xs, xt))
+            pairs.append((xs, xt, owner))
+        rho_boot = []
+        for _ in range(min(n_boot, 200)):
+            pick = rng.integers(0, n, n)
+            counts = np.bincount(pick, minlength=n)
+            vals = []
+            for xs, xt, owner in pairs:  # a span is repeated as often as its text was drawn
+                rep = np.repeat(np.arange(len(owner)), counts[owner])
+                vals.append(rank_corr(xs[rep], xt[rep]))
+            rho_boot.append(float(np.mean(vals)))
+        res["rho"] = summary(rho_point, rho_boot)
+        res["n_spans"] = int(np.mean([len(p[0]) for p in pairs]))
+    res["seeds"] = seeds
+    return res
+
+
+def wilson(k: int, n: int) -> list[float]:
+    lo, hi = wilson_interval(k, n)
+    return [lo, hi]
+
+
+def generation_figures(doc: dict[str, Any], rng: np.random.Generator, n_boot: int) -> dict[str, Any]:
+    """Judge rate with its Wilson interval; perplexity and distinct-n with bootstrap intervals over prompts."""
+    out: dict[str, Any] = {"kappa": doc.get("kappa"), "kappa_reaches_0.2": doc.get("kappa_reaches_0.2"),
+                           "reference_model": doc.get("reference_model"), "runs": {}}
+    for name, r in doc["runs"].items():
+        p = np.array(r["judge_prob"]) > 0.5
+        nll, cnt = np.array(r["nll_sum"]), np.array(r["nll_count"])
+        n = len(p)
+        def ppl(idx: np.ndarray) -> float:
+            return float(np.exp(nll[idx].sum() / max(cnt[idx].sum(), 1)))
+        boot_idx = [rng.integers(0, n, n) for _ in range(n_boot)]
+        out["runs"][name] = {
+            "value": r["value"], "judge_rate": float(p.mean()), "judge_rate_ci95": wilson(int(p.sum()), n),
+            "perplexity": ppl(np.arange(n)), "perplexity_ci95": interval([ppl(i) for i in boot_idx]),
+            **{f"distinct_{k}": float(np.mean(v)) for k, v in r["distinct"].items()},
+            **{f"distinct_{k}_ci95": interval([float(np.mean(np.array(v)[i])) for i in boot_idx]) for k, v in r["distinct"].items()},
+            "n_prompts": n, "samples": r["samples"][:2]}
+    return out
+
+
+def stage_report(work: Path, tasks: list[TaskData], specs: list[str], seeds: list[int], models: Models, args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(0)
+    doc: dict[str, Any] = {"benchmark": "transfer_ladder", "steerport_version": __version__, "machine": machine(),
+                           "settings": {"train": asdict(TrainConfig()), "model_dtype": "float32", "kappas": KAPPAS,
+                                        "auc_kappa": AUC_KAPPA, "generation_kappas": GEN_KAPPAS,
+                                        "heldout_per_class": args.heldout, "max_tokens": args.max_tokens,
+                                        "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+                                        "bootstrap": args.bootstrap, "seeds": seeds, "models": specs,
+                                        "transfer": "TransferOptions() (logit form, KL calibration)",
+                                        "head": "top-256 candidates exact, tail first order (benchmarks.refine_check.HeadEval)"},
+                           "tasks": {}}
+    for task in tasks:
+        t: dict[str, Any] = {"data": {"train": len(task.train), "dev": len(task.dev), "test": len(task.test_texts),
+                                      "files": task.files}, "natives": {}, "cells": {}, "generation": {}}
+        y = np.array(task.test_labels)
+        for spec in specs:
+            f = work / "eval" / task.name / spec / "scores.json"
+            runs = [json.loads(native_path(work, task.name, spec, s).with_suffix(".json").read_text())
+                    for s in seeds if native_path(work, task.name, spec, s).with_suffix(".json").exists()]
+            if not f.exists() or not runs:
+                continue
+            e = json.loads(f.read_text())
+            names = [f"native/seed{s}" for s in seeds if f"native/seed{s}" in e["steers"]]
+            scores = [np.array(e["steers"][nm]["auc_score"]) for nm in names]
+            boots = [rng.integers(0, len(y), len(y)) for _ in range(args.bootstrap)]
+            t["natives"][spec] = {
+                "test_auc": summary([auc(sc, y) for sc in scores], [float(np.mean([auc(sc[i], y[i]) for sc in scores])) for i in boots]),
+                "dev_auc": [r["results"].get("heldout_auc") for r in runs], "steps": [r["results"].get("steps") for r in runs],
+                "epochs": [r["results"].get("epochs") for r in runs], "stopped": [r["results"].get("stopped") for r in runs],
+                "train_s": [round(r["seconds"], 1) for r in runs],
+                "value_at_0.05": [e["steers"][nm]["matched"][str(AUC_KAPPA)]["value"] for nm in names]}
+        for src in specs:
+            for tgt in (x for x in specs if x != src):
+                if all((work / "eval" / task.name / m / "scores.json").exists() for m in (src, tgt)):
+                    c = cell_figures(work, task, src, tgt, seeds, models, args.max_tokens, args.bootstrap, rng)
+                    if c is not None:
+                        t["cells"][f"{src} -> {tgt}"] = c
+                        log(f"report {task.name} {src} -> {tgt}: efficiency {c['efficiency']['mean']:.2f}")
+        for spec in specs:
+            g = work / "generate" / task.name / f"{spec}.json"
+            if g.exists():
+                t["generation"][spec] = generation_figures(json.loads(g.read_text()), rng, args.bootstrap)
+        doc["tasks"][task.name] = t
+    out = Path(args.out)
+    atomic_write_json(out.with_suffix(".json"), doc)
+    atomic_write_text(out.with_suffix(".md"), markdown(doc))
+    log(f"wrote {out.with_suffix('.json')} and .md")
+
+
+def fmt(f: dict[str, Any], digits: int = 2) -> str:
+    lo, hi = f["ci95"]
+    return f"{f['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] ±{f['seed_std']:.{digits}f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    st, m = doc["settings"], doc["machine"]
+    lines = ["# Transfer on the model ladder: converged natives, fidelity, retained, efficiency", "",
+             f"steerport {doc['steerport_version']}; {m['cpu']}, {m['cores']} cores, torch {m['torch']}; models in {st['model_dtype']}; "
+             f"seeds {st['seeds']}; {st['heldout_per_class']} test texts per class (never trained on or used for model selection); "
+             f"bootstrap {st['bootstrap']} resamples of the texts.", "",
+             "Each figure: mean over seeds [bootstrap 95 % interval of that mean over held-out texts] ±std over seeds. "
+             "AUC: the steer as a classifier, ℓ(+v) − ℓ(−v) at its value v for κ = 0.05 on neutral text. "
+             "Fidelity: (AUC_transferred − 0.5) / (AUC_source − 0.5); efficiency: (AUC_transferred − 0.5) / "
+             "min(AUC_source − 0.5, AUC_native − 0.5) (target ≥ 0.9); ρ: Spearman of the log-prob shifts of the same "
+             "character spans on source and target; retained: separation of the transferred steer / the target's native "
+             "steer at matched κ (target ≥ 0.9 where the source native is at least as strong as the target native).", ""]
+    for name, t in doc["tasks"].items():
+        d = t["data"]
+        lines += [f"## {name}", "", f"Native steers: `TrainConfig()` defaults (early stopping on the dev split) on "
+                  f"{d['train']} training texts, dev {d['dev']}, test {d['test']}.", "",
+                  "| model | test AUC | dev AUC per seed | steps per seed | train s per seed | value at κ 0.05 |", "|---|---|---|---|---|---|"]
+        for spec, n in t["natives"].items():
+            lines.append(f"| {spec} | {fmt(n['test_auc'], 3)} | {', '.join(f'{x:.3f}' for x in n['dev_auc'] if x is not None)} | "
+                         f"{', '.join(str(x) for x in n['steps'])} | {', '.join(f'{x:.0f}' for x in n['train_s'])} | "
+                         f"{', '.join(f'{x:.2f}' for x in n['value_at_0.05'])} |")
+        if t["cells"]:
+            lines += ["", "| source → target | AUC source | AUC transferred | AUC native | fidelity | **efficiency** | ρ (spans) |",
+                      "|---|---|---|---|---|---|---|"]
+            for key, c in t["cells"].items():
+                rho = fmt(c["rho"]) if "rho" in c else "–"
+                lines.append(f"| {key} | {fmt(c['auc_source'], 3)} | {fmt(c['auc_transferred'], 3)} | {fmt(c['auc_native'], 3)} | "
+                             f"{fmt(c['fidelity'])} | **{fmt(c['efficiency'])}** | {rho} |")
+            lines += ["", "Retained vs the target's native steer at matched κ (native separation in nats beside it):", "",
+                      "| source → target | " + " | ".join(f"κ = {k}" for k in st["kappas"]) + " | source native stronger? |",
+                      "|---" * (len(st["kappas"]) + 2) + "|"]
+            for key, c in t["cells"].items():
+                k0 = st["kappas"][1]
+                stronger = c[f"sep_source@{k0}"]["mean"] >= c[f"sep_native@{k0}"]["mean"]
+                lines.append(f"| {key} | " + " | ".join(f"{fmt(c[f'retained@{k}'])} (nat {c[f'sep_native@{k}']['mean']:.3f})"
+                                                        for k in st["kappas"]) + f" | {'yes' if stronger else 'no'} |")
+        if t["generation"]:
+            lines += ["", "Generation (sampled, temperature 1, top-p 0.9, one continuation per prompt): judge rate of the "
+                      "steer's side [Wilson 95 %], perplexity under another ladder model and distinct-2 [bootstrap 95 %].", "",
+                      "| target | κ | run | value | judge rate | perplexity | distinct-2 |", "|---|---|---|---|---|---|---|"]
+            for spec, g in t["generation"].items():
+                for run, r in g["runs"].items():
+                    lines.append(f"| {spec} | {g['kappa']}{'' if g['kappa_reaches_0.2'] else ' (native < +0.2)'} | {run} | "
+                                 f"{r['value']:.2f} | {r['judge_rate']:.2f} [{r['judge_rate_ci95'][0]:.2f}, {r['judge_rate_ci95'][1]:.2f}] | "
+                                 f"{r['perplexity']:.1f} [{r['perplexity_ci95'][0]:.1f}, {r['perplexity_ci95'][1]:.1f}] | "
+                                 f"{r['distinct_2']:.2f} [{r['distinct_2_ci95'][0]:.2f}, {r['distinct_2_ci95'][1]:.2f}] |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+                .splitlines() if ln.startswith("Model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "steerport": __version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", default="../shared/data", help="folder with sentiment/sst2, toxicity/paradetox, prompts/")
+    ap.add_argument("--work", default=str(Path.home() / ".cache/steerport-bench/ladder"))
+    ap.add_argument("--out", default="benchmarks/results/transfer_ladder")
+    ap.add_argument("--models", default=",".join(LADDER))
+    ap.add_argument("--tasks", default="sentiment,toxicity")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--stages", default="train,transfer,evaluate,generate,report")
+    ap.add_argument("--heldout", type=int, default=400, help="test texts per class")
+    ap.add_argument("--prompts", type=int, default=100)
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per held-out text")
+    ap.add_argument("--max-new-tokens", type=int, default=30)
+    ap.add_argument("--bootstrap", type=int, default=1000, help="resamples of the held-out texts")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny data, for a smoke run")
+    args = ap.parse_args()
+    root, work = Path(args.data_root), Path(args.work)
+    models = Models(args.threads)
+    specs, seeds = args.models.split(","), list(range(args.seeds))
+    makers = {"sentiment": sentiment, "toxicity": toxicity}
+    loaded: list[TaskData] = []
+    for name in args.tasks.split(","):
+        task = makers[name](root, args.heldout, args.prompts, args.quick)
+        log(f"{name}: train {len(task.train)}, dev {len(task.dev)}, test {len(task.test_texts)}, prompts {len(task.prompts)}")
+        for stage in args.stages.split(","):
+            if stage == "train":
+                stage_train(work, task, models, specs, seeds, TrainConfig())
+            elif stage == "transfer":
+                stage_transfer(work, task, models, specs, seeds)
+            elif stage == "evaluate":
+                stage_evaluate(work, task, models, specs, seeds, args.max_tokens)
+            elif stage == "generate":
+                stage_generate(work, task, models, specs, args.max_new_tokens)
+        loaded.append(task)
+    if "report" in args.stages.split(","):
+        stage_report(work, loaded, specs, seeds, models, args)
+
+
+if __name__ == "__main__":
+    main()
