@@ -10,7 +10,9 @@ the ladder:
    in the initial factors, batch order and evaluation subset. Their spread is reported first: a
    ratio means nothing when it is large.
 2. ``transfer``: every seed's steer carried to every other model with the default transfer
-   (``TransferOptions()``: logit form, KL calibration against the source's strength curve).
+   (``TransferOptions()``: logit form, KL calibration against the source's strength curve), and
+   seed 0 (``--form-seeds``) by the other ``--forms`` too (default: ``refined``), so the benchmark
+   can decide the default form.
 3. ``evaluate``: on every model, on ``--heldout`` texts per class of the task's **test** split
    (never seen in training or model selection), every native and transferred steer:
 
@@ -234,37 +236,45 @@ def native_path(work: Path, task: str, spec: str, seed: int) -> Path:
     return work / "native" / task / spec / f"seed{seed}.st"
 
 
-def transferred_path(work: Path, task: str, src: str, tgt: str, seed: int) -> Path:
-    return work / "transferred" / task / f"{src}__{tgt}" / f"seed{seed}.st"
+def transferred_path(work: Path, task: str, src: str, tgt: str, seed: int, form: str = "logit") -> Path:
+    return work / "transferred" / task / (f"{src}__{tgt}" + ("" if form == "logit" else f"__{form}")) / f"seed{seed}.st"
 
 
-def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int]) -> None:
-    for seed in seeds:
+def carried(src: str, form: str) -> str:
+    """The name of a steer carried from ``src`` by ``form`` (the default form keeps the bare source name)."""
+    return src if form == "logit" else f"{src}+{form}"
+
+
+def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int], forms: list[str],
+                   form_seeds: int) -> None:
+    """Every seed by the default form; the other forms (a refinement costs minutes) on the first ``form_seeds`` seeds."""
+    for seed, form in ((n, f) for f in forms for n in (seeds if f == "logit" else seeds[:form_seeds])):
         for src in specs:
             if not native_path(work, task.name, src, seed).exists():
                 log(f"transfer {task.name}: no native steer on {src} seed {seed} yet; skipped")
                 continue
             for tgt in (x for x in specs if x != src):
-                out = transferred_path(work, task.name, src, tgt, seed)
+                out = transferred_path(work, task.name, src, tgt, seed, form)
                 if done(out):
                     continue
                 t = time.perf_counter()
                 res = transfer_steer(Steer.load(native_path(work, task.name, src, seed)), models[src], models[tgt],
-                                     TransferOptions())
+                                     TransferOptions(form=form))
                 res.steer.save(out)
                 cal = res.lineage.get("calibration", {})
                 atomic_write_json(out.with_suffix(".json"), {"seconds": time.perf_counter() - t, "calibration": cal})
-                log(f"transfer {task.name} {src} -> {tgt} seed {seed}: {time.perf_counter() - t:.0f} s, "
+                log(f"transfer {task.name} {src} -> {tgt} ({form}) seed {seed}: {time.perf_counter() - t:.0f} s, "
                     f"calibration {cal.get('method')} factor {cal.get('factor')}")
 
 
 # --------------------------------------------------------------------------- stage 3: evaluation on held-out texts
 
 
-def steers_on(work: Path, task: str, tgt: str, specs: list[str], seeds: list[int]) -> dict[str, Path]:
+def steers_on(work: Path, task: str, tgt: str, specs: list[str], seeds: list[int], forms: list[str]) -> dict[str, Path]:
     """Every steer that runs on ``tgt``: its natives ("native/seed0") and the transfers into it ("smollm2-135m/seed0")."""
     out = {f"native/seed{n}": native_path(work, task, tgt, n) for n in seeds}
-    out.update({f"{src}/seed{n}": transferred_path(work, task, src, tgt, n) for src in specs if src != tgt for n in seeds})
+    out.update({f"{carried(src, f)}/seed{n}": transferred_path(work, task, src, tgt, n, f)
+                for f in forms for src in specs if src != tgt for n in seeds})
     return {k: v for k, v in out.items() if v.exists()}
 
 
@@ -314,9 +324,10 @@ def matched_values(scorer: HeadScorer, steer: Steer, kappas: tuple[float, ...], 
     return out
 
 
-def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int], max_tokens: int) -> None:
+def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int], forms: list[str],
+                   max_tokens: int) -> None:
     for tgt in specs:
-        steers = steers_on(work, task.name, tgt, specs, seeds)
+        steers = steers_on(work, task.name, tgt, specs, seeds, forms)
         folder = work / "eval" / task.name / tgt
         doc_path = folder / "scores.json"
         doc: dict[str, Any] = json.loads(doc_path.read_text()) if doc_path.exists() else {"steers": {}}
@@ -355,7 +366,7 @@ def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str],
 # --------------------------------------------------------------------------- stage 4: generation
 
 
-def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str], max_new_tokens: int) -> None:
+def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str], forms: list[str], max_new_tokens: int) -> None:
     judge = load_judge(task.judge)
     if judge.positive != task.positive_name:
         raise SystemExit(f"judge {task.judge} scores {judge.positive!r}, the steers {task.positive_name!r}")
@@ -399,12 +410,12 @@ def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str],
             doc["kappa"] = chosen
             doc["kappa_reaches_0.2"] = float(np.mean(np.array(doc["runs"][f"native@{chosen}"]["judge_prob"]) > 0.5)) - base_rate >= 0.2
             atomic_write_json(path, doc)
-        for src in (x for x in specs if x != tgt):
-            f = transferred_path(work, task.name, src, tgt, 0)
-            if f.exists() and f"{src}@{chosen}" not in doc["runs"]:
+        for src, form in ((x, f) for f in forms for x in specs if x != tgt):
+            f = transferred_path(work, task.name, src, tgt, 0, form)
+            if f.exists() and f"{carried(src, form)}@{chosen}" not in doc["runs"]:
                 nscorer = nscorer or neutral_scorer(lm)
                 steer = Steer.load(f)
-                run(f"{src}@{chosen}", steer, matched_values(nscorer, steer, (chosen,))[str(chosen)]["value"])
+                run(f"{carried(src, form)}@{chosen}", steer, matched_values(nscorer, steer, (chosen,))[str(chosen)]["value"])
 
 
 # --------------------------------------------------------------------------- stage 5: report
@@ -447,13 +458,13 @@ def rank_corr(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x, y).statistic) if len(x) > 2 else math.nan
 
 
-def cell_figures(work: Path, task: TaskData, src: str, tgt: str, seeds: list[int], models: Models | None,
+def cell_figures(work: Path, task: TaskData, src: str, tgt: str, form: str, seeds: list[int], models: Models | None,
                  max_tokens: int, n_boot: int, rng: np.random.Generator) -> dict[str, Any] | None:
     """Every figure of one ordered pair: point per seed, spread over seeds and bootstrap interval over texts."""
     e_src = json.loads((work / "eval" / task.name / src / "scores.json").read_text())
     e_tgt = json.loads((work / "eval" / task.name / tgt / "scores.json").read_text())
     seeds = [n for n in seeds if f"native/seed{n}" in e_src["steers"] and f"native/seed{n}" in e_tgt["steers"]
-             and f"{src}/seed{n}" in e_tgt["steers"]]
+             and f"{carried(src, form)}/seed{n}" in e_tgt["steers"]]
     if not seeds:
         return None
     y = np.array(task.test_labels)
@@ -468,7 +479,7 @@ def cell_figures(work: Path, task: TaskData, src: str, tgt: str, seeds: list[int
         for s in seeds:
             a_src = auc(arr(e_src, f"native/seed{s}", "auc_score")[idx], yy)
             a_nat = auc(arr(e_tgt, f"native/seed{s}", "auc_score")[idx], yy)
-            a_tr = auc(arr(e_tgt, f"{src}/seed{s}", "auc_score")[idx], yy)
+            a_tr = auc(arr(e_tgt, f"{carried(src, form)}/seed{s}", "auc_score")[idx], yy)
             out["auc_source"].append(a_src)
             out["auc_native"].append(a_nat)
             out["auc_transferred"].append(a_tr)
@@ -476,7 +487,7 @@ def cell_figures(work: Path, task: TaskData, src: str, tgt: str, seeds: list[int
             out["efficiency"].append(ratio(a_tr - 0.5, min(a_src - 0.5, a_nat - 0.5)))
             for k in KAPPAS:
                 sep = {}
-                for who, doc, name in (("tr", e_tgt, f"{src}/seed{s}"), ("nat", e_tgt, f"native/seed{s}"),
+                for who, doc, name in (("tr", e_tgt, f"{carried(src, form)}/seed{s}"), ("nat", e_tgt, f"native/seed{s}"),
                                        ("src", e_src, f"native/seed{s}")):
                     d = arr(doc, name, "text_shift", str(k))[idx]
                     sep[who] = d[yy == 1].mean() - d[yy == 0].mean()
@@ -492,7 +503,7 @@ def cell_figures(work: Path, task: TaskData, src: str, tgt: str, seeds: list[int
         rho_point, pairs = [], []
         for s in seeds:
             sh_s = load_file(str(work / "eval" / task.name / src / f"native__seed{s}.safetensors"))["token_shift"]
-            sh_t = load_file(str(work / "eval" / task.name / tgt / f"{src}__seed{s}.safetensors"))["token_shift"]
+            sh_t = load_file(str(work / "eval" / task.name / tgt / f"{carried(src, form)}__seed{s}.safetensors"))["token_shift"]
             xs, xt, owner = span_rho(models[src].tokenizer, models[tgt].tokenizer, task.test_texts, e_src["n_tokens"],
                                      e_tgt["n_tokens"], sh_s, sh_t, max_tokens)
             rho_point.append(rank_corr(xs, xt))
@@ -545,7 +556,7 @@ def stage_report(work: Path, tasks: list[TaskData], specs: list[str], seeds: lis
                                         "heldout_per_class": args.heldout, "max_tokens": args.max_tokens,
                                         "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
                                         "bootstrap": args.bootstrap, "seeds": seeds, "models": specs,
-                                        "transfer": "TransferOptions() (logit form, KL calibration)",
+                                        "transfer": "TransferOptions(form=F), KL calibration", "forms": args.forms.split(","),
                                         "head": "top-256 candidates exact, tail first order (benchmarks.refine_check.HeadEval)"},
                            "tasks": {}}
     for task in tasks:
@@ -568,13 +579,14 @@ def stage_report(work: Path, tasks: list[TaskData], specs: list[str], seeds: lis
                 "epochs": [r["results"].get("epochs") for r in runs], "stopped": [r["results"].get("stopped") for r in runs],
                 "train_s": [round(r["seconds"], 1) for r in runs],
                 "value_at_0.05": [e["steers"][nm]["matched"][str(AUC_KAPPA)]["value"] for nm in names]}
-        for src in specs:
-            for tgt in (x for x in specs if x != src):
+        for form in args.forms.split(","):
+            for src, tgt in ((a, b) for a in specs for b in specs if a != b):
                 if all((work / "eval" / task.name / m / "scores.json").exists() for m in (src, tgt)):
-                    c = cell_figures(work, task, src, tgt, seeds, models, args.max_tokens, args.bootstrap, rng)
+                    c = cell_figures(work, task, src, tgt, form, seeds, models, args.max_tokens, args.bootstrap, rng)
                     if c is not None:
-                        t["cells"][f"{src} -> {tgt}"] = c
-                        log(f"report {task.name} {src} -> {tgt}: efficiency {c['efficiency']['mean']:.2f}")
+                        key = f"{src} -> {tgt}" + ("" if form == "logit" else f" ({form})")
+                        t["cells"][key] = {"form": form, **c}
+                        log(f"report {task.name} {key}: efficiency {c['efficiency']['mean']:.2f}")
         for spec in specs:
             g = work / "generate" / task.name / f"{spec}.json"
             if g.exists():
@@ -660,6 +672,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="sentiment,toxicity")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--stages", default="train,transfer,evaluate,generate,report")
+    ap.add_argument("--forms", default="logit,refined", help="transfer forms to compare (logit: the default transfer)")
+    ap.add_argument("--form-seeds", type=int, default=1, help="seeds carried by the forms other than logit")
     ap.add_argument("--heldout", type=int, default=400, help="test texts per class")
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per held-out text")
@@ -670,7 +684,7 @@ def main() -> None:
     args = ap.parse_args()
     root, work = Path(args.data_root), Path(args.work)
     models = Models(args.threads)
-    specs, seeds = args.models.split(","), list(range(args.seeds))
+    specs, seeds, forms = args.models.split(","), list(range(args.seeds)), args.forms.split(",")
     makers = {"sentiment": sentiment, "toxicity": toxicity}
     loaded: list[TaskData] = []
     for name in args.tasks.split(","):
@@ -680,11 +694,11 @@ def main() -> None:
             if stage == "train":
                 stage_train(work, task, models, specs, seeds, TrainConfig())
             elif stage == "transfer":
-                stage_transfer(work, task, models, specs, seeds)
+                stage_transfer(work, task, models, specs, seeds, forms, args.form_seeds)
             elif stage == "evaluate":
-                stage_evaluate(work, task, models, specs, seeds, args.max_tokens)
+                stage_evaluate(work, task, models, specs, seeds, forms, args.max_tokens)
             elif stage == "generate":
-                stage_generate(work, task, models, specs, args.max_new_tokens)
+                stage_generate(work, task, models, specs, forms, args.max_new_tokens)
         loaded.append(task)
     if "report" in args.stages.split(","):
         stage_report(work, loaded, specs, seeds, models, args)
