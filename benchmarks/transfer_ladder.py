@@ -614,10 +614,17 @@ def markdown(doc: dict[str, Any]) -> str:
              "Fidelity: (AUC_transferred − 0.5) / (AUC_source − 0.5); efficiency: (AUC_transferred − 0.5) / "
              "min(AUC_source − 0.5, AUC_native − 0.5) (target ≥ 0.9); ρ: Spearman of the log-prob shifts of the same "
              "character spans on source and target; retained: separation of the transferred steer / the target's native "
-             "steer at matched κ (target ≥ 0.9 where the source native is at least as strong as the target native).", ""]
+             "steer at matched κ (target ≥ 0.9 where the source native is at least as strong as the target native). "
+             "Rows marked (refined): `--form refined`, seed 0 only (±0.00 is no spread, not a measured one).", ""]
     for name, t in doc["tasks"].items():
         d = t["data"]
-        lines += [f"## {name}", "", f"Native steers: `TrainConfig()` defaults (early stopping on the dev split) on "
+        n_pairs = len(st["models"]) * (len(st["models"]) - 1)
+        done_pairs = sum(c["form"] == "logit" for c in t["cells"].values())
+        lines += [f"## {name}", "", f"Coverage: native steers evaluated on {len(t['natives'])} of {len(st['models'])} models, "
+                  f"{done_pairs} of {n_pairs} ordered pairs{' (the rest not run yet)' if done_pairs < n_pairs else ''}.", ""]
+        if not t["natives"]:
+            continue
+        lines += [f"Native steers: `TrainConfig()` defaults (early stopping on the dev split) on "
                   f"{d['train']} training texts, dev {d['dev']}, test {d['test']}.", "",
                   "| model | test AUC | dev AUC per seed | steps per seed | train s per seed | value at κ 0.05 |", "|---|---|---|---|---|---|"]
         for spec, n in t["natives"].items():
