@@ -373,9 +373,12 @@ def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str],
     settings = EvalSettings(samples_per_prompt=1, max_new_tokens=max_new_tokens, batch_size=20)
     for tgt in specs:
         path = work / "generate" / task.name / f"{tgt}.json"
+        if not native_path(work, task.name, tgt, 0).exists():
+            log(f"generate {task.name} on {tgt}: no native steer (seed 0) yet; skipped")
+            continue
         doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": {}}
         lm = models[tgt]
-        ref_spec = "gemma3-270m" if tgt == "smollm2-135m" else "smollm2-135m"  # perplexity under another ladder model
+        ref_spec = next((x for x in specs if x != tgt), tgt)  # perplexity under another ladder model (the first other one)
         nscorer = None
 
         def run(name: str, steer: Steer | None, value: float) -> dict[str, Any]:
