@@ -48,12 +48,10 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
-import subprocess
 import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +60,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.refine_check import HeadEval, aligned_spans
+from benchmarks.refine_check import machine as refine_check_machine
 from steerport import __version__
 from steerport.capture import cache_hidden
 from steerport.data import Dataset, Example
 from steerport.evaluate import EvalSettings, continuation_nll, sample_continuations
 from steerport.fileio import atomic_write_json, atomic_write_text
 from steerport.judges import load_judge
-from steerport.metrics import distinct_n, find_value_for_kl, wilson_interval
+from steerport.metrics import distinct_n, find_value_for_kl, spearman, wilson_interval
 from steerport.metrics import roc_auc as auc
 from steerport.models import LoadedModel, load_model
 from steerport.scoring import HeadScorer
@@ -142,8 +141,7 @@ def sentiment(root: Path, heldout: int, n_prompts: int, quick: bool) -> TaskData
     if quick:
         train_rows, dev_rows = train_rows[:120], dev_rows[:40]
     texts, labels = _test_sample(test_rows, 1, heldout, seed=1)
-    prompts = [json.loads(x)["prompt"]["text"] for x in (root / "prompts/sentiment/neutral_prompts.jsonl")
-               .read_text().splitlines()[:n_prompts]]
+    prompts = [r["prompt"]["text"] for r in _rows(root / "prompts/sentiment/neutral_prompts.jsonl")[:n_prompts]]
     return TaskData("sentiment", "positive sentiment", _examples(train_rows, 1, "sst2/train"),
                     _examples(dev_rows, 1, "sst2/dev"), texts, labels, prompts, "sentiment",
                     {"train": str(d / "train.jsonl"), "dev": str(d / "dev.jsonl"), "test": str(d / "test.jsonl")})
@@ -163,16 +161,19 @@ def toxicity(root: Path, heldout: int, n_prompts: int, quick: bool, per_class: i
     random.Random(0).shuffle(order)
     dev: list[dict[str, Any]] = []
     tr: list[dict[str, Any]] = []
+    n_dev: Counter[int] = Counter()  # rows per label on each side
+    n_tr: Counter[int] = Counter()
     for key in order:
-        side = dev if min(sum(r["label"] == c for r in dev) for c in (0, 1)) < dev_per_class else tr
-        if side is tr and min(sum(r["label"] == c for r in tr) for c in (0, 1)) >= per_class:
+        side, n = (dev, n_dev) if min(n_dev[0], n_dev[1]) < dev_per_class else (tr, n_tr)
+        if side is tr and min(n_tr[0], n_tr[1]) >= per_class:
             break
         side.extend(groups[key])
+        n.update(r["label"] for r in groups[key])
     # a pair holds one toxic text and one or more paraphrases: cap each class, in split order
     dev = _cap(dev, dev_per_class)
     tr = _cap(tr, per_class)
     texts, labels = _test_sample(_rows(d / "test.jsonl"), 0, heldout, seed=1)
-    prompts = [json.loads(x)["prompt"]["text"] for x in (root / "prompts/rtp_nontoxic.jsonl").read_text().splitlines()[:n_prompts]]
+    prompts = [r["prompt"]["text"] for r in _rows(root / "prompts/rtp_nontoxic.jsonl")[:n_prompts]]
     return TaskData("toxicity", "non-toxic", _examples(tr, 0, "paradetox/train"), _examples(dev, 0, "paradetox/train"),
                     texts, labels, prompts, "toxicity",
                     {"train": str(d / "train.jsonl"), "test": str(d / "test.jsonl")})
@@ -195,10 +196,6 @@ class Models:
         return self.loaded[spec]
 
 
-def done(path: Path) -> bool:
-    return path.exists()
-
-
 # --------------------------------------------------------------------------- stage 1: native steers
 
 
@@ -207,8 +204,8 @@ def stage_train(work: Path, task: TaskData, models: Models, specs: list[str], se
                    {"files": task.files, "train": len(task.train), "heldout": len(task.dev), "split": "benchmark"})
     for spec in specs:
         for seed in seeds:
-            out = work / "native" / task.name / spec / f"seed{seed}.st"
-            if done(out):
+            out = native_path(work, task.name, spec, seed)
+            if out.exists():
                 continue
             lm = models[spec]
             log(f"train {task.name} {spec} seed {seed}: {len(task.train)} texts, dev {len(task.dev)}")
@@ -220,13 +217,13 @@ def stage_train(work: Path, task: TaskData, models: Models, specs: list[str], se
                     last[0] = time.perf_counter()
                     log(f"  {phase} {info if phase != 'eval' else {k: v for k, v in info.items() if k != 'factors'}}")
 
-            res = train(lm, data, TrainConfig(**{**config.__dict__, "seed": seed}),
+            res = train(lm, data, replace(config, seed=seed),
                         workdir=work / "trainwork" / task.name / spec, progress=progress)
             record_curve(lm, res.steer)  # as `steerport train` does: the file carries its strength curve
             res.steer.save(out)
             atomic_write_json(out.with_suffix(".json"), {"results": res.results, "seconds": time.perf_counter() - t,
                                                          "timings": res.steer.meta["training"]["timings"]})
-            log(f"  done in {time.perf_counter() - t:.0f} s: {json.dumps({k: res.results.get(k) for k in ('heldout_auc', 'auc', 'steps', 'stopped')})}")
+            log(f"  done in {time.perf_counter() - t:.0f} s: {json.dumps({k: res.results.get(k) for k in ('heldout_auc', 'steps', 'stopped')})}")
 
 
 # --------------------------------------------------------------------------- stage 2: transfers
@@ -255,7 +252,7 @@ def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str],
                 continue
             for tgt in (x for x in specs if x != src):
                 out = transferred_path(work, task.name, src, tgt, seed, form)
-                if done(out):
+                if out.exists():
                     continue
                 t = time.perf_counter()
                 res = transfer_steer(Steer.load(native_path(work, task.name, src, seed)), models[src], models[tgt],
@@ -268,6 +265,11 @@ def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str],
 
 
 # --------------------------------------------------------------------------- stage 3: evaluation on held-out texts
+
+
+def scores_path(work: Path, task: str, spec: str) -> Path:
+    """The evaluation record of every steer scored on ``spec``."""
+    return work / "eval" / task / spec / "scores.json"
 
 
 def steers_on(work: Path, task: str, tgt: str, specs: list[str], seeds: list[int], forms: list[str]) -> dict[str, Path]:
@@ -328,8 +330,8 @@ def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str],
                    max_tokens: int) -> None:
     for tgt in specs:
         steers = steers_on(work, task.name, tgt, specs, seeds, forms)
-        folder = work / "eval" / task.name / tgt
-        doc_path = folder / "scores.json"
+        doc_path = scores_path(work, task.name, tgt)
+        folder = doc_path.parent
         doc: dict[str, Any] = json.loads(doc_path.read_text()) if doc_path.exists() else {"steers": {}}
         todo = [k for k in steers if k not in doc["steers"]]
         if not todo:
@@ -348,14 +350,15 @@ def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str],
             vals = matched_values(nscorer, steer, KAPPAS)
             rec: dict[str, Any] = {"file": str(steers[name]), "fingerprint": steer.fingerprint, "matched": vals,
                                    "text_shift": {}}
-            for k in KAPPAS:  # per text: mean log-likelihood change at +v_κ
-                d = he.token_lp(steer, vals[str(k)]["value"]) - lp0
-                rec["text_shift"][str(k)] = [float(x.mean()) if x.numel() else 0.0 for x in he.per_text(d)]
+            token_shift = {}  # κ -> (N,) per-token log-prob change at +v_κ
+            for k in KAPPAS:  # per text: its mean
+                token_shift[k] = he.token_lp(steer, vals[str(k)]["value"]) - lp0
+                rec["text_shift"][str(k)] = [float(x.mean()) if x.numel() else 0.0 for x in he.per_text(token_shift[k])]
             v = vals[str(AUC_KAPPA)]["value"]
             rec["auc_score"] = [float(x) for x in he.scores(steer, v)]
-            token_shift = he.token_lp(steer, v) - lp0  # (N,) for ρ of aligned spans
             folder.mkdir(parents=True, exist_ok=True)
-            save_file({"token_shift": token_shift.float().contiguous()}, str(folder / f"{name.replace('/', '__')}.safetensors"))
+            save_file({"token_shift": token_shift[AUC_KAPPA].float().contiguous()},  # for ρ of aligned spans
+                      str(folder / f"{name.replace('/', '__')}.safetensors"))
             rec["seconds"] = time.perf_counter() - t
             doc["steers"][name] = rec
             atomic_write_json(doc_path, doc)
@@ -364,6 +367,11 @@ def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str],
 
 
 # --------------------------------------------------------------------------- stage 4: generation
+
+
+def judge_rate(run: dict[str, Any]) -> float:
+    """Share of a generation run's continuations the judge puts on the steer's side."""
+    return float(np.mean(np.array(run["judge_prob"]) > 0.5))
 
 
 def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str], forms: list[str], max_new_tokens: int) -> None:
@@ -393,25 +401,23 @@ def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str],
                  "samples": conts[:5], "seconds": time.perf_counter() - t}
             doc["runs"][name] = r
             atomic_write_json(path, doc)
-            log(f"  generate {task.name} on {tgt}, {name}: judge rate {np.mean(np.array(p) > 0.5):.2f} "
+            log(f"  generate {task.name} on {tgt}, {name}: judge rate {judge_rate(r):.2f} "
                 f"({r['seconds']:.0f} s)")
             return r
 
         doc["reference_model"] = ref_spec
-        base = run("unsteered", None, 0.0)
-        base_rate = float(np.mean(np.array(base["judge_prob"]) > 0.5))
+        base_rate = judge_rate(run("unsteered", None, 0.0))
         native = Steer.load(native_path(work, task.name, tgt, 0))
         chosen = doc.get("kappa")
         if chosen is None:
             nscorer = nscorer or neutral_scorer(lm)
             values = matched_values(nscorer, native, GEN_KAPPAS)
-            for k in GEN_KAPPAS:
-                r = run(f"native@{k}", native, values[str(k)]["value"])
+            for k in GEN_KAPPAS:  # the smallest κ where the native moves the judge by 0.2 (else the largest)
                 chosen = k
-                if float(np.mean(np.array(r["judge_prob"]) > 0.5)) - base_rate >= 0.2:
+                reached = judge_rate(run(f"native@{k}", native, values[str(k)]["value"])) - base_rate >= 0.2
+                if reached:
                     break
-            doc["kappa"] = chosen
-            doc["kappa_reaches_0.2"] = float(np.mean(np.array(doc["runs"][f"native@{chosen}"]["judge_prob"]) > 0.5)) - base_rate >= 0.2
+            doc["kappa"], doc["kappa_reaches_0.2"] = chosen, reached
             atomic_write_json(path, doc)
         for src, form in ((x, f) for f in forms for x in specs if x != tgt):
             f = transferred_path(work, task.name, src, tgt, 0, form)
@@ -456,16 +462,14 @@ def span_rho(tok_s: Any, tok_t: Any, texts: list[str], n_src: list[int], n_tgt: 
 
 
 def rank_corr(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x, y).statistic) if len(x) > 2 else math.nan
+    return spearman(x, y) if len(x) > 2 else math.nan
 
 
-def cell_figures(work: Path, task: TaskData, src: str, tgt: str, form: str, seeds: list[int], models: Models | None,
+def cell_figures(work: Path, task: TaskData, src: str, tgt: str, form: str, seeds: list[int], models: Models,
                  max_tokens: int, n_boot: int, rng: np.random.Generator) -> dict[str, Any] | None:
     """Every figure of one ordered pair: point per seed, spread over seeds and bootstrap interval over texts."""
-    e_src = json.loads((work / "eval" / task.name / src / "scores.json").read_text())
-    e_tgt = json.loads((work / "eval" / task.name / tgt / "scores.json").read_text())
+    e_src = json.loads(scores_path(work, task.name, src).read_text())
+    e_tgt = json.loads(scores_path(work, task.name, tgt).read_text())
     seeds = [n for n in seeds if f"native/seed{n}" in e_src["steers"] and f"native/seed{n}" in e_tgt["steers"]
              and f"{carried(src, form)}/seed{n}" in e_tgt["steers"]]
     if not seeds:
@@ -502,26 +506,26 @@ def cell_figures(work: Path, task: TaskData, src: str, tgt: str, form: str, seed
     point = figures(np.arange(n))
     boots = [figures(rng.integers(0, n, n)) for _ in range(n_boot)]
     res = {key: summary(vals, [float(np.mean(b[key])) for b in boots]) for key, vals in point.items()}
-    if models is not None:  # ρ of aligned spans: needs both tokenizers
-        rho_point, pairs = [], []
-        for s in seeds:
-            sh_s = load_file(str(work / "eval" / task.name / src / f"native__seed{s}.safetensors"))["token_shift"]
-            sh_t = load_file(str(work / "eval" / task.name / tgt / f"{carried(src, form)}__seed{s}.safetensors"))["token_shift"]
-            xs, xt, owner = span_rho(models[src].tokenizer, models[tgt].tokenizer, task.test_texts, e_src["n_tokens"],
-                                     e_tgt["n_tokens"], sh_s, sh_t, max_tokens)
-            rho_point.append(rank_corr(xs, xt))
-            pairs.append((xs, xt, owner))
-        rho_boot = []
-        for _ in range(min(n_boot, 200)):
-            pick = rng.integers(0, n, n)
-            counts = np.bincount(pick, minlength=n)
-            vals = []
-            for xs, xt, owner in pairs:  # a span is repeated as often as its text was drawn
-                rep = np.repeat(np.arange(len(owner)), counts[owner])
-                vals.append(rank_corr(xs[rep], xt[rep]))
-            rho_boot.append(float(np.mean(vals)))
-        res["rho"] = summary(rho_point, rho_boot)
-        res["n_spans"] = int(np.mean([len(p[0]) for p in pairs]))
+    # ρ of aligned spans (both tokenizers)
+    rho_point, pairs = [], []
+    for s in seeds:
+        sh_s = load_file(str(scores_path(work, task.name, src).parent / f"native__seed{s}.safetensors"))["token_shift"]
+        sh_t = load_file(str(scores_path(work, task.name, tgt).parent / f"{carried(src, form)}__seed{s}.safetensors"))["token_shift"]
+        xs, xt, owner = span_rho(models[src].tokenizer, models[tgt].tokenizer, task.test_texts, e_src["n_tokens"],
+                                 e_tgt["n_tokens"], sh_s, sh_t, max_tokens)
+        rho_point.append(rank_corr(xs, xt))
+        pairs.append((xs, xt, owner))
+    rho_boot = []
+    for _ in range(min(n_boot, 200)):
+        pick = rng.integers(0, n, n)
+        counts = np.bincount(pick, minlength=n)
+        vals = []
+        for xs, xt, owner in pairs:  # a span is repeated as often as its text was drawn
+            rep = np.repeat(np.arange(len(owner)), counts[owner])
+            vals.append(rank_corr(xs[rep], xt[rep]))
+        rho_boot.append(float(np.mean(vals)))
+    res["rho"] = summary(rho_point, rho_boot)
+    res["n_spans"] = int(np.mean([len(p[0]) for p in pairs]))
     res["seeds"] = seeds
     return res
 
@@ -567,7 +571,7 @@ def stage_report(work: Path, tasks: list[TaskData], specs: list[str], seeds: lis
                                       "files": task.files}, "natives": {}, "cells": {}, "generation": {}}
         y = np.array(task.test_labels)
         for spec in specs:
-            f = work / "eval" / task.name / spec / "scores.json"
+            f = scores_path(work, task.name, spec)
             runs = [json.loads(native_path(work, task.name, spec, s).with_suffix(".json").read_text())
                     for s in seeds if native_path(work, task.name, spec, s).with_suffix(".json").exists()]
             if not f.exists() or not runs:
@@ -584,7 +588,7 @@ def stage_report(work: Path, tasks: list[TaskData], specs: list[str], seeds: lis
                 "value_at_0.05": [e["steers"][nm]["matched"][str(AUC_KAPPA)]["value"] for nm in names]}
         for form in args.forms.split(","):
             for src, tgt in ((a, b) for a in specs for b in specs if a != b):
-                if all((work / "eval" / task.name / m / "scores.json").exists() for m in (src, tgt)):
+                if all(scores_path(work, task.name, m).exists() for m in (src, tgt)):
                     c = cell_figures(work, task, src, tgt, form, seeds, models, args.max_tokens, args.bootstrap, rng)
                     if c is not None:
                         key = f"{src} -> {tgt}" + ("" if form == "logit" else f" ({form})")
@@ -667,10 +671,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-                .splitlines() if ln.startswith("Model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "steerport": __version__}
+    return {**refine_check_machine(), "cores": os.cpu_count()}
 
 
 def main() -> None:
