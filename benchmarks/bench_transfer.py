@@ -95,7 +95,7 @@ def bench_fits(grid: list[tuple[int, int]], anchor_probe_steps: dict[int, int], 
 
 
 def bench_end_to_end(models: list[str], dtype: str = "float32", device: str = "cpu") -> list[dict]:
-    from steerport.models import load_embeddings
+    from steerport.embeddings import load_embeddings
     from steerport.steer import Steer
     from steerport.transfer import TransferOptions, transfer_steer
 

@@ -43,11 +43,12 @@ import torch
 
 from steerport import __version__
 from steerport.capture import cache_hidden, pair_by_end_offset, token_end_offsets
+from steerport.embeddings import ModelEmbeddings
 from steerport.fileio import atomic_write_json
 from steerport.linmap import fit_map
 from steerport.mapping import get_mapping
 from steerport.metrics import roc_auc, spearman
-from steerport.models import LoadedModel, ModelEmbeddings, load_model
+from steerport.models import LoadedModel, load_model
 from steerport.refine import RefineData, prepare_refine, refined_carry
 from steerport.scoring import mean_kl, token_logprobs
 from steerport.steer import Steer

@@ -29,8 +29,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "generate": ("steerport.hooks", "generate"),
     "steered": ("steerport.hooks", "steered"),
     "LoadedModel": ("steerport.models", "LoadedModel"),
-    "ModelEmbeddings": ("steerport.models", "ModelEmbeddings"),
-    "load_embeddings": ("steerport.models", "load_embeddings"),
+    "ModelEmbeddings": ("steerport.embeddings", "ModelEmbeddings"),
+    "load_embeddings": ("steerport.embeddings", "load_embeddings"),
     "load_model": ("steerport.models", "load_model"),
     "resolve_spec": ("steerport.models", "resolve_spec"),
     "FitOptions": ("steerport.mapping", "FitOptions"),
@@ -124,13 +124,14 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from steerport.actadd import make_actadd, transfer_actadd
     from steerport.controlvector import export_control_vector, import_control_vector
     from steerport.data import DataOptions, Dataset, load_data
+    from steerport.embeddings import ModelEmbeddings, load_embeddings
     from steerport.evaluate import EvalSettings, evaluate_steers
     from steerport.explain import explain_text, steer_keywords
     from steerport.hooks import generate, steered
     from steerport.judges import HFJudge, TfidfJudge, load_judge
     from steerport.mapping import FitOptions, Mapping, fit_mapping, get_mapping
     from steerport.merge import merge_into_model, merge_to_dir
-    from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model, resolve_spec
+    from steerport.models import LoadedModel, load_model, resolve_spec
     from steerport.scoring import HeadScorer, capture_hidden
     from steerport.steer import Steer
     from steerport.tokenprob import make_token_steer, transfer_token_prob

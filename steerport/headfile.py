@@ -6,7 +6,7 @@ exactly that without loading the tokenizer or the whole matrix:
 
 * the fingerprint (:func:`steerport.models.fingerprint`, which needs the tokenizer's vocabulary),
   the matrix's shape and the safetensors file and key that hold it are found once by a full
-  :func:`steerport.models.locate_head` and cached in ``STEERPORT_HOME/fingerprints/<key>.json``
+  :func:`steerport.embeddings.locate_head` and cached in ``STEERPORT_HOME/fingerprints/<key>.json``
   (key: the model folder's path); the entry is used while the name, size and modification time of
   every file in that folder are unchanged, else recomputed;
 * rows are gathered from a memory map of the safetensors file (:func:`read_rows`), so only the
@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from steerport.embeddings import ModelEmbeddings, locate_head, read_tensor
 from steerport.errors import SteerportError
-from steerport.models import ModelEmbeddings, fingerprint_of_rows, fingerprint_rows, locate_head, read_tensor
+from steerport.models import fingerprint_of_rows, fingerprint_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -78,7 +79,7 @@ class HeadFile:
         """The whole matrix and the tokenizer (for fitting a mapping or aligning vocabularies)."""
         if self.loaded is None:
             if self.tokenizer is None:
-                from steerport.models import load_embeddings
+                from steerport.embeddings import load_embeddings
 
                 self.loaded = load_embeddings(self.spec)
             else:

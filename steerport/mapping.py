@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import torch
 
 from steerport import __version__
+from steerport.embeddings import ModelEmbeddings
 from steerport.errors import SteerportError
 from steerport.fileio import (
     read_json_safetensors,
@@ -51,7 +52,6 @@ from steerport.fileio import (
     write_json_safetensors,
 )
 from steerport.linmap import METHODS, LinearFit, fit_map, split_pairs
-from steerport.models import ModelEmbeddings
 from steerport.vocab import Alignment, align_vocab
 
 FORMAT = "steerport.mapping"
@@ -324,7 +324,7 @@ def shipped_name(src_spec: str, tgt_spec: str) -> str:
 
 
 class ModelId(Protocol):
-    """What finding a mapping needs of a model (:class:`~steerport.models.ModelEmbeddings`, :class:`~steerport.headfile.HeadFile`)."""
+    """What finding a mapping needs of a model (:class:`~steerport.embeddings.ModelEmbeddings`, :class:`~steerport.headfile.HeadFile`)."""
 
     spec: str
     fingerprint: str

@@ -87,12 +87,13 @@ import torch
 from steerport import __version__
 from steerport.calibration import cached_proxy_map, calibration_rows, embed_calibration, require_finite
 from steerport.capture import paired_states
+from steerport.embeddings import ModelEmbeddings, load_embeddings
 from steerport.errors import SteerportError, one_line
 from steerport.headfile import EmbeddingSource, open_head
 from steerport.kinds import get_kind
 from steerport.linmap import fit_map
 from steerport.mapping import FitOptions, Mapping, find_mapping, fit_and_save
-from steerport.models import LoadedModel, ModelEmbeddings, load_embeddings, load_model
+from steerport.models import LoadedModel, load_model
 from steerport.refine import RefineOptions, prepare_refine, refined_carry
 from steerport.steer import Steer
 from steerport.strength import CURVE_TEXTS, calibrate_to_curve

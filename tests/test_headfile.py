@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import steerport.headfile as hf
+from steerport.embeddings import load_embeddings
 from steerport.errors import SteerportError
 from steerport.headfile import cache_file, open_head, read_rows
-from steerport.models import load_embeddings
 from tests.tiny import tiny_model
 
 

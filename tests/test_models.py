@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from steerport import SteerportError, load_embeddings, load_model, resolve_spec
-from steerport.models import ModelEmbeddings, check_device, parse_dtype
+from steerport.embeddings import ModelEmbeddings
+from steerport.models import check_device, parse_dtype
 from tests.tiny import ARCHS, tiny_model
 
 

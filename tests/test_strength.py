@@ -87,7 +87,7 @@ def test_calibration_needs_only_the_target_when_the_curve_is_recorded(monkeypatc
         raise AssertionError("the source model was loaded")
 
     monkeypatch.setattr(steerport.transfer, "load_model", no_source)
-    from steerport.models import ModelEmbeddings
+    from steerport.embeddings import ModelEmbeddings
 
     res = transfer_steer(steer, ModelEmbeddings.from_loaded(src), tgt, TransferOptions(calib_texts=TEXTS))
     assert res.lineage["calibration"]["method"] == "kl"
@@ -231,7 +231,7 @@ def _save_dir(lm: LoadedModel, path):
 def test_cli_calibrate_and_warnings(tmp_path, monkeypatch, capsys, short_default_text):
     import steerport.strength
     from steerport.cli import main
-    from steerport.models import load_embeddings
+    from steerport.embeddings import load_embeddings
 
     a, b = tiny_model("llama", seed=0), tiny_model("qwen2", seed=3)
     da, db = _save_dir(a, tmp_path / "a"), _save_dir(b, tmp_path / "b")

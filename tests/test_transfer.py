@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from steerport.embeddings import ModelEmbeddings
 from steerport.errors import SteerportError
 from steerport.hooks import steered
 from steerport.kinds import get_kind
@@ -24,7 +25,7 @@ from steerport.mapping import (
     fit_mapping,
     get_mapping,
 )
-from steerport.models import LoadedModel, ModelEmbeddings
+from steerport.models import LoadedModel
 from steerport.steer import Steer
 from steerport.transfer import (
     TransferOptions,
@@ -688,7 +689,7 @@ def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(steerport.models, "load_model", no_full_model)
     monkeypatch.setattr(sys.modules["steerport.transfer"], "load_model", no_full_model)
     monkeypatch.setattr(sys.modules["steerport.transfer"], "fit_hidden_map", no_full_model)
-    fp = steerport.models.load_embeddings(da).fingerprint
+    fp = steerport.embeddings.load_embeddings(da).fingerprint
     steer_file = tmp_path / "pos.st"
     A, B = random_steer_factors(D, 2)
     Steer.lm_steer(A, B, epsilon=0.1, model={"spec": da, "fingerprint": fp}).save(steer_file)
@@ -731,8 +732,8 @@ def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys
 def test_real_alignment_and_shipped_mapping_smollm2_gemma3(monkeypatch):
     """SmolLM2 (byte-level BPE) vs Gemma-3 (SentencePiece): ~46k normalized pairs, ~15k raw."""
     from steerport.catalog import pull, steerport_home
+    from steerport.embeddings import load_embeddings
     from steerport.mapping import shipped_dir, shipped_name
-    from steerport.models import load_embeddings
     from tests.conftest import TEST_HOME
 
     monkeypatch.setenv("STEERPORT_HOME", str(TEST_HOME))  # the test-owned model cache, filled here if empty

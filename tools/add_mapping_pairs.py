@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from steerport.embeddings import ModelEmbeddings, load_embeddings
 from steerport.errors import SteerportError
 from steerport.mapping import Mapping, shipped_dir
-from steerport.models import ModelEmbeddings, load_embeddings
 from steerport.vocab import align_vocab
 
 

@@ -21,9 +21,9 @@ import time
 
 import torch
 
+from steerport.embeddings import load_embeddings
 from steerport.fileio import atomic_write_json
 from steerport.mapping import FitOptions, fit_mapping, shipped_dir, shipped_name
-from steerport.models import load_embeddings
 from steerport.vocab import align_vocab
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]

@@ -72,7 +72,7 @@ def import_cvec(
 
     made_for, emb = None, None
     if model is not None:
-        from steerport.models import load_embeddings
+        from steerport.embeddings import load_embeddings
 
         emb = load_embeddings(model)
         made_for = {"spec": model, "fingerprint": emb.fingerprint}

@@ -84,8 +84,8 @@ def map_cmd(
     An existing --out file is reused when it matches both models and the options; a stale one
     (made for other weights or tokenizer) is refitted and overwritten.
     """
+    from steerport.embeddings import load_embeddings
     from steerport.mapping import Mapping, fit_mapping
-    from steerport.models import load_embeddings
 
     options = _fit_options(method, ridge, center, normalize, weighting, top_k, holdout, seed)
     path = out_file or Path(f"{spec_slug(src)}__{spec_slug(tgt)}.safetensors")
