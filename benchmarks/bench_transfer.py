@@ -46,9 +46,9 @@ from pathlib import Path
 
 import torch
 
+from steerport.anchor import anchor_fit
 from steerport.fileio import atomic_write_json, atomic_write_text
 from steerport.linmap import gram, solve_map
-from steerport.transfer import anchor_fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ANCHOR_STEPS = 10_000

@@ -226,6 +226,12 @@ def recorded_curve(steer: Steer) -> StrengthCurve | None:
     return None if doc is None else StrengthCurve.from_dict(doc)
 
 
+def has_curve_on(steer: Steer, text: CurveText) -> bool:
+    """Whether ``steer`` records a strength curve measured on ``text`` (a malformed one is a one-line error)."""
+    curve = recorded_curve(steer)
+    return curve is not None and curve.text.get("sha256") == text.sha256
+
+
 def check_curve(curve: StrengthCurve, steer: Steer, *, text: CurveText | None = None, model_fingerprint: str | None = None,
                 what: str = "the steer") -> None:
     """Refuse (one line) a curve measured for other tensors / ε₀, another model or other text."""

@@ -38,9 +38,9 @@ test splits, source AUC 0.888 / 0.913, sentiment / toxicity): AUC logit 0.846 / 
 of the same spans' log-prob shifts on both models 0.57 / 0.69, 0.61 / 0.77, 0.66 / 0.81, 0.31 / 0.28;
 the uncalibrated strength (κ_t / κ_s) 0.29 / 0.33, 0.27 / 0.44, 0.57 / 0.75, 0.07 / 0.08.
 
-The hidden-state map K is fitted on the LM-head inputs of both models at the positions where
-the two tokenizations end on the same character (:func:`steerport.capture.paired_states`;
-position 0 never pairs), by :func:`steerport.linmap.fit_map`, on ``texts.neutral("fit")``.
+The hidden-state map K (:mod:`steerport.hiddenmap`) is fitted on the LM-head inputs of both models
+at the positions where the two tokenizations end on the same character, on ``texts.neutral("fit")``.
+The anchor baseline's map lives in :mod:`steerport.anchor`.
 
 **Calibration** (:mod:`steerport.strength`, :mod:`steerport.calibration`). The same value s
 rarely means the same strength on two models. ``kl`` (the default, ``auto``; needs the full
@@ -85,21 +85,21 @@ from typing import Any
 import torch
 
 from steerport import __version__
+from steerport.anchor import carry_anchor
 from steerport.calibration import cached_proxy_map, calibration_rows, embed_calibration, require_finite
-from steerport.capture import paired_states
 from steerport.embeddings import ModelEmbeddings, load_embeddings
 from steerport.errors import SteerportError, one_line
 from steerport.headfile import EmbeddingSource, open_head
+from steerport.hiddenmap import fit_hidden_map
 from steerport.kinds import get_kind
-from steerport.linmap import fit_map
 from steerport.mapping import FitOptions, Mapping, find_mapping, fit_and_save
 from steerport.models import LoadedModel, load_model
 from steerport.refine import RefineOptions, prepare_refine, refined_carry
 from steerport.steer import Steer
-from steerport.strength import CURVE_TEXTS, calibrate_to_curve
+from steerport.strength import CURVE_TEXTS, calibrate_to_curve, curve_for, curve_text, has_curve_on
 from steerport.strength import META_KEY as STRENGTH_KEY
 from steerport.texts import neutral
-from steerport.vocab import align_vocab, raw_shared_tokens
+from steerport.vocab import align_vocab
 
 FORMS = ("logit", "logit-pinv", "paper", "hidden", "refined", "anchor")
 FULL_MODEL_FORMS = ("hidden", "refined")  # forms that run both full models over neutral text
@@ -218,64 +218,6 @@ def carry_factors(steer: Steer, P_A: torch.Tensor, P_B: torch.Tensor) -> dict[st
     return out
 
 
-# --------------------------------------------------------------------------- hidden-state map
-
-
-@dataclass
-class HiddenMap:
-    """K (d_s x d_t) with h_s ≈ K h_t on final hidden states at character-aligned positions."""
-
-    K: torch.Tensor
-    diagnostics: dict[str, Any]
-
-
-def fit_hidden_map(src_lm: LoadedModel, tgt_lm: LoadedModel, texts: Sequence[str], *, max_tokens: int = 128,
-                   ridge: float = 0.0, holdout: float = 0.1, seed: int = 0,
-                   progress: Progress | None = None) -> HiddenMap:
-    """Run both models on the same texts, pair positions whose tokenizations end at the same
-    character, and fit h_s ≈ K h_t by least squares (ridge relative, 0 = none)."""
-    t0 = time.perf_counter()
-    d_t = tgt_lm.hidden_size
-    ((Ys, Xt),) = paired_states(src_lm, tgt_lm, texts, ["head"], ["head"], max_tokens=max_tokens,
-                                min_pairs=d_t + 1, progress=progress)  # (n, d_s), (n, d_t)
-    require_finite("a hidden state of the source or target", Ys, Xt)
-    fit = fit_map(Xt, Ys, method="ridge" if ridge > 0 else "lstsq", ridge=ridge, holdout=holdout, seed=seed)
-    require_finite("the hidden-state map", fit.M)  # M: (d_t, d_s) = Kᵀ
-    diag: dict[str, Any] = {"n_positions": len(Ys), "n_texts": len(texts), "max_tokens": max_tokens, "ridge": ridge,
-                            "train": fit.train}
-    if fit.heldout:
-        diag["heldout"] = fit.heldout
-    diag["seconds"] = round(time.perf_counter() - t0, 2)
-    return HiddenMap(K=fit.M.T.contiguous(), diagnostics=diag)
-
-
-# --------------------------------------------------------------------------- anchor baseline
-
-
-def anchor_fit(X_s: torch.Tensor, X_t: torch.Tensor, *, steps: int = 10_000, lr: float = 1e-3,
-               top_k: int = 4000, seed: int = 0, progress: Progress | None = None) -> torch.Tensor:
-    """The original LM-Steer transfer map, faithfully: from random starts, Adam fits
-    X_s B_f ≈ X_t and X_t B_b ≈ X_s (mean squared error) on the first ``top_k`` shared tokens,
-    then B_b's rows are scaled to unit length. Returns N = B_b (d_t x d_s); A_t = N A_s, B_t = N B_s.
-    (An iterative fit on purpose: it is the baseline's recipe, not a least-squares map.)
-    """
-    torch.manual_seed(seed)
-    Xs, Xt = X_s[:top_k].float(), X_t[:top_k].float()
-    B_f = torch.randn(Xs.shape[1], Xt.shape[1], device=Xs.device, requires_grad=True)  # on the pairs' device (cuda too)
-    B_b = torch.randn(Xt.shape[1], Xs.shape[1], device=Xs.device, requires_grad=True)
-    opt = torch.optim.Adam([B_f, B_b], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = (Xs @ B_f - Xt).pow(2).mean() + (Xt @ B_b - Xs).pow(2).mean()
-        loss.backward()
-        opt.step()
-        if progress:
-            progress(1)
-    N = B_b.detach()
-    require_finite("the anchor map", N)
-    return N / N.norm(dim=1, keepdim=True)
-
-
 # --------------------------------------------------------------------------- LM-Steer orchestration
 
 
@@ -325,20 +267,6 @@ def _full_model(model: ModelLike, spec: str, opt: TransferOptions, why: str) -> 
                    else "use --form logit --calibrate embed (embeddings only)")
         raise SteerportError(f"{why} needs the full model {spec!r}, which could not be loaded "
                              f"({one_line(e)}); {cheaper}") from None
-
-
-def _carry_anchor(src_e: ModelEmbeddings, tgt_e: ModelEmbeddings, opt: TransferOptions, log: Log,
-                  progress: Progress | None) -> tuple[torch.Tensor, dict[str, Any]]:
-    s_ids, t_ids = raw_shared_tokens(src_e.tokenizer, tgt_e.tokenizer)
-    if len(s_ids) == 0:
-        raise SteerportError(f"{src_e.spec} and {tgt_e.spec} share no token strings; the anchor recipe cannot run")
-    log(f"anchor baseline: Adam {opt.anchor_steps} steps on the first {min(opt.anchor_top_k, len(s_ids))} "
-        f"of {len(s_ids)} raw shared tokens")
-    N = anchor_fit(src_e.embeddings[s_ids], tgt_e.embeddings[t_ids], steps=opt.anchor_steps, lr=opt.anchor_lr,
-                   top_k=opt.anchor_top_k, progress=progress)
-    return N, {"raw_shared_tokens": len(s_ids), "top_k": opt.anchor_top_k, "steps": opt.anchor_steps,
-               "lr": opt.anchor_lr, "optimizer": "Adam", "init": "randn, seed 0", "rows": "unit-normalized",
-               "form": "W_t = N W_s Nᵀ (paper form with H = Nᵀ)"}
 
 
 def carry_lm_steer(
@@ -393,7 +321,8 @@ def carry_lm_steer(
     timings["align"] = 0.0
     t = time.perf_counter()
     if opt.form == "anchor":
-        P_A, lineage["anchor"] = _carry_anchor(src_e.full(), tgt_e.full(), opt, log, progress)
+        P_A, lineage["anchor"] = carry_anchor(src_e.full(), tgt_e.full(), steps=opt.anchor_steps, lr=opt.anchor_lr,
+                                             top_k=opt.anchor_top_k, log=log, progress=progress)
         P_B = P_A
     else:
         if mapping is not None:
@@ -488,23 +417,15 @@ def calibrate_carried(steer: Steer, carried: Steer, source: LoadedModel | Callab
     """KL calibration of ``carried`` on ``target`` against the source steer's strength curve
     (:mod:`steerport.strength`): the recorded one when it fits, else measured on the source model
     (``source`` may be a loader, called only then). Returns the calibrated steer and the lineage record."""
-    from steerport.strength import curve_for, curve_text
-
     text = curve_text(opt.calib_texts, limit=opt.calib_count)
+    recorded = has_curve_on(steer, text)
     src_lm: LoadedModel | None = None
     if isinstance(source, LoadedModel):
         src_lm = source
-    elif not steer_has_curve(steer, text.sha256):  # an old file: measure the source's curve now
+    elif not recorded:  # an old file: measure the source's curve now
         src_lm = source()
     curve = curve_for(steer, src_lm, text=text, force=force, log=log)
     log(f"calibrating on {len(text.texts)} neutral texts at reference value {opt.calib_value:g} "
-        f"(source κ from {'the recorded curve' if steer_has_curve(steer, text.sha256) else 'the source model'})")
+        f"(source κ from {'the recorded curve' if recorded else 'the source model'})")
     return calibrate_to_curve(carried, target, curve, value=opt.calib_value, text=text, rel_tol=opt.kl_rel_tol,
                               max_evals=opt.kl_max_evals, log=log)
-
-
-def steer_has_curve(steer: Steer, text_sha256: str) -> bool:
-    """Whether ``steer`` records a strength curve measured on the text with this fingerprint."""
-    doc = steer.meta.get(STRENGTH_KEY)
-    return isinstance(doc, dict) and isinstance(doc.get("text"), dict) and doc["text"].get("sha256") == text_sha256
-

@@ -29,7 +29,6 @@ from steerport.models import LoadedModel
 from steerport.steer import Steer
 from steerport.transfer import (
     TransferOptions,
-    anchor_fit,
     carry_lm_steer,
     transfer,
     transfer_steer,
@@ -644,16 +643,6 @@ def test_shipped_mappings_are_package_data():
 # --------------------------------------------------------------------------- anchor baseline
 
 
-def test_anchor_fit_reduces_loss_and_has_unit_rows():
-    Xs, Xt, _ = _planted(n=500, ds=8, dt=12)
-    N = anchor_fit(Xs, Xt, steps=300, lr=1e-2, top_k=400)
-    assert N.shape == (12, 8)
-    assert torch.allclose(N.norm(dim=1), torch.ones(12), atol=1e-5)
-    N0 = anchor_fit(Xs, Xt, steps=0, top_k=400)
-    err = lambda M: float(((Xt[:400] @ (M / M.norm(dim=1, keepdim=True)) - Xs[:400]) ** 2).mean())
-    assert err(N) < err(N0)
-
-
 def test_anchor_form_is_uncalibrated_and_uses_raw_shared_tokens():
     src, tgt, *_ = _setup(orthogonal=False, rename=False)
     steer = source_steer(src)
@@ -873,7 +862,11 @@ def test_cached_proxy_map_gives_the_same_calibration(tmp_path, monkeypatch):
     assert torch.equal(T1, T2)
     cached = cal.embed_calibration(steer, factors, X_s[rows], X_t[rows], max_pairs=60, max_proxies=9,
                                    sampled_from=len(X_s), T=T2)
-    assert cached == fresh
+    # the same up to float rounding: a BLAS kernel may sum in another order for differently aligned
+    # copies of the same rows (seen with MKL on an AMD EPYC: 7e-9 relative)
+    assert cached.keys() == fresh.keys()
+    for k, v in fresh.items():
+        assert cached[k] == pytest.approx(v, rel=1e-6), k
     # a damaged cache file is recomputed, not an error
     path = next((tmp_path / "home" / "calibration").glob("k.safetensors"))
     path.write_bytes(b"junk")
