@@ -6,7 +6,7 @@ with ``--calibrate embed`` (embeddings only). Then, by an *independent* measurem
 passes with the steer's hook (``ForwardScorer``, not the head-only scorer the calibration uses), on
 other neutral text (the bundled ``fit`` paragraphs, not the ``calib`` ones), the same characters on
 both models — κ_src(1) is measured on the source, and the target value s_t with κ_tgt(s_t) =
-κ_src(1) is solved for (``find_value_for_kl``, 1 % tolerance). The strength ratio is s_t: 1 means
+κ_src(1) is solved for (``steerport.metrics.find_values_for_kl``, 1 % tolerance). The strength ratio is s_t: 1 means
 value 1 has the same strength on both models. Target: 0.8 ≤ s_t ≤ 1.25.
 
 With ``--all-pairs`` every ordered pair of the ladder is measured: the steers on the other models
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import subprocess
 import time
@@ -31,7 +30,7 @@ import torch
 
 from steerport import __version__
 from steerport.fileio import atomic_write_json, atomic_write_text
-from steerport.metrics import find_value_for_kl
+from steerport.metrics import find_values_for_kl
 from steerport.models import LoadedModel, load_model
 from steerport.scoring import ForwardScorer
 from steerport.steer import Steer
@@ -50,26 +49,6 @@ def eval_texts(n: int) -> list[str]:
     return [cut(t) for t in neutral("fit", limit=n)]
 
 
-def solve_value(kl_at, target: float, rel_tol: float = 0.01, max_evals: int = 8) -> tuple[float, float, list]:
-    """s with κ(s) = target: secant steps on log κ against log s from s = 1 (κ ≈ c s^p, p ≈ 2 to start),
-    falling back to the library's bracketing solver when the secant misbehaves."""
-    hist = [(1.0, kl_at(1.0))]
-    s = (target / hist[0][1]) ** 0.5 if hist[0][1] > 0 else 4.0
-    while len(hist) < max_evals:
-        hist.append((s, kl_at(s)))
-        (s0, k0), (s1, k1) = hist[-2], hist[-1]
-        if abs(k1 - target) <= rel_tol * target:
-            return s1, k1, hist
-        if not (k0 > 0 and k1 > 0 and k1 != k0):
-            break
-        p = math.log(k1 / k0) / math.log(s1 / s0)
-        if not 0.5 < p < 4:
-            break
-        s = s1 * (target / k1) ** (1 / p)
-    found = find_value_for_kl(kl_at, target, start=1.0, rel_tol=rel_tol, max_evals=16)
-    return found.value, found.kl, hist + found.history
-
-
 def strength_ratio(src: LoadedModel, s_steer: Steer, tgt: LoadedModel, t_steer: Steer, texts: list[str],
                    scorers: dict, k_src_cache: dict) -> dict:
     """s_t with κ_tgt(s_t) = κ_src(1), both by full forward passes on ``texts``."""
@@ -81,9 +60,9 @@ def strength_ratio(src: LoadedModel, s_steer: Steer, tgt: LoadedModel, t_steer: 
         k_src_cache[key] = scorers[src.spec].stats([(s_steer, 1.0)]).kl
     k_src = k_src_cache[key]
     sc = scorers[tgt.spec]
-    value, kl, hist = solve_value(lambda s: sc.stats([(t_steer, s)]).kl, k_src)
-    return {"ratio": value, "kappa_src_at_1": k_src, "kappa_tgt_at_ratio": kl, "kappa_tgt_at_1": hist[0][1],
-            "evaluations": len(hist)}
+    found = find_values_for_kl(lambda s: sc.stats([(t_steer, s)]).kl, [k_src], rel_tol=0.01)[k_src]
+    return {"ratio": found.value, "kappa_src_at_1": k_src, "kappa_tgt_at_ratio": found.kl,
+            "kappa_tgt_at_1": found.history[0][1], "evaluations": found.evaluations}
 
 
 def main() -> None:

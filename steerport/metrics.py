@@ -184,6 +184,63 @@ def find_value_for_kl(
     return BisectResult(s, k, len(history), history)
 
 
+def find_values_for_kl(
+    kl_at: Callable[[float], float],
+    targets: Sequence[float],
+    *,
+    start: float = 1.0,
+    rel_tol: float = 0.02,
+    max_secant: int = 8,
+) -> dict[float, BisectResult]:
+    """Per target κ, the value s > 0 with κ(s) = target (to ``rel_tol``), sharing every evaluation.
+
+    κ grows about as a power of s, so each step is a secant on log κ against log s through the two
+    measured points nearest the target (slope 2 to start; a slope outside (0.5, 4) is replaced by 2),
+    and every measurement serves every later target. A target the secant does not reach within
+    ``max_secant`` evaluations is handed to :func:`find_value_for_kl`. Each result's ``evaluations``
+    counts the evaluations spent on that target (0 when an earlier one already hit it).
+
+    Example::
+
+        found = find_values_for_kl(lambda s: 0.01 * s**2, [0.05, 0.1])
+        found[0.1].value  # about 3.16
+    """
+    points: list[tuple[float, float]] = []
+
+    def ev(s: float) -> float:
+        k = float(kl_at(s))
+        if not math.isfinite(k):
+            raise SteerportError(f"κ({s:g}) is not a finite number ({k}); cannot solve for the KL budget")
+        points.append((s, k))
+        return k
+
+    def gap(p: tuple[float, float], target: float) -> float:
+        return abs(math.log(p[1] / target)) if p[1] > 0 else math.inf
+
+    ev(start)
+    out: dict[float, BisectResult] = {}
+    for target in targets:
+        if not (target > 0 and math.isfinite(target)):
+            raise SteerportError(f"the KL budget must be a positive number, got {target}")
+        n0 = len(points) if out else 0  # the first target owns the start evaluation
+        while True:
+            near = sorted(points, key=lambda p: gap(p, target))
+            s, k = near[0]
+            if abs(k - target) <= rel_tol * target:
+                break
+            if len(points) - n0 > max_secant:
+                found = find_value_for_kl(ev, target, start=s, rel_tol=rel_tol)
+                s, k = found.value, found.kl
+                break
+            slope = 2.0
+            if len(near) > 1 and near[1][1] > 0 and k > 0 and near[1][0] != s:
+                p = math.log(near[1][1] / k) / math.log(near[1][0] / s)
+                slope = p if 0.5 < p < 4 else 2.0
+            ev(s * (target / k) ** (1 / slope) if k > 0 else s * 4)
+        out[target] = BisectResult(s, k, len(points) - n0, points[n0:])
+    return out
+
+
 class _Converged(Exception):
     """Ends brentq early once κ is within the relative tolerance."""
 

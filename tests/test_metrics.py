@@ -8,6 +8,7 @@ import torch
 from steerport.errors import SteerportError
 from steerport.metrics import (
     find_value_for_kl,
+    find_values_for_kl,
     kl_divergence,
     mean_distinct,
     retention,
@@ -62,3 +63,30 @@ def test_value_for_kl_refusals():
         find_value_for_kl(lambda s: float("nan"), 0.1)
     with pytest.raises(SteerportError, match="positive number"):
         find_value_for_kl(lambda s: s, float("nan"))
+
+
+KAPPAS = (0.02, 0.05, 0.1, 0.2)
+
+
+@pytest.mark.parametrize("c,p", [(3e-6, 2.2), (0.01, 1.7), (1e-4, 2.0), (0.5, 0.3)])
+def test_values_for_kl_reach_every_target_sharing_evaluations(c, p):
+    calls: list[float] = []
+
+    def kl(v: float) -> float:  # κ = c·v^p with a kink the secant must cross
+        calls.append(v)
+        return c * v**p * (1.1 if v > 30 else 1.0)
+
+    found = find_values_for_kl(kl, KAPPAS, rel_tol=0.02)
+    assert list(found) == list(KAPPAS)
+    for k, f in found.items():
+        assert abs(f.kl - k) <= 0.02 * k and f.kl == kl(f.value)
+    assert sum(f.evaluations for f in found.values()) == len(calls) - len(KAPPAS)  # every evaluation owned once
+    if 0.5 < p < 4:  # the secant needs a few evaluations per κ, not a bisection's
+        assert len(calls) - len(KAPPAS) <= 4 * len(KAPPAS) + 1
+
+
+def test_values_for_kl_refusals():
+    with pytest.raises(SteerportError, match="not a finite"):
+        find_values_for_kl(lambda s: float("inf"), [0.1])
+    with pytest.raises(SteerportError, match="positive number"):
+        find_values_for_kl(lambda s: s, [0.1, -1.0])
