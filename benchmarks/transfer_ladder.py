@@ -67,7 +67,7 @@ from steerport.data import Dataset, Example
 from steerport.evaluate import EvalSettings, continuation_nll, sample_continuations
 from steerport.fileio import atomic_write_json, atomic_write_text
 from steerport.judges import load_judge
-from steerport.metrics import distinct_n, find_value_for_kl, spearman, wilson_interval
+from steerport.metrics import distinct_n, find_values_for_kl, spearman, wilson_interval
 from steerport.metrics import roc_auc as auc
 from steerport.models import LoadedModel, load_model
 from steerport.scoring import HeadScorer
@@ -286,44 +286,10 @@ def neutral_scorer(lm: LoadedModel, n: int = 16) -> HeadScorer:
     return HeadScorer(lm, cache_hidden(lm, texts, max_tokens=256, tokens_per_batch=1024), max_base_bytes=2 << 30)
 
 
-def matched_values(scorer: HeadScorer, steer: Steer, kappas: tuple[float, ...], rel_tol: float = 0.02,
-                   max_evals: int = 8) -> dict[str, dict[str, float]]:
-    """Per κ, the value v > 0 with mean KL κ per token on the neutral text (to ``rel_tol``).
-
-    κ grows about as a power of v, so each step is a secant on log κ against log v through the two
-    measured points nearest the target (slope 2 to start); every measurement serves every κ. Where
-    the secant does not converge, the library's bracketing solver takes over.
-    """
-    pts: list[tuple[float, float]] = []
-
-    def kl(v: float) -> float:
-        k = scorer.stats([(steer, v)]).kl
-        pts.append((v, k))
-        return k
-
-    def gap(p: tuple[float, float], target: float) -> float:
-        return abs(math.log(p[1] / target)) if p[1] > 0 else math.inf
-
-    kl(1.0)
-    out: dict[str, dict[str, float]] = {}
-    for target in kappas:
-        n0 = len(pts)
-        while True:
-            near = sorted(pts, key=lambda p: gap(p, target))
-            v, k = near[0]
-            if abs(k - target) <= rel_tol * target:
-                break
-            if len(pts) - n0 >= max_evals:
-                found = find_value_for_kl(lambda x: kl(x), target, start=v, rel_tol=rel_tol)
-                v, k = found.value, found.kl
-                break
-            slope = 2.0
-            if len(near) > 1 and near[1][1] > 0 and k > 0 and near[1][0] != v:
-                p = math.log(near[1][1] / k) / math.log(near[1][0] / v)
-                slope = p if 0.5 < p < 4 else 2.0
-            kl(v * (target / k) ** (1 / slope) if k > 0 else v * 4)
-        out[str(target)] = {"value": v, "kl": k, "evals": len(pts) - n0}
-    return out
+def matched_values(scorer: HeadScorer, steer: Steer, kappas: tuple[float, ...], rel_tol: float = 0.02) -> dict[str, dict[str, float]]:
+    """Per κ, the value v > 0 with mean KL κ per token on the neutral text (to ``rel_tol``)."""
+    found = find_values_for_kl(lambda v: scorer.stats([(steer, v)]).kl, kappas, rel_tol=rel_tol)
+    return {str(k): {"value": f.value, "kl": f.kl, "evals": f.evaluations} for k, f in found.items()}
 
 
 def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int], forms: list[str],
@@ -600,9 +566,23 @@ def stage_report(work: Path, tasks: list[TaskData], specs: list[str], seeds: lis
                 t["generation"][spec] = generation_figures(json.loads(g.read_text()), rng, args.bootstrap)
         doc["tasks"][task.name] = t
     out = Path(args.out)
+    keep_measured_tasks(doc, out.with_suffix(".json"))
     atomic_write_json(out.with_suffix(".json"), doc)
     atomic_write_text(out.with_suffix(".md"), markdown(doc))
     log(f"wrote {out.with_suffix('.json')} and .md")
+
+
+def keep_measured_tasks(doc: dict[str, Any], previous: Path) -> None:
+    """Keep a task from the previous result file where this run has none of its figures (not asked
+    for, or its cache is gone): the report of one task does not erase the other's measurements."""
+    if not previous.exists():
+        return
+    before = json.loads(previous.read_text()).get("tasks", {})
+    for name, t in before.items():
+        now = doc["tasks"].get(name)
+        if now is None or not (now["natives"] or now["cells"] or now["generation"]):
+            doc["tasks"][name] = {**t, "from_previous_report": True}
+            log(f"report: {name} kept from {previous} (no cached figures in this run)")
 
 
 def fmt(f: dict[str, Any], digits: int = 2) -> str:
@@ -629,6 +609,8 @@ def markdown(doc: dict[str, Any]) -> str:
         done_pairs = sum(c["form"] == "logit" for c in t["cells"].values())
         lines += [f"## {name}", "", f"Coverage: native steers evaluated on {len(t['natives'])} of {len(st['models'])} models, "
                   f"{done_pairs} of {n_pairs} ordered pairs{' (the rest not run yet)' if done_pairs < n_pairs else ''}.", ""]
+        if t.get("from_previous_report"):
+            lines += ["Measured by an earlier run of this benchmark (same settings); kept as it was.", ""]
         if not t["natives"]:
             continue
         lines += [f"Native steers: `TrainConfig()` defaults (early stopping on the dev split) on "
