@@ -38,10 +38,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -55,7 +53,7 @@ import torch
 import steerport as sp
 from steerport.errors import SteerportError
 from steerport.fileio import atomic_write_json, atomic_write_text
-from steerport.models import LoadedModel, check_device
+from steerport.models import LoadedModel, check_device, cpu_name
 from steerport.texts import bundled, read_texts
 
 if TYPE_CHECKING:
@@ -186,12 +184,7 @@ def summary(xs: list[float]) -> dict:
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), cpu)
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"cpu": cpu, "gpu": gpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "load_average_start": os.getloadavg(),

@@ -46,12 +46,15 @@ STEERS = {"positive": ROOT / "benchmarks/steers/smollm2-135m-sst2-positive.st",
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "logical_cpus": os.cpu_count()}
+    from steerport.models import cpu_name
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "logical_cpus": os.cpu_count(),
+            "Model name": cpu_name()}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         for line in out.splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Flags"):
+            if key.strip() in ("CPU(s)", "Thread(s) per core", "Core(s) per socket", "Flags"):
                 info[key.strip()] = value.strip() if key.strip() != "Flags" else (
                     "avx512_bf16" in value or "amx_bf16" in value)
     except (OSError, subprocess.SubprocessError):

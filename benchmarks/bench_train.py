@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from steerport.capture import cache_hidden, capture, pack_by_length, padded_batch, tokenize
 from steerport.data import DataOptions, load_data
-from steerport.models import cpu_has_fast_bf16, load_model
+from steerport.models import cpu_has_fast_bf16, cpu_name, load_model
 from steerport.steer import Steer
 from steerport.train import Fitter, TrainConfig, summarize, train
 
@@ -286,7 +286,7 @@ def write(args, models: dict[str, Any], memory: list[dict[str, Any]], t_begin: f
     """Write the json and markdown results of what has run so far; returns the markdown."""
     result: dict[str, Any] = {
         "benchmark": "bench_train", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "fast_bf16": cpu_has_fast_bf16(), "load_average_at_end": os.getloadavg(),
                     "minutes": round((time.time() - t_begin) / 60, 1),
                     "note": "compare ratios, not seconds; a load average above the core count means other jobs shared the CPU"},
@@ -297,16 +297,6 @@ def write(args, models: dict[str, Any], memory: list[dict[str, Any]], t_begin: f
     md = render(result)
     args.out.with_suffix(".md").write_text(md)
     return md
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def render(result: dict[str, Any]) -> str:

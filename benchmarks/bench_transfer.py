@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import torch
 from steerport.anchor import anchor_fit
 from steerport.fileio import atomic_write_json, atomic_write_text
 from steerport.linmap import gram, solve_map
+from steerport.models import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ANCHOR_STEPS = 10_000
@@ -242,16 +242,6 @@ def bench_cold_warm(pairs: list[tuple[str, str]], reps: int, tmp: Path) -> dict:
             "loadavg_range_1min": [round(min(x[0] for x in loads), 2), round(max(x[0] for x in loads), 2)]}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown(res: dict) -> str:
     out = [f"# bench_transfer — {res['created']}", "", f"Machine: {res['machine']}", "",
            "## Map fit alone (synthetic, d_s = d_t = d)", "",
@@ -321,11 +311,11 @@ def main() -> None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         path = args.out_dir / "bench_transfer.json"
         res = json.loads(path.read_text()) if path.exists() else {
-            "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu_model()}
+            "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu_name()}
         with tempfile.TemporaryDirectory() as tmp:
             cw = bench_cold_warm(COLD_WARM_PAIRS, args.reps, Path(tmp))
         cw["created"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        cw["machine"] = f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__}"
+        cw["machine"] = f"{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}"
         res["cold_warm"] = cw
         atomic_write_json(path, res)
         md_path = args.out_dir / "bench_transfer.md"  # keep the other sections' text (and notes added by hand)
@@ -342,7 +332,7 @@ def main() -> None:
     if args.models is not None:
         models = args.models
     res = {"created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+           "machine": f"{cpu_name()}, {os.cpu_count()} cores visible, "
                       f"{args.threads} torch threads, torch {torch.__version__}"}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = "bench_transfer_quick" if args.quick else "bench_transfer"
@@ -358,7 +348,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cw = bench_cold_warm(COLD_WARM_PAIRS, args.reps, Path(tmp))
         cw.update(created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  machine=f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__}")
+                  machine=f"{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}")
         save({"cold_warm": cw})
     print(markdown(res))
 

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -48,7 +46,7 @@ from steerport.fileio import atomic_write_json
 from steerport.linmap import fit_map
 from steerport.mapping import get_mapping
 from steerport.metrics import roc_auc, spearman
-from steerport.models import LoadedModel, load_model
+from steerport.models import LoadedModel, cpu_name, load_model
 from steerport.refine import RefineData, prepare_refine, refined_carry
 from steerport.scoring import mean_kl, token_logprobs
 from steerport.steer import Steer
@@ -147,9 +145,7 @@ def emb2emb(steer: Steer, src: LoadedModel, tgt: LoadedModel) -> Steer:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-                .splitlines() if ln.startswith("Model name")), platform.processor())
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "steerport": __version__}
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "steerport": __version__}
 
 
 def markdown(res: dict[str, Any]) -> str:

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
+import os
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from steerport import __version__
 from steerport.fileio import atomic_write_json, atomic_write_text
 from steerport.metrics import find_values_for_kl
-from steerport.models import LoadedModel, load_model
+from steerport.models import LoadedModel, cpu_name, load_model
 from steerport.scoring import ForwardScorer
 from steerport.steer import Steer
 from steerport.strength import cut, record_curve
@@ -133,14 +132,7 @@ def main() -> None:
 
 
 def machine() -> dict:
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-                   .splitlines() if ln.startswith("Model name"))
-    except (StopIteration, OSError):
-        cpu = platform.processor()
-    import os
-
-    return {"cpu": cpu, "loadavg": os.getloadavg(), "torch_threads": torch.get_num_threads()}
+    return {"cpu": cpu_name(), "loadavg": os.getloadavg(), "torch_threads": torch.get_num_threads()}
 
 
 def write(out_json: Path, out_md: Path, rows: list[dict], args, seconds: float, machines: list | None = None) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ import torch
 from steerport import tokenprob as tp
 from steerport.errors import SteerportError
 from steerport.fileio import atomic_write_json, atomic_write_text
-from steerport.models import load_model
+from steerport.models import cpu_name, load_model
 from steerport.texts import bundled, read_texts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,9 +190,7 @@ def plot(model: str, res: dict) -> None:
 
 def machine() -> dict:
     """CPU model, core count and load average at the end of the run."""
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines()
-                if line.startswith("Model name")), platform.processor())
-    return {"cpu": cpu, "cores": torch.get_num_threads(), "load": subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip(),
+    return {"cpu": cpu_name(), "cores": torch.get_num_threads(), "load": subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip(),
             "torch": torch.__version__}
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from steerport import __version__  # noqa: E402
 from steerport.data import DataOptions, Dataset, load_data  # noqa: E402
 from steerport.metrics import roc_auc  # noqa: E402
-from steerport.models import load_model  # noqa: E402
+from steerport.models import cpu_name, load_model  # noqa: E402
 from steerport.scoring import HeadScorer, capture_hidden, per_text_mean  # noqa: E402
 from steerport.steer import Steer  # noqa: E402
 from steerport.train import TrainConfig, train  # noqa: E402
@@ -61,12 +60,7 @@ def log(msg: str) -> None:
 
 
 def machine() -> dict[str, Any]:
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-                   .splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "steerport": __version__}
 
 

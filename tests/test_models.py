@@ -5,7 +5,7 @@ import torch
 
 from steerport import SteerportError, load_embeddings, load_model, resolve_spec
 from steerport.embeddings import ModelEmbeddings
-from steerport.models import check_device, parse_dtype
+from steerport.models import check_device, cpu_has_fast_bf16, cpu_name, parse_dtype
 from tests.tiny import ARCHS, tiny_model
 
 
@@ -269,3 +269,11 @@ def test_cli_device_map_options_reach_the_loader(tmp_path, monkeypatch, capsys, 
     assert_one_line_error(code, err, "--max-memory and --offload-folder need --device-map")
     code, _, err = main_run(monkeypatch, capsys, *common, "--out", tmp_path / "c.st", "--device-map", "everywhere")
     assert_one_line_error(code, err, "--device-map 'everywhere': use auto")
+
+
+def test_cpu_name_and_bf16_flags_come_from_cpuinfo(monkeypatch):
+    info = "processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu avx2 avx512_bf16\n"
+    monkeypatch.setattr("steerport.models._cpuinfo", lambda: info)
+    assert cpu_name() == "Example CPU 9000" and cpu_has_fast_bf16()
+    monkeypatch.setattr("steerport.models._cpuinfo", lambda: "")  # no /proc/cpuinfo: the platform's own string
+    assert cpu_name() and not cpu_has_fast_bf16()
