@@ -139,7 +139,8 @@ class StrengthCurve:
     steer: str  # the steer's fingerprint (tensors and ε₀) when measured
 
     def to_dict(self) -> dict[str, Any]:
-        return {"values": list(self.values), "kappa": [round(k, 8) for k in self.kappa], "text": dict(self.text),
+        # 8 significant digits, not 8 decimals: a weak steer's κ (1e-9 per token) must not be written as 0
+        return {"values": list(self.values), "kappa": [float(f"{k:.8g}") for k in self.kappa], "text": dict(self.text),
                 "model": dict(self.model), "steer": self.steer}
 
     @classmethod

@@ -14,6 +14,7 @@ from steerport.errors import SteerportError
 from steerport.hooks import generate
 from steerport.steer import Steer
 from steerport.strength import curve_text
+from steerport.train import TrainConfig
 from tests.tiny import CORPUS, D, random_steer_factors, tiny_model
 
 TEXTS = sorted(set(CORPUS)) * 3  # short enough for the tiny models' 128 positions
@@ -100,6 +101,9 @@ def test_the_whole_demo_on_tiny_models(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "load_model", lambda spec, **kw: models[spec])
     monkeypatch.setattr(steerport.strength, "neutral", lambda split, limit=None: TEXTS[:limit])  # fit in 128 positions
     monkeypatch.setattr(demo, "neutral", lambda split, limit=None: TEXTS[::-1][:limit])  # other text for the ratio
+    # ε₀ large enough that the steer's κ at value 1 is measurable in fp32 on a tiny model (with the default 1e-3,
+    # κ(1) ~ 1e-10 and reads as exactly 0 on some CPUs, and there is no strength to calibrate against)
+    monkeypatch.setattr(demo, "TrainConfig", lambda **kw: TrainConfig(**kw, epsilon=0.1))
     r = demo.run_demo(tmp_path, source="src", target="tgt", limit_per_class=12, test_per_class=6, n_prompts=6,
                       log=lambda m: None)
     saved = json.loads((tmp_path / "results.json").read_text())

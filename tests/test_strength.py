@@ -100,6 +100,13 @@ def test_an_exact_transfer_calibrates_to_one():
     assert info["factor"] == 1.0 and len(info["iterations"]) == 1 and new.epsilon == steer.epsilon
 
 
+def test_a_weak_steer_keeps_its_tiny_kappa_in_the_file():
+    # κ of a barely trained steer is ~1e-9 per token: written to 8 significant digits, never rounded to 0
+    curve = StrengthCurve(values=[0.5, 1.0], kappa=[3.2e-10, 1.2345678912e-9], text={"sha256": "x"}, model={}, steer="s")
+    back = StrengthCurve.from_dict(curve.to_dict())
+    assert back.kappa == [3.2e-10, 1.2345679e-9] and back.kappa_at(1.0) > 0
+
+
 def test_curve_round_trips_through_the_file(tmp_path):
     lm = tiny_model("llama", seed=0)
     steer = record_curve(lm, make_steer(lm), text=TEXT)
