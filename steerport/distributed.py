@@ -145,13 +145,17 @@ def barrier(world: World, doing: str) -> None:
 
 
 def share(world: World, obj: T | None, doing: str = "rank 0 fitted the steer") -> T:
-    """Rank 0's ``obj`` on every rank (pickled over gloo); alone, ``obj`` itself."""
+    """Rank 0's ``obj`` on every rank (pickled over gloo); alone, ``obj`` itself.
+
+    A barrier follows the broadcast, so no rank goes on (and exits) while another is still receiving:
+    gloo aborts a process whose peer closes the connection under a pending receive."""
     if world.size == 1:
         return obj  # type: ignore[return-value]
     import torch.distributed as dist
 
     box = [obj]
     _talk(world, doing, lambda: dist.broadcast_object_list(box, src=0, group=_group))
+    _talk(world, doing, lambda: dist.barrier(group=_group))
     return box[0]  # type: ignore[return-value]
 
 
