@@ -5,8 +5,9 @@
 * :func:`kl_divergence` — KL(p ‖ q) per position from log-probabilities; the KL budget κ is its mean.
 * :func:`wilson_interval` — a share's 95 % interval (judge rates).
 * :func:`spearman`, :func:`retention`, :func:`distinct_n`, :func:`mean_distinct`.
-* :func:`find_value_for_kl` — the one value-for-κ solver: bracket the root, then
-  ``scipy.optimize.brentq`` on log s.
+* :func:`find_value_for_kl` — the value-for-κ solver: bracket the root, then
+  ``scipy.optimize.brentq`` on log s; :func:`find_values_for_kl` — several κ at once, by log-log
+  secant steps that share every evaluation, handing a stubborn target to the former.
 
 Example::
 
