@@ -272,6 +272,11 @@ def scores_path(work: Path, task: str, spec: str) -> Path:
     return work / "eval" / task / spec / "scores.json"
 
 
+def shift_path(work: Path, task: str, spec: str, name: str) -> Path:
+    """The per-token log-prob shift at κ = 0.05 of steer ``name`` ("native/seed0") scored on ``spec``."""
+    return scores_path(work, task, spec).parent / f"{name.replace('/', '__')}.safetensors"
+
+
 def steers_on(work: Path, task: str, tgt: str, specs: list[str], seeds: list[int], forms: list[str]) -> dict[str, Path]:
     """Every steer that runs on ``tgt``: its natives ("native/seed0") and the transfers into it ("smollm2-135m/seed0")."""
     out = {f"native/seed{n}": native_path(work, task, tgt, n) for n in seeds}
@@ -324,7 +329,7 @@ def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str],
             rec["auc_score"] = [float(x) for x in he.scores(steer, v)]
             folder.mkdir(parents=True, exist_ok=True)
             save_file({"token_shift": token_shift[AUC_KAPPA].float().contiguous()},  # for ρ of aligned spans
-                      str(folder / f"{name.replace('/', '__')}.safetensors"))
+                      str(shift_path(work, task.name, tgt, name)))
             rec["seconds"] = time.perf_counter() - t
             doc["steers"][name] = rec
             atomic_write_json(doc_path, doc)
@@ -475,8 +480,8 @@ def cell_figures(work: Path, task: TaskData, src: str, tgt: str, form: str, seed
     # ρ of aligned spans (both tokenizers)
     rho_point, pairs = [], []
     for s in seeds:
-        sh_s = load_file(str(scores_path(work, task.name, src).parent / f"native__seed{s}.safetensors"))["token_shift"]
-        sh_t = load_file(str(scores_path(work, task.name, tgt).parent / f"{carried(src, form)}__seed{s}.safetensors"))["token_shift"]
+        sh_s = load_file(str(shift_path(work, task.name, src, f"native/seed{s}")))["token_shift"]
+        sh_t = load_file(str(shift_path(work, task.name, tgt, f"{carried(src, form)}/seed{s}")))["token_shift"]
         xs, xt, owner = span_rho(models[src].tokenizer, models[tgt].tokenizer, task.test_texts, e_src["n_tokens"],
                                  e_tgt["n_tokens"], sh_s, sh_t, max_tokens)
         rho_point.append(rank_corr(xs, xt))
