@@ -9,10 +9,10 @@ the ladder:
    never trained on), for 3 seeds. The seeds share the data and its cached body pass; they differ
    in the initial factors, batch order and evaluation subset. Their spread is reported first: a
    ratio means nothing when it is large.
-2. ``transfer``: every seed's steer carried to every other model with the default transfer
-   (``TransferOptions()``: logit form, KL calibration against the source's strength curve), and
-   seed 0 (``--form-seeds``) by the other ``--forms`` too (default: ``refined``), so the benchmark
-   can decide the default form.
+2. ``transfer``: every seed's steer carried to every other model by the ``logit`` form with KL
+   calibration against the source's strength curve (the default transfer when the ladder first
+   ran), and seed 0 (``--form-seeds``) by the other ``--forms`` too (default: ``refined``), so the
+   benchmark can decide the default form (it decided ``refined``; ``TransferOptions()`` uses it).
 3. ``evaluate``: on every model, on ``--heldout`` texts per class of the task's **test** split
    (never seen in training or model selection), every native and transferred steer:
 
@@ -670,7 +670,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="sentiment,toxicity")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--stages", default="train,transfer,evaluate,generate,report")
-    ap.add_argument("--forms", default="logit,refined", help="transfer forms to compare (logit: the default transfer)")
+    ap.add_argument("--forms", default="logit,refined", help="transfer forms to compare (logit: every seed, the others on --form-seeds seeds)")
     ap.add_argument("--form-seeds", type=int, default=1, help="seeds carried by the forms other than logit")
     ap.add_argument("--heldout", type=int, default=400, help="test texts per class")
     ap.add_argument("--prompts", type=int, default=100)

@@ -38,10 +38,13 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +52,7 @@ import torch
 from steerport.calibration import require_finite
 from steerport.capture import cache_hidden, pair_by_end_offset, token_end_offsets
 from steerport.errors import SteerportError
+from steerport.fileio import read_json_safetensors, write_json_safetensors
 from steerport.linmap import fit_map
 from steerport.models import LoadedModel
 from steerport.steer import Steer
@@ -87,8 +91,9 @@ class ShiftProblem:
     """Everything the objective needs, precomputed once from paired states (N positions, K tokens).
 
     ``X_s`` (m, d_s), ``X_t`` (m, d_t): output-embedding rows of the m shared tokens that appear in
-    some position's top K; ``ids`` (N, K) index them. ``cen_s`` (N, d_s), ``cen_t`` (N, d_t): ē of
-    each position; ``slope_s``, ``slope_t`` (N, K): soft-cap slopes c_ik; ``w`` (N, K): weights.
+    some position's top K (``pairs`` (m,): their rows in the aligned vocabulary); ``ids`` (N, K) index
+    them. ``cen_s`` (N, d_s), ``cen_t`` (N, d_t): ē of each position; ``slope_s``, ``slope_t`` (N, K):
+    soft-cap slopes c_ik; ``w`` (N, K): weights.
     """
 
     h_s: torch.Tensor
@@ -101,6 +106,7 @@ class ShiftProblem:
     cen_t: torch.Tensor
     slope_s: torch.Tensor
     slope_t: torch.Tensor
+    pairs: torch.Tensor
 
     @property
     def n(self) -> int:
@@ -150,7 +156,7 @@ def shift_problem(h_s: torch.Tensor, h_t: torch.Tensor, src_lm: LoadedModel, tgt
             progress(min(rows, N - i))
     used, local = torch.unique(ids, return_inverse=True)  # the m shared tokens any position keeps
     return ShiftProblem(h_s=h_s.float(), h_t=h_t.float(), X_s=E_s[src_ids[used]], X_t=E_t[tgt_ids[used]],
-                        ids=local, w=w, cen_s=cen_s, cen_t=cen_t, slope_s=sl_s, slope_t=sl_t)
+                        ids=local, w=w, cen_s=cen_s, cen_t=cen_t, slope_s=sl_s, slope_t=sl_t, pairs=used)
 
 
 def token_shifts(h: torch.Tensor, cen: torch.Tensor, slope: torch.Tensor, X: torch.Tensor, ids: torch.Tensor,
@@ -285,6 +291,7 @@ class RefineData:
     fit_idx: torch.Tensor
     held_idx: torch.Tensor
     seconds: float
+    cached: bool = False  # read from the cache (cached_prepare_refine) rather than computed now
 
 
 def prepare_refine(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
@@ -327,6 +334,90 @@ def prepare_refine(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tens
                       held_idx=torch.arange(n_fit, n_fit + n_hold), seconds=round(time.perf_counter() - t0, 2))
 
 
+# --------------------------------------------------------------------------- the data, cached per model pair
+
+DATA_FORMAT = "steerport.refine-data"
+_PROBLEM_TENSORS = ("h_s", "h_t", "ids", "w", "cen_s", "cen_t", "slope_s", "slope_t", "pairs")
+
+
+def weights_digest(lm: LoadedModel) -> str:
+    """A short digest of a model's weights: each parameter's name, shape, dtype and first 16 values
+    (an offloaded parameter: name and shape). Two checkpoints that share output embeddings (the same
+    :attr:`LoadedModel.fingerprint`) but not their bodies get different digests."""
+    h = hashlib.sha256()
+    for name, p in lm.model.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        if p.device.type != "meta":
+            h.update(p.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def data_key(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
+             texts: Sequence[str], max_tokens: int, ridge: float, opts: RefineOptions) -> str:
+    """Everything :func:`prepare_refine`'s result depends on, as a digest: both models' weights, the
+    aligned vocabulary, the texts and the options that shape the data (not the fit's rounds)."""
+    h = hashlib.sha256()
+    for lm in (src_lm, tgt_lm):
+        h.update(f"{lm.fingerprint}:{weights_digest(lm)}:{lm.dtype}:{lm.device.type}|".encode())
+    h.update(src_ids.to(torch.int64).numpy().tobytes() + tgt_ids.to(torch.int64).numpy().tobytes())
+    h.update(json.dumps([list(texts), max_tokens, ridge, opts.top_k, opts.weight, opts.holdout, opts.max_positions,
+                         opts.seed]).encode())
+    return h.hexdigest()[:24]
+
+
+def save_refine_data(path: Path, data: RefineData) -> None:
+    """Write ``data`` (without the embedding rows, which the models give back) as safetensors, atomically."""
+    tensors = {"K": data.K, "fit_idx": data.fit_idx, "held_idx": data.held_idx,
+               **{f"problem.{k}": getattr(data.problem, k) for k in _PROBLEM_TENSORS}}
+    write_json_safetensors(path, tensors, DATA_FORMAT, {"hidden_map": data.hidden_map, "seconds": data.seconds})
+
+
+def load_refine_data(path: Path, src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tensor,
+                     tgt_ids: torch.Tensor) -> RefineData:
+    """Read what :func:`save_refine_data` wrote; the shared tokens' embedding rows come from the models."""
+    doc, t = read_json_safetensors(path, DATA_FORMAT, "refinement data")
+    parts = {k: t[f"problem.{k}"] for k in _PROBLEM_TENSORS}
+    E_s, E_t = src_lm.output_embeddings.detach().float(), tgt_lm.output_embeddings.detach().float()
+    pairs = parts["pairs"]
+    prob = ShiftProblem(**parts, X_s=E_s[src_ids[pairs]], X_t=E_t[tgt_ids[pairs]])
+    if (t["K"].shape != (src_lm.hidden_size, tgt_lm.hidden_size) or prob.h_s.shape[1] != src_lm.hidden_size
+            or prob.h_t.shape[1] != tgt_lm.hidden_size):
+        raise SteerportError(f"{path}: refinement data of other shapes")
+    return RefineData(K=t["K"], hidden_map=doc["hidden_map"], problem=prob, fit_idx=t["fit_idx"],
+                      held_idx=t["held_idx"], seconds=float(doc["seconds"]), cached=True)
+
+
+def cached_prepare_refine(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
+                          texts: Sequence[str], *, max_tokens: int = 128, ridge: float = 0.0,
+                          opts: RefineOptions = RefineOptions(), log: Callable[[str], None] = lambda m: None,
+                          progress: Callable[[int], None] | None = None) -> RefineData:
+    """:func:`prepare_refine`, kept in ``STEERPORT_HOME/refine/<key>.safetensors`` (:func:`data_key`).
+
+    The data does not depend on the steer, so every later steer carried between the same two models
+    skips both models' pass over the neutral text (minutes on a CPU). A missing, unreadable or
+    ill-shaped file is recomputed; an unwritable cache only costs time. The tensors are stored
+    exactly, so a cached transfer gives the same steer as a fresh one.
+    """
+    from steerport.catalog import steerport_home
+
+    texts = [t for t in texts if t.strip()]
+    path = steerport_home() / "refine" / f"{data_key(src_lm, tgt_lm, src_ids, tgt_ids, texts, max_tokens, ridge, opts)}.safetensors"
+    if path.is_file():
+        try:
+            data = load_refine_data(path, src_lm, tgt_lm, src_ids, tgt_ids)
+            log(f"refinement data: reused {path}")
+            return data
+        except (SteerportError, KeyError, IndexError, TypeError, ValueError, RuntimeError):
+            log(f"refinement data: {path} is unreadable; recomputing")
+    data = prepare_refine(src_lm, tgt_lm, src_ids, tgt_ids, texts, max_tokens=max_tokens, ridge=ridge, opts=opts,
+                          log=log, progress=progress)
+    try:
+        save_refine_data(path, data)
+    except OSError:
+        pass
+    return data
+
+
 @dataclass
 class RefinedCarry:
     """The refined target factors ({"A", "B"} and the closed-form domain part, if any), the closed
@@ -352,6 +443,6 @@ def refined_carry(steer: Steer, H: torch.Tensor, data: RefineData, opts: RefineO
     A, B, rec = refine_factors(data.problem, steer.A, steer.B, steer.epsilon, closed["A"], closed["B"], data.fit_idx,
                                data.held_idx, opts)
     rec.update(tokens_used=int(data.problem.X_s.shape[0]), weight_mass=round(float(data.problem.w.sum(1).mean()), 4),
-               prepare_seconds=data.seconds)
+               prepare_seconds=data.seconds, data="cache" if data.cached else "computed")
     return RefinedCarry(factors={**closed, "A": A, "B": B}, closed_form=closed, K=K, hidden_map=data.hidden_map,
                         refine=rec)

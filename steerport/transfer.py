@@ -21,13 +21,20 @@ rank and writes the target factors as A_t = P_A A_s, B_t = P_B B_s (P_A, P_B: d_
                                                                        probability-weighted log-prob shifts
     anchor       N (Adam, unit rows) N  embeddings + tokenizers        the original LM-Steer code's recipe
 
-**Default: ``logit``** (fitted G). Measured as held-out steer-as-classifier AUC on Gemma-3 for
-steers from SmolLM2 (sentiment / toxicity): paper form 0.51 / 0.42 (chance / inverted), logit
-with H⁺ 0.74 / 0.72, logit with fitted G 0.75 / 0.73, hidden-state map 0.85 / 0.74 (native
-0.86 / 0.75), anchor 0.39. The hidden-state map is best where measured, but it needs both
-full models (for ``transfer gpt2 gpt-j`` that is a 24 GB load) while the logit form needs only
-the two output-embedding matrices and tokenizers, and it is the best of those. So the default
-keeps transfer cheap and embeddings-only; choose ``--form hidden`` when both models fit.
+**Default: ``auto``** — ``refined`` whenever the transfer loads the models anyway (KL calibration,
+the default), ``logit`` when the user asks for embeddings only (``--calibrate embed`` or ``none``, or
+a model given as :class:`~steerport.embeddings.ModelEmbeddings`).
+The model ladder (``benchmarks/results/transfer_ladder.md``: SmolLM2-135M, Gemma-3-270M, Qwen2.5-0.5B,
+all 6 ordered pairs, sentiment and toxicity, converged natives, 400 + 400 held-out texts) measured
+transfer efficiency ≥ 0.9 on 8 of 12 cells for ``logit`` (toxicity SmolLM2 → Qwen2.5 at chance, −0.01)
+and on 11 of 12 for ``refined`` (the miss: that cell, 0.84). The refined form needs both full models
+and one pass of each over the neutral text (2–5 min on a 2-core CPU for these models); that data does
+not depend on the steer and is cached per model pair (:func:`steerport.refine.cached_prepare_refine`),
+so later steers between the same two models skip it. Earlier single-pair figures, held-out AUC on
+Gemma-3 for steers from SmolLM2 (sentiment / toxicity): paper form 0.51 / 0.42 (chance / inverted),
+logit with H⁺ 0.74 / 0.72, logit with fitted G 0.75 / 0.73, hidden-state map 0.85 / 0.74 (native
+0.86 / 0.75), anchor 0.39. For ``transfer gpt2 gpt-j`` loading both models is a 24 GB load; the
+logit form reads only the two output-embedding matrices and tokenizers.
 
 ``refined`` (:mod:`steerport.refine`) starts from the hidden form and fits A_t, B_t so the target's
 first-order next-token log-prob shifts match the source's on shared tokens at paired positions,
@@ -94,7 +101,7 @@ from steerport.hiddenmap import fit_hidden_map
 from steerport.kinds import get_kind
 from steerport.mapping import FitOptions, Mapping, find_mapping, fit_and_save
 from steerport.models import LoadedModel, load_model
-from steerport.refine import RefineOptions, prepare_refine, refined_carry
+from steerport.refine import RefineOptions, cached_prepare_refine, refined_carry
 from steerport.steer import Steer
 from steerport.strength import CURVE_TEXTS, calibrate_to_curve, curve_for, curve_text, has_curve_on
 from steerport.strength import META_KEY as STRENGTH_KEY
@@ -103,7 +110,7 @@ from steerport.vocab import align_vocab
 
 FORMS = ("logit", "logit-pinv", "paper", "hidden", "refined", "anchor")
 FULL_MODEL_FORMS = ("hidden", "refined")  # forms that run both full models over neutral text
-DEFAULT_FORM = "logit"
+DEFAULT_FORM = "auto"  # refined when the calibration loads the models, else logit (TransferOptions.carry_form)
 CALIBRATIONS = ("auto", "embed", "kl", "none")
 ACTADD_METHODS = ("recipe", "map")
 Log = Callable[[str], None]
@@ -148,8 +155,8 @@ class TransferOptions:
     device: str = "cpu"
 
     def __post_init__(self):
-        if self.form not in FORMS:
-            raise SteerportError(f"unknown transfer form {self.form!r}; use one of {', '.join(FORMS)}")
+        if self.form not in FORMS + ("auto",):
+            raise SteerportError(f"unknown transfer form {self.form!r}; use auto or one of {', '.join(FORMS)}")
         if self.calibrate not in CALIBRATIONS:
             raise SteerportError(f"unknown calibration {self.calibrate!r}; use one of {', '.join(CALIBRATIONS)}")
         if self.actadd_method not in ACTADD_METHODS:
@@ -162,8 +169,17 @@ class TransferOptions:
             if getattr(self, name) < 1:
                 raise SteerportError(f"{name} must be positive, got {getattr(self, name)}")
 
+    def carry_form(self, embeddings_given: bool = False) -> str:
+        """The LM-Steer form used: ``form`` itself, or for ``auto`` the benchmark's best where both models
+        are loaded anyway (``refined``, when the calibration is kl) and the best embeddings-only form
+        otherwise (``logit``: with calibration embed or none, or when a model is given only as its
+        embeddings, ``embeddings_given``)."""
+        if self.form != "auto":
+            return self.form
+        return "refined" if self.calibrate in ("auto", "kl") and not embeddings_given else "logit"
+
     def calibration_method(self) -> str:
-        if self.form == "anchor":
+        if self.carry_form() == "anchor":
             return "none"
         if self.calibrate == "auto":
             return "kl"  # on the target model, against the source's strength curve (steerport.strength)
@@ -229,11 +245,11 @@ def _embeddings(model: ModelLike) -> ModelEmbeddings:
     return load_embeddings(model)
 
 
-def _source_of_rows(model: ModelLike, opt: TransferOptions) -> EmbeddingSource:
-    """The model's output embeddings as needed by ``opt``: for an embeddings-only transfer of a local
+def _source_of_rows(model: ModelLike, form: str, opt: TransferOptions) -> EmbeddingSource:
+    """The model's output embeddings as needed by ``form`` and ``opt``: for an embeddings-only transfer of a local
     model spec, a :class:`~steerport.headfile.HeadFile` (cached identity, rows read on demand);
     otherwise (or when the checkpoint has no safetensors) the loaded :class:`ModelEmbeddings`."""
-    embeddings_only = opt.form in ("logit", "logit-pinv", "paper") and opt.calibration_method() in ("embed", "none")
+    embeddings_only = form in ("logit", "logit-pinv", "paper") and opt.calibration_method() in ("embed", "none")
     if embeddings_only and isinstance(model, str):
         head = open_head(model)
         if head is not None:
@@ -284,8 +300,9 @@ def carry_lm_steer(
 ) -> TransferResult:
     """Carry an LM-Steer ``steer`` from ``source`` to ``target`` (specs, embeddings or loaded models).
 
-    Reads only embeddings and tokenizers unless the form is ``hidden`` or calibration is
-    ``kl``; then both full models are loaded (or taken as given). ``mapping`` (a fitted
+    Reads only embeddings and tokenizers unless the form is ``hidden`` / ``refined`` (the default
+    ``auto`` with kl calibration) or calibration is ``kl``; then the full models are loaded (or
+    taken as given). ``mapping`` (a fitted
     :class:`Mapping`) or ``mapping_path`` (reused if fresh, else fitted and saved there) pick the
     vocabulary map; by default it is reused from the cache or the shipped mappings, or fitted.
 
@@ -294,8 +311,9 @@ def carry_lm_steer(
         res = carry_lm_steer(steer, "smollm2-135m", "gemma3-270m", TransferOptions(form="hidden"))
     """
     opt = options or TransferOptions()
+    form = opt.carry_form(embeddings_given=isinstance(source, ModelEmbeddings) or isinstance(target, ModelEmbeddings))
     t0 = time.perf_counter()
-    src_e, tgt_e = _source_of_rows(source, opt), _source_of_rows(target, opt)
+    src_e, tgt_e = _source_of_rows(source, form, opt), _source_of_rows(target, form, opt)
     check_source(steer, src_e, force)
     timings: dict[str, float] = {"load_embeddings": round(time.perf_counter() - t0, 3)}
     calib_method = opt.calibration_method()
@@ -304,14 +322,14 @@ def carry_lm_steer(
                          "epsilon": steer.epsilon, "rank": steer.rank, "meta": steer.meta},
         "source": {"spec": src_e.spec, "fingerprint": src_e.fingerprint, "hidden_size": src_e.hidden_size},
         "target": {"spec": tgt_e.spec, "fingerprint": tgt_e.fingerprint, "hidden_size": tgt_e.hidden_size},
-        "form": opt.form,
+        "form": form,
     }
     src_lm = tgt_lm = None
-    if opt.form in FULL_MODEL_FORMS or calib_method == "kl":  # kl needs the source model only when its curve is not recorded
-        why = f"the {opt.form} form" if opt.form in FULL_MODEL_FORMS else "kl calibration"
+    if form in FULL_MODEL_FORMS or calib_method == "kl":  # kl needs the source model only when its curve is not recorded
+        why = f"the {form} form" if form in FULL_MODEL_FORMS else "kl calibration"
         t = time.perf_counter()
         tgt_lm = _full_model(target, tgt_e.spec, opt, why)
-        if opt.form in FULL_MODEL_FORMS or isinstance(source, LoadedModel):
+        if form in FULL_MODEL_FORMS or isinstance(source, LoadedModel):
             src_lm = _full_model(source, src_e.spec, opt, why)
         timings["load_models"] = round(time.perf_counter() - t, 3)
 
@@ -320,7 +338,7 @@ def carry_lm_steer(
     refined: dict[str, torch.Tensor] | None = None  # the refined form's factors
     timings["align"] = 0.0
     t = time.perf_counter()
-    if opt.form == "anchor":
+    if form == "anchor":
         P_A, lineage["anchor"] = carry_anchor(src_e.full(), tgt_e.full(), steps=opt.anchor_steps, lr=opt.anchor_lr,
                                              top_k=opt.anchor_top_k, log=log, progress=progress)
         P_B = P_A
@@ -344,20 +362,20 @@ def carry_lm_steer(
                                                                  "tgt": m.alignment.get("coverage_tgt")},
                               "diagnostics": m.diagnostics}
         P_B = H.T
-        if opt.form == "paper":
+        if form == "paper":
             P_A = H.T
-        elif opt.form == "logit":
+        elif form == "logit":
             P_A = G
-        elif opt.form == "logit-pinv":
+        elif form == "logit-pinv":
             P_A = torch.linalg.pinv(H.double()).float()
-        elif opt.form == "refined":
+        elif form == "refined":
             assert src_lm is not None and tgt_lm is not None  # loaded above
             if pairs is None:  # a mapping file written before the pairs were stored: align the tokenizers
                 al = align_vocab(src_e.full().tokenizer, tgt_e.full().tokenizer)
                 pairs = (al.src_ids, al.tgt_ids)
             texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")
             log(f"fitting the hidden-state map and refining on {len(texts)} neutral texts")
-            data = prepare_refine(src_lm, tgt_lm, pairs[0], pairs[1], texts, max_tokens=opt.hidden_max_tokens,
+            data = cached_prepare_refine(src_lm, tgt_lm, pairs[0], pairs[1], texts, max_tokens=opt.hidden_max_tokens,
                                   ridge=opt.hidden_ridge, opts=opt.refine, log=log, progress=progress)
             rc = refined_carry(steer, H, data, opt.refine)
             P_A, refined = rc.K.T, rc.factors

@@ -63,12 +63,42 @@ def test_inexact_pair_lowers_the_heldout_loss_and_keeps_the_domain_part():
     assert TransferOptions(form="refined").calibration_method() == "kl"
 
 
+def test_refinement_data_is_cached_per_model_pair_and_gives_the_same_steer(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEERPORT_HOME", str(tmp_path))
+    src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
+    steer = source_steer(src)
+    first = _refined(steer, src, tgt)
+    (path,) = (tmp_path / "refine").glob("*.safetensors")
+    again = _refined(steer, src, tgt)
+    assert first.lineage["refine"]["data"] == "computed" and again.lineage["refine"]["data"] == "cache"
+    for k in first.steer.tensors:
+        assert torch.equal(first.steer.tensors[k], again.steer.tensors[k]), k
+    other = _refined(source_steer(src, epsilon=0.2), src, tgt)  # another steer, same pair: same data
+    assert other.lineage["refine"]["data"] == "cache"
+    path.write_bytes(b"\x80\x04 not safetensors")  # a damaged cache is recomputed and rewritten
+    redone = _refined(steer, src, tgt)
+    assert redone.lineage["refine"]["data"] == "computed" and torch.equal(redone.steer.A, first.steer.A)
+    tgt.model.model.norm.weight.data.mul_(1.5)  # other weights with the same output embeddings: not reused
+    assert _refined(steer, src, tgt).lineage["refine"]["data"] == "computed"
+
+
+def test_auto_form_is_refined_with_kl_calibration_and_logit_without():
+    assert TransferOptions().carry_form() == "refined" and TransferOptions(calibrate="kl").carry_form() == "refined"
+    assert TransferOptions(calibrate="embed").carry_form() == "logit"
+    assert TransferOptions(calibrate="none").carry_form() == "logit"
+    assert TransferOptions(form="hidden", calibrate="none").carry_form() == "hidden"
+    assert TransferOptions().carry_form(embeddings_given=True) == "logit"  # a model given as embeddings only
+    with pytest.raises(SteerportError, match="use auto or one of"):
+        TransferOptions(form="best")
+
+
 def _random_problem(n=40, m=30, K=5, d=6, seed=0) -> ShiftProblem:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)
     return ShiftProblem(h_s=r(n, d), h_t=r(n, d), X_s=r(m, d), X_t=r(m, d),
                         ids=torch.randint(0, m, (n, K), generator=g), w=torch.rand(n, K, generator=g),
-                        cen_s=r(n, d), cen_t=r(n, d), slope_s=torch.ones(n, K), slope_t=torch.ones(n, K))
+                        cen_s=r(n, d), cen_t=r(n, d), slope_s=torch.ones(n, K), slope_t=torch.ones(n, K),
+                        pairs=torch.arange(m))
 
 
 def test_token_shifts_are_the_centred_logit_shift():

@@ -833,7 +833,7 @@ def test_embeddings_only_transfer_from_files_equals_the_loaded_path(tmp_path, mo
             mp.setattr(steerport.headfile, "locate_head", nothing_heavy)
             mp.setattr(tr, "align_vocab", nothing_heavy)
             mp.setattr(tr, "load_embeddings", nothing_heavy)
-            assert isinstance(tr._source_of_rows(da, opt), HeadFile)
+            assert isinstance(tr._source_of_rows(da, opt.carry_form(), opt), HeadFile)
             got = carry_lm_steer(steer, da, db, opt, mapping_path=mfile)
         assert torch.equal(got.steer.A, want.steer.A) and torch.equal(got.steer.B, want.steer.B)
         assert got.steer.epsilon == want.steer.epsilon and got.steer.model == want.steer.model

@@ -165,8 +165,10 @@ def transfer_cmd(
     tgt: ModelArg,
     steer: SteerFileOpt,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .st (default: STEER.TGT.st next to the steer).")] = None,
-    form: Annotated[str, typer.Option(help="logit (default, fitted G), logit-pinv, paper (HᵀWH), hidden (needs both full models), "
-            "refined (hidden, then fitted to the source's log-prob shifts; both full models) or anchor (baseline).")] = "logit",
+    form: Annotated[str, typer.Option(help="auto (default: refined, or logit with --calibrate embed/none), refined (hidden, then "
+            "fitted to the source's log-prob shifts; loads both full models, one pass over neutral text, cached per model "
+            "pair), logit (fitted G; embeddings and tokenizers only), logit-pinv, paper (HᵀWH), hidden (both full models) or "
+            "anchor (baseline).")] = "auto",
     mapping: Annotated[Optional[Path], typer.Option(help="Mapping file to use (refused if stale; fitted and written there if "
             "missing).")] = None,
     method: MethodOpt = "lstsq",
@@ -192,11 +194,13 @@ def transfer_cmd(
 ):
     """Carry a steer from SRC to TGT: steerport transfer gpt2 gpt-j --steer toxic.st.
 
-    For LM-Steer steers the default form reads both models' output embeddings and tokenizers,
-    then loads TGT to calibrate the value to the strength it had on SRC (--calibrate embed skips
-    that). ActAdd steers go by recipe or by a residual-stream map (see --actadd-method);
-    token-probability steers keep their token texts and scales and recompute the direction on
-    TGT (--calib-text is then the detect text). Both load the full models.
+    For LM-Steer steers the default loads both models, carries the steer by the refined form (the
+    best in the model-ladder benchmark; minutes on a CPU the first time for a model pair, its data
+    then cached) and calibrates the value on TGT to the strength it had on SRC. --calibrate embed
+    reads only output embeddings and tokenizers (the logit form, seconds; the value approximate).
+    ActAdd steers go by recipe or by a residual-stream map (see --actadd-method); token-probability
+    steers keep their token texts and scales and recompute the direction on TGT (--calib-text is
+    then the detect text). Both load the full models.
     """
     from steerport.transfer import TransferOptions
 
