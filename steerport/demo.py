@@ -2,8 +2,10 @@
 
 1. train a sentiment steer on ``source`` from the SST-2 slice shipped in the package;
 2. score it as a classifier on the shipped held-out SST-2 test slice (ROC AUC);
-3. transfer it to ``target`` (another tokenizer and hidden size; the default transfer calibrates the
-   value to the source's strength curve, :mod:`steerport.strength`) and score it there the same way;
+3. transfer it to ``target`` (another tokenizer and hidden size) by the default transfer — the
+   refined form (:mod:`steerport.refine`: the shipped vocabulary mapping and a hidden-state map, then
+   a fit to the source's log-prob shifts on neutral text), with the value calibrated to the source's
+   strength curve (:mod:`steerport.strength`) — and score it there the same way;
 4. measure the **strength ratio** on neutral text the calibration never saw (the bundled ``fit``
    paragraphs): the target value that reproduces the source's κ at s = 1 (1 means value 1 is equally
    strong on both models), and the same at the demo value;
