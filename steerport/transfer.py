@@ -246,8 +246,8 @@ def _embeddings(model: ModelLike) -> ModelEmbeddings:
 
 
 def _source_of_rows(model: ModelLike, form: str, opt: TransferOptions) -> EmbeddingSource:
-    """The model's output embeddings as needed by ``form`` and ``opt``: for an embeddings-only transfer of a local
-    model spec, a :class:`~steerport.headfile.HeadFile` (cached identity, rows read on demand);
+    """The model's output embeddings as needed by ``form`` and ``opt``: for an embeddings-only transfer
+    of a local model spec, a :class:`~steerport.headfile.HeadFile` (cached identity, rows read on demand);
     otherwise (or when the checkpoint has no safetensors) the loaded :class:`ModelEmbeddings`."""
     embeddings_only = form in ("logit", "logit-pinv", "paper") and opt.calibration_method() in ("embed", "none")
     if embeddings_only and isinstance(model, str):
@@ -302,9 +302,9 @@ def carry_lm_steer(
 
     Reads only embeddings and tokenizers unless the form is ``hidden`` / ``refined`` (the default
     ``auto`` with kl calibration) or calibration is ``kl``; then the full models are loaded (or
-    taken as given). ``mapping`` (a fitted
-    :class:`Mapping`) or ``mapping_path`` (reused if fresh, else fitted and saved there) pick the
-    vocabulary map; by default it is reused from the cache or the shipped mappings, or fitted.
+    taken as given). ``mapping`` (a fitted :class:`Mapping`) or ``mapping_path`` (reused if fresh,
+    else fitted and saved there) pick the vocabulary map; by default it is reused from the cache or
+    the shipped mappings, or fitted.
 
     Example::
 
