@@ -607,7 +607,8 @@ def markdown(doc: dict[str, Any]) -> str:
              "min(AUC_source − 0.5, AUC_native − 0.5) (target ≥ 0.9); ρ: Spearman of the log-prob shifts of the same "
              "character spans on source and target; retained: separation of the transferred steer / the target's native "
              "steer at matched κ (target ≥ 0.9 where the source native is at least as strong as the target native). "
-             "Rows marked (refined): `--form refined`, seed 0 only (±0.00 is no spread, not a measured one).", ""]
+             "Rows marked (refined): `--form refined` on the seeds named in the row (one seed: ±0.00 is no spread, not a "
+             "measured one).", ""]
     for name, t in doc["tasks"].items():
         d = t["data"]
         n_pairs = len(st["models"]) * (len(st["models"]) - 1)
@@ -630,7 +631,8 @@ def markdown(doc: dict[str, Any]) -> str:
                       "|---|---|---|---|---|---|---|"]
             for key, c in t["cells"].items():
                 rho = fmt(c["rho"]) if "rho" in c else "–"
-                lines.append(f"| {key} | {fmt(c['auc_source'], 3)} | {fmt(c['auc_transferred'], 3)} | {fmt(c['auc_native'], 3)} | "
+                label = key if c["form"] == "logit" else f"{key}, seed{'s' if len(c['seeds']) > 1 else ''} {','.join(map(str, c['seeds']))}"
+                lines.append(f"| {label} | {fmt(c['auc_source'], 3)} | {fmt(c['auc_transferred'], 3)} | {fmt(c['auc_native'], 3)} | "
                              f"{fmt(c['fidelity'])} | **{fmt(c['efficiency'])}** | {rho} |")
             lines += ["", "Retained vs the target's native steer at matched κ (native separation in nats beside it):", "",
                       "| source → target | " + " | ".join(f"κ = {k}" for k in st["kappas"]) + " | source native stronger? |",
