@@ -421,6 +421,28 @@ def test_topk_approximation_is_exact_without_a_tail_and_at_zero_steer():
     assert err[1] < err[0] / 30
 
 
+def test_topk_statistics_swept_in_chunks_equal_the_full_logits():
+    from steerport.train.topk import rows_stats
+
+    g = torch.Generator().manual_seed(3)
+    V, d, M, k = 300, 16, 40, 10
+    E, bias = torch.randn(V, d, generator=g), torch.randn(V, generator=g)
+    h, y = torch.randn(M, d, generator=g) * 0.3, torch.randint(0, V, (M,), generator=g)  # spread: every tail counts
+    z = (h.double() @ E.double().T) + bias.double()  # (M, V): the reference, all logits at once
+    others = z.clone()
+    others[torch.arange(M), y] = -math.inf
+    top_v, top_i = others.topk(k - 1, dim=1)
+    tail = torch.ones(M, V, dtype=torch.bool)
+    tail[torch.arange(M)[:, None], torch.cat([y[:, None], top_i], 1)] = False
+    p_tail = torch.where(tail, z, -math.inf).softmax(1)  # (M, V), the tail's own distribution
+    for chunk in (7, 32, 512):  # many chunks (the top-k merge across chunks), a few, and one
+        ids, z0, log_tail, e_tail = rows_stats(h, y, E, bias, k, chunk=chunk)
+        assert torch.equal(ids[:, 0].long(), y) and torch.equal(ids[:, 1:].long(), top_i)
+        torch.testing.assert_close(z0.double(), torch.cat([z[torch.arange(M), y][:, None], top_v], 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(log_tail.double(), torch.where(tail, z, -math.inf).logsumexp(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e_tail.double(), p_tail @ E.double(), rtol=1e-4, atol=1e-4)
+
+
 def test_topk_training_runs_and_resumes(tmp_path):
     lm = tiny_model("llama")
     whole = train(lm, make_data(), cfg(head="topk", topk=16, patience=100), workdir=tmp_path / "a")

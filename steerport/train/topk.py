@@ -62,12 +62,15 @@ class TopKStats:
 
 @torch.no_grad()
 def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Tensor | None,
-               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               k: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:class:`TopKStats` fields of the rows h (M, d) with targets y (M,): one sweep over E (V, d).
 
-    The vocabulary is swept in chunks with a running max, sum, top-(K−1) and tail accumulator
-    Q = Σ_v exp(z_v − m) e_v, so the (M, V) logits never exist at once; the matmuls run in
-    E's dtype and accumulate in fp32. The K candidates' share is taken out of S and Q at the end.
+    The vocabulary is swept in chunks (``chunk`` columns; default: about CHUNK_ELEMENTS logits at
+    once) with a running max, sum, top-(K−1) and tail accumulator Q = Σ_v exp(z_v − m) e_v, so the
+    (M, V) logits never exist at once; the matmuls run in E's dtype and accumulate in fp32. A
+    chunk's top-k merge runs only on the rows where it holds a logit above the row's current
+    (K−1)-th best (after the first chunks, a minority: most of a large vocabulary is improbable).
+    The K candidates' share is taken out of S and Q at the end.
     """
     M, d = h.shape
     V = E.shape[0]
@@ -78,7 +81,7 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
     Q = torch.zeros(M, d)
     top_v = torch.full((M, max(k - 1, 0)), -math.inf)
     top_i = torch.zeros((M, max(k - 1, 0)), dtype=torch.long)
-    c = max(256, CHUNK_ELEMENTS // max(M, 1))
+    c = chunk or max(256, CHUNK_ELEMENTS // max(M, 1))
     rows = torch.arange(M)
     zy = torch.zeros(M)  # the target's logit, read from the same matmul as the rest
     for v0 in range(0, V, c):
@@ -87,15 +90,19 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
         if bias is not None:
             z += bias[v0 : v0 + c].float()
         inside = (y >= v0) & (y < v0 + z.shape[1])
-        zy[inside] = z[rows[inside], y[inside] - v0]
-        if k > 1:
-            z[rows[inside], y[inside] - v0] = -math.inf  # the target is kept apart from the others
-            cv, ci = z.topk(min(k - 1, z.shape[1]), dim=1)
-            z[rows[inside], y[inside] - v0] = zy[inside]  # and counts in the normaliser
-            allv, alli = torch.cat([top_v, cv], 1), torch.cat([top_i, ci + v0], 1)
-            top_v, pick = allv.topk(k - 1, dim=1)
-            top_i = alli.gather(1, pick)
-        m_new = torch.maximum(m, z.amax(1))
+        r_in, c_in = rows[inside], y[inside] - v0
+        zy[inside] = z[r_in, c_in]
+        z[r_in, c_in] = -math.inf  # the target is kept apart from the candidates and the max ...
+        z_max = z.amax(1)
+        if k > 1:  # ... and a row takes part in the merge only if this chunk beats its (K−1)-th best
+            merge = torch.nonzero(z_max > top_v[:, -1]).flatten()
+            if len(merge):
+                cv, ci = z[merge].topk(min(k - 1, z.shape[1]), dim=1)
+                allv, alli = torch.cat([top_v[merge], cv], 1), torch.cat([top_i[merge], ci + v0], 1)
+                best, pick = allv.topk(k - 1, dim=1)
+                top_v[merge], top_i[merge] = best, alli.gather(1, pick)
+        z[r_in, c_in] = zy[inside]  # ... but counts in the normaliser
+        m_new = torch.maximum(m, torch.where(inside, torch.maximum(z_max, zy), z_max))
         scale = torch.exp(m - m_new)
         w = z.sub_(m_new[:, None]).exp_()  # in place: z is not needed any more
         S = S * scale + w.sum(1)
