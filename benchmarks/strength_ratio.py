@@ -4,8 +4,8 @@ For each source steer and target model, the steer is carried with the default tr
 calibration on the target against the source's recorded strength curve) and, for comparison,
 with ``--calibrate embed`` (embeddings only). Then, by an *independent* measurement — full forward
 passes with the steer's hook (``ForwardScorer``, not the head-only scorer the calibration uses), on
-other neutral text (the bundled ``fit`` paragraphs, not the ``calib`` ones), the same characters on
-both models — κ_src(1) is measured on the source, and the target value s_t with κ_tgt(s_t) =
+neutral text that no transfer step reads (the *last* bundled ``calib`` paragraphs: the calibration
+reads the first 16, the refined form's fit all of ``fit``), the same characters on both models — κ_src(1) is measured on the source, and the target value s_t with κ_tgt(s_t) =
 κ_src(1) is solved for (``steerport.metrics.find_values_for_kl``, 1 % tolerance). The strength ratio is s_t: 1 means
 value 1 has the same strength on both models. Target: 0.8 ≤ s_t ≤ 1.25.
 
@@ -33,7 +33,7 @@ from steerport.metrics import find_values_for_kl
 from steerport.models import LoadedModel, cpu_name, load_model
 from steerport.scoring import ForwardScorer
 from steerport.steer import Steer
-from steerport.strength import cut, record_curve
+from steerport.strength import CURVE_TEXTS, cut, record_curve
 from steerport.texts import neutral
 from steerport.transfer import TransferOptions, transfer_steer
 
@@ -44,8 +44,15 @@ LADDER = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
 
 
 def eval_texts(n: int) -> list[str]:
-    """Independent neutral text: the fit split (never used by the calibration), cut like the curve text."""
-    return [cut(t) for t in neutral("fit", limit=n)]
+    """Independent neutral text, cut like the curve text: the last ``n`` ``calib`` paragraphs.
+
+    The calibration reads the first :data:`~steerport.strength.CURVE_TEXTS` of them and the refined
+    form's fit the ``fit`` split, so these are seen by neither.
+    """
+    texts = neutral("calib")
+    if n > len(texts) - CURVE_TEXTS:
+        raise SystemExit(f"--n-texts {n}: only {len(texts) - CURVE_TEXTS} calib paragraphs are unused by the calibration")
+    return [cut(t) for t in texts[-n:]]
 
 
 def strength_ratio(src: LoadedModel, s_steer: Steer, tgt: LoadedModel, t_steer: Steer, texts: list[str],
@@ -69,7 +76,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="sentiment,detox")
     ap.add_argument("--calibrations", default="auto,embed", help="TransferOptions.calibrate values to compare")
     ap.add_argument("--all-pairs", action="store_true", help="every ordered pair of the ladder, not only from smollm2-135m")
-    ap.add_argument("--n-texts", type=int, default=8, help="independent neutral texts (fit split)")
+    ap.add_argument("--n-texts", type=int, default=16,
+                    help="independent neutral texts: the last N calib paragraphs (read by no transfer step)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--targets", default=",".join(LADDER), help="target models (the ladder by default)")
     ap.add_argument("--merge", nargs="+", default=None, help="only merge the rows of these result .json files into --out")
@@ -138,14 +146,15 @@ def machine() -> dict:
 def write(out_json: Path, out_md: Path, rows: list[dict], args, seconds: float, machines: list | None = None) -> None:
     doc = {"benchmark": "strength_ratio", "steerport_version": __version__, "machine": (machines or [machine()])[0],
            "machines": machines or [machine()],
-           "settings": {"n_texts": args.n_texts, "text": "neutral fit split, cut to 400 characters",
+           "settings": {"n_texts": args.n_texts, "text": "last n_texts neutral calib paragraphs (unused by calibration and refinement), cut to 400 characters",
                         "measure": "ForwardScorer (full forward with the hook), secant on log κ vs log s to 1 %",
                         "transfer": "TransferOptions() default form; calibrate as listed"},
            "seconds": round(seconds, 1), "rows": rows}
     atomic_write_json(out_json, doc)
     lines = ["# Strength ratio: target value reproducing the source's κ at s = 1", "",
-             f"Independent measurement: full forward passes with the steer's hook on {args.n_texts} bundled neutral `fit` paragraphs "
-             "(cut to 400 characters; the calibration uses the `calib` paragraphs and the head-only scorer). "
+             f"Independent measurement: full forward passes with the steer's hook on the last {args.n_texts} bundled neutral `calib` "
+             "paragraphs, cut to 400 characters: text no transfer step reads (the calibration reads the first 16 `calib` "
+             "paragraphs with the head-only scorer, the refined form's fit the `fit` split). "
              "Target: 0.8–1.25.", "", f"Machine: {doc['machine']['cpu']}, load average {[m['loadavg'] for m in doc['machines']]}, "
              f"steerport {__version__}.", "",
              "| task | source → target | calibrate | method | ε₀ factor | strength ratio | κ_src(1) | in 0.8–1.25 |",
