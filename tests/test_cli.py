@@ -29,6 +29,24 @@ def test_help_lists_commands():
         assert cmd in r.stdout
 
 
+def test_the_command_exits_like_python_without_the_teardown(tmp_path):
+    """``run()`` keeps a normal exit's promises: exit handlers, non-daemon threads, flushed output, status."""
+    from steerport.cli import _exit_status
+
+    assert (_exit_status(None), _exit_status(0), _exit_status(3)) == (0, 0, 3)
+    assert run("no-such-command").returncode == 2  # a usage error keeps click's status
+    marker = tmp_path / "marker.txt"
+    script = ("import atexit, sys, threading, time, steerport.cli as cli\n"
+              f"atexit.register(lambda: open({str(marker)!r}, 'a').write('atexit\\n'))\n"
+              f"threading.Thread(target=lambda: (time.sleep(0.3), open({str(marker)!r}, 'a').write('thread\\n'))).start()\n"
+              "sys.stdout.write('x' * 200000)\n"  # more than a pipe holds: flushed before the exit
+              "sys.argv = ['steerport', 'bogus-command']\n"
+              "cli.run()\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stdout) == 200000 and "No such command" in r.stderr
+    assert marker.read_text() == "thread\natexit\n"
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["generate", "no-such-model", "--prompt", "hi"], "unknown model"),
     (["inspect", "missing.st"], "no such steer file"),

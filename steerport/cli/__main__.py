@@ -1,5 +1,5 @@
 """``python -m steerport.cli``: the same as the ``steerport`` command."""
 
-from steerport.cli import main
+from steerport.cli import run
 
-main()
+run()
