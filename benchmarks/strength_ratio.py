@@ -5,8 +5,9 @@ calibration on the target against the source's recorded strength curve) and, for
 with ``--calibrate embed`` (embeddings only). Then, by an *independent* measurement — full forward
 passes with the steer's hook (``ForwardScorer``, not the head-only scorer the calibration uses), on
 neutral text that no transfer step reads (the *last* bundled ``calib`` paragraphs: the calibration
-reads the first 16, the refined form's fit all of ``fit``), the same characters on both models — κ_src(1) is measured on the source, and the target value s_t with κ_tgt(s_t) =
-κ_src(1) is solved for (``steerport.metrics.find_values_for_kl``, 1 % tolerance). The strength ratio is s_t: 1 means
+reads the first 16, the refined form's fit all of ``fit``), the same characters on both models —
+κ_src(1) is measured on the source, and the target value s_t with κ_tgt(s_t) = κ_src(1) is solved
+for (``steerport.metrics.find_values_for_kl``, 1 % tolerance). The strength ratio is s_t: 1 means
 value 1 has the same strength on both models. Target: 0.8 ≤ s_t ≤ 1.25.
 
 With ``--all-pairs`` every ordered pair of the ladder is measured: the steers on the other models

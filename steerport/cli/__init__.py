@@ -116,7 +116,7 @@ def run() -> None:
     """The ``steerport`` command: :func:`main`, then an exit without Python's module teardown.
 
     A finished command has nothing left for the interpreter's shutdown to do but tear down every
-    module, which for torch alone takes ~0.3 s (a third of a warm ``steerport transfer``). Here
+    module, which for torch alone takes ~0.3 s (of a ~2 s warm ``steerport transfer``). Here
     non-daemon threads are waited for, the exit handlers run (logging, temporary folders) and
     stdout/stderr are flushed, as at a normal exit; then the process ends. Everything steerport
     writes is closed (atomic writes) or a flushed memory map before that. An exception other than
