@@ -32,7 +32,7 @@ from steerport.capture import cache_hidden
 from steerport.fileio import atomic_write_json, atomic_write_text
 from steerport.models import cpu_name, load_model, parse_dtype
 from steerport.texts import neutral
-from steerport.train.headloss import CHUNK_ELEMENTS
+from steerport.train.headloss import vocab_chunk
 from steerport.train.topk import rows_stats
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 def logits_only(h: torch.Tensor, E: torch.Tensor) -> None:
     """The head's logits in the sweep's chunks and dtype, nothing else (the baseline)."""
     hc = h.to(E.dtype)
-    c = max(256, CHUNK_ELEMENTS // max(len(h), 1))
+    c = vocab_chunk(len(h), E.shape[0])
     for v0 in range(0, E.shape[0], c):
         (hc @ E[v0 : v0 + c].T).float()
 

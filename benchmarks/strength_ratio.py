@@ -154,7 +154,8 @@ def write(out_json: Path, out_md: Path, rows: list[dict], args, seconds: float, 
     atomic_write_json(out_json, doc)
     lines = ["# Strength ratio: target value reproducing the source's κ at s = 1", "",
              f"Independent measurement: full forward passes with the steer's hook on the last {args.n_texts} bundled neutral `calib` "
-             "paragraphs, cut to 400 characters: text no transfer step reads (the calibration reads the first 16 `calib` "
+             "paragraphs, cut to 400 characters: text no transfer step reads (the calibration reads the first "
+             f"{CURVE_TEXTS} `calib` "
              "paragraphs with the head-only scorer, the refined form's fit the `fit` split). "
              "Target: 0.8–1.25.", "", f"Machine: {doc['machine']['cpu']}, load average {[m['loadavg'] for m in doc['machines']]}, "
              f"steerport {__version__}.", "",

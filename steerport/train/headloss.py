@@ -28,6 +28,12 @@ from steerport.models import LoadedModel
 CHUNK_ELEMENTS = 1 << 23  # logits held at once: N x chunk <= 8M floats (32 MB)
 
 
+def vocab_chunk(n_rows: int, vocab: int) -> int:
+    """Vocabulary columns per chunk of a head sweep over ``n_rows`` states: about CHUNK_ELEMENTS
+    logits at once, at least 256 columns, at most the vocabulary."""
+    return max(256, min(vocab, CHUNK_ELEMENTS // max(n_rows, 1)))
+
+
 def apply_softcap(z: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gemma-2 style ``cap · tanh(z / cap)`` and its derivative (None when no cap)."""
     if not cap:
@@ -106,8 +112,7 @@ def head_token_loss(
     Equals ``cross_entropy((h + u @ B.T) @ E.T + bias, targets, reduction="none")`` (with the
     softcap when given) without ever holding the (N, V) logits.
     """
-    N = max(h.shape[0], 1)
-    chunk = chunk or max(256, min(E.shape[0], CHUNK_ELEMENTS // N))
+    chunk = chunk or vocab_chunk(h.shape[0], E.shape[0])
     return _HeadCE.apply(h, u, B, E, bias, targets, softcap, chunk)
 
 
@@ -151,7 +156,7 @@ def head_token_losses(
     """
     N = h.shape[0]
     J = len(shifts)
-    chunk = max(256, min(E.shape[0], CHUNK_ELEMENTS // max(N, 1)))
+    chunk = vocab_chunk(N, E.shape[0])
     acc = torch.promote_types(E.dtype, torch.float32)
     hc = h.to(E.dtype)
     m = torch.full((J, N), -math.inf, dtype=acc, device=h.device)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from steerport.capture import HiddenCache
 from steerport.fileio import atomic_write_json
-from steerport.train.headloss import CHUNK_ELEMENTS
+from steerport.train.headloss import vocab_chunk
 
 STATS_FIELDS = ("ids", "z0", "log_tail", "e_tail")
 ROWS_PER_CHUNK = 1024  # rows of h per vocabulary sweep while computing statistics
@@ -65,12 +65,12 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
                k: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:class:`TopKStats` fields of the rows h (M, d) with targets y (M,): one sweep over E (V, d).
 
-    The vocabulary is swept in chunks (``chunk`` columns; default: about CHUNK_ELEMENTS logits at
-    once) with a running max, sum, top-(K−1) and tail accumulator Q = Σ_v exp(z_v − m) e_v, so the
-    (M, V) logits never exist at once; the matmuls run in E's dtype and accumulate in fp32. A
-    chunk's top-k merge runs only on the rows where it holds a logit above the row's current
-    (K−1)-th best (after the first chunks, a minority: most of a large vocabulary is improbable).
-    The K candidates' share is taken out of S and Q at the end.
+    The vocabulary is swept in chunks (``chunk`` columns; default
+    :func:`~steerport.train.headloss.vocab_chunk`) with a running max, sum, top-(K−1) and tail
+    accumulator Q = Σ_v exp(z_v − m) e_v, so the (M, V) logits never exist at once; the matmuls run
+    in E's dtype and accumulate in fp32. A chunk's top-k merge runs only on the rows where it holds
+    a logit above the row's current (K−1)-th best (after the first chunks, a minority: most of a
+    large vocabulary is improbable). The K candidates' share is taken out of S and Q at the end.
     """
     M, d = h.shape
     V = E.shape[0]
@@ -81,7 +81,7 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
     Q = torch.zeros(M, d)
     top_v = torch.full((M, max(k - 1, 0)), -math.inf)
     top_i = torch.zeros((M, max(k - 1, 0)), dtype=torch.long)
-    c = chunk or max(256, CHUNK_ELEMENTS // max(M, 1))
+    c = chunk or vocab_chunk(M, V)
     rows = torch.arange(M)
     zy = torch.zeros(M)  # the target's logit, read from the same matmul as the rest
     for v0 in range(0, V, c):
