@@ -18,7 +18,9 @@ the ladder:
 
    * AUC of the steer as a classifier (ℓ(+v) − ℓ(−v), per-text mean log-likelihood, v its value at κ = 0.05);
    * separation at matched κ ∈ {0.02, 0.05, 0.1, 0.2} (the value reaching mean KL κ per token on
-     neutral text), and the retained effect Sep_transferred / Sep_native(target);
+     neutral text), the retained effect Sep_transferred / Sep_native(target), and the kept effect
+     Sep_transferred / Sep_source (on its own model): how much separation per unit of KL the carry
+     itself loses, apart from the two models' differences;
    * fidelity: (AUC_transferred − 0.5) / (AUC_source on its own model − 0.5), and ρ, the Spearman
      correlation of the per-token log-prob shifts of the same character spans on source and target;
    * transfer efficiency: (AUC_transferred − 0.5) / min(AUC_source − 0.5, AUC_native(target) − 0.5).
@@ -470,6 +472,7 @@ def cell_figures(work: Path, task: TaskData, src: str, tgt: str, form: str, seed
                     d = arr(doc, name, "text_shift", str(k))[idx]
                     sep[who] = d[yy == 1].mean() - d[yy == 0].mean()
                 out[f"retained@{k}"].append(ratio(sep["tr"], sep["nat"]))
+                out[f"kept@{k}"].append(ratio(sep["tr"], sep["src"]))
                 out[f"sep_native@{k}"].append(sep["nat"])
                 out[f"sep_source@{k}"].append(sep["src"])
         return out
@@ -595,6 +598,16 @@ def fmt(f: dict[str, Any], digits: int = 2) -> str:
     return f"{f['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] ±{f['seed_std']:.{digits}f}"
 
 
+def kept(c: dict[str, Any], k: float) -> str:
+    """The kept effect at κ k of one cell; for results written before it was recorded, the mean over
+    seeds of retained × native separation / source separation (per seed, no interval)."""
+    if f"kept@{k}" in c:
+        return fmt(c[f"kept@{k}"])
+    per = [r * n / s_ for r, n, s_ in zip(c[f"retained@{k}"]["per_seed"], c[f"sep_native@{k}"]["per_seed"],
+                                          c[f"sep_source@{k}"]["per_seed"])]
+    return f"{np.mean(per):.2f}"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     st, m = doc["settings"], doc["machine"]
     lines = ["# Transfer on the model ladder: converged natives, fidelity, retained, efficiency", "",
@@ -642,6 +655,15 @@ def markdown(doc: dict[str, Any]) -> str:
                 stronger = c[f"sep_source@{k0}"]["mean"] >= c[f"sep_native@{k0}"]["mean"]
                 lines.append(f"| {key} | " + " | ".join(f"{fmt(c[f'retained@{k}'])} (nat {c[f'sep_native@{k}']['mean']:.3f})"
                                                         for k in st["kappas"]) + f" | {'yes' if stronger else 'no'} |")
+            lines += ["", "Kept vs the source steer on its own model at matched κ: separation of the transferred steer on the "
+                      "target / the source steer's on the source (1 = the carry loses no separation per unit of KL)"
+                      + ("" if all("kept@0.05" in c for c in t["cells"].values()) else
+                         "; no interval where the result predates this figure (mean over seeds of the recorded per-seed "
+                         "retained × native separation / source separation)") + ":", "",
+                      "| source → target | " + " | ".join(f"κ = {k}" for k in st["kappas"]) + " |",
+                      "|---" * (len(st["kappas"]) + 1) + "|"]
+            for key, c in t["cells"].items():
+                lines.append(f"| {key} | " + " | ".join(kept(c, k) for k in st["kappas"]) + " |")
         if t["generation"]:
             lines += ["", "Generation (sampled, temperature 1, top-p 0.9, one continuation per prompt): judge rate of the "
                       "steer's side [Wilson 95 %], perplexity under another ladder model and distinct-2 [bootstrap 95 %].", "",
