@@ -11,7 +11,11 @@ forms' own magnitudes show) and measure on the target
   character spans on both models: spans between consecutive positions where both tokenizations
   end at the same character, over the same held-out texts;
 * **κ ratio**: mean KL from the unsteered model at value 1 on neutral text, target / source —
-  how well a form keeps the strength without calibration.
+  how well a form keeps the strength without calibration;
+* **kept**: separation (mean per-token log-prob shift on the steer's positive texts minus on the
+  others) at the value where the steer's mean KL on neutral text is 0.05, target / source: how much
+  effect per unit of KL the carry keeps (the ladder's "kept" figure, with the source steer as the
+  yardstick instead of a native one).
 
 Log-probs come from one body pass and one full LM-head pass per model and text set (the trainer's
 top-k statistics, :mod:`steerport.train.topk`: the 256 most likely tokens of each position exact,
@@ -23,15 +27,30 @@ the tail to first order); ``topk_check`` in the result compares it with full for
 map M between the models' *input* token embeddings on the aligned vocabulary (e_t ≈ M e_s), applied
 to every hidden-space vector of the steer: A_t = M A_s, B_t = M B_s.
 
+Two variants of the refinement that the library does not use (measured on one steer and one task in
+``benchmarks/results/refine_variants.md``: small gains in "kept", none in AUC, not enough evidence to
+change the default):
+
+* ``refined-steered``: the tokens of each position re-chosen, and weighted, with the source model's
+  *steered* next-token distributions counted too: w = ½·½(p_s + p_t) + ½·½(p_s^{+σ} + p_s^{−σ})
+  (``--steered σ:mix``, default 3:0.5), so the tokens a steer promotes or suppresses (rare on neutral text) enter
+  the fit;
+* ``--refine-text domain`` (or ``both``): the neutral pass (hence K and the refinement) on the task's
+  shipped *training* texts, unlabeled, instead of (or after) the bundled neutral text; form names get
+  ``@domain`` (``@both``).
+
 Usage::
 
     python benchmarks/refine_check.py --targets gemma3-270m --tasks sentiment,toxicity \\
         --forms logit,hidden,refined,emb2emb --n 100 --out benchmarks/results/refine_check.json
+    python benchmarks/refine_check.py --targets qwen2.5-0.5b --tasks toxicity --forms hidden,refined,refined-steered \
+        --hidden-texts 0 --hidden-max-tokens 128 --n 200 --out benchmarks/results/refine_variants.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -45,25 +64,26 @@ from steerport.embeddings import ModelEmbeddings
 from steerport.fileio import atomic_write_json
 from steerport.linmap import fit_map
 from steerport.mapping import get_mapping
-from steerport.metrics import roc_auc, spearman
+from steerport.metrics import find_values_for_kl, roc_auc, spearman
 from steerport.models import LoadedModel, cpu_name, load_model
-from steerport.refine import RefineData, prepare_refine, refined_carry
-from steerport.scoring import mean_kl, token_logprobs
+from steerport.refine import RefineData, ShiftProblem, prepare_refine, refined_carry, shared_token_stats
+from steerport.scoring import HeadScorer, mean_kl, token_logprobs
 from steerport.steer import Steer
 from steerport.texts import bundled, neutral, read_texts_and_labels
+from steerport.train.headloss import apply_softcap
 from steerport.train.topk import topk_stats, topk_token_loss
 from steerport.transfer import TransferOptions, transfer_steer
 from steerport.vocab import align_vocab
 
-TASKS = {  # steer file, held-out data, label of the steer's positive class
-    "sentiment": ("benchmarks/steers/smollm2-135m-sst2-positive.st", "sst2-test", 1),
-    "toxicity": ("benchmarks/steers/smollm2-135m-paradetox-nontoxic.st", "paradetox-test", 0),
+TASKS = {  # steer file, held-out data, label of the steer's positive class, training texts (read unlabeled)
+    "sentiment": ("benchmarks/steers/smollm2-135m-sst2-positive.st", "sst2-test", 1, "sst2-train"),
+    "toxicity": ("benchmarks/steers/smollm2-135m-paradetox-nontoxic.st", "paradetox-test", 0, "paradetox-train"),
 }
 
 
 def held_out(task: str, n: int) -> tuple[list[str], list[int]]:
     """Up to n texts per class of the task's shipped test split; label 1 = the steer's positive class."""
-    _, data, positive = TASKS[task]
+    _, data, positive, _ = TASKS[task]
     texts, labels = read_texts_and_labels(bundled(data))
     assert labels is not None  # required by default
     pos = [t for t, y in zip(texts, labels) if y == positive][:n]
@@ -116,6 +136,22 @@ class HeadEval:
                 "spearman": spearman(e.tolist(), a.tolist()), "tokens": len(e)}
 
 
+KEPT_KAPPA = 0.05  # mean KL per token on neutral text at which separations are compared
+
+
+def kl_scorer(lm: LoadedModel) -> HeadScorer:
+    """Mean KL on the last 16 bundled ``calib`` paragraphs, which no transfer or refinement reads."""
+    return HeadScorer(lm, cache_hidden(lm, neutral("calib")[-16:], max_tokens=128), max_base_bytes=2 << 30)
+
+
+def separation_at_kappa(ev: HeadEval, scorer: HeadScorer, steer: Steer, labels: list[int]) -> tuple[float, float]:
+    """(value, separation) at the value where the steer's mean KL on the scorer's text is KEPT_KAPPA."""
+    v = find_values_for_kl(lambda x: scorer.stats([(steer, x)]).kl, (KEPT_KAPPA,))[KEPT_KAPPA].value
+    shift = torch.stack([x.mean() if x.numel() else x.new_zeros(()) for x in ev.per_text(ev.token_lp(steer, v) - ev.token_lp(None))])
+    y = torch.tensor(labels)
+    return v, float(shift[y == 1].mean() - shift[y == 0].mean())
+
+
 def aligned_spans(tok_s: Any, tok_t: Any, texts: list[str], shifts_s: list[torch.Tensor], shifts_t: list[torch.Tensor],
                   max_tokens: int) -> tuple[list[float], list[float]]:
     """Shifts of the same character spans on both models: between consecutive paired positions
@@ -144,6 +180,31 @@ def emb2emb(steer: Steer, src: LoadedModel, tgt: LoadedModel) -> Steer:
                  model={"spec": tgt.spec, "fingerprint": tgt.fingerprint})
 
 
+@torch.no_grad()
+def steered_problem(prob: ShiftProblem, steer: Steer, src: LoadedModel, tgt: LoadedModel, src_ids: torch.Tensor,
+                    tgt_ids: torch.Tensor, sigma: float, mix: float = 0.5, rows: int = 256) -> ShiftProblem:
+    """``prob`` with each position's K tokens re-chosen by w = (1 − mix)·½(p_s + p_t) + mix·½(p_s^{+σ} + p_s^{−σ}),
+    p_s^{±σ} the source's next-token distribution under the steer at value ±σ (the ``refined-steered`` variant)."""
+    E_s, E_t = src.output_embeddings.detach().float(), tgt.output_embeddings.detach().float()
+    N, K = prob.ids.shape
+    EB = E_s @ steer.B.float()  # (V_s, r)
+    ids, w = torch.empty(N, K, dtype=torch.long), torch.empty(N, K)
+    sl_s, sl_t = torch.empty(N, K), torch.empty(N, K)
+    for i in range(0, N, rows):
+        hs, ht = prob.h_s[i : i + rows], prob.h_t[i : i + rows]
+        ps, ss, _ = shared_token_stats(hs, E_s, src.lm_head_bias, src.softcap, src_ids)
+        pt, st, _ = shared_token_stats(ht, E_t, tgt.lm_head_bias, tgt.softcap, tgt_ids)
+        z = hs @ E_s.T + (src.lm_head_bias.float() if src.lm_head_bias is not None else 0.0)  # (n, V_s)
+        dz = steer.epsilon * (hs @ steer.A.float()) @ EB.T  # the steer's logit shift at value 1
+        steered = sum(0.5 * torch.softmax(apply_softcap(z + v * dz, src.softcap)[0], 1)[:, src_ids] for v in (sigma, -sigma))
+        top = ((1 - mix) * 0.5 * (ps + pt) + mix * steered).topk(K, dim=1)
+        ids[i : i + rows], w[i : i + rows] = top.indices, top.values
+        sl_s[i : i + rows], sl_t[i : i + rows] = ss.gather(1, top.indices), st.gather(1, top.indices)
+    used, local = torch.unique(ids, return_inverse=True)
+    return dataclasses.replace(prob, ids=local, w=w, slope_s=sl_s, slope_t=sl_t, pairs=used,
+                               X_s=E_s[src_ids[used]], X_t=E_t[tgt_ids[used]])
+
+
 def machine() -> dict[str, Any]:
     return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "steerport": __version__}
 
@@ -153,10 +214,15 @@ def markdown(res: dict[str, Any]) -> str:
     st, m = res["settings"], res["machine"]
     lines = [f"# Transfer fidelity by form: {st['source']} -> {st['targets']}", "",
              f"Held-out texts: {st['n']} per class of the shipped test split; value ±1, no calibration; "
-             f"steerport {m['steerport']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}.", "",
+             f"steerport {m['steerport']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Refinement text: "
+             f"{st['hidden_texts'] or 'all'} bundled neutral `fit` texts of up to {st['hidden_max_tokens']} tokens (forms "
+             "marked @domain: the task's shipped training texts, unlabeled, instead; @both: after them); refined-steered: "
+             "σ = 3, mix = 0.5 unless named.", "",
              "AUC: steer-as-classifier on the target; fidelity = (AUC − 0.5) / (AUC_source − 0.5); "
              "ρ: Spearman of the log-prob shifts of the same character spans on source and target; "
              "κ ratio: mean KL at value 1 on neutral text, target / source (1 = strength kept without calibration); "
+             "kept (where measured): separation (mean per-token log-prob shift on the steer's positive texts minus on the "
+             "others) at the value where the steer's mean KL on 16 held-out neutral paragraphs is 0.05, target / source; "
              "shift loss: the refinement's held-out relative weighted loss (closed form → refined); "
              "transfer s: hidden and refined come from one call that also runs the refinement, after the shared "
              "neutral pass (its time below). Log-probs from cached body states and the top-256 head statistics.", ""]
@@ -167,11 +233,13 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         cell = res[task]
         src = cell["source"]
-        lines += [f"## {task}", "", f"Source steer on {st['source']}: AUC {src['auc']:.3f}, κ {src['kappa']:.4f} "
+        lines += [f"## {task}", "", f"Source steer on {st['source']}: AUC {src['auc']:.3f}, κ {src['kappa']:.4f}"
+                  + (f", separation {src['separation']:.3f} at value {src['value_at_kappa']:.2f} (κ {KEPT_KAPPA})"
+                     if "separation" in src else "") + " "
                   f"(top-k head vs full forward passes: Spearman {src['topk_check']['spearman']:.4f} over "
                   f"{src['topk_check']['tokens']} token shifts).", "",
-                  "| target | form | AUC | fidelity | ρ (spans) | κ ratio | shift loss | transfer s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| target | form | AUC | fidelity | ρ (spans) | κ ratio | kept | shift loss | transfer s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for tgt, forms in cell.items():
             if tgt == "source":
                 continue
@@ -180,8 +248,9 @@ def markdown(res: dict[str, Any]) -> str:
                     continue
                 loss = r.get("refine", {}).get("heldout_loss")
                 ls = f"{loss['init']:.3f} → {loss['final']:.3f}" if loss else ""
+                kept = f"{r['kept']:.2f}" if "kept" in r else "–"
                 lines.append(f"| {tgt} | {form} | {r['auc']:.3f} | {r['fidelity']:.2f} | {r['rho']:.3f} | "
-                             f"{r['kappa_ratio']:.2f} | {ls} | {r['transfer_s']:.0f} |")
+                             f"{r['kappa_ratio']:.2f} | {kept} | {ls} | {r['transfer_s']:.0f} |")
         lines.append("")
     if "prepare_s" in res:
         lines += [f"One pass of both models over neutral text (shared by hidden and refined, both tasks): "
@@ -198,7 +267,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="held-out texts per class")
     ap.add_argument("--topk", type=int, default=256, help="exact head candidates per position (the rest first-order)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--hidden-texts", type=int, default=120, help="neutral fit texts for hidden / refined")
+    ap.add_argument("--hidden-texts", type=int, default=120, help="neutral fit texts for hidden / refined (0: all)")
+    ap.add_argument("--refine-text", choices=("neutral", "domain", "both"), default="neutral",
+                    help="text of the neutral pass: the bundled neutral text, the task's training texts (unlabeled) or both")
+    ap.add_argument("--steered", default="3:0.5", help="refined-steered settings σ:mix, comma-separated (σ: the steer "
+                    "value of the source's steered distributions; mix: their share of the weights)")
     ap.add_argument("--hidden-max-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/refine_check.json")
@@ -226,9 +299,11 @@ def main() -> None:
         cell = res.setdefault(task, {})
         t = time.time()
         src_eval = HeadEval(src, texts, args.max_tokens, k=args.topk)
-        if "source" not in cell:
+        if "separation" not in cell.get("source", {}):  # (results before the kept figure lack it)
             auc = roc_auc(src_eval.scores(steer), labels)
+            v, sep = separation_at_kappa(src_eval, kl_scorer(src), steer, labels)
             cell["source"] = {"auc": auc, "kappa": mean_kl(src, kl_texts, [(steer, 1.0)], max_tokens=64), "n": len(texts),
+                              "value_at_kappa": v, "separation": sep,
                               "topk_check": src_eval.check(steer, 12, args.max_tokens), "eval_s": round(time.time() - t, 1)}
             print(task, "source", cell["source"], flush=True)
             save()
@@ -240,30 +315,43 @@ def main() -> None:
             al = align_vocab(src.tokenizer, tgt.tokenizer)
             t = time.time()
             tgt_eval = HeadEval(tgt, texts, args.max_tokens, k=args.topk)
+            tgt_scorer = kl_scorer(tgt)
             tc["eval_cache_s"] = round(time.time() - t, 1)
-            for form in args.forms.split(","):
-                if form in tc:
+            grid = [tuple(float(x) for x in g.split(":")) for g in args.steered.split(",")]
+            runs = [(f, g) for f in args.forms.split(",") for g in (grid if f == "refined-steered" else [(3.0, 0.5)])]
+            for form, (sigma, mix) in runs:
+                key = form + (f"@{args.refine_text}" if args.refine_text != "neutral" and form.startswith(("hidden", "refined")) else "")
+                if form == "refined-steered" and (sigma, mix) != (3.0, 0.5):
+                    key += f"[σ={sigma:g},mix={mix:g}]"
+                if key in tc:
                     continue  # a rerun resumes
                 t = time.time()
                 info: dict[str, Any] = {}
                 if form == "emb2emb":
                     new = emb2emb(steer, src, tgt)
-                elif form in ("hidden", "refined"):  # both from one pass over neutral text per target
+                elif form in ("hidden", "refined", "refined-steered"):  # one pass over neutral text per target
                     if data is None:
                         t = time.time()
-                        data = prepare_refine(src, tgt, al.src_ids, al.tgt_ids, neutral("fit", args.hidden_texts),
-                                              max_tokens=args.hidden_max_tokens)
+                        rtexts = {"neutral": neutral("fit"), "domain": [], "both": neutral("fit")}[args.refine_text]
+                        if args.refine_text != "neutral":
+                            rtexts = rtexts + read_texts_and_labels(bundled(TASKS[task][3]))[0]
+                        rtexts = rtexts[: args.hidden_texts or None]
+                        data = prepare_refine(src, tgt, al.src_ids, al.tgt_ids, rtexts, max_tokens=args.hidden_max_tokens)
                         res.setdefault("prepare_s", {})[tgt_spec] = round(time.time() - t, 1)
                         t = time.time()
                     H = get_mapping(ModelEmbeddings.from_loaded(src), ModelEmbeddings.from_loaded(tgt))[0].H
-                    rc = refined_carry(steer, H, data)
+                    if form == "refined-steered":
+                        rc = refined_carry(steer, H, dataclasses.replace(data, problem=steered_problem(
+                            data.problem, steer, src, tgt, al.src_ids, al.tgt_ids, sigma, mix)))
+                    else:
+                        rc = refined_carry(steer, H, data)
                     factors = rc.closed_form if form == "hidden" else rc.factors
                     new = Steer("lm-steer", factors, steer.epsilon, positive=steer.positive,
                                 model={"spec": tgt.spec, "fingerprint": tgt.fingerprint})
-                    info = {"hidden_map": rc.hidden_map, **({"refine": rc.refine} if form == "refined" else {})}
+                    info = {"hidden_map": rc.hidden_map, **({"refine": rc.refine} if form != "hidden" else {})}
                 else:
                     r = transfer_steer(steer, src, tgt, TransferOptions(
-                        form=form, calibrate="none", hidden_texts=neutral("fit", args.hidden_texts), hidden_max_tokens=args.hidden_max_tokens))
+                        form=form, calibrate="none", hidden_texts=neutral("fit", args.hidden_texts or None), hidden_max_tokens=args.hidden_max_tokens))
                     new = r.steer
                     info = {k: r.lineage[k] for k in ("hidden_map", "refine") if k in r.lineage}
                 transfer_s = time.time() - t
@@ -272,13 +360,15 @@ def main() -> None:
                 xs, xt = aligned_spans(src.tokenizer, tgt.tokenizer, texts, src_shifts, tgt_eval.shifts(new),
                                        args.max_tokens)
                 kappa = mean_kl(tgt, kl_texts, [(new, 1.0)], max_tokens=64)
-                tc[form] = {"auc": auc, "fidelity": (auc - 0.5) / (cell["source"]["auc"] - 0.5),
+                v, sep = separation_at_kappa(tgt_eval, tgt_scorer, new, labels)
+                tc[key] = {"auc": auc, "fidelity": (auc - 0.5) / (cell["source"]["auc"] - 0.5),
                             "rho": spearman(xs, xt), "n_spans": len(xs), "kappa": kappa,
-                            "kappa_ratio": kappa / cell["source"]["kappa"], "transfer_s": round(transfer_s, 1),
+                            "kappa_ratio": kappa / cell["source"]["kappa"], "value_at_kappa": v, "separation": sep,
+                            "kept": sep / cell["source"]["separation"], "transfer_s": round(transfer_s, 1),
                             "eval_s": round(time.time() - t, 1), **info}
-                print(task, tgt_spec, form, {k: v for k, v in tc[form].items() if k not in info}, flush=True)
+                print(task, tgt_spec, key, {k: v for k, v in tc[key].items() if k not in info}, flush=True)
                 save()
-            if data is not None:
+            if data is not None and args.refine_text == "neutral":  # domain text differs by task
                 prepared[tgt_spec] = data
     save()
 
