@@ -43,7 +43,7 @@ Usage::
 
     python benchmarks/refine_check.py --targets gemma3-270m --tasks sentiment,toxicity \\
         --forms logit,hidden,refined,emb2emb --n 100 --out benchmarks/results/refine_check.json
-    python benchmarks/refine_check.py --targets qwen2.5-0.5b --tasks toxicity --forms hidden,refined,refined-steered \
+    python benchmarks/refine_check.py --targets qwen2.5-0.5b --tasks toxicity --forms hidden,refined,refined-steered \\
         --hidden-texts 0 --hidden-max-tokens 128 --n 200 --out benchmarks/results/refine_variants.json
 """
 
@@ -332,9 +332,9 @@ def main() -> None:
                 elif form in ("hidden", "refined", "refined-steered"):  # one pass over neutral text per target
                     if data is None:
                         t = time.time()
-                        rtexts = {"neutral": neutral("fit"), "domain": [], "both": neutral("fit")}[args.refine_text]
-                        if args.refine_text != "neutral":
-                            rtexts = rtexts + read_texts_and_labels(bundled(TASKS[task][3]))[0]
+                        rtexts = [] if args.refine_text == "domain" else neutral("fit")
+                        if args.refine_text != "neutral":  # the task's training texts, their labels unread
+                            rtexts += read_texts_and_labels(bundled(TASKS[task][3]))[0]
                         rtexts = rtexts[: args.hidden_texts or None]
                         data = prepare_refine(src, tgt, al.src_ids, al.tgt_ids, rtexts, max_tokens=args.hidden_max_tokens)
                         res.setdefault("prepare_s", {})[tgt_spec] = round(time.time() - t, 1)

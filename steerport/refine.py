@@ -115,7 +115,7 @@ class ShiftProblem:
 
 @torch.no_grad()
 def shared_token_stats(h: torch.Tensor, E: torch.Tensor, bias: torch.Tensor | None, cap: float | None,
-                shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For rows h (M, d): probabilities of the shared tokens (M, n), their soft-cap slopes (M, n)
     and ē = Σ_v p_v c_v e_v over the full vocabulary (M, d)."""
     z = h @ E.T  # (M, V)
@@ -145,9 +145,9 @@ def shift_problem(h_s: torch.Tensor, h_t: torch.Tensor, src_lm: LoadedModel, tgt
     cen_s, cen_t = torch.empty(N, E_s.shape[1]), torch.empty(N, E_t.shape[1])
     for i in range(0, N, rows):
         ps, ss, cen_s[i : i + rows] = shared_token_stats(h_s[i : i + rows].float(), E_s, src_lm.lm_head_bias,
-                                                  src_lm.softcap, src_ids)
+                                                         src_lm.softcap, src_ids)
         pt, st, cen_t[i : i + rows] = shared_token_stats(h_t[i : i + rows].float(), E_t, tgt_lm.lm_head_bias,
-                                                  tgt_lm.softcap, tgt_ids)
+                                                         tgt_lm.softcap, tgt_ids)
         score = {"both": 0.5 * (ps + pt), "source": ps, "target": pt}[weight]
         top = score.topk(K, dim=1)
         ids[i : i + rows], w[i : i + rows] = top.indices, top.values
