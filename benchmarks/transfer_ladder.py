@@ -625,7 +625,7 @@ def markdown(doc: dict[str, Any]) -> str:
     for name, t in doc["tasks"].items():
         d = t["data"]
         n_pairs = len(st["models"]) * (len(st["models"]) - 1)
-        done_pairs = sum(c["form"] == "logit" for c in t["cells"].values())
+        done_pairs = len({key.split(" (")[0] for key in t["cells"]})  # ordered pairs with a cell of any form
         lines += [f"## {name}", "", f"Coverage: native steers evaluated on {len(t['natives'])} of {len(st['models'])} models, "
                   f"{done_pairs} of {n_pairs} ordered pairs{' (the rest not run yet)' if done_pairs < n_pairs else ''}.", ""]
         if t.get("from_previous_report"):
