@@ -67,7 +67,7 @@ from steerport.mapping import get_mapping
 from steerport.metrics import find_values_for_kl, roc_auc, spearman
 from steerport.models import LoadedModel, cpu_name, load_model
 from steerport.refine import RefineData, ShiftProblem, prepare_refine, refined_carry, shared_token_stats
-from steerport.scoring import HeadScorer, mean_kl, token_logprobs
+from steerport.scoring import HeadScorer, mean_kl, per_text_mean, token_logprobs
 from steerport.steer import Steer
 from steerport.texts import bundled, neutral, read_texts_and_labels
 from steerport.train.headloss import apply_softcap
@@ -120,7 +120,7 @@ class HeadEval:
     def scores(self, steer: Steer, value: float = 1.0) -> torch.Tensor:
         """The steer as a classifier: mean log-likelihood under +value minus under −value, per text."""
         d = self.token_lp(steer, value) - self.token_lp(steer, -value)
-        return torch.stack([x.mean() if x.numel() else x.new_zeros(()) for x in self.per_text(d)])
+        return per_text_mean(d, self.cache)
 
     def shifts(self, steer: Steer) -> list[torch.Tensor]:
         """Per text, the log-prob shift of each token after the first (value +1 minus unsteered)."""
@@ -147,7 +147,7 @@ def kl_scorer(lm: LoadedModel) -> HeadScorer:
 def separation_at_kappa(ev: HeadEval, scorer: HeadScorer, steer: Steer, labels: list[int]) -> tuple[float, float]:
     """(value, separation) at the value where the steer's mean KL on the scorer's text is KEPT_KAPPA."""
     v = find_values_for_kl(lambda x: scorer.stats([(steer, x)]).kl, (KEPT_KAPPA,))[KEPT_KAPPA].value
-    shift = torch.stack([x.mean() if x.numel() else x.new_zeros(()) for x in ev.per_text(ev.token_lp(steer, v) - ev.token_lp(None))])
+    shift = per_text_mean(ev.token_lp(steer, v) - ev.token_lp(None), ev.cache)  # (n_texts,)
     y = torch.tensor(labels)
     return v, float(shift[y == 1].mean() - shift[y == 0].mean())
 
@@ -290,6 +290,8 @@ def main() -> None:
 
     src = load_model(args.source)
     kl_texts = neutral("calib", 16)
+    grid = [tuple(float(x) for x in g.split(":")) for g in args.steered.split(",")]  # refined-steered (σ, mix)
+    runs = [(f, g) for f in args.forms.split(",") for g in (grid if f == "refined-steered" else [(3.0, 0.5)])]
     targets: dict[str, LoadedModel] = {}  # kept loaded across tasks (3 small models fit in memory)
     prepared: dict[str, RefineData] = {}  # the neutral pass and K, shared by hidden and refined and by tasks
     for task in args.tasks.split(","):
@@ -317,8 +319,6 @@ def main() -> None:
             tgt_eval = HeadEval(tgt, texts, args.max_tokens, k=args.topk)
             tgt_scorer = kl_scorer(tgt)
             tc["eval_cache_s"] = round(time.time() - t, 1)
-            grid = [tuple(float(x) for x in g.split(":")) for g in args.steered.split(",")]
-            runs = [(f, g) for f in args.forms.split(",") for g in (grid if f == "refined-steered" else [(3.0, 0.5)])]
             for form, (sigma, mix) in runs:
                 key = form + (f"@{args.refine_text}" if args.refine_text != "neutral" and form.startswith(("hidden", "refined")) else "")
                 if form == "refined-steered" and (sigma, mix) != (3.0, 0.5):

@@ -72,7 +72,7 @@ from steerport.judges import load_judge
 from steerport.metrics import distinct_n, find_values_for_kl, spearman, wilson_interval
 from steerport.metrics import roc_auc as auc
 from steerport.models import LoadedModel, load_model
-from steerport.scoring import HeadScorer
+from steerport.scoring import HeadScorer, per_text_mean
 from steerport.steer import Steer
 from steerport.strength import cut, record_curve
 from steerport.texts import neutral
@@ -326,7 +326,7 @@ def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str],
             token_shift = {}  # κ -> (N,) per-token log-prob change at +v_κ
             for k in KAPPAS:  # per text: its mean
                 token_shift[k] = he.token_lp(steer, vals[str(k)]["value"]) - lp0
-                rec["text_shift"][str(k)] = [float(x.mean()) if x.numel() else 0.0 for x in he.per_text(token_shift[k])]
+                rec["text_shift"][str(k)] = per_text_mean(token_shift[k], he.cache).tolist()
             v = vals[str(AUC_KAPPA)]["value"]
             rec["auc_score"] = [float(x) for x in he.scores(steer, v)]
             folder.mkdir(parents=True, exist_ok=True)
@@ -657,7 +657,7 @@ def markdown(doc: dict[str, Any]) -> str:
                                                         for k in st["kappas"]) + f" | {'yes' if stronger else 'no'} |")
             lines += ["", "Kept vs the source steer on its own model at matched κ: separation of the transferred steer on the "
                       "target / the source steer's on the source (1 = the carry loses no separation per unit of KL)"
-                      + ("" if all("kept@0.05" in c for c in t["cells"].values()) else
+                      + ("" if all(f"kept@{st['kappas'][0]}" in c for c in t["cells"].values()) else
                          "; no interval where the result predates this figure (mean over seeds of the recorded per-seed "
                          "retained × native separation / source separation)") + ":", "",
                       "| source → target | " + " | ".join(f"κ = {k}" for k in st["kappas"]) + " |",
