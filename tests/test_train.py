@@ -443,6 +443,55 @@ def test_topk_statistics_swept_in_chunks_equal_the_full_logits():
         torch.testing.assert_close(e_tail.double(), p_tail @ E.double(), rtol=1e-4, atol=1e-4)
 
 
+def test_block_topk_equals_topk():
+    from steerport.train.topk import block_topk
+
+    g = torch.Generator().manual_seed(5)
+    for n, c, k in ((7, 4096, 63), (5, 4099, 63), (3, 1000, 63), (4, 300, 9)):  # blocks, a remainder, too few blocks
+        z = torch.randn(n, c, generator=g)
+        z[0, :50] = -math.inf  # rows with -inf entries (the trainer masks each row's target)
+        v, i = block_topk(z, k)
+        ref_v, _ = z.topk(k, dim=1)
+        assert torch.equal(v, ref_v) and torch.equal(z.gather(1, i), v)
+
+
+def test_rows_weighted_sum_sums_embedding_rows_per_output_row():
+    from steerport.train.topk import rows_weighted_sum
+
+    g = torch.Generator().manual_seed(6)
+    E = torch.randn(50, 8, generator=g).bfloat16()
+    rows, ids, w = torch.tensor([2, 0, 2, 2]), torch.tensor([7, 7, 3, 49]), torch.tensor([0.5, 2.0, 1.0, -1.0])
+    out = rows_weighted_sum(rows, ids, w, E, 4)
+    Ef = E.float()
+    want = torch.stack([2.0 * Ef[7], torch.zeros(8), 0.5 * Ef[7] + Ef[3] - Ef[49], torch.zeros(8)])
+    torch.testing.assert_close(out, want)
+
+
+def test_topk_statistics_in_bf16_keep_the_tail_precise():
+    """With bf16 products, a tail that is a small share of the mass still comes out to ~1e-3
+    (the candidates never enter the low-precision sums, so nothing cancels)."""
+    from steerport.train.topk import rows_stats
+
+    g = torch.Generator().manual_seed(4)
+    V, d, M, k = 2048, 32, 64, 16
+    E = torch.randn(V, d, generator=g).bfloat16()
+    h = torch.randn(M, d, generator=g) * 1.5  # peaked: the tail holds a few % of the mass on most rows
+    y = torch.randint(0, V, (M,), generator=g)
+    ids, z0, log_tail, e_tail = rows_stats(h, y, E, None, k, chunk=256)
+    z = (h.bfloat16() @ E.T).double()  # the same bf16 logits, then everything in fp64
+    tail = torch.ones(M, V, dtype=torch.bool)
+    tail[torch.arange(M)[:, None], ids.long()] = False
+    zt = torch.where(tail, z, -math.inf)
+    share = (zt.logsumexp(1) - z.logsumexp(1)).exp()
+    assert share.median() < 0.05  # the hard case for precision
+    ref = zt.softmax(1) @ E.double()
+    err = (e_tail.double() - ref).norm(dim=1) / ref.norm(dim=1)
+    kept = share > 1e-5  # smaller tails are dropped on purpose (log_tail −inf, e_tail 0)
+    assert kept.float().mean() > 0.5 and torch.all(log_tail[~kept] == -math.inf)
+    assert err[kept].max() < 3e-3, err[kept].max()
+    torch.testing.assert_close(log_tail.double()[kept], zt.logsumexp(1)[kept], rtol=1e-5, atol=1e-5)
+
+
 def test_topk_training_runs_and_resumes(tmp_path):
     lm = tiny_model("llama")
     whole = train(lm, make_data(), cfg(head="topk", topk=16, patience=100), workdir=tmp_path / "a")

@@ -60,17 +60,61 @@ class TopKStats:
         return torch.logsumexp(torch.cat([z0, self.log_tail[idx][:, None]], 1), 1) - z0[:, 0]
 
 
+def block_topk(z: torch.Tensor, k: int, blocks: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z.topk(k, dim=1)`` of a wide z (n, c), found through strided blocks (same values).
+
+    Columns j ≡ r (mod c // blocks) form block r. A value among a row's k largest lies in one of
+    the k blocks with the largest maxima (each other block's maximum is beaten by k of them), so
+    the top-k of those k·blocks columns is the top-k of the row. The block maxima are one
+    vectorised pass; torch.topk then runs on k + k·blocks values per row instead of c.
+    """
+    n, c = z.shape
+    width = c // blocks  # blocks of `blocks` columns each, strided by `width`
+    if width < 4 * k:  # too few blocks to gain anything
+        return z.topk(k, dim=1)
+    body = width * blocks
+    _, best_blocks = z[:, :body].view(n, blocks, width).amax(1).topk(k, dim=1)  # (n, k)
+    cols = (best_blocks[:, :, None] + torch.arange(0, body, width)).view(n, k * blocks)
+    if body < c:  # the last c mod blocks columns are candidates as they are
+        cols = torch.cat([cols, torch.arange(body, c).expand(n, -1)], 1)
+    v, j = z.gather(1, cols).topk(k, dim=1)
+    return v, cols.gather(1, j)
+
+
+def rows_weighted_sum(rows: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, E: torch.Tensor,
+                      n_rows: int) -> torch.Tensor:
+    """out[r] = Σ_{j: rows[j] = r} w[j] e_{ids[j]} (n_rows, d) in fp32, for entries rows, ids, w (n,).
+
+    Only the distinct rows of E (V, d) named by ``ids`` are converted to fp32, and no (n, d)
+    tensor is built (one embedding bag per output row).
+    """
+    order = torch.argsort(rows, stable=True)
+    rows, ids = rows[order], ids[order]
+    seen = torch.zeros(E.shape[0], dtype=torch.bool)
+    seen[ids] = True
+    uniq = torch.nonzero(seen).flatten()
+    inv = (torch.cumsum(seen, 0) - 1)[ids]  # rows of uniq
+    offsets = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0) - torch.bincount(rows, minlength=n_rows)
+    return F.embedding_bag(inv, E[uniq].float(), offsets, mode="sum", per_sample_weights=w[order].float())
+
+
 @torch.no_grad()
 def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Tensor | None,
                k: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:class:`TopKStats` fields of the rows h (M, d) with targets y (M,): one sweep over E (V, d).
 
     The vocabulary is swept in chunks (``chunk`` columns; default
-    :func:`~steerport.train.headloss.vocab_chunk`) with a running max, sum, top-(K−1) and tail
-    accumulator Q = Σ_v exp(z_v − m) e_v, so the (M, V) logits never exist at once; the matmuls run
-    in E's dtype and accumulate in fp32. A chunk's top-k merge runs only on the rows where it holds
-    a logit above the row's current (K−1)-th best (after the first chunks, a minority: most of a
-    large vocabulary is improbable). The K candidates' share is taken out of S and Q at the end.
+    :func:`~steerport.train.headloss.vocab_chunk`) with a running max m, top-(K−1), tail sum
+    S = Σ exp(z_v − m) and tail accumulator Q = Σ exp(z_v − m) e_v, so the (M, V) logits never
+    exist at once; the matmuls run in E's dtype and accumulate in fp32. A chunk's top-k merge runs
+    only on the rows where it holds a logit above the row's current (K−1)-th best (after the first
+    chunks, a minority: most of a large vocabulary is improbable).
+
+    The target and the tokens that enter a row's candidates are *set aside* (left out of S and Q),
+    so the low-precision products carry the tail alone; set-aside tokens that lose their place to
+    later chunks' candidates go back to the tail at the end, exactly. (Taking the candidates out of a
+    sum over all tokens instead would cancel most of the bf16 product's digits when the tail is
+    a small share of the mass.)
     """
     M, d = h.shape
     V = E.shape[0]
@@ -84,6 +128,7 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
     c = chunk or vocab_chunk(M, V)
     rows = torch.arange(M)
     zy = torch.zeros(M)  # the target's logit, read from the same matmul as the rest
+    aside: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, token ids, logits) set aside
     for v0 in range(0, V, c):
         Ec = E[v0 : v0 + c]
         z = (hc @ Ec.T).float()  # (M, c)
@@ -92,17 +137,23 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
         inside = (y >= v0) & (y < v0 + z.shape[1])
         r_in, c_in = rows[inside], y[inside] - v0
         zy[inside] = z[r_in, c_in]
-        z[r_in, c_in] = -math.inf  # the target is kept apart from the candidates and the max ...
+        z[r_in, c_in] = -math.inf  # the target: neither another candidate nor tail
         z_max = z.amax(1)
-        if k > 1:  # ... and a row takes part in the merge only if this chunk beats its (K−1)-th best
+        m_new = torch.maximum(m, torch.where(inside, torch.maximum(z_max, zy), z_max))
+        if k > 1:  # a row takes part in the merge only if this chunk beats its (K−1)-th best
             merge = torch.nonzero(z_max > top_v[:, -1]).flatten()
             if len(merge):
-                cv, ci = z[merge].topk(min(k - 1, z.shape[1]), dim=1)
-                allv, alli = torch.cat([top_v[merge], cv], 1), torch.cat([top_i[merge], ci + v0], 1)
+                everyone = len(merge) == M  # (the first chunk): no copies of the rows
+                cv, ci = block_topk(z if everyone else z[merge], min(k - 1, z.shape[1]))
+                allv = torch.cat([top_v if everyone else top_v[merge], cv], 1)
+                alli = torch.cat([top_i if everyone else top_i[merge], ci + v0], 1)
                 best, pick = allv.topk(k - 1, dim=1)
-                top_v[merge], top_i[merge] = best, alli.gather(1, pick)
-        z[r_in, c_in] = zy[inside]  # ... but counts in the normaliser
-        m_new = torch.maximum(m, torch.where(inside, torch.maximum(z_max, zy), z_max))
+                chosen = alli.gather(1, pick)
+                top_v[merge], top_i[merge] = best, chosen
+                new_ones = pick >= k - 1  # this chunk's tokens among the row's candidates now: set aside
+                r_new = merge[:, None].expand_as(pick)[new_ones]
+                aside.append((r_new, chosen[new_ones], best[new_ones]))
+                z[r_new, chosen[new_ones] - v0] = -math.inf
         scale = torch.exp(m - m_new)
         w = z.sub_(m_new[:, None]).exp_()  # in place: z is not needed any more
         S = S * scale + w.sum(1)
@@ -110,15 +161,20 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
         m = m_new
     ids = torch.cat([y[:, None], top_i], 1)  # (M, k), target first
     z0 = torch.cat([zy[:, None], top_v], 1)
-    w_top = torch.exp(z0 - m[:, None])  # (M, k)
-    tail = S - w_top.sum(1)
-    # a tail below fp32 rounding of S (all of V among the candidates, or a near-certain token) is
-    # noise: drop it (log_tail −inf, e_tail 0); its share of the normaliser is < 1e-5
-    small = tail <= 1e-5 * S
+    if aside:  # set-aside tokens that are not among the final candidates belong to the tail
+        r_a, i_a, z_a = (torch.cat(t) for t in zip(*aside))
+        back = ~torch.isin(r_a * V + i_a, (rows[:, None] * V + ids).flatten())
+        r_a, i_a = r_a[back], i_a[back]
+        w_a = torch.exp(z_a[back] - m[r_a])
+        S = S.index_add(0, r_a, w_a)
+        Q = Q + rows_weighted_sum(r_a, i_a, w_a, E, M)
+    tail = S
+    total = S + torch.exp(z0 - m[:, None]).sum(1)
+    # a tail below 1e-5 of the normaliser (all of V among the candidates, or a near-certain token)
+    # is noise: drop it (log_tail −inf, e_tail 0)
+    small = tail <= 1e-5 * total
     tail = torch.where(small, torch.zeros_like(tail), tail)
-    Q_tail = Q - torch.cat([torch.einsum("mk,mkd->md", w_top[i : i + 256], E[ids[i : i + 256]].float())
-                            for i in range(0, M, 256)]) if M else Q
-    e_tail = torch.where(small[:, None], torch.zeros_like(Q_tail), Q_tail / torch.where(small, 1.0, tail)[:, None])
+    e_tail = torch.where(small[:, None], torch.zeros_like(Q), Q / torch.where(small, 1.0, tail)[:, None])
     return ids.int(), z0, m + torch.log(tail), e_tail
 
 
