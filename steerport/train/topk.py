@@ -1,7 +1,7 @@
 """The ``head="topk"`` approximation of the steered LM-head loss (the default head).
 
 Instead of the full softmax of every step, keep the base model's top candidates of each cached
-position plus a first-order tail term (:class:`TopKStats`). They come out of the head pass
+position plus a second-order tail term (:class:`TopKStats`). They come out of the head pass
 that the body pass runs anyway (:class:`TopKWriter`, fed by :func:`steerport.capture.cache_hidden`
 batch by batch), so the fit needs no second pass over the data; steps then cost O(N·K·r + U·d·r)
 (U: distinct candidates of the batch) instead of O(N·V·d). The final summary always uses the
@@ -9,7 +9,7 @@ exact head (:mod:`steerport.train.headloss`).
 
 Example::
 
-    stats = topk_stats(cache, lm.output_embeddings, lm.lm_head_bias, k=64)
+    stats = topk_stats(cache, lm.output_embeddings, lm.lm_head_bias, k=64)   # with the tail's covariance
     loss = topk_token_loss(stats, idx, u, B, lm.output_embeddings)     # (n,)
 """
 
@@ -32,6 +32,7 @@ from steerport.train.headloss import vocab_chunk
 STATS_FIELDS = ("ids", "z0", "log_tail", "e_tail")
 ROWS_PER_CHUNK = 1024  # rows of h per vocabulary sweep while computing statistics
 ROW_BLOCK = 256  # row counts are padded to a multiple of this
+TAIL_SAMPLE = 512  # positions that estimate the tail's covariance (tail_covariance)
 
 
 @dataclass
@@ -41,18 +42,24 @@ class TopKStats:
     For each cached position: ``ids`` (N, K) = the target followed by the K−1 highest other
     logits, ``z0`` (N, K) their base logits, ``log_tail`` (N,) = log Σ_{v ∉ ids} exp(z0_v) and
     ``e_tail`` (N, d) = Σ_{v ∉ ids} q_v e_v, the tail's probability-weighted mean embedding.
-    The steered normaliser is then approximated as::
+    The tail's logits shift by δ_v = u·(Bᵀ e_v), and the steered normaliser is approximated as::
 
-        logsumexp_v z_v ≈ logsumexp( z0_ids + (E B)_ids u ,  log_tail + u·(Bᵀ e_tail) )
+        logsumexp_v z_v ≈ logsumexp( z0_ids + (E B)_ids u ,  log_tail + u·(Bᵀ e_tail) + ½ uᵀ Bᵀ Σ B u )
 
-    exact on the K candidates and first-order (Jensen) on the tail, whose logits shift by
-    δ_v = u·(Bᵀ e_v). The tensors may be memory-mapped (:class:`TopKWriter`).
+    exact on the K candidates and second order on the tail: log E_q[exp δ] ≈ E_q[δ] + ½ Var_q[δ].
+    The first-order part alone is a lower bound (Jensen) that a growing steer learns to exploit:
+    its held-out loss then reads better than the exact one (by 0.03 nats on SmolLM2 after 60 steps)
+    and early stopping picks a steer that the exact head judges worse than none. The variance
+    uses one within-tail covariance ``tail_cov`` Σ (d, d) shared by every position
+    (:func:`tail_covariance`, from a sample of positions); None leaves the first-order form.
+    The per-position tensors may be memory-mapped (:class:`TopKWriter`).
     """
 
     ids: torch.Tensor
     z0: torch.Tensor
     log_tail: torch.Tensor
     e_tail: torch.Tensor
+    tail_cov: torch.Tensor | None = None
 
     def base_loss(self, idx: torch.Tensor) -> torch.Tensor:
         """The exact *unsteered* loss −log p(y) of positions ``idx`` (n,), free from the statistics."""
@@ -184,7 +191,50 @@ def topk_stats(cache: HiddenCache, E: torch.Tensor, bias: torch.Tensor | None, k
     """The statistics of a whole cache at once, in memory (the trainer uses :class:`TopKWriter`)."""
     writer = TopKWriter(cache.n_positions, cache.h.shape[1], k, E, bias, cache.h.dtype)
     writer.fill_missing(cache, progress)
+    sample = spread(torch.arange(cache.n_positions), TAIL_SAMPLE)
+    writer.stats.tail_cov = tail_covariance(cache.h[sample], writer.stats, sample, E, bias)
     return writer.stats
+
+
+def spread(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """At most ``n`` entries of ``idx``, evenly spaced (all of them when there are fewer)."""
+    if len(idx) <= n:
+        return idx
+    return idx[torch.linspace(0, len(idx) - 1, n).round().long()]
+
+
+@torch.no_grad()
+def tail_covariance(h: torch.Tensor, stats: TopKStats, pos: torch.Tensor, E: torch.Tensor, bias: torch.Tensor | None,
+                    mass: float = 0.999, max_tokens: int = 16384, rows: int = 64) -> torch.Tensor:
+    """Σ (d, d): the tails' covariance of output embeddings, averaged over the positions ``pos``.
+
+    Σ = mean_p [ Σ_{v ∉ ids_p} q_pv e_v e_vᵀ − e_tail,p e_tail,pᵀ ], q_p the tail's own distribution
+    at position p (states ``h`` (n, d) of those positions). One head pass over the sample gives
+    a_v = Σ_p q_pv; the second moment uses the most probable tokens holding ``mass`` of Σ a (at most
+    ``max_tokens``); the result is projected onto the positive semi-definite matrices. Positions
+    whose tail was dropped (log_tail −inf) are left out; with none left, Σ = 0.
+    """
+    keep = torch.isfinite(stats.log_tail[pos])
+    pos, h = pos[keep], h[keep]
+    V, d = E.shape
+    n = len(pos)
+    if n == 0:
+        return torch.zeros(d, d)
+    a = torch.zeros(V)
+    for i in range(0, n, rows):
+        z = (h[i : i + rows].to(E.dtype) @ E.T).float()  # (b, V)
+        if bias is not None:
+            z += bias.float()
+        z.scatter_(1, stats.ids[pos[i : i + rows]].long(), -math.inf)  # the candidates are not tail
+        a += z.softmax(1).sum(0)
+    order = a.argsort(descending=True)
+    cut = int(torch.searchsorted(a[order].cumsum(0), mass * float(a.sum()))) + 1
+    top = order[: min(cut, max_tokens, V)]
+    Et = E[top].float()
+    e_tail = stats.e_tail[pos].float()
+    cov = (Et.T * a[top]) @ Et / n - e_tail.T @ e_tail / n
+    w, vecs = torch.linalg.eigh((cov + cov.T) / 2)
+    return (vecs * w.clamp_min(0)) @ vecs.T
 
 
 class TopKWriter:
@@ -276,6 +326,8 @@ def topk_token_loss(stats: TopKStats, idx: torch.Tensor, u: torch.Tensor, B: tor
     # CPU, so the same run would give steers that differ in the last bits)
     z = stats.z0[idx] + (F.embedding(inv, EB) * u[:, None, :]).sum(-1)  # (n, K)
     tail = stats.log_tail[idx] + (u * (stats.e_tail[idx].float() @ B.float())).sum(-1)  # (n,)
+    if stats.tail_cov is not None:  # ½ Var_q[δ] = ½ uᵀ (Bᵀ Σ B) u
+        tail = tail + 0.5 * ((u @ (B.float().T @ stats.tail_cov @ B.float())) * u).sum(-1)
     return torch.logsumexp(torch.cat([z, tail[:, None]], 1), 1) - z[:, 0]
 
 
