@@ -651,3 +651,20 @@ def test_work_folder_cache_stays_memory_mapped(tmp_path):
     disk[0, 0] = 1234.5
     disk.flush()
     assert cache.h[0, 0].item() == 1234.5  # the tensor is the file
+
+
+@pytest.mark.parametrize("labels", [[1.0, -1.0], [0.5, -2.0]])
+def test_summary_loss_at_the_labels_equals_the_exact_head_at_each_text_value(labels):
+    """With ±1 values the summary reads the +1 / −1 versions instead of a third head pass; any other
+    values keep the per-text version. Both equal the exact head at each text's own value."""
+    from steerport.train import summarize
+
+    lm = tiny_model("llama")
+    data = make_data(1, heldout=0)
+    data = Dataset([dataclasses.replace(e, label=labels[i % 2]) for i, e in enumerate(data.train)], [], "positive", {})
+    fitter, _, _ = setup_fit(lm, data, TrainConfig(rank=3, epsilon=0.5, init_scale=0.3, dtype="float32"))
+    idx = torch.arange(fitter.cache.n_positions)
+    got = summarize(fitter, idx, 0)
+    want = head_token_loss(fitter.cache.h[idx], *fitter.shift(idx), fitter.E, fitter.bias, fitter.cache.targets[idx]).double().mean()
+    assert got["heldout_loss_steered"] == pytest.approx(float(want), rel=1e-6)
+    assert got["heldout_loss_steered"] != pytest.approx(got["heldout_loss_unsteered"], rel=1e-6)

@@ -116,7 +116,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and batch order.")] = 0,
     dtype: DtypeOpt = "auto",
     cache_dtype: Annotated[str, typer.Option(help="Storage dtype of the cached hidden states: bfloat16, float16 or float32.")] = "bfloat16",
-    head: Annotated[str, typer.Option(help="topk: normaliser over the base model's top candidates plus a first-order tail term, "
+    head: Annotated[str, typer.Option(help="topk: normaliser over the base model's top candidates plus a second-order tail term, "
             "computed during the body pass (fast). exact: full softmax at every step. auto: topk, or exact for heads with a logit "
             "soft-cap. The summary is always exact.")] = "auto",
     topk: Annotated[int, typer.Option(help="Candidates per token for the top-k head.")] = 64,
