@@ -101,7 +101,8 @@ def rows_weighted_sum(rows: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, E:
     seen[ids] = True
     uniq = torch.nonzero(seen).flatten()
     inv = (torch.cumsum(seen, 0) - 1)[ids]  # rows of uniq
-    offsets = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0) - torch.bincount(rows, minlength=n_rows)
+    counts = torch.bincount(rows, minlength=n_rows)
+    offsets = torch.cumsum(counts, 0) - counts  # where each output row's bag starts
     return F.embedding_bag(inv, E[uniq].float(), offsets, mode="sum", per_sample_weights=w[order].float())
 
 
