@@ -45,7 +45,7 @@ from steerport.train.config import TrainConfig
 from steerport.train.fitter import Fitter, batch_for_step
 from steerport.train.headloss import check_head_matches
 from steerport.train.summary import summarize
-from steerport.train.topk import TAIL_SAMPLE, TopKWriter, spread, tail_covariance
+from steerport.train.topk import TopKWriter
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 NOT_IN_FIT_KEY = ("cache_tokens_per_batch", "checkpoint_every")  # settings that do not change the result
@@ -157,9 +157,8 @@ def train(
             if int((writer.done == 0).sum()):  # a cache made without statistics: one head pass over it now
                 notify("stats-start", {"tokens": int((writer.done == 0).sum())})
                 writer.fill_missing(cache, progress=lambda n: notify("stats", {"tokens": n}))
+            writer.add_tail_covariance(cache, train_idx)  # the tail's second-order term, from a few training positions
             fitter.stats = writer.stats
-            sample = spread(train_idx, TAIL_SAMPLE)  # the tail's second-order term, from a few training positions
-            fitter.stats.tail_cov = tail_covariance(cache.h[sample], fitter.stats, sample, writer.E, writer.bias)
             timings["topk_stats_s"] = time.perf_counter() - t_stats
         eval_idx = _eval_subset(held_idx, config.eval_tokens, config.seed)
         per_epoch = math.ceil(len(train_idx) / config.tokens_per_batch)

@@ -88,6 +88,14 @@ def block_topk(z: torch.Tensor, k: int, blocks: int = 8) -> tuple[torch.Tensor, 
     return v, cols.gather(1, j)
 
 
+def distinct(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of ``ids`` (any shape, values in [0, n)) in increasing order, and each
+    entry's index into them (ids' shape), without sorting: one mark per possible value."""
+    seen = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    seen[ids.flatten()] = True
+    return torch.nonzero(seen).flatten(), (torch.cumsum(seen, 0) - 1)[ids]
+
+
 def rows_weighted_sum(rows: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, E: torch.Tensor,
                       n_rows: int) -> torch.Tensor:
     """out[r] = Σ_{j: rows[j] = r} w[j] e_{ids[j]} (n_rows, d) in fp32, for entries rows, ids, w (n,).
@@ -97,10 +105,7 @@ def rows_weighted_sum(rows: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, E:
     """
     order = torch.argsort(rows, stable=True)
     rows, ids = rows[order], ids[order]
-    seen = torch.zeros(E.shape[0], dtype=torch.bool)
-    seen[ids] = True
-    uniq = torch.nonzero(seen).flatten()
-    inv = (torch.cumsum(seen, 0) - 1)[ids]  # rows of uniq
+    uniq, inv = distinct(ids, E.shape[0])
     counts = torch.bincount(rows, minlength=n_rows)
     offsets = torch.cumsum(counts, 0) - counts  # where each output row's bag starts
     return F.embedding_bag(inv, E[uniq].float(), offsets, mode="sum", per_sample_weights=w[order].float())
@@ -192,8 +197,7 @@ def topk_stats(cache: HiddenCache, E: torch.Tensor, bias: torch.Tensor | None, k
     """The statistics of a whole cache at once, in memory (the trainer uses :class:`TopKWriter`)."""
     writer = TopKWriter(cache.n_positions, cache.h.shape[1], k, E, bias, cache.h.dtype)
     writer.fill_missing(cache, progress)
-    sample = spread(torch.arange(cache.n_positions), TAIL_SAMPLE)
-    writer.stats.tail_cov = tail_covariance(cache.h[sample], writer.stats, sample, E, bias)
+    writer.add_tail_covariance(cache, torch.arange(cache.n_positions))
     return writer.stats
 
 
@@ -295,6 +299,11 @@ class TopKWriter:
             self.stats.e_tail[p] = e_tail.to(self.tail_dtype)
             self.done[p] = 1
 
+    def add_tail_covariance(self, cache: HiddenCache, positions: torch.Tensor) -> None:
+        """Set ``stats.tail_cov`` from at most TAIL_SAMPLE of ``positions``, evenly spaced (:func:`tail_covariance`)."""
+        sample = spread(positions, TAIL_SAMPLE)
+        self.stats.tail_cov = tail_covariance(cache.h[sample], self.stats, sample, self.E, self.bias)
+
     def flush(self) -> None:
         for a in self.arrays.values():
             if isinstance(a, np.memmap):
@@ -318,10 +327,7 @@ def topk_token_loss(stats: TopKStats, idx: torch.Tensor, u: torch.Tensor, B: tor
     Only the distinct candidate rows of E are multiplied by B (U·d·R, not V·d·R).
     """
     ids = stats.ids[idx].long()  # (n, K)
-    seen = torch.zeros(E.shape[0], dtype=torch.bool, device=ids.device)
-    seen[ids.flatten()] = True  # distinct candidates without sorting: a mark per vocabulary entry
-    uniq = torch.nonzero(seen).flatten()
-    inv = (torch.cumsum(seen, 0) - 1)[ids]  # (n, K) rows of uniq
+    uniq, inv = distinct(ids, E.shape[0])  # inv (n, K): rows of uniq
     EB = E[uniq].float() @ B.float()  # (U, R)
     # F.embedding, not EB[inv]: its backward sums rows in a fixed order (indexing's uses atomic adds on
     # CPU, so the same run would give steers that differ in the last bits)
