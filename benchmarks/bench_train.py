@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from steerport.capture import cache_hidden, capture, pack_by_length, padded_batch, tokenize
+from steerport.capture import batch_plan, cache_hidden, capture, packed_batch, padded_batch, tokenize
 from steerport.data import DataOptions, load_data
 from steerport.models import cpu_has_fast_bf16, cpu_name, load_model
 from steerport.steer import Steer
@@ -55,15 +55,25 @@ SHARED = Path("/work/shared/data/sentiment/sst2/train.jsonl")
 
 
 @torch.no_grad()
-def plain_forward_seconds(lm, token_lists, tokens_per_batch: int) -> tuple[float, float, float]:
-    """Wall and CPU seconds of one ordinary forward pass (logits included), and the padded share of its tokens."""
+def plain_forward_seconds(lm, token_lists, tokens_per_batch: int, packed: bool = False) -> tuple[float, float, float]:
+    """Wall and CPU seconds of one ordinary forward pass (logits included), and the padded share of its tokens.
+
+    ``packed``: texts laid end to end in rows, as the trainer's body pass lays them (the cheapest forward
+    pass over these tokens); else one text per row, right-padded, in batches of similar length (what a
+    plain batched forward pass does).
+    """
     pad = lm.tokenizer.pad_token_id or 0
     t0, c0 = time.perf_counter(), time.process_time()
     real = padded = 0
-    for batch in pack_by_length([len(t) for t in token_lists], tokens_per_batch):
-        ids, mask = padded_batch([token_lists[i] for i in batch], pad)
-        lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits.sum()
-        real, padded = real + int(mask.sum()), padded + mask.numel()
+    for rows in batch_plan(token_lists, tokens_per_batch, packed=packed):
+        if packed:
+            ids, positions = packed_batch([[token_lists[i] for i in row] for row in rows], pad)
+            inputs = {"input_ids": ids.to(lm.device), "position_ids": positions.to(lm.device)}
+        else:
+            ids, mask = padded_batch([token_lists[row[0]] for row in rows], pad)
+            inputs = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+        lm.model(**inputs, use_cache=False).logits.sum()
+        real, padded = real + sum(len(token_lists[i]) for row in rows for i in row), padded + ids.numel()
     return time.perf_counter() - t0, time.process_time() - c0, 1 - real / padded
 
 
@@ -164,7 +174,10 @@ def bench_model(model: str, args) -> dict[str, Any]:
                            "model_dtype": str(lm.dtype).removeprefix("torch.")}
     fwd, cpu_fwd, pad_share = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch)
     out["plain_forward"] = {"seconds": fwd, "cpu_seconds": cpu_fwd, "padded_share": pad_share}
-    print(f"plain forward over the training tokens: {fwd:.1f} s (padding {pad_share:.1%})", flush=True)
+    pk, cpu_pk, pk_share = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch, packed=True)
+    out["packed_forward"] = {"seconds": pk, "cpu_seconds": cpu_pk, "padded_share": pk_share}
+    print(f"plain forward over the training tokens: {fwd:.1f} s (padding {pad_share:.1%}); packed {pk:.1f} s "
+          f"(padding {pk_share:.1%})", flush=True)
     sp = steerport_run(lm, data, config, judge)
     out["steerport_defaults"] = sp
     print(f"steerport (defaults): {sp['seconds']:.1f} s {sp['timings']}; judged {sp['heldout']}", flush=True)
@@ -176,6 +189,8 @@ def bench_model(model: str, args) -> dict[str, Any]:
         print(f"steerport (--head exact): {ex['seconds']:.1f} s; judged {ex['heldout']}", flush=True)
     fwd2, cpu_fwd2, _ = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch)  # interleaved repeat
     out["plain_forward"].update(seconds_repeat=fwd2, cpu_seconds_repeat=cpu_fwd2)
+    pk2, _, _ = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch, packed=True)
+    out["packed_forward"].update(seconds_repeat=pk2)
     anchor_t, t_anchor, cpu_anchor, anchor_hist = anchor_loop(lm, data, config, args.anchor_steps, args.batch_texts, judge,
                                                               args.anchor_eval_every)
     res_anchor = judge(anchor_t)
@@ -189,6 +204,8 @@ def bench_model(model: str, args) -> dict[str, Any]:
         "time_to_anchor_quality_s": ttq,
         "time_to_quality_over_anchor_wall": None if ttq is None else ttq / t_anchor,
         "training_over_forward": sp["seconds"] / fwd_med,
+        "packed_forward_mean_s": (pk + pk2) / 2,
+        "training_over_packed_forward": sp["seconds"] / ((pk + pk2) / 2),
         "training_over_forward_cpu": sp["cpu_seconds"] / ((cpu_fwd + cpu_fwd2) / 2),
         "heldout_loss_rel_diff_vs_anchor": (sp["heldout"]["heldout_loss_steered"] - target) / target,
     }
@@ -318,6 +335,9 @@ def render(result: dict[str, Any]) -> str:
         fwd = r["ratios"]["plain_forward_mean_s"]
         a = r["anchor"]
         md.append(f"| {name} | plain forward (logits) | {fwd:.1f} | 1.00 | | | | |")
+        if "packed_forward_mean_s" in r["ratios"]:
+            pk = r["ratios"]["packed_forward_mean_s"]
+            md.append(f"| {name} | plain forward, texts packed in rows | {pk:.1f} | {pk / fwd:.2f} | | | | |")
         md.append(f"| {name} | anchor-style loop | {a['seconds']:.1f} | {a['seconds'] / fwd:.2f} | "
                   f"{a['heldout']['heldout_loss_steered']:.5f} | {a['heldout']['heldout_loss_unsteered']:.5f} | "
                   f"{f(a['heldout'].get('heldout_auc'))} | {a['seconds']:.1f} s |")
@@ -338,7 +358,9 @@ def render(result: dict[str, Any]) -> str:
                f"- time to the anchor's final quality / anchor wall time: {f(R['time_to_quality_over_anchor_wall'])} (target ≤ 0.2)",
                f"- total training time / one forward pass over the training tokens: {R['training_over_forward']:.2f} wall, "
                f"{R['training_over_forward_cpu']:.2f} CPU seconds (target ≤ 1.3); forward passes "
-               f"{r['plain_forward']['seconds']:.1f} s and {r['plain_forward']['seconds_repeat']:.1f} s (before and after)",
+               f"{r['plain_forward']['seconds']:.1f} s and {r['plain_forward']['seconds_repeat']:.1f} s (before and after)"
+               + (f"; against a forward pass with the texts packed in rows as the body pass lays them: "
+                  f"{R['training_over_packed_forward']:.2f}" if "training_over_packed_forward" in R else ""),
                f"- judged held-out loss vs the anchor's: {R['heldout_loss_rel_diff_vs_anchor']:+.3%}"
                + (f"; top-k (default) vs exact head: {R['heldout_loss_rel_diff_topk_vs_exact_head']:+.3%} (target within 0.5 %)"
                   if "heldout_loss_rel_diff_topk_vs_exact_head" in R else ""),
@@ -346,7 +368,8 @@ def render(result: dict[str, Any]) -> str:
                f"{t['fit_s'] - (t['total_s'] - sp['seconds']):.1f} s (the benchmark's judging taken out) "
                f"({res['steps']} steps, best at {res['best_step']}, {res['stopped']}; held-out evaluations of "
                f"{res['eval_tokens']} positions every {res['eval_every']} steps), summary {t['summary_s']:.1f} s, total "
-               f"{sp['seconds']:.1f} s; padding in the body pass's batches {r['plain_forward']['padded_share']:.1%}", ""]
+               f"{sp['seconds']:.1f} s; padding: {r['plain_forward']['padded_share']:.1%} of a padded forward's tokens"
+               + (f", {r['packed_forward']['padded_share']:.1%} of the packed body pass's" if "packed_forward" in r else ""), ""]
     runs = [("this run", result["memory"])] if result["memory"] else []
     runs += [(r["label"], r["probes"]) for r in result.get("memory_runs", [])]  # further probes merged in by hand
     for label, probes in runs:

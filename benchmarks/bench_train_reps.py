@@ -3,7 +3,8 @@
 One model, the benchmark's data and settings (``bench_train.py``): a warm-up forward pass, then
 ``--reps`` times: a plain forward pass, ``steerport.train.train`` with the CLI's defaults, a plain
 forward pass. Each repetition's ratio is the training's wall time over the mean of the two forward
-passes around it, so a slow phase of a shared machine hits both. The first repetition also pays
+passes around it, so a slow phase of a shared machine hits both; ``ratio`` is against padded batches
+(one text per row), ``ratio_packed`` against texts packed in rows as the trainer's body pass lays them. The first repetition also pays
 oneDNN's kernel compilation for the body pass's new batch shapes; later ones do not. One JSON line
 goes to stdout.
 
@@ -47,16 +48,20 @@ def main() -> None:
     train_tokens = tokenize(lm.tokenizer, [e.text for e in data.train], 128)
     config = TrainConfig(rank=64, lr=1e-2, epsilon=1e-3, seed=0)  # bench_train.py's settings
     plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch)  # warm-up
+    plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch, packed=True)
     reps = []
     for _ in range(args.reps):
         before = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch)[0]
+        packed_before = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch, packed=True)[0]
         t0 = time.perf_counter()
         result = train(lm, data, config)
         seconds = time.perf_counter() - t0
         after = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch)[0]
-        forward = (before + after) / 2
+        packed_after = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch, packed=True)[0]
+        forward, packed = (before + after) / 2, (packed_before + packed_after) / 2
         timings = result.steer.meta["training"]["timings"]
         reps.append({"forward_s": round(forward, 3), "train_s": round(seconds, 3), "ratio": round(seconds / forward, 3),
+                     "packed_forward_s": round(packed, 3), "ratio_packed": round(seconds / packed, 3),
                      "body_pass_ratio": round(timings["cache_s"] / forward, 3), "timings": timings,
                      "steps": result.results["steps"], "heldout_loss_steered": result.results["heldout_loss_steered"]})
     print(json.dumps({"model": args.model, "per_class": args.per_class, "cpu": cpu_name(), "threads": args.threads,

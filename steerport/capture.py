@@ -26,7 +26,9 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,8 @@ from steerport.models import LoadedModel, decoder_layers
 
 Point = str | int  # "head", or a decoder-layer index 0..n_layers
 IN_MEMORY_BYTES = 1 << 30  # a memory-mapped cache up to this size is read into memory after the pass
+ROW_TOKENS = 128  # a packed row's length: texts laid end to end up to this many tokens (measured: 128 and 256 tie, 512 loses)
+Batch = list[list[int]]  # a forward batch: rows, each the indices of the texts laid end to end in it
 
 
 class _StopForward(Exception):
@@ -179,11 +183,47 @@ def pack_by_length(lengths: Sequence[int], tokens_per_batch: int, max_texts: int
     return batches
 
 
-def batch_plan(token_lists: Sequence[Sequence[int]], tokens_per_batch: int) -> list[list[int]]:
-    """The forward-pass batches (groups of text indices) :func:`cache_hidden` runs over these
-    token lists; a data-parallel run (steerport.distributed) deals out the same batches, so each
-    text's states are computed exactly as in one process."""
-    return pack_by_length([len(t) for t in token_lists], tokens_per_batch)
+def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Text indices laid end to end in rows of at most ``row_tokens`` tokens (a longer text gets a
+    row of its own): best-fit decreasing, so nearly every row is full. Deterministic."""
+    open_rows: list[list[int]] = [[] for _ in range(row_tokens + 1)]  # open_rows[room]: rows with that many tokens free
+    rows: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        room = next((r for r in range(n, row_tokens + 1) if open_rows[r]), None)
+        if room is None:
+            rows.append([i])
+            k, left = len(rows) - 1, row_tokens - n
+        else:
+            k = open_rows[room].pop()
+            rows[k].append(i)
+            left = room - n
+        if left > 0:
+            open_rows[left].append(k)
+    return rows
+
+
+def batch_plan(token_lists: Sequence[Sequence[int]], tokens_per_batch: int, packed: bool = True) -> list[Batch]:
+    """The forward-pass batches :func:`cache_hidden` runs over these token lists: each batch a list
+    of rows, each row the texts laid end to end in it.
+
+    ``packed``: rows of ``max(min(ROW_TOKENS, tokens_per_batch), longest text)`` tokens at most
+    (:func:`pack_rows`), as many per batch as fit in ``tokens_per_batch``; else one text per row,
+    padded, in batches of similar length (:func:`pack_by_length`). A data-parallel run
+    (steerport.distributed) deals out the same batches, so each text's states are computed
+    exactly as in one process."""
+    lengths = [len(t) for t in token_lists]
+    if not packed or not lengths:
+        return [[[i] for i in batch] for batch in pack_by_length(lengths, tokens_per_batch)]
+    row_tokens = max(min(ROW_TOKENS, tokens_per_batch), max(lengths))
+    rows = pack_rows(lengths, row_tokens)
+    per_batch = max(1, tokens_per_batch // row_tokens)
+    return [rows[k : k + per_batch] for k in range(0, len(rows), per_batch)]
+
+
+def plan_key(batches: Sequence[Batch]) -> str:
+    """A short fingerprint of a batch plan (``hidden.json`` records it, so a resumed pass runs the same batches)."""
+    return hashlib.sha256(json.dumps([[list(row) for row in b] for b in batches]).encode()).hexdigest()[:16]
 
 
 def padded_batch(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +235,47 @@ def padded_batch(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[tor
         ids[row, : len(t)] = torch.tensor(list(t), dtype=torch.long)
         mask[row, : len(t)] = 1
     return ids, mask
+
+
+def packed_batch(rows: Sequence[Sequence[Sequence[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids (b, T) and position ids (b, T) of rows of token lists laid end to end.
+
+    Each text's positions count from 0, and so do a row's trailing pads (a sequence of their
+    own). With no attention mask, Hugging Face models read the restarts as sequence boundaries
+    and keep each text's attention to itself (a block-diagonal causal mask).
+    """
+    T = max(sum(len(t) for t in row) for row in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for t in row:
+            ids[r, at : at + len(t)] = torch.tensor(list(t), dtype=torch.long)
+            positions[r, at : at + len(t)] = torch.arange(len(t))
+            at += len(t)
+        positions[r, at:] = torch.arange(T - at)
+    return ids, positions
+
+
+_PACKS: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+PACK_CHECK_TOL = 0.1  # packed vs alone, relative: bf16 rounding 0.013-0.017 on real models; ignored restarts 0.15-0.6
+
+
+def packs_texts(lm: LoadedModel) -> bool:
+    """Whether ``lm`` computes texts laid end to end in one row (:func:`packed_batch`) as it does
+    each text alone. Checked once per model on two short texts: a model that ignores the position
+    restarts (its texts would attend to each other) gets padded batches instead."""
+    if lm.model not in _PACKS:
+        tok = lm.tokenizer
+        texts = tokenize(tok, ["The weather was mild and the streets were quiet.", "A second text, in a row of its own."], 32)
+        point: Point = "head"
+        alone = [capture(lm, [point], input_ids=torch.tensor([t], device=lm.device))[0][0].float() for t in texts]
+        ids, positions = packed_batch([texts], tok.pad_token_id or 0)
+        (row,) = capture(lm, [point], input_ids=ids.to(lm.device), position_ids=positions.to(lm.device))
+        together = row[0].float().split([len(t) for t in texts])
+        err = max(float((a - b).norm() / a.norm().clamp_min(1e-12)) for a, b in zip(alone, together))
+        _PACKS[lm.model] = err < PACK_CHECK_TOL
+    return _PACKS[lm.model]
 
 
 def text_batches(lm: LoadedModel, texts: Sequence[str], batch_size: int, max_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -256,7 +337,7 @@ def cache_hidden(
     workdir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    batches: Sequence[Sequence[int]] | None = None,
+    batches: Sequence[Sequence[Sequence[int]]] | None = None,
     observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     in_memory_bytes: int = IN_MEMORY_BYTES,
 ) -> HiddenCache:
@@ -268,7 +349,8 @@ def cache_hidden(
     next batch; a cache up to 1 GiB is read into memory at the end. ``progress(texts_done,
     positions_done)`` is called after each batch; ``should_stop()`` true raises KeyboardInterrupt
     after the current batch (the work folder keeps what is done). ``batches`` replaces the
-    :func:`batch_plan` (groups of indices into the token lists, covering each once).
+    :func:`batch_plan` (rows of indices into the token lists, covering each once). Texts share rows
+    (laid end to end) when the model computes them so exactly as alone (:func:`packs_texts`).
 
     ``observe(positions (M,), states (M, d), targets (M,))`` sees each batch's new rows (as
     stored, in ``dtype``) before the batch counts as done: a hook for statistics that ride on the
@@ -288,7 +370,9 @@ def cache_hidden(
         if len(t) > 1:
             targets[starts[i] : starts[i] + len(t) - 1] = t[1:]
     text_id = np.repeat(np.arange(len(token_lists), dtype=np.int64), kept)
-    batches = [list(b) for b in batches] if batches is not None else batch_plan(token_lists, tokens_per_batch)
+    batches = ([[list(row) for row in batch] for batch in batches] if batches is not None
+               else batch_plan(token_lists, tokens_per_batch, packed=packs_texts(lm)))
+    key = plan_key(batches)  # a resumed pass must run the same batches
     item = torch.tensor([], dtype=dtype).element_size()
     raw_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[item]  # raw bits, viewed as dtype
     done = 0
@@ -296,7 +380,8 @@ def cache_hidden(
         workdir.mkdir(parents=True, exist_ok=True)
         path, state_path = workdir / "hidden.bin", workdir / "hidden.json"
         state = json.loads(state_path.read_text()) if state_path.exists() else None
-        if state and state.get("shape") == [N, d] and state.get("dtype") == str(dtype) and path.exists():
+        if (state and state.get("shape") == [N, d] and state.get("dtype") == str(dtype) and state.get("plan") == key
+                and path.exists()):
             done = int(state["batches_done"])
             raw = np.memmap(path, dtype=raw_dtype, mode="r+", shape=(max(N, 1), d))[:N]
         else:
@@ -305,27 +390,39 @@ def cache_hidden(
         raw = np.zeros((N, d), dtype=raw_dtype)
     h_all = torch.from_numpy(raw).view(dtype) if N else torch.zeros(0, d, dtype=dtype)
     pad = lm.tokenizer.pad_token_id or 0
-    texts_done = sum(len(b) for b in batches[:done])
-    pos_done = int(sum(kept[i] for b in batches[:done] for i in b))
+    texts_done = sum(len(row) for b in batches[:done] for row in b)
+    pos_done = int(sum(kept[i] for b in batches[:done] for row in b for i in row))
     if progress:
         progress(texts_done, pos_done)
     for bi in range(done, len(batches)):
-        batch = batches[bi]
-        ids, mask = padded_batch([token_lists[i] for i in batch], pad)
-        (hb,) = capture(lm, [point], input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
+        rows = batches[bi]
+        if all(len(row) == 1 for row in rows):  # one text per row: padded, with an attention mask
+            ids, mask = padded_batch([token_lists[row[0]] for row in rows], pad)
+            inputs = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+        else:  # texts laid end to end: position restarts mark where each begins
+            ids, positions = packed_batch([[token_lists[i] for i in row] for row in rows], pad)
+            inputs = {"input_ids": ids.to(lm.device), "position_ids": positions.to(lm.device)}
+        (hb,) = capture(lm, [point], **inputs)
         hb = hb.to("cpu", dtype)
-        for row, i in enumerate(batch):
-            h_all[starts[i] : starts[i + 1]] = hb[row, : kept[i]]
+        order: list[int] = []  # the batch's texts, in the order their states are stacked below
+        parts: list[torch.Tensor] = []
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                h_all[starts[i] : starts[i + 1]] = hb[r, at : at + kept[i]]
+                order.append(i)
+                parts.append(hb[r, at : at + kept[i]])
+                at += lengths[i]
         if observe is not None:
-            pos = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in batch])
-            observe(pos, torch.cat([hb[row, : kept[i]] for row, i in enumerate(batch)]), torch.from_numpy(targets[pos.numpy()]))
-        texts_done += len(batch)
-        pos_done += int(sum(kept[i] for i in batch))
+            pos = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in order])
+            observe(pos, torch.cat(parts), torch.from_numpy(targets[pos.numpy()]))
+        texts_done += len(order)
+        pos_done += int(sum(kept[i] for i in order))
         if workdir is not None:
             if isinstance(raw, np.memmap):
                 raw.flush()
             atomic_write_json(workdir / "hidden.json", {"shape": [N, d], "dtype": str(dtype), "batches_done": bi + 1,
-                                                        "batches": len(batches)})
+                                                        "batches": len(batches), "plan": key})
         if progress:
             progress(texts_done, pos_done)
         if should_stop() and bi + 1 < len(batches):

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from steerport.capture import IN_MEMORY_BYTES, HiddenCache, batch_plan, cache_hidden
+from steerport.capture import IN_MEMORY_BYTES, Batch, HiddenCache, batch_plan, cache_hidden, packs_texts, plan_key
 from steerport.errors import SteerportError, one_line
 from steerport.fileio import atomic_write_json
 from steerport.models import LoadedModel
@@ -188,14 +188,17 @@ def main_first(world: World, workdir: Path | None, fn: Callable[[], T]) -> T:
 # --------------------------------------------------------------------------- the sharded body pass
 
 
-def deal(plan: Sequence[Sequence[int]], rank: int, size: int) -> tuple[list[int], list[list[int]]]:
+def deal(plan: Sequence[Batch], rank: int, size: int) -> tuple[list[int], list[Batch]]:
     """Rank ``rank``'s share of a batch plan: its texts (indices into the full list, batch by
-    batch) and its batches re-indexed into that list of texts."""
+    batch, row by row) and its batches re-indexed into that list of texts."""
     texts: list[int] = []
-    batches: list[list[int]] = []
+    batches: list[Batch] = []
     for batch in plan[rank::size]:
-        batches.append(list(range(len(texts), len(texts) + len(batch))))
-        texts.extend(batch)
+        rows: Batch = []
+        for row in batch:
+            rows.append(list(range(len(texts), len(texts) + len(row))))
+            texts.extend(row)
+        batches.append(rows)
     return texts, batches
 
 
@@ -245,7 +248,7 @@ def cache_hidden_sharded(
         remove_shards(workdir)
         return cache_hidden(lm, token_lists=token_lists, workdir=workdir, **args)  # type: ignore[arg-type]
 
-    plan = batch_plan(token_lists, tokens_per_batch)
+    plan = batch_plan(token_lists, tokens_per_batch, packed=packs_texts(lm))
     texts, batches = deal(plan, world.rank, world.size)
     mine = shard_dir(workdir, world.rank, world.size)
     _claim_shard(mine, {"key": key, "tokens_per_batch": tokens_per_batch, "texts": len(texts)})
@@ -276,7 +279,7 @@ def _claim_shard(folder: Path, manifest: dict[str, Any]) -> None:
     atomic_write_json(path, manifest)
 
 
-def _gather(world: World, lm: LoadedModel, token_lists: Sequence[Sequence[int]], plan: list[list[int]],
+def _gather(world: World, lm: LoadedModel, token_lists: Sequence[Sequence[int]], plan: list[Batch],
             workdir: Path, args: dict[str, Any]) -> HiddenCache:
     """Rank 0: copy every rank's shard into the full cache in text order (``hidden.bin``, memory-
     mapped, with ``hidden.json`` marking it complete so a one-process rerun reuses it), one shard
@@ -313,7 +316,7 @@ def _gather(world: World, lm: LoadedModel, token_lists: Sequence[Sequence[int]],
         del shard
     mapped.flush()
     atomic_write_json(workdir / "hidden.json", {"shape": [N, d], "dtype": str(dtype), "batches_done": len(plan),
-                                                "batches": len(plan)})
+                                                "batches": len(plan), "plan": plan_key(plan)})
     if N * d * item <= IN_MEMORY_BYTES:
         h = h.clone()
     return HiddenCache(h, targets, text_id, len(token_lists))

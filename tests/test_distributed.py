@@ -82,8 +82,8 @@ def test_deal_gives_every_batch_to_exactly_one_rank():
         seen: list[int] = []
         for rank in range(size):
             mine, batches = deal(plan, rank, size)
-            assert [mine[j] for b in batches for j in b] == mine  # local batches index the rank's texts in order
-            assert [[mine[j] for j in b] for b in batches] == plan[rank::size]  # the very batches of one process
+            assert [mine[j] for b in batches for row in b for j in row] == mine  # local rows index the rank's texts in order
+            assert [[[mine[j] for j in row] for row in b] for b in batches] == plan[rank::size]  # the batches of one process
             seen += mine
         assert sorted(seen) == list(range(len(lists)))
 
@@ -202,6 +202,7 @@ def test_killed_rank_fails_cleanly_and_the_rerun_resumes(setup, tmp_path):
     n_passes = json.loads((tmp_path / "alone.work" / "calls-0.json").read_text())
     n_batches = json.loads((tmp_path / "alone.work" / "hidden.json").read_text())["batches"]
     assert n_batches >= 12  # many batches, so the kill lands mid-pass
+    other = n_passes - n_batches  # forward passes that are not batches of the body pass (the packing and head checks)
 
     wd, logs = tmp_path / "dp.work", tmp_path / "logs"
 
@@ -209,7 +210,7 @@ def test_killed_rank_fails_cleanly_and_the_rerun_resumes(setup, tmp_path):
         return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--log-dir",
                     str(log_dir), "--redirects", "3", str(worker), *args, str(wd), str(tmp_path / "dp.st"), str(die)])
 
-    died = launch(3, logs)
+    died = launch(other + 3, logs)  # rank 1 dies after its third batch
     assert died.returncode != 0 and not (tmp_path / "dp.st").exists()
     rank0 = next(logs.rglob("0/stderr.log")).read_text()
     assert "Traceback" not in rank0
@@ -223,5 +224,4 @@ def test_killed_rank_fails_cleanly_and_the_rerun_resumes(setup, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_steer(tmp_path / "alone.st", tmp_path / "dp.st")
     redone = json.loads((wd / "calls-1.json").read_text())
-    other = n_passes - n_batches  # forward passes that are not batches of the body pass (the head check)
     assert redone == other + kept["batches"] - kept["batches_done"]  # rank 1 resumed: only its unfinished batches
