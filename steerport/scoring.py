@@ -172,7 +172,9 @@ class _Scorer:
 
         ``kl=False`` skips the KL (reported as NaN) when only the log-probs are needed.
         """
-        checked = self._check(settings)
+        return self._stats_from_chunks(self._check(settings), shift=shift, kl=kl)
+
+    def _stats_from_chunks(self, checked: list[list[SteerValue]], *, shift: bool, kl: bool) -> list[SteerStats]:
         k = len(checked)
         total_kl, n = [0.0] * k, 0
         tgt: list[list[torch.Tensor]] = [[] for _ in range(k)]
@@ -238,10 +240,14 @@ class HeadScorer(_Scorer):
         self._eb: dict[str, torch.Tensor] = {}  # steer fingerprint -> E B (V, r)
         self._base: list[torch.Tensor] | None = None
         if cache.n_positions * self.V * 4 <= max_base_bytes:
-            self._base = [self._raw_base(i) for i in range(0, cache.n_positions, chunk)]
-        tgt0 = [_gather_targets(torch.log_softmax(self._cap(raw), -1), self.cache.targets[i : i + raw.shape[0]])
-                for i, raw in self._raw_chunks()]
+            self._base = [self._base_logits(i) for i in range(0, cache.n_positions, chunk)]
+        tgt0, rounding = [], []
+        for i, z0 in self._base_chunks():
+            tgt0.append(_gather_targets(torch.log_softmax(self._cap(z0), -1), self.cache.targets[i : i + z0.shape[0]]))
+            if not self.softcap:  # log p₀ sums to 1 up to rounding; the low-rank path measures from that sum
+                rounding.append(_log_mass(z0.clone())[0].cpu())
         self.base_token_logprob = torch.cat(tgt0) if tgt0 else torch.zeros(0)  # (N,)
+        self._base_log_mass = torch.cat(rounding) if rounding else torch.zeros(0)  # (N,) log Σ p₀, ≈ 0
 
     def _allowed(self, steer: Steer) -> None:
         if steer.kind not in HEAD_KINDS:
@@ -251,13 +257,18 @@ class HeadScorer(_Scorer):
     def _hidden(self, i: int, n: int) -> torch.Tensor:
         return self.cache.h[i : i + n].to(self.E.device, torch.float32)  # (n, d)
 
-    def _raw_base(self, i: int) -> torch.Tensor:
+    def _base_logits(self, i: int) -> torch.Tensor:
+        """The unsteered logits (n, V) of the chunk at position i: normalised to log-probabilities on a
+        plain head (a softmax does not see the shift, and the low-rank path needs them so), raw on a
+        soft-capped one (the cap needs them raw)."""
         z = self._hidden(i, self.chunk) @ self.E.T  # (n, V)
-        return z + self.bias if self.bias is not None else z
+        if self.bias is not None:
+            z = z + self.bias
+        return z if self.softcap else torch.log_softmax(z, -1)
 
-    def _raw_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+    def _base_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         for k, i in enumerate(range(0, self.cache.n_positions, self.chunk)):
-            yield i, (self._base[k] if self._base is not None else self._raw_base(i))
+            yield i, (self._base[k] if self._base is not None else self._base_logits(i))
 
     def _cap(self, z: torch.Tensor) -> torch.Tensor:
         return z if not self.softcap else torch.tanh(z / self.softcap) * self.softcap
@@ -281,15 +292,79 @@ class HeadScorer(_Scorer):
             z += (zs - head(x).float()).to(z.device)
         return z
 
+    @torch.no_grad()
+    def stats_many(self, settings: Sequence[Sequence[SteerValue]], *, shift: bool = False, kl: bool = True) -> list[SteerStats]:
+        """:meth:`_Scorer.stats_many`; LM-Steer steers on a head without soft-capping take the low-rank
+        path (:meth:`_low_rank_stats`), which never forms a (n, V) array of log-probabilities."""
+        checked = self._check(settings)
+        if self.softcap or any(steer.kind != "lm-steer" for setting in checked for steer, _ in setting):
+            return self._stats_from_chunks(checked, shift=shift, kl=kl)
+        return self._low_rank_stats(checked, shift=shift, kl=kl)
+
+    def _low_rank_stats(self, checked: list[list[SteerValue]], *, shift: bool, kl: bool) -> list[SteerStats]:
+        """The same figures for LM-Steer settings, from the low-rank shift Δz = U (E B)ᵀ, U = h·sεA (n, R).
+
+        With z = z₀ + Δz and normalisers ℓ₀, ℓ (logsumexp of z₀, z), log p − log p₀ = Δz − (ℓ − ℓ₀), so
+
+            KL(p ‖ p₀) = Σ_v p_v Δz_v − (ℓ − ℓ₀) = rowsum(U ∘ (p E B)) − (ℓ − ℓ₀)
+
+        and the mean shift of every entry is (Σ_n U_n)(E B)ᵀ / N − mean(ℓ − ℓ₀): per setting and chunk,
+        one (n, V) add of the shift, one exponential and sum (p unnormalised, and ℓ from its mass), and for κ one
+        (n, V)·(V, R) product. The base chunks hold log p₀, so ℓ − ℓ₀ comes out directly (no difference of two
+        large normalisers), less log Σ p₀ (rounding, ~1e-7), so a zero shift gives κ = 0 exactly.
+        """
+        factors = []  # per setting: (sεA (d, R), E B (V, R)) of its steers side by side, or None when it has none
+        for steers in checked:
+            As = [steer.A.float().to(self.E.device) * (value * steer.epsilon) for steer, value in steers]
+            factors.append((torch.cat(As, 1), torch.cat([self._eb_of(steer) for steer, _ in steers], 1)) if As else None)
+        k = len(checked)
+        total_kl, n_pos = [0.0] * k, 0
+        tgt: list[list[torch.Tensor]] = [[] for _ in range(k)]
+        u_sum = [torch.zeros(f[0].shape[1] if f is not None else 0) for f in factors]  # Σ_n U_n (R,)
+        dlse_sum = [0.0] * k  # Σ_n (ℓ − ℓ₀)
+        for i, lp0 in self._base_chunks():  # log p₀ (n, V): no soft cap on this path
+            n = lp0.shape[0]
+            h, targets, base_mass = self._hidden(i, n), self.targets[i : i + n], self._base_log_mass[i : i + n].to(lp0.device)
+            has = targets >= 0
+            rows, cols = torch.nonzero(has).flatten(), targets[has].to(lp0.device)
+            for j, f in enumerate(factors):
+                if f is None:  # no steer: the unsteered model
+                    tgt[j].append(self.base_token_logprob[i : i + n])
+                    continue
+                A, EB = f
+                U = h @ A  # (n, R)
+                z = torch.addmm(lp0, U, EB.T)  # (n, V): log p₀ + Δz, the steered logits shifted by −ℓ₀
+                z_target = z[rows, cols]
+                log_mass, w, mass = _log_mass(z)  # ℓ − ℓ₀ (n,); p unnormalised (n, V), in z's memory; its mass (n,)
+                lp = torch.full((n,), float("nan"))
+                lp[has.cpu()] = (z_target - log_mass[rows]).cpu()
+                tgt[j].append(lp)
+                dlse = log_mass - base_mass  # exactly 0 for a zero shift
+                if kl:  # a KL is ≥ 0: what falls below is rounding
+                    total_kl[j] += float(((U * (w @ EB)).sum(1) / mass - dlse).clamp_min(0).double().sum())
+                if shift:
+                    u_sum[j] = u_sum[j] + U.sum(0).cpu()
+                    dlse_sum[j] += float(dlse.double().sum())
+            n_pos += n
+        out = []
+        for j, f in enumerate(factors):
+            mean_shift = None
+            if shift:
+                mean_shift = torch.zeros(self.V) if f is None else (
+                    (f[1] @ u_sum[j].to(f[1].device)).cpu() - dlse_sum[j]) / max(n_pos, 1)
+            out.append(SteerStats(kl=total_kl[j] / max(n_pos, 1) if kl else float("nan"),
+                                  token_logprob=torch.cat(tgt[j]) if tgt[j] else torch.zeros(0), logprob_shift=mean_shift))
+        return out
+
     def _chunks(self, settings: list[list[SteerValue]]) -> Iterator[Chunk]:
         prepared = []  # per setting: the LM-Steer factors ready for the low-rank shift, and the other steers
         for steers in settings:
             low_rank = [(steer.A.float().to(self.E.device) * (value * steer.epsilon), self._eb_of(steer))
                         for steer, value in steers if steer.kind == "lm-steer"]
             prepared.append((low_rank, [(st, v) for st, v in steers if st.kind != "lm-steer"]))
-        for i, raw in self._raw_chunks():
+        for i, raw in self._base_chunks():
             h = self._hidden(i, raw.shape[0])
-            lp0 = torch.log_softmax(self._cap(raw), -1)
+            lp0 = torch.log_softmax(self._cap(raw), -1) if self.softcap else raw
             yield lp0, self.cache.targets[i : i + raw.shape[0]], [
                 torch.log_softmax(self._cap(self._steered_raw(h, raw, low_rank, others)), -1) for low_rank, others in prepared]
 
@@ -382,6 +457,15 @@ def value_for_kl(
     """
     sc = scorer or scorer_for(lm, texts, [steer], batch_size=batch_size, max_tokens=max_tokens, force=force)
     return find_value_for_kl(lambda v: sc.stats([(steer, v)]).kl, target, start=start, rel_tol=rel_tol)
+
+
+def _log_mass(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log Σ_v exp(z_v) per row (n,), computed in place: also returns z's memory overwritten with
+    exp(z − max) (n, V) and that array's row sums (n,)."""
+    top = z.amax(1)
+    w = z.sub_(top[:, None]).exp_()
+    mass = w.sum(1)
+    return top + mass.log(), w, mass
 
 
 def _gather_targets(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -134,6 +134,22 @@ def test_head_scorer_equals_full_forward(arch):
     assert abs(zero.kl) < 1e-6
 
 
+def test_low_rank_path_equals_the_log_prob_loop():
+    """LM-Steer settings skip the (n, V) log-prob arrays; κ, token log-probs and shifts stay those of the one loop,
+    for composed steers, an empty setting and a head with a bias."""
+    lm = tiny_model("opt", head_bias=True)
+    s1, s2 = steer_for(lm, seed=1), steer_for(lm, seed=2)
+    sc = HeadScorer(lm, capture_hidden(lm, TEXTS, batch_size=4), chunk=5)
+    settings = [[(s1, 2.0)], [(s1, -1.5), (s2, 3.0)], []]
+    fast = sc.stats_many(settings, shift=True)
+    loop = sc._stats_from_chunks(sc._check(settings), shift=True, kl=True)
+    for a, b in zip(fast, loop):
+        assert a.kl == pytest.approx(b.kl, rel=1e-5, abs=1e-8)
+        torch.testing.assert_close(a.token_logprob, b.token_logprob, atol=1e-5, rtol=1e-5, equal_nan=True)
+        torch.testing.assert_close(a.logprob_shift, b.logprob_shift, atol=1e-5, rtol=1e-5)
+    assert fast[1].kl > 0 and fast[2].kl == 0
+
+
 def test_head_scorer_with_a_generic_head_steer_kind(monkeypatch):
     """A registered steer kind that hooks the LM head goes through its own hook."""
     import dataclasses
