@@ -186,7 +186,7 @@ def transfer_cmd(
             "(default: bundled).")] = None,
     lines: Annotated[Optional[int], typer.Option(help="Use at most this many texts of --calib-text / --hidden-text.")] = None,
     anchor_steps: Annotated[int, typer.Option(help="Adam steps of the anchor baseline (its default 10000).")] = 10_000,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Carry a steer whose model fingerprint differs from SRC.")] = False,
     actadd_method: Annotated[str, typer.Option(help="ActAdd steers: recipe (recompute from the stored prompt pairs on TGT) or map "
