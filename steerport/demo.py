@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,6 +73,7 @@ MAX_NEW_TOKENS = 20
 TEMPERATURE, TOP_P, SEED = 1.0, 0.9, 0  # sampled generation, seeded (hooks.generate)
 STRENGTH_TEXTS = 16  # bundled neutral ``fit`` paragraphs for the strength ratio (the calibration uses ``calib``)
 RATIO_TOL = 0.02  # relative tolerance on κ when solving for the target value
+BOOTSTRAP = 2000  # prompt resamples for the swings' intervals
 
 
 def held_out_sst2(limit_per_class: int) -> tuple[list[str], torch.Tensor]:
@@ -128,7 +130,28 @@ def judged(judge: Judge, texts: Sequence[str]) -> dict[str, Any]:
     k = int((p > 0.5).sum())
     lo, hi = wilson_interval(k, len(texts))
     return {"share": k / len(texts), "low": lo, "high": hi, "n": len(texts), "mean_prob": float(p.mean()),
-            "distinct_1": distinct_n(texts, 1)}
+            "distinct_1": distinct_n(texts, 1), "positive": [int(x) for x in (p > 0.5).tolist()]}
+
+
+def swing_intervals(pos: dict[str, Sequence[int]], neg: dict[str, Sequence[int]], source: str, target: str,
+                    resamples: int = BOOTSTRAP, seed: int = SEED) -> dict[str, Any]:
+    """95 % intervals of each model's swing (share judged positive at +s minus at −s) and of the target's swing
+    over the source's, by resampling the prompts: every model and value continues the same prompts, so one
+    resample of prompt indices serves all four shares (a paired bootstrap). ``pos[spec]``, ``neg[spec]``: 0/1
+    per prompt. Resamples where the source does not swing up leave the ratio undefined; their share is reported."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(pos[source])
+    idx = torch.randint(0, n, (resamples, n), generator=g)
+    swings = {spec: (torch.tensor(pos[spec], dtype=torch.float64)[idx] - torch.tensor(neg[spec], dtype=torch.float64)[idx]
+                     ).mean(1) for spec in (source, target)}
+
+    def interval(x: torch.Tensor) -> list[float]:
+        return [float(x.quantile(0.025)), float(x.quantile(0.975))] if len(x) else [math.nan, math.nan]
+
+    defined = swings[source] > 0
+    return {**{spec: interval(sw) for spec, sw in swings.items()},
+            "target_over_source": interval(swings[target][defined] / swings[source][defined]),
+            "ratio_undefined_share": float(1 - defined.double().mean()), "resamples": resamples}
 
 
 def steer_in_action(lm: LoadedModel, steer: Steer, values: Sequence[float], prompts: Sequence[str], judge: Judge,
@@ -227,7 +250,10 @@ def run_demo(
         t = stage(f"generate_{what}", t)
     results["generation"] = generation
     swing = {spec: g[f"{value:+g}"]["judge"]["share"] - g[f"{-value:+g}"]["judge"]["share"] for spec, g in generation.items()}
-    results["swing"] = {**swing, "target_over_source": swing[target] / swing[source] if swing[source] else None}
+    pos = {spec: g[f"{value:+g}"]["judge"]["positive"] for spec, g in generation.items()}
+    neg = {spec: g[f"{-value:+g}"]["judge"]["positive"] for spec, g in generation.items()}
+    results["swing"] = {**swing, "target_over_source": swing[target] / swing[source] if swing[source] else None,
+                        "interval_95": swing_intervals(pos, neg, source, target)}
     results["stage_seconds"] = stages
     results["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")

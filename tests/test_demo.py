@@ -69,6 +69,17 @@ def test_judged_share_and_its_wilson_interval():
     assert 0 < got["low"] < 0.25 < got["high"] < 1
 
 
+def test_swing_intervals_resample_the_prompts_once_for_every_share():
+    pos, neg = [1, 0, 1, 1, 0, 1, 1, 0], [0, 0, 1, 0, 0, 1, 0, 0]
+    same = demo.swing_intervals({"a": pos, "b": pos}, {"a": neg, "b": neg}, "a", "b")
+    assert same["target_over_source"] == [1.0, 1.0]  # paired: the same prompts in every resample
+    assert same["a"] == same["b"] and same["a"][0] < 3 / 8 < same["a"][1]
+    assert 0 < same["ratio_undefined_share"] < 0.1  # a few resamples draw no prompt that swings up
+    flat = demo.swing_intervals({"a": [1, 0, 1], "b": [1, 1, 1]}, {"a": [1, 0, 1], "b": [0, 0, 0]}, "a", "b")
+    assert flat["a"] == [0.0, 0.0] and flat["b"] == [1.0, 1.0]
+    assert all(math.isnan(x) for x in flat["target_over_source"]) and flat["ratio_undefined_share"] == 1.0
+
+
 def test_steer_in_action_is_seeded_and_zero_is_unsteered():
     lm = tiny_model("llama")
     steer = make_steer(lm)
@@ -120,6 +131,8 @@ def test_the_whole_demo_on_tiny_models(tmp_path, monkeypatch, capsys):
             assert j["n"] == 6 and j["low"] <= j["share"] <= j["high"] and len(v["sampled"]) == 6 and len(v["greedy"]) == 3
         assert saved["swing"][spec] == pytest.approx(by_value[f"{r['value']:+g}"]["judge"]["share"]
                                                      - by_value[f"{-r['value']:+g}"]["judge"]["share"])
+        lo, hi = saved["swing"]["interval_95"][spec]
+        assert lo <= saved["swing"][spec] <= hi
     assert (tmp_path / "positive.src.st").is_file() and (tmp_path / "positive.tgt.st").is_file()
     assert set(saved["stage_seconds"]) >= {"train_and_score_source", "strength", "generate_transferred"}
 

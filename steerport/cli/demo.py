@@ -7,6 +7,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -58,11 +59,18 @@ def print_results(r: dict) -> None:
     for k in keys:
         cells = [r["generation"][spec][k]["judge"] for spec in (source, target)]
         t.add_row(k, *(f"{j['share']:.2f} [{j['low']:.2f}, {j['high']:.2f}]" for j in cells))
-    t.add_row(f"swing {keys[-1]} vs {keys[0]}", *(f"{r['swing'][spec]:+.2f}" for spec in (source, target)))
+    ci = r["swing"].get("interval_95", {})
+
+    def with_interval(x: float, key: str, fmt: str) -> str:
+        lo, hi = ci.get(key, (math.nan, math.nan))
+        return f"{x:{fmt}}" + (f" [{lo:{fmt}}, {hi:{fmt}}]" if not (math.isnan(lo) or math.isnan(hi)) else "")
+
+    t.add_row(f"swing {keys[-1]} vs {keys[0]}", *(with_interval(r["swing"][spec], spec, "+.2f") for spec in (source, target)))
     show(t)
     ratio = r["swing"]["target_over_source"]
     say(f"the transferred steer moves {target}'s judged-positive share "
-        + (f"{ratio:.2f}x as much as the native steer moves {source}'s" if ratio is not None else "(the native steer "
+        + (f"{with_interval(ratio, 'target_over_source', '.2f')}x as much as the native steer moves {source}'s "
+           "(95 % paired bootstrap over prompts)" if ratio is not None else "(the native steer "
            f"does not move {source}'s at all)")
         + f"; value ±{value:g} chosen by {st['value_chosen_by']}; strength ratio measured on neutral text the "
         "calibration did not use; sampled with a fixed seed; judge: the shipped offline TF-IDF sentiment judge")
