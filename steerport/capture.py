@@ -271,7 +271,11 @@ def packs_texts(lm: LoadedModel) -> bool:
         point: Point = "head"
         alone = [capture(lm, [point], input_ids=torch.tensor([t], device=lm.device))[0][0].float() for t in texts]
         ids, positions = packed_batch([texts], tok.pad_token_id or 0)
-        (row,) = capture(lm, [point], input_ids=ids.to(lm.device), position_ids=positions.to(lm.device))
+        try:
+            (row,) = capture(lm, [point], input_ids=ids.to(lm.device), position_ids=positions.to(lm.device))
+        except (TypeError, ValueError, RuntimeError):  # a model that takes no position ids: padding it is
+            _PACKS[lm.model] = False
+            return False
         together = row[0].float().split([len(t) for t in texts])
         err = max(float((a - b).norm() / a.norm().clamp_min(1e-12)) for a, b in zip(alone, together))
         _PACKS[lm.model] = err < PACK_CHECK_TOL

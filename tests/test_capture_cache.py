@@ -117,3 +117,17 @@ def test_a_work_folder_from_another_batch_plan_starts_over(tmp_path):
     cache_hidden(lm, texts, tokens_per_batch=400, workdir=tmp_path, progress=lambda n, k: seen.append(n))
     assert seen[0] == 0  # the other plan's progress is not taken for this one's
     torch.testing.assert_close(cache_hidden(lm, texts, tokens_per_batch=400, workdir=tmp_path).h, cache_hidden(lm, texts).h)
+
+
+def test_a_model_that_takes_no_position_ids_gets_padded_batches():
+    lm = tiny_model("llama")
+    forward = lm.model.forward
+
+    def no_positions(*args, **kwargs):
+        if kwargs.get("position_ids") is not None:
+            raise TypeError("forward() got an unexpected keyword argument 'position_ids'")
+        return forward(*args, **kwargs)
+
+    lm.model.forward = no_positions
+    assert not packs_texts(lm)
+    torch.testing.assert_close(cache_hidden(lm, TEXTS * 2, tokens_per_batch=64).h, cache_hidden(tiny_model("llama"), TEXTS * 2).h)
