@@ -394,7 +394,7 @@ def cached_prepare_refine(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: tor
     """:func:`prepare_refine`, kept in ``STEERPORT_HOME/refine/<key>.safetensors`` (:func:`data_key`).
 
     The data does not depend on the steer, so every later steer carried between the same two models
-    skips both models' pass over the neutral text (minutes on a CPU). A missing, unreadable or
+    skips both models' pass over the neutral text (about a minute on 2 CPU cores for the catalog's small models). A missing, unreadable or
     ill-shaped file is recomputed; an unwritable cache only costs time. The tensors are stored
     exactly, so a cached transfer gives the same steer as a fresh one.
     """

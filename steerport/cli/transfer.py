@@ -195,8 +195,8 @@ def transfer_cmd(
     """Carry a steer from SRC to TGT: steerport transfer gpt2 gpt-j --steer toxic.st.
 
     For LM-Steer steers the default loads both models, carries the steer by the refined form (the
-    best in the model-ladder benchmark; minutes on a CPU the first time for a model pair, its data
-    then cached) and calibrates the value on TGT to the strength it had on SRC. --calibrate embed
+    best in the model-ladder benchmark; the first time for a model pair about a minute on 2 CPU cores
+    for the catalog's small models, its data then cached) and calibrates the value on TGT to the strength it had on SRC. --calibrate embed
     reads only output embeddings and tokenizers (the logit form, seconds; the value approximate).
     ActAdd steers go by recipe or by a residual-stream map (see --actadd-method); token-probability
     steers keep their token texts and scales and recompute the direction on TGT (--calib-text is

@@ -41,7 +41,7 @@ class TrainConfig:
     #                                (held-out loss unsteered − best); smaller gains do not reset patience
     dtype: str = "auto"  # compute dtype of the body pass and the fit
     cache_dtype: str = "bfloat16"  # storage dtype of the cached hidden states
-    cache_tokens_per_batch: int = 4096  # padded tokens per forward batch while caching
+    cache_tokens_per_batch: int = 4096  # tokens per forward batch while caching (packed rows, or padded ones)
     checkpoint_every: int = 25  # steps between checkpoints (when a workdir is given)
     head: str = "auto"  # "topk": candidates + tail statistics from the body pass (steerport.train.topk); "exact": full
     #                     softmax every step; "auto": topk, or exact for heads with a logit soft-cap
