@@ -282,6 +282,30 @@ def packs_texts(lm: LoadedModel) -> bool:
     return _PACKS[lm.model]
 
 
+def forward_rows(lm: LoadedModel, rows: Sequence[Sequence[Sequence[int]]], points: Sequence[Point], pad_id: int
+                 ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """One forward pass over a batch of rows of token lists (a :data:`Batch`, with the token lists in
+    place of their indices): for each text, in row order, its position in the batch (0, 1, ...) and
+    its states (n_tokens, d) at each of ``points``.
+
+    Rows of one text each are right-padded with an attention mask; texts laid end to end get
+    restarting position ids (:func:`packed_batch`).
+    """
+    if all(len(row) == 1 for row in rows):
+        ids, mask = padded_batch([row[0] for row in rows], pad_id)
+        inputs = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+    else:
+        ids, positions = packed_batch(rows, pad_id)
+        inputs = {"input_ids": ids.to(lm.device), "position_ids": positions.to(lm.device)}
+    states = capture(lm, points, **inputs)  # each (b, T, d)
+    k = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for t in row:
+            yield k, [h[r, at : at + len(t)] for h in states]
+            at, k = at + len(t), k + 1
+
+
 def text_batches(lm: LoadedModel, texts: Sequence[str], batch_size: int, max_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
     """Right-padded token batches (input_ids, attention_mask on the model's device), in text order."""
     tok = lm.tokenizer
@@ -399,24 +423,12 @@ def cache_hidden(
     if progress:
         progress(texts_done, pos_done)
     for bi in range(done, len(batches)):
-        rows = batches[bi]
-        if all(len(row) == 1 for row in rows):  # one text per row: padded, with an attention mask
-            ids, mask = padded_batch([token_lists[row[0]] for row in rows], pad)
-            inputs = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
-        else:  # texts laid end to end: position restarts mark where each begins
-            ids, positions = packed_batch([[token_lists[i] for i in row] for row in rows], pad)
-            inputs = {"input_ids": ids.to(lm.device), "position_ids": positions.to(lm.device)}
-        (hb,) = capture(lm, [point], **inputs)
-        hb = hb.to("cpu", dtype)
-        order: list[int] = []  # the batch's texts, in the order their states are stacked below
+        order = [i for row in batches[bi] for i in row]  # the batch's texts, in the order forward_rows gives them
         parts: list[torch.Tensor] = []
-        for r, row in enumerate(rows):
-            at = 0
-            for i in row:
-                h_all[starts[i] : starts[i + 1]] = hb[r, at : at + kept[i]]
-                order.append(i)
-                parts.append(hb[r, at : at + kept[i]])
-                at += lengths[i]
+        for k, (h,) in forward_rows(lm, [[token_lists[i] for i in row] for row in batches[bi]], [point], pad):
+            i = order[k]
+            parts.append(h[: kept[i]].to("cpu", dtype))
+            h_all[starts[i] : starts[i + 1]] = parts[-1]
         if observe is not None:
             pos = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in order])
             observe(pos, torch.cat(parts), torch.from_numpy(targets[pos.numpy()]))
@@ -484,9 +496,11 @@ def paired_states(
     max_tokens: int = 128,
     min_pairs: int = 1,
     progress: Callable[[int], None] | None = None,
+    tokens_per_batch: int = 4096,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Rows (h_a, h_b) at positions where both tokenizations end on the same character, for each
-    point pair (points_a[k], points_b[k]); one forward pass per text and model.
+    point pair (points_a[k], points_b[k]); one pass of each model over the texts, in the batches of
+    :func:`batch_plan`.
 
     Returns [(Xa (n, d_a), Xb (n, d_b)), ...] float32 on the CPU, all on the same positions.
     Texts are truncated to ``max_tokens`` tokens per model; pairs cover the text both models saw.
@@ -494,23 +508,44 @@ def paired_states(
     """
     if len(points_a) != len(points_b):
         raise SteerportError(f"give one point of model b per point of model a (got {len(points_a)} and {len(points_b)})")
-    xa: list[list[torch.Tensor]] = [[] for _ in points_a]
-    xb: list[list[torch.Tensor]] = [[] for _ in points_b]
+    ids_a: list[list[int]] = []  # texts that pair at all: token ids per model and the paired positions
+    ids_b: list[list[int]] = []
+    pos_a: list[list[int]] = []
+    pos_b: list[list[int]] = []
     for text in texts:
         if text.strip():
-            ids_a, ea = token_end_offsets(lm_a.tokenizer, text, max_tokens)
-            ids_b, eb = token_end_offsets(lm_b.tokenizer, text, max_tokens)
+            a, ea = token_end_offsets(lm_a.tokenizer, text, max_tokens)
+            b, eb = token_end_offsets(lm_b.tokenizer, text, max_tokens)
             ia, ib = pair_by_end_offset(ea, eb)
             if ia:
-                ha = capture(lm_a, points_a, input_ids=torch.tensor([ids_a], device=lm_a.device))
-                hb = capture(lm_b, points_b, input_ids=torch.tensor([ids_b], device=lm_b.device))
-                for k in range(len(points_a)):
-                    xa[k].append(ha[k][0, ia].float().cpu())
-                    xb[k].append(hb[k][0, ib].float().cpu())
-        if progress:
-            progress(1)
-    n = sum(len(x) for x in xa[0]) if xa and xa[0] else 0
+                ids_a.append(a)
+                ids_b.append(b)
+                pos_a.append(ia)
+                pos_b.append(ib)
+    if progress and len(texts) > len(ids_a):
+        progress(len(texts) - len(ids_a))
+    xa = _states_at(lm_a, ids_a, pos_a, points_a, tokens_per_batch)
+    xb = _states_at(lm_b, ids_b, pos_b, points_b, tokens_per_batch, progress)
+    n = sum(len(p) for p in pos_a)
     if n < max(min_pairs, 1):
         raise SteerportError(f"only {n} positions pair up between the two tokenizations (need {max(min_pairs, 1)}); "
                              "give more (or longer) neutral text")
-    return [(torch.cat(a), torch.cat(b)) for a, b in zip(xa, xb)]
+    return list(zip(xa, xb))
+
+
+def _states_at(lm: LoadedModel, token_lists: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+               points: Sequence[Point], tokens_per_batch: int, progress: Callable[[int], None] | None = None
+               ) -> list[torch.Tensor]:
+    """For each point, the states (Σ len(positions), d) of every text at its ``positions``, float32 on
+    the CPU, in text order; one pass in the batches of :func:`batch_plan`."""
+    got: list[list[torch.Tensor | None]] = [[None] * len(token_lists) for _ in points]
+    pad = lm.tokenizer.pad_token_id or 0
+    for batch in batch_plan(token_lists, tokens_per_batch, packed=packs_texts(lm)):
+        order = [i for row in batch for i in row]
+        for k, states in forward_rows(lm, [[token_lists[i] for i in row] for row in batch], points, pad):
+            for j, h in enumerate(states):
+                got[j][order[k]] = h[positions[order[k]]].float().cpu()
+        if progress:
+            progress(len(order))
+    d = lm.hidden_size
+    return [torch.cat([x for x in per_text if x is not None]) if token_lists else torch.zeros(0, d) for per_text in got]
