@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from steerport.capture import batch_plan, cache_hidden, capture, packed_batch, padded_batch, tokenize
+from steerport.capture import batch_inputs, batch_plan, cache_hidden, capture, tokenize
 from steerport.data import DataOptions, load_data
 from steerport.models import cpu_has_fast_bf16, cpu_name, load_model
 from steerport.steer import Steer
@@ -66,14 +66,9 @@ def plain_forward_seconds(lm, token_lists, tokens_per_batch: int, packed: bool =
     t0, c0 = time.perf_counter(), time.process_time()
     real = padded = 0
     for rows in batch_plan(token_lists, tokens_per_batch, packed=packed):
-        if packed:
-            ids, positions = packed_batch([[token_lists[i] for i in row] for row in rows], pad)
-            inputs = {"input_ids": ids.to(lm.device), "position_ids": positions.to(lm.device)}
-        else:
-            ids, mask = padded_batch([token_lists[row[0]] for row in rows], pad)
-            inputs = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+        inputs = batch_inputs(lm, [[token_lists[i] for i in row] for row in rows], pad)
         lm.model(**inputs, use_cache=False).logits.sum()
-        real, padded = real + sum(len(token_lists[i]) for row in rows for i in row), padded + ids.numel()
+        real, padded = real + sum(len(token_lists[i]) for row in rows for i in row), padded + inputs["input_ids"].numel()
     return time.perf_counter() - t0, time.process_time() - c0, 1 - real / padded
 
 

@@ -282,22 +282,23 @@ def packs_texts(lm: LoadedModel) -> bool:
     return _PACKS[lm.model]
 
 
-def forward_rows(lm: LoadedModel, rows: Sequence[Sequence[Sequence[int]]], points: Sequence[Point], pad_id: int
-                 ) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """One forward pass over a batch of rows of token lists (a :data:`Batch`, with the token lists in
-    place of their indices): for each text, in row order, its position in the batch (0, 1, ...) and
-    its states (n_tokens, d) at each of ``points``.
-
-    Rows of one text each are right-padded with an attention mask; texts laid end to end get
-    restarting position ids (:func:`packed_batch`).
-    """
+def batch_inputs(lm: LoadedModel, rows: Sequence[Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """The model inputs (on ``lm``'s device) of a batch of rows of token lists (a :data:`Batch`, with the
+    token lists in place of their indices): rows of one text each right-padded with an attention mask,
+    texts laid end to end with restarting position ids (:func:`packed_batch`)."""
     if all(len(row) == 1 for row in rows):
         ids, mask = padded_batch([row[0] for row in rows], pad_id)
-        inputs = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
-    else:
-        ids, positions = packed_batch(rows, pad_id)
-        inputs = {"input_ids": ids.to(lm.device), "position_ids": positions.to(lm.device)}
-    states = capture(lm, points, **inputs)  # each (b, T, d)
+        return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+    ids, positions = packed_batch(rows, pad_id)
+    return {"input_ids": ids.to(lm.device), "position_ids": positions.to(lm.device)}
+
+
+def forward_rows(lm: LoadedModel, rows: Sequence[Sequence[Sequence[int]]], points: Sequence[Point], pad_id: int,
+                 dtype: torch.dtype) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """One forward pass over a batch of rows of token lists (:func:`batch_inputs`): for each text, in
+    row order, its position in the batch (0, 1, ...) and its states (n_tokens, d) at each of
+    ``points``, on the CPU in ``dtype`` (converted once per batch)."""
+    states = [h.to("cpu", dtype) for h in capture(lm, points, **batch_inputs(lm, rows, pad_id))]  # each (b, T, d)
     k = 0
     for r, row in enumerate(rows):
         at = 0
@@ -425,9 +426,9 @@ def cache_hidden(
     for bi in range(done, len(batches)):
         order = [i for row in batches[bi] for i in row]  # the batch's texts, in the order forward_rows gives them
         parts: list[torch.Tensor] = []
-        for k, (h,) in forward_rows(lm, [[token_lists[i] for i in row] for row in batches[bi]], [point], pad):
+        for k, (h,) in forward_rows(lm, [[token_lists[i] for i in row] for row in batches[bi]], [point], pad, dtype):
             i = order[k]
-            parts.append(h[: kept[i]].to("cpu", dtype))
+            parts.append(h[: kept[i]])
             h_all[starts[i] : starts[i + 1]] = parts[-1]
         if observe is not None:
             pos = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in order])
@@ -542,9 +543,9 @@ def _states_at(lm: LoadedModel, token_lists: Sequence[Sequence[int]], positions:
     pad = lm.tokenizer.pad_token_id or 0
     for batch in batch_plan(token_lists, tokens_per_batch, packed=packs_texts(lm)):
         order = [i for row in batch for i in row]
-        for k, states in forward_rows(lm, [[token_lists[i] for i in row] for row in batch], points, pad):
+        for k, states in forward_rows(lm, [[token_lists[i] for i in row] for row in batch], points, pad, torch.float32):
             for j, h in enumerate(states):
-                got[j][order[k]] = h[positions[order[k]]].float().cpu()
+                got[j][order[k]] = h[positions[order[k]]]
         if progress:
             progress(len(order))
     d = lm.hidden_size
