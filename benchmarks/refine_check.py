@@ -59,13 +59,14 @@ from typing import Any, cast
 import torch
 
 from steerport import __version__
-from steerport.capture import cache_hidden, pair_by_end_offset, token_end_offsets
+from steerport.capture import cache_hidden
 from steerport.embeddings import ModelEmbeddings
 from steerport.fileio import atomic_write_json
 from steerport.linmap import fit_map
 from steerport.mapping import get_mapping
 from steerport.metrics import find_values_for_kl, roc_auc, spearman
 from steerport.models import LoadedModel, cpu_name, load_model
+from steerport.pairing import pair_by_end_offset, token_end_offsets
 from steerport.refine import RefineData, ShiftProblem, prepare_refine, refined_carry, shared_token_stats
 from steerport.scoring import HeadScorer, mean_kl, per_text_mean, token_logprobs
 from steerport.steer import Steer

@@ -22,7 +22,7 @@ Transfer to another model (:func:`transfer_actadd`; :func:`transfer_with_options
 kind's ``transfer`` entry): ``recipe`` recomputes the vector from the stored prompt pairs on
 the target at the layer of matching relative depth; ``map`` fits a least-squares residual map
 h_t ≈ h_s K on neutral text at positions both tokenizations end on the same character
-(:func:`steerport.capture.paired_states`, :func:`steerport.linmap.fit_map`) and carries
+(:func:`steerport.pairing.paired_states`, :func:`steerport.linmap.fit_map`) and carries
 v_t = v_s K. Calibration matches κ (mean KL from the unsteered model on neutral text,
 :func:`steerport.scoring.mean_kl`) with :func:`steerport.metrics.find_value_for_kl`.
 
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from steerport.capture import capture, paired_states
+from steerport.capture import capture
 from steerport.errors import SteerportError
 from steerport.hooks import check_compatible
 from steerport.kinds.actadd import actadd_layers
@@ -51,6 +51,7 @@ from steerport.models import (
     decoder_layers,  # noqa: F401  (re-exported for older imports)
     load_model,
 )
+from steerport.pairing import paired_states
 from steerport.scoring import mean_kl
 from steerport.steer import Steer
 from steerport.texts import neutral

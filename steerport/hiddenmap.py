@@ -1,7 +1,7 @@
 """The hidden-state map between two models: h_s ≈ K h_t on final hidden states.
 
 Both models run over the same texts; the rows are the LM-head inputs at the positions where the
-two tokenizations end on the same character (:func:`steerport.capture.paired_states`; position 0
+two tokenizations end on the same character (:func:`steerport.pairing.paired_states`; position 0
 never pairs), and K comes from the one least-squares fit of :func:`steerport.linmap.fit_map`. The
 ``hidden`` transfer form carries a steer with it (A_t = Kᵀ A_s); the ``refined`` form starts there.
 
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from steerport.calibration import require_finite
-from steerport.capture import paired_states
 from steerport.linmap import fit_map
 from steerport.models import LoadedModel
+from steerport.pairing import paired_states
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The closed-form carries of :mod:`steerport.transfer` map the factors once. This module then
 fits the target factors directly on what a user feels: the change of next-token log-probabilities,
 measured on unlabeled neutral text, on tokens the two vocabularies share, at positions where both
-tokenizations end at the same character (:func:`steerport.capture.paired_states`).
+tokenizations end at the same character (:func:`steerport.pairing.paired_states`).
 
 **Objective.** At a paired position i the two models' LM-head inputs are h_s,i (d_s) and h_t,i
 (d_t); the aligned vocabulary gives output-embedding rows x_s,k (d_s) and x_t,k (d_t) of the same
@@ -50,11 +50,11 @@ from typing import Any
 import torch
 
 from steerport.calibration import require_finite
-from steerport.capture import cache_hidden, pair_by_end_offset, token_end_offsets
 from steerport.errors import SteerportError
 from steerport.fileio import read_json_safetensors, write_json_safetensors
 from steerport.linmap import fit_map
 from steerport.models import LoadedModel
+from steerport.pairing import paired_states
 from steerport.steer import Steer
 from steerport.train.headloss import apply_softcap
 
@@ -251,33 +251,6 @@ def refine_factors(prob: ShiftProblem, A_s: torch.Tensor, B_s: torch.Tensor, eps
     return A, B, rec
 
 
-def paired_head_states(src_lm: LoadedModel, tgt_lm: LoadedModel, texts: Sequence[str], *, max_tokens: int = 128,
-                       min_pairs: int = 1, progress: Callable[[int], None] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LM-head inputs (n, d_s), (n, d_t) of both models at the positions where both tokenizations end
-    on the same character — the rows of :func:`steerport.capture.paired_states`, but each model
-    runs once over all texts in length-packed batches (:func:`steerport.capture.cache_hidden`)."""
-    texts = [t for t in texts if t.strip()]
-    enc_s = [token_end_offsets(src_lm.tokenizer, t, max_tokens) for t in texts]
-    enc_t = [token_end_offsets(tgt_lm.tokenizer, t, max_tokens) for t in texts]
-    rows_s: list[int] = []
-    rows_t: list[int] = []
-    start_s = start_t = 0
-    for (ids_s, ends_s), (ids_t, ends_t) in zip(enc_s, enc_t):
-        ia, ib = pair_by_end_offset(ends_s, ends_t)
-        rows_s += [start_s + i for i in ia]
-        rows_t += [start_t + j for j in ib]
-        start_s, start_t = start_s + len(ids_s), start_t + len(ids_t)
-    if len(rows_s) < max(min_pairs, 1):
-        raise SteerportError(f"only {len(rows_s)} positions pair up between the two tokenizations (need "
-                             f"{max(min_pairs, 1)}); give more (or longer) neutral text")
-    cs = cache_hidden(src_lm, token_lists=[e[0] for e in enc_s], max_tokens=max_tokens)
-    ct = cache_hidden(tgt_lm, token_lists=[e[0] for e in enc_t], max_tokens=max_tokens)
-    if progress:
-        progress(len(texts))
-    return cs.h[torch.tensor(rows_s)].float(), ct.h[torch.tensor(rows_t)].float()
-
-
 @dataclass
 class RefineData:
     """What the refinement needs that does not depend on the steer: K (d_s x d_t, h_s ≈ K h_t, fitted
@@ -311,9 +284,9 @@ def prepare_refine(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tens
     fit_texts = [texts[i] for i in sorted(order[n_held:])]
     held_texts = [texts[i] for i in sorted(order[:n_held])]
     d_t = tgt_lm.hidden_size
-    Ys, Xt = paired_head_states(src_lm, tgt_lm, fit_texts, max_tokens=max_tokens, min_pairs=d_t + 1,
+    ((Ys, Xt),) = paired_states(src_lm, tgt_lm, fit_texts, ["head"], ["head"], max_tokens=max_tokens, min_pairs=d_t + 1,
                                 progress=progress)  # (n, d_s), (n, d_t)
-    Ys_h, Xt_h = paired_head_states(src_lm, tgt_lm, held_texts, max_tokens=max_tokens, min_pairs=1, progress=progress)
+    ((Ys_h, Xt_h),) = paired_states(src_lm, tgt_lm, held_texts, ["head"], ["head"], max_tokens=max_tokens, progress=progress)
     require_finite("a hidden state of the source or target", Ys, Xt, Ys_h, Xt_h)
     # K is fitted on the fit texts' rows and measured on the held-out texts' rows
     fm = fit_map(torch.cat([Xt, Xt_h]), torch.cat([Ys, Ys_h]), method="ridge" if ridge > 0 else "lstsq", ridge=ridge,

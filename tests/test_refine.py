@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerport.capture import paired_states
 from steerport.errors import SteerportError
-from steerport.refine import RefineOptions, ShiftProblem, paired_head_states, refine_factors, shift_problem, token_shifts
+from steerport.refine import RefineOptions, ShiftProblem, refine_factors, shift_problem, token_shifts
 from steerport.transfer import TransferOptions, transfer_steer
 from tests.test_transfer import TEXTS, D, logit_shift, random_basis, source_steer, transformed_model
 from tests.tiny import tiny_model
@@ -148,13 +147,3 @@ def test_bad_input_is_a_one_line_error():
     tgt.model.model.norm.weight.data[0] = float("nan")
     with pytest.raises(SteerportError, match="NaN"):
         _refined(steer, src, tgt)
-
-
-def test_batched_pairing_gives_the_rows_of_paired_states():
-    src, tgt = tiny_model("llama", seed=0), tiny_model("gemma3_text", seed=1)
-    ((Ys, Xt),) = paired_states(src, tgt, TEXTS, ["head"], ["head"], max_tokens=20)
-    Ys2, Xt2 = paired_head_states(src, tgt, TEXTS, max_tokens=20)
-    assert Ys.shape == Ys2.shape and Xt.shape == Xt2.shape
-    assert torch.allclose(Ys, Ys2, atol=1e-4) and torch.allclose(Xt, Xt2, atol=1e-4)
-    with pytest.raises(SteerportError, match="pair up"):
-        paired_head_states(src, tgt, ["Hi."], min_pairs=10)

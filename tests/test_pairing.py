@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from steerport import SteerportError
-from steerport.capture import capture, pair_by_end_offset, paired_positions, paired_states, token_end_offsets
+from steerport.capture import capture
+from steerport.pairing import pair_by_end_offset, paired_positions, paired_states, token_end_offsets
 from tests.tiny import tiny_model, tiny_tokenizer
 
 
