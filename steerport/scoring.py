@@ -4,7 +4,7 @@ Everything here compares a model with steers applied against the same model with
 same tokens. There is one measurement — for each setting (a list of (steer, value) pairs) the
 mean KL(p_steered ‖ p_0) over token positions (κ, the KL budget), the log-prob of each next
 token, and optionally the mean log-prob shift of every vocabulary entry — computed by one loop
-(:meth:`_Scorer.stats_many`) over one of two sources of log-probabilities:
+(:meth:`steerport.measurement.Scorer.stats_many`) over one of two sources of log-probabilities:
 
 * :class:`HeadScorer` — for steers that act at the LM head input (``lm-steer``, ``token-prob``):
   the model body runs once (:func:`steerport.capture.cache_hidden`) and only the head is
@@ -27,14 +27,14 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from steerport.capture import HiddenCache, cache_hidden, text_batches
 from steerport.errors import SteerportError
-from steerport.hooks import SteerValue, as_items, check_compatible, steered
+from steerport.hooks import SteerValue, as_items, steered
 from steerport.kinds import get_kind, kind_names
+from steerport.measurement import Chunk, HeadStats, Scorer, SteerStats, gather_targets, per_text_mean
 from steerport.metrics import BisectResult, find_value_for_kl, kl_divergence, roc_auc
 from steerport.models import LoadedModel
 from steerport.steer import Steer
@@ -48,8 +48,6 @@ batches = text_batches  # the older name of the token batcher, kept importable
 # Kinds whose hook acts on the LM head (its input or its output) and nowhere else, so the
 # body's hidden states are the same with and without them.
 HEAD_KINDS = frozenset(name for name in kind_names() if get_kind(name).acts_at_head)
-
-Chunk = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]  # lp0 (n, V), targets (n,), lps per setting (n, V)
 
 
 # --------------------------------------------------------------------------- full forward passes
@@ -80,7 +78,7 @@ def token_logprobs(
     with steered(lm, list(steers), force=force):
         for batch in text_batches(lm, texts, batch_size, max_tokens):
             lp, targets = _forward_positions(lm, batch)
-            got = _gather_targets(lp, targets)  # (n,), NaN at each text's last position
+            got = gather_targets(lp, targets)  # (n,), NaN at each text's last position
             lengths = batch["attention_mask"].sum(1).tolist()
             for row in torch.split(got, lengths):
                 out.append(row[:-1])
@@ -117,90 +115,6 @@ def capture_hidden(lm: LoadedModel, texts: Sequence[str], *, batch_size: int = 8
     return cache_hidden(lm, texts, max_tokens=max_tokens, tokens_per_batch=batch_size * max_tokens, progress=step)
 
 
-# --------------------------------------------------------------------------- the measurement
-
-
-@dataclass
-class SteerStats:
-    """What one (steers, values) setting does on a text set, against the unsteered model."""
-
-    kl: float  # κ: mean over positions of KL(p_steered ‖ p_0), nats
-    token_logprob: torch.Tensor  # (N,) log p_steered(next token); NaN where there is none
-    logprob_shift: torch.Tensor | None = None  # (V,) mean over positions of log p_s(v) - log p_0(v)
-
-
-HeadStats = SteerStats  # the older name (tokenprob has a different HeadStats)
-
-
-class _Scorer:
-    """The one loop: κ, next-token log-probs and log-prob shifts of several settings, from
-    chunks of (unsteered log-probs, targets, steered log-probs per setting) that a subclass yields."""
-
-    lm: LoadedModel
-    force: bool
-    V: int
-    targets: torch.Tensor  # (N,) next token id at each position, -1 at a text's last
-    text_id: torch.Tensor  # (N,) which text each position belongs to
-    n_texts: int
-    base_token_logprob: torch.Tensor  # (N,) log p_0(next token), NaN where there is none
-    _checked: set[tuple[str, str | None]]  # (steer fingerprint, made-for fingerprint) already checked
-
-    def _chunks(self, settings: list[list[SteerValue]]) -> Iterator[Chunk]:
-        raise NotImplementedError
-
-    def _allowed(self, steer: Steer) -> None:
-        """Raise if this scorer cannot measure ``steer``."""
-
-    def _check(self, settings: Sequence[Sequence[SteerValue]]) -> list[list[SteerValue]]:
-        out = [as_items(list(s)) for s in settings]
-        for setting in out:
-            for steer, _ in setting:
-                key = (steer.fingerprint, steer.model.get("fingerprint"))
-                if key not in self._checked:
-                    self._allowed(steer)
-                    check_compatible(self.lm, steer, force=self.force)
-                    self._checked.add(key)
-        return out
-
-    def stats(self, steers: Sequence[SteerValue], *, shift: bool = False) -> SteerStats:
-        """κ, next-token log-probs and (``shift=True``) the mean log-prob shift per vocabulary entry."""
-        return self.stats_many([steers], shift=shift)[0]
-
-    @torch.no_grad()
-    def stats_many(self, settings: Sequence[Sequence[SteerValue]], *, shift: bool = False, kl: bool = True) -> list[SteerStats]:
-        """:meth:`stats` for several settings in one pass: the unsteered log-probs are computed once per chunk.
-
-        ``kl=False`` skips the KL (reported as NaN) when only the log-probs are needed.
-        """
-        return self._stats_from_chunks(self._check(settings), shift=shift, kl=kl)
-
-    def _stats_from_chunks(self, checked: list[list[SteerValue]], *, shift: bool, kl: bool) -> list[SteerStats]:
-        k = len(checked)
-        total_kl, n = [0.0] * k, 0
-        tgt: list[list[torch.Tensor]] = [[] for _ in range(k)]
-        shift_sum = [torch.zeros(self.V) for _ in range(k)] if shift else None
-        for lp0, targets, per_setting in self._chunks(checked):
-            for j, lps in enumerate(per_setting):
-                if kl:
-                    total_kl[j] += kl_divergence(lps, lp0).sum().item()
-                tgt[j].append(_gather_targets(lps, targets))
-                if shift_sum is not None:
-                    shift_sum[j] += (lps - lp0).sum(0).cpu()
-            n += lp0.shape[0]
-        return [
-            SteerStats(
-                kl=total_kl[j] / max(n, 1) if kl else float("nan"),
-                token_logprob=torch.cat(tgt[j]) if tgt[j] else torch.zeros(0),
-                logprob_shift=None if shift_sum is None else shift_sum[j] / max(n, 1),
-            )
-            for j in range(k)
-        ]
-
-    def text_means(self, token_logprob: torch.Tensor) -> torch.Tensor:
-        """Mean per-token log-likelihood of each text, shape (n_texts,); 0 for texts of one token."""
-        return per_text_mean(token_logprob, self)
-
-
 # The body once, the head many times. LM-Steer (and any steer that acts only at the LM head)
 # leaves the model body untouched, so the final hidden states of a text set are the same for every
 # steer and value. For LM-Steer the logit shift is low rank and computed as such:
@@ -213,7 +127,7 @@ class _Scorer:
 BASE_CACHE_BYTES = 2 << 30
 
 
-class HeadScorer(_Scorer):
+class HeadScorer(Scorer):
     """Score steer settings on a :class:`~steerport.capture.HiddenCache` of LM-head inputs by
     recomputing only the LM head.
 
@@ -243,7 +157,7 @@ class HeadScorer(_Scorer):
             self._base = [self._base_logits(i) for i in range(0, cache.n_positions, chunk)]
         tgt0, rounding = [], []
         for i, z0 in self._base_chunks():
-            tgt0.append(_gather_targets(torch.log_softmax(self._cap(z0), -1), self.cache.targets[i : i + z0.shape[0]]))
+            tgt0.append(gather_targets(torch.log_softmax(self._cap(z0), -1), self.cache.targets[i : i + z0.shape[0]]))
             if not self.softcap:  # log p₀ sums to 1 up to rounding; the low-rank path measures from that sum
                 rounding.append(_log_mass(z0.clone())[0].cpu())
         self.base_token_logprob = torch.cat(tgt0) if tgt0 else torch.zeros(0)  # (N,)
@@ -294,7 +208,7 @@ class HeadScorer(_Scorer):
 
     @torch.no_grad()
     def stats_many(self, settings: Sequence[Sequence[SteerValue]], *, shift: bool = False, kl: bool = True) -> list[SteerStats]:
-        """:meth:`_Scorer.stats_many`; LM-Steer steers on a head without soft-capping take the low-rank
+        """:meth:`Scorer.stats_many`; LM-Steer steers on a head without soft-capping take the low-rank
         path (:meth:`_low_rank_stats`), which never forms a (n, V) array of log-probabilities."""
         checked = self._check(settings)
         if self.softcap or any(steer.kind != "lm-steer" for setting in checked for steer, _ in setting):
@@ -369,7 +283,7 @@ class HeadScorer(_Scorer):
                 torch.log_softmax(self._cap(self._steered_raw(h, raw, low_rank, others)), -1) for low_rank, others in prepared]
 
 
-class ForwardScorer(_Scorer):
+class ForwardScorer(Scorer):
     """Score steer settings on ``texts`` by full forward passes: for steers that act inside the
     network (ActAdd), where the body's states change with the steer. Any kind works.
 
@@ -396,7 +310,7 @@ class ForwardScorer(_Scorer):
             for b in self.batches:
                 lp0, tgt = _forward_positions(lm, b)
                 targets.append(tgt)
-                base_tgt.append(_gather_targets(lp0, tgt))
+                base_tgt.append(gather_targets(lp0, tgt))
                 if self._base is not None:
                     self._base.append((lp0, tgt))
         self.targets = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
@@ -466,20 +380,3 @@ def _log_mass(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     w = z.sub_(top[:, None]).exp_()
     mass = w.sum(1)
     return top + mass.log(), w, mass
-
-
-def _gather_targets(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logp[i, targets[i]], NaN where targets[i] < 0: (n, V), (n,) -> (n,) on the CPU."""
-    t = targets.to(logp.device)
-    out = logp.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1).cpu()
-    return torch.where(targets.cpu() >= 0, out, torch.full_like(out, float("nan")))
-
-
-def per_text_mean(token_logprob: torch.Tensor, cache: HiddenCache | _Scorer) -> torch.Tensor:
-    """Average the per-position values of each text over its positions that have a next token
-    (``targets``, ``text_id``, ``n_texts`` of a cache or a scorer), shape (n_texts,)."""
-    ok = cache.targets >= 0
-    sums = torch.zeros(cache.n_texts, dtype=torch.float64).index_add_(0, cache.text_id[ok], token_logprob[ok].double())
-    ones = torch.ones(int(ok.sum()), dtype=torch.float64)
-    counts = torch.zeros(cache.n_texts, dtype=torch.float64).index_add_(0, cache.text_id[ok], ones)
-    return (sums / counts.clamp(min=1)).float()
