@@ -29,7 +29,6 @@ from steerport.capture import HiddenCache
 from steerport.fileio import atomic_write_json
 from steerport.train.headloss import vocab_chunk
 
-STATS_FIELDS = ("ids", "z0", "log_tail", "e_tail")
 ROWS_PER_CHUNK = 1024  # rows of h per vocabulary sweep while computing statistics
 ROW_BLOCK = 256  # row counts are padded to a multiple of this
 TAIL_SAMPLE = 256  # positions that estimate the tail's covariance (tail_covariance)
