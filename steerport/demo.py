@@ -12,7 +12,10 @@
 5. steer both models at −s, 0, +s — the native steer on the source, the transferred one on the
    target — and judge the sampled continuations of the shipped neutral sentiment prompts with the
    shipped offline sentiment judge: the share judged positive with its 95 % Wilson interval per value,
-   plus a few greedy and sampled examples.
+   plus a few greedy and sampled examples. Each model's **swing** (+s against −s) is measured twice: by the
+   share judged positive, and by the judge's mean P(positive), which keeps each verdict's confidence and
+   so has the tighter interval (on three earlier demo runs with 32 prompts the transferred-over-native
+   ratio's 95 % interval was [0.47, 1.59] by mean probability against [0.39, 2.33] by share).
 
 **The demo value s.** ±1 is too weak to see on either model: the demo's steer has κ(1) ≈ 0.007
 nats/token on the curve text, and greedy continuations at ±1 are mostly identical to unsteered ones.
@@ -49,6 +52,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from steerport.data import DataOptions, load_data
@@ -67,7 +71,7 @@ from steerport.transfer import TransferOptions, transfer_steer
 
 DEMO_KAPPA = 0.1  # nats/token on neutral text: where the demo steers (see the module docstring)
 DEMO_EPOCHS = 24.0  # bound on passes over the 600-text slice; early stopping ends the fit (see the module docstring)
-N_PROMPTS = 32  # shipped neutral sentiment prompts judged per value and model
+N_PROMPTS = 50  # shipped neutral sentiment prompts judged per value and model (all of them)
 N_EXAMPLES = 3  # of them shown with greedy and sampled continuations
 MAX_NEW_TOKENS = 20
 TEMPERATURE, TOP_P, SEED = 1.0, 0.9, 0  # sampled generation, seeded (hooks.generate)
@@ -125,20 +129,27 @@ def strength_ratio(src: KappaAt, tgt: KappaAt, value: float) -> dict[str, float]
 
 
 def judged(judge: Judge, texts: Sequence[str]) -> dict[str, Any]:
-    """Share of ``texts`` the judge calls positive, its 95 % Wilson interval, mean P(positive), distinct-1."""
-    p = judge.score(list(texts))
+    """Share of ``texts`` the judge calls positive, its 95 % Wilson interval, mean P(positive), distinct-1, and
+    each text's verdict and probability."""
+    return {**judged_from(judge.score(list(texts))), "distinct_1": distinct_n(texts, 1)}
+
+
+def judged_from(p: np.ndarray) -> dict[str, Any]:
+    """The judge's figures from its P(positive) per text ``p`` (n,): share above 0.5 with its Wilson interval,
+    mean probability, and the per-text verdicts and probabilities (for the paired intervals)."""
     k = int((p > 0.5).sum())
-    lo, hi = wilson_interval(k, len(texts))
-    return {"share": k / len(texts), "low": lo, "high": hi, "n": len(texts), "mean_prob": float(p.mean()),
-            "distinct_1": distinct_n(texts, 1), "positive": [int(x) for x in (p > 0.5).tolist()]}
+    lo, hi = wilson_interval(k, len(p))
+    return {"share": k / len(p), "low": lo, "high": hi, "n": len(p), "mean_prob": float(p.mean()),
+            "positive": [int(x) for x in (p > 0.5).tolist()], "prob": [round(float(x), 6) for x in p.tolist()]}
 
 
-def swing_intervals(pos: dict[str, Sequence[int]], neg: dict[str, Sequence[int]], source: str, target: str,
+def swing_intervals(pos: dict[str, Sequence[float]], neg: dict[str, Sequence[float]], source: str, target: str,
                     resamples: int = BOOTSTRAP, seed: int = SEED) -> dict[str, Any]:
-    """95 % intervals of each model's swing (share judged positive at +s minus at −s) and of the target's swing
-    over the source's, by resampling the prompts: every model and value continues the same prompts, so one
-    resample of prompt indices serves all four shares (a paired bootstrap). ``pos[spec]``, ``neg[spec]``: 0/1
-    per prompt. Resamples where the source does not swing up leave the ratio undefined; their share is reported."""
+    """95 % intervals of each model's swing (the mean per-prompt judgement at +s minus at −s) and of the target's
+    swing over the source's, by resampling the prompts: every model and value continues the same prompts, so one
+    resample of prompt indices serves all four means (a paired bootstrap). ``pos[spec]``, ``neg[spec]``: one
+    judgement per prompt (0/1 verdicts, or probabilities). Resamples where the source does not swing up leave the
+    ratio undefined; their share is reported."""
     g = torch.Generator().manual_seed(seed)
     n = len(pos[source])
     idx = torch.randint(0, n, (resamples, n), generator=g)
@@ -152,6 +163,19 @@ def swing_intervals(pos: dict[str, Sequence[int]], neg: dict[str, Sequence[int]]
     return {**{spec: interval(sw) for spec, sw in swings.items()},
             "target_over_source": interval(swings[target][defined] / swings[source][defined]),
             "ratio_undefined_share": float(1 - defined.double().mean()), "resamples": resamples}
+
+
+def swings(generation: dict[str, dict[str, Any]], value: float, source: str, target: str, mean: str,
+           per_prompt: str) -> dict[str, Any]:
+    """Each model's swing by the judge's ``mean`` (``share`` or ``mean_prob``) at +value minus at −value, the
+    target's over the source's (None when the source does not move), and their paired 95 % intervals from the
+    ``per_prompt`` judgements (``positive`` or ``prob``)."""
+    up, down = f"{value:+g}", f"{-value:+g}"
+    swing = {spec: g[up]["judge"][mean] - g[down]["judge"][mean] for spec, g in generation.items()}
+    pos = {spec: g[up]["judge"][per_prompt] for spec, g in generation.items()}
+    neg = {spec: g[down]["judge"][per_prompt] for spec, g in generation.items()}
+    return {**swing, "target_over_source": swing[target] / swing[source] if swing[source] > 0 else None,
+            "interval_95": swing_intervals(pos, neg, source, target), "by": mean}
 
 
 def steer_in_action(lm: LoadedModel, steer: Steer, values: Sequence[float], prompts: Sequence[str], judge: Judge,
@@ -249,11 +273,8 @@ def run_demo(
         generation[name] = steer_in_action(lm, steer, values, prompts, judge)
         t = stage(f"generate_{what}", t)
     results["generation"] = generation
-    swing = {spec: g[f"{value:+g}"]["judge"]["share"] - g[f"{-value:+g}"]["judge"]["share"] for spec, g in generation.items()}
-    pos = {spec: g[f"{value:+g}"]["judge"]["positive"] for spec, g in generation.items()}
-    neg = {spec: g[f"{-value:+g}"]["judge"]["positive"] for spec, g in generation.items()}
-    results["swing"] = {**swing, "target_over_source": swing[target] / swing[source] if swing[source] else None,
-                        "interval_95": swing_intervals(pos, neg, source, target)}
+    results["swing"] = swings(generation, value, source, target, "share", "positive")
+    results["swing_mean_prob"] = swings(generation, value, source, target, "mean_prob", "prob")
     results["stage_seconds"] = stages
     results["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")

@@ -66,6 +66,7 @@ def test_strength_ratio_of_a_steer_with_itself_is_one_and_follows_epsilon():
 def test_judged_share_and_its_wilson_interval():
     got = demo.judged(LengthJudge(), ["short", "a much longer continuation than thirty", "tiny", "x"])
     assert got["share"] == 0.25 and got["n"] == 4 and got["mean_prob"] == pytest.approx(0.3)
+    assert got["positive"] == [0, 1, 0, 0] and got["prob"] == pytest.approx([0.1, 0.9, 0.1, 0.1])
     assert 0 < got["low"] < 0.25 < got["high"] < 1
 
 
@@ -78,6 +79,23 @@ def test_swing_intervals_resample_the_prompts_once_for_every_share():
     flat = demo.swing_intervals({"a": [1, 0, 1], "b": [1, 1, 1]}, {"a": [1, 0, 1], "b": [0, 0, 0]}, "a", "b")
     assert flat["a"] == [0.0, 0.0] and flat["b"] == [1.0, 1.0]
     assert all(math.isnan(x) for x in flat["target_over_source"]) and flat["ratio_undefined_share"] == 1.0
+
+
+def test_swings_by_share_and_by_mean_probability():
+    def judge(prob: list[float]) -> dict:
+        return {"judge": demo.judged_from(np.array(prob))}
+
+    gen = {"a": {"+2": judge([0.9, 0.8, 0.6, 0.4]), "-2": judge([0.2, 0.4, 0.3, 0.1])},
+           "b": {"+2": judge([0.7, 0.6, 0.45, 0.55]), "-2": judge([0.3, 0.35, 0.5, 0.2])}}
+    share = demo.swings(gen, 2.0, "a", "b", "share", "positive")
+    prob = demo.swings(gen, 2.0, "a", "b", "mean_prob", "prob")
+    assert share["a"] == pytest.approx(0.75) and share["b"] == pytest.approx(0.75) and share["target_over_source"] == 1.0
+    assert prob["a"] == pytest.approx(0.425) and prob["b"] == pytest.approx(0.2375)
+    assert prob["target_over_source"] == pytest.approx(0.2375 / 0.425) and prob["by"] == "mean_prob"
+    lo, hi = prob["interval_95"]["target_over_source"]
+    assert lo <= prob["target_over_source"] <= hi
+    gen["a"]["+2"] = gen["a"]["-2"]  # the source does not move: no ratio
+    assert demo.swings(gen, 2.0, "a", "b", "mean_prob", "prob")["target_over_source"] is None
 
 
 def test_steer_in_action_is_seeded_and_zero_is_unsteered():
@@ -133,6 +151,9 @@ def test_the_whole_demo_on_tiny_models(tmp_path, monkeypatch, capsys):
                                                      - by_value[f"{-r['value']:+g}"]["judge"]["share"])
         lo, hi = saved["swing"]["interval_95"][spec]
         assert lo <= saved["swing"][spec] <= hi
+        by_prob = saved["swing_mean_prob"]
+        assert by_prob[spec] == pytest.approx(by_value[f"{r['value']:+g}"]["judge"]["mean_prob"]
+                                              - by_value[f"{-r['value']:+g}"]["judge"]["mean_prob"])
     assert (tmp_path / "positive.src.st").is_file() and (tmp_path / "positive.tgt.st").is_file()
     assert set(saved["stage_seconds"]) >= {"train_and_score_source", "strength", "generate_transferred"}
 
@@ -144,3 +165,4 @@ def test_the_whole_demo_on_tiny_models(tmp_path, monkeypatch, capsys):
     assert f"strength ratio {saved['strength']['ratio_at_1']:.2f} at s = 1" in " ".join(out.split()) and "Wilson" in out
     share = saved["generation"]["tgt"][f"{r['value']:+g}"]["judge"]
     assert f"{share['share']:.2f} [{share['low']:.2f}, {share['high']:.2f}]" in out
+    assert "by mean P(positive)" in out and f"{saved['swing_mean_prob']['tgt']:+.2f}" in out

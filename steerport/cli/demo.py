@@ -24,7 +24,7 @@ def demo(
     value: Annotated[Optional[float], finite_option(bound=POSITIVE, help="Steer value s for generation (at -s, 0, +s "
                      "on both models). Default: where the source steer's KL budget on neutral text is --kappa.")] = None,
     kappa: Annotated[float, finite_option(bound=POSITIVE, help="KL budget (nats/token) that picks the default value.")] = 0.1,
-    prompts: Annotated[int, typer.Option(help="Shipped neutral prompts judged per value and model (at most 50).")] = 32,
+    prompts: Annotated[int, typer.Option(help="Shipped neutral prompts judged per value and model (at most 50).")] = 50,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ):
@@ -59,21 +59,27 @@ def print_results(r: dict) -> None:
     for k in keys:
         cells = [r["generation"][spec][k]["judge"] for spec in (source, target)]
         t.add_row(k, *(f"{j['share']:.2f} [{j['low']:.2f}, {j['high']:.2f}]" for j in cells))
-    ci = r["swing"].get("interval_95", {})
+    by_share, by_prob = r["swing"], r.get("swing_mean_prob")
 
-    def with_interval(x: float, key: str, fmt: str) -> str:
-        lo, hi = ci.get(key, (math.nan, math.nan))
+    def with_interval(swing: dict, key: str, fmt: str) -> str:
+        x, (lo, hi) = swing[key], swing.get("interval_95", {}).get(key, (math.nan, math.nan))
         return f"{x:{fmt}}" + (f" [{lo:{fmt}}, {hi:{fmt}}]" if not (math.isnan(lo) or math.isnan(hi)) else "")
 
-    t.add_row(f"swing {keys[-1]} vs {keys[0]}", *(with_interval(r["swing"][spec], spec, "+.2f") for spec in (source, target)))
+    t.add_row(f"swing {keys[-1]} vs {keys[0]}", *(with_interval(by_share, spec, "+.2f") for spec in (source, target)))
+    if by_prob is not None:
+        t.add_row("same, by mean P(positive)", *(with_interval(by_prob, spec, "+.2f") for spec in (source, target)))
     show(t)
-    ratio = r["swing"]["target_over_source"]
-    say(f"the transferred steer moves {target}'s judged-positive share "
-        + (f"{with_interval(ratio, 'target_over_source', '.2f')}x as much as the native steer moves {source}'s "
-           "(95 % paired bootstrap over prompts)" if ratio is not None else "(the native steer "
-           f"does not move {source}'s at all)")
-        + f"; value ±{value:g} chosen by {st['value_chosen_by']}; strength ratio measured on neutral text the "
-        "calibration did not use; sampled with a fixed seed; judge: the shipped offline TF-IDF sentiment judge")
+
+    def ratio(swing: dict, what: str) -> str:
+        if swing["target_over_source"] is None:
+            return f"(the native steer does not move {source}'s {what} up)"
+        return f"{with_interval(swing, 'target_over_source', '.2f')}x as much as the native steer moves {source}'s"
+
+    say(f"the transferred steer moves {target}'s judged-positive share {ratio(by_share, 'judged-positive share')}"
+        + (f", and its mean P(positive) {ratio(by_prob, 'mean P(positive)')}" if by_prob is not None else "")
+        + f" (95 % paired bootstrap over prompts); value ±{value:g} chosen by {st['value_chosen_by']}; strength ratio "
+        "measured on neutral text the calibration did not use; sampled with a fixed seed; judge: the shipped offline "
+        "TF-IDF sentiment judge")
     for spec in (source, target):
         for kind in ("greedy", "sampled"):
             rows = r["generation"][spec]
