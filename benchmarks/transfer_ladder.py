@@ -31,6 +31,10 @@ the ladder:
    (seed 0) moves the shipped offline judge by at least 0.2 on ``--prompts`` prompts; there, the
    unsteered model, the native steer and each transferred steer (seed 0): judge rate (Wilson 95 %
    interval), perplexity under another ladder model and distinct-1/2/3 (bootstrap over prompts).
+   Each task steers toward one side (``TaskData.direction``): sentiment toward positive (+value);
+   toxicity toward **toxic** (−value), because the judge already calls nearly every unsteered
+   continuation of the non-toxic prompts non-toxic, which leaves the steer's own side no room for +0.2.
+   The judge rate is the share of continuations on the side steered toward.
 5. ``report``: ``<out>.json`` (every number, settings, machine, version) and ``<out>.md``.
 
 Log-probabilities come from one body pass per model and text set and the trainer's top-k head
@@ -106,6 +110,7 @@ class TaskData:
     prompts: list[str]
     judge: str
     files: dict[str, str]
+    direction: int = 1  # generation steers at direction × value: +1 toward the positive side, −1 away from it
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -178,7 +183,7 @@ def toxicity(root: Path, heldout: int, n_prompts: int, quick: bool, per_class: i
     prompts = [r["prompt"]["text"] for r in _rows(root / "prompts/rtp_nontoxic.jsonl")[:n_prompts]]
     return TaskData("toxicity", "non-toxic", _examples(tr, 0, "paradetox/train"), _examples(dev, 0, "paradetox/train"),
                     texts, labels, prompts, "toxicity",
-                    {"train": str(d / "train.jsonl"), "test": str(d / "test.jsonl")})
+                    {"train": str(d / "train.jsonl"), "test": str(d / "test.jsonl")}, direction=-1)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -342,9 +347,16 @@ def stage_evaluate(work: Path, task: TaskData, models: Models, specs: list[str],
 # --------------------------------------------------------------------------- stage 4: generation
 
 
-def judge_rate(run: dict[str, Any]) -> float:
-    """Share of a generation run's continuations the judge puts on the steer's side."""
-    return float(np.mean(np.array(run["judge_prob"]) > 0.5))
+def on_side(judge_prob: Any, direction: int) -> np.ndarray:
+    """Per continuation: does the judge put it on the side steered toward (P(positive) > 0.5 for direction
+    +1, ≤ 0.5 for −1)?"""
+    p = np.asarray(judge_prob) > 0.5
+    return p if direction > 0 else ~p
+
+
+def judge_rate(run: dict[str, Any], direction: int) -> float:
+    """Share of a generation run's continuations the judge puts on the side steered toward."""
+    return float(np.mean(on_side(run["judge_prob"], direction)))
 
 
 def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str], forms: list[str], max_new_tokens: int) -> None:
@@ -358,6 +370,9 @@ def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str],
             log(f"generate {task.name} on {tgt}: no native steer (seed 0) yet; skipped")
             continue
         doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+        if doc.get("direction", 1) != task.direction:  # runs steered the other way measure something else
+            doc = {"runs": {}}
+        doc["direction"] = d = task.direction
         lm = models[tgt]
         ref_spec = next((x for x in specs if x != tgt), tgt)  # perplexity under another ladder model (the first other one)
         nscorer = None
@@ -366,20 +381,20 @@ def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str],
             if name in doc["runs"]:
                 return doc["runs"][name]
             t = time.perf_counter()
-            conts = [g[0] for g in sample_continuations(lm, task.prompts, [(steer, value)] if steer else [], settings)]
+            conts = [g[0] for g in sample_continuations(lm, task.prompts, [(steer, d * value)] if steer else [], settings)]
             p = judge.score(conts)
             sums, counts = continuation_nll(models[ref_spec], task.prompts, conts)
-            r = {"value": value, "judge_prob": [float(x) for x in p], "nll_sum": sums, "nll_count": counts,
+            r = {"value": d * value, "judge_prob": [float(x) for x in p], "nll_sum": sums, "nll_count": counts,
                  "distinct": {str(n): [distinct_n([c], n) for c in conts] for n in (1, 2, 3)},
                  "samples": conts[:5], "seconds": time.perf_counter() - t}
             doc["runs"][name] = r
             atomic_write_json(path, doc)
-            log(f"  generate {task.name} on {tgt}, {name}: judge rate {judge_rate(r):.2f} "
+            log(f"  generate {task.name} on {tgt}, {name}: judge rate {judge_rate(r, d):.2f} "
                 f"({r['seconds']:.0f} s)")
             return r
 
         doc["reference_model"] = ref_spec
-        base_rate = judge_rate(run("unsteered", None, 0.0))
+        base_rate = judge_rate(run("unsteered", None, 0.0), d)
         native = Steer.load(native_path(work, task.name, tgt, 0))
         chosen = doc.get("kappa")
         if chosen is None:
@@ -387,7 +402,7 @@ def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str],
             values = matched_values(nscorer, native, GEN_KAPPAS)
             for k in GEN_KAPPAS:  # the smallest κ where the native moves the judge by 0.2 (else the largest)
                 chosen = k
-                reached = judge_rate(run(f"native@{k}", native, values[str(k)]["value"])) - base_rate >= 0.2
+                reached = judge_rate(run(f"native@{k}", native, values[str(k)]["value"]), d) - base_rate >= 0.2
                 if reached:
                     break
             doc["kappa"], doc["kappa_reaches_0.2"] = chosen, reached
@@ -510,11 +525,13 @@ def wilson(k: int, n: int) -> list[float]:
 
 
 def generation_figures(doc: dict[str, Any], rng: np.random.Generator, n_boot: int) -> dict[str, Any]:
-    """Judge rate with its Wilson interval; perplexity and distinct-n with bootstrap intervals over prompts."""
+    """Judge rate (on the side steered toward) with its Wilson interval; perplexity and distinct-n with bootstrap
+    intervals over prompts."""
+    direction = doc.get("direction", 1)
     out: dict[str, Any] = {"kappa": doc.get("kappa"), "kappa_reaches_0.2": doc.get("kappa_reaches_0.2"),
-                           "reference_model": doc.get("reference_model"), "runs": {}}
+                           "reference_model": doc.get("reference_model"), "direction": direction, "runs": {}}
     for name, r in doc["runs"].items():
-        p = np.array(r["judge_prob"]) > 0.5
+        p = on_side(r["judge_prob"], direction)
         nll, cnt = np.array(r["nll_sum"]), np.array(r["nll_count"])
         n = len(p)
         def ppl(idx: np.ndarray) -> float:
@@ -665,8 +682,11 @@ def markdown(doc: dict[str, Any]) -> str:
             for key, c in t["cells"].items():
                 lines.append(f"| {key} | " + " | ".join(kept(c, k) for k in st["kappas"]) + " |")
         if t["generation"]:
-            lines += ["", "Generation (sampled, temperature 1, top-p 0.9, one continuation per prompt): judge rate of the "
-                      "steer's side [Wilson 95 %], perplexity under another ladder model and distinct-2 [bootstrap 95 %].", "",
+            toward = ("the steer's side (values +)" if all(g.get("direction", 1) > 0 for g in t["generation"].values()) else
+                      "the side steered toward: the steer's other side, at negative values (the judge calls nearly every "
+                      "unsteered continuation of these prompts the steer's side already)")
+            lines += ["", "Generation (sampled, temperature 1, top-p 0.9, one continuation per prompt): judge rate of "
+                      f"{toward} [Wilson 95 %], perplexity under another ladder model and distinct-2 [bootstrap 95 %].", "",
                       "| target | κ | run | value | judge rate | perplexity | distinct-2 |", "|---|---|---|---|---|---|---|"]
             for spec, g in t["generation"].items():
                 for run, r in g["runs"].items():

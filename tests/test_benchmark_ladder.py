@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from benchmarks.transfer_ladder import KAPPAS, generation_figures, matched_values, summary, toxicity
+from benchmarks.transfer_ladder import KAPPAS, generation_figures, judge_rate, matched_values, summary, toxicity
 
 
 class PowerScorer:
@@ -53,6 +53,7 @@ def test_toxicity_split_keeps_pairs_whole_and_balances_classes(tmp_path):
     assert sum(e.label > 0 for e in task.dev) == sum(e.label < 0 for e in task.dev) == 30
     assert all((e.label > 0) == e.text.startswith("clean") for e in task.train)  # the steer's side: non-toxic
     assert task.test_labels.count(1) == task.test_labels.count(0) == 10 and len(task.prompts) == 3
+    assert task.direction == -1  # generation steers toward toxic: the non-toxic side has no room to move
 
 
 def test_generation_figures_pool_perplexity_and_bound_the_judge_rate():
@@ -65,9 +66,18 @@ def test_generation_figures_pool_perplexity_and_bound_the_judge_rate():
     assert math.isclose(r["perplexity"], math.exp(12 / 6))  # pooled over tokens, not averaged over texts
     assert r["perplexity_ci95"][0] <= r["perplexity"] <= r["perplexity_ci95"][1]
     assert math.isclose(r["distinct_1"], 0.875)
+    doc["runs"]["unsteered"]["judge_prob"] = [0.9, 0.1, 0.3, 0.2]  # steered toward the other side: P ≤ 0.5 counts
+    toward_other = generation_figures({**doc, "direction": -1}, np.random.default_rng(0), 10)
+    assert toward_other["direction"] == -1 and toward_other["runs"]["unsteered"]["judge_rate"] == 0.75
 
 
 def test_summary_reports_seed_spread_and_interval():
     s = summary([0.8, 0.9, 1.0], [0.85, 0.9, 0.95, float("nan")] * 50)
     assert math.isclose(s["mean"], 0.9) and math.isclose(s["seed_std"], 0.1)
     assert s["ci95"][0] >= 0.85 and s["ci95"][1] <= 0.95
+
+
+def test_judge_rate_counts_the_side_steered_toward():
+    run = {"judge_prob": [0.9, 0.6, 0.4, 0.5]}
+    assert judge_rate(run, 1) == 0.5 and judge_rate(run, -1) == 0.5  # 0.5 itself is not above the threshold
+    assert judge_rate({"judge_prob": [0.99, 0.98, 0.2]}, -1) == 1 / 3
