@@ -33,7 +33,7 @@ from steerport.fileio import atomic_write_json, atomic_write_text
 from steerport.models import cpu_name, load_model, parse_dtype
 from steerport.texts import neutral
 from steerport.train.headloss import vocab_chunk
-from steerport.train.topk import rows_stats
+from steerport.train.topk import TopKWriter, rows_stats
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,6 +44,11 @@ def logits_only(h: torch.Tensor, E: torch.Tensor) -> None:
     c = vocab_chunk(len(h), E.shape[0])
     for v0 in range(0, E.shape[0], c):
         (hc @ E[v0 : v0 + c].T).float()
+
+
+def statistics_sweep(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, k: int) -> None:
+    """The statistics as the trainer computes them during the body pass (:class:`TopKWriter`, in memory)."""
+    TopKWriter(len(h), h.shape[1], k, E, None, E.dtype)(torch.arange(len(h)), h, y)
 
 
 def timed(fn) -> float:
@@ -74,7 +79,7 @@ def main() -> None:
         base, sweep = [], []
         for _ in range(args.reps):  # interleaved: a slow phase of the machine hits both
             base.append(timed(partial(logits_only, h, E)))
-            sweep.append(timed(partial(rows_stats, h, y, E, None, args.k)))
+            sweep.append(timed(partial(statistics_sweep, h, y, E, args.k)))
         ratios = [s / b for s, b in zip(sweep, base)]
         row = {"model": spec, "vocab": E.shape[0], "hidden": E.shape[1], "rows": n, "k": args.k,
                "dtype": str(dtype).removeprefix("torch."), "logits_s": statistics.median(base),

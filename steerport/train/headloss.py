@@ -28,10 +28,10 @@ from steerport.models import LoadedModel
 CHUNK_ELEMENTS = 1 << 23  # logits held at once: N x chunk <= 8M floats (32 MB)
 
 
-def vocab_chunk(n_rows: int, vocab: int) -> int:
-    """Vocabulary columns per chunk of a head sweep over ``n_rows`` states: about CHUNK_ELEMENTS
+def vocab_chunk(n_rows: int, vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Vocabulary columns per chunk of a head sweep over ``n_rows`` states: about ``elements``
     logits at once, at least 256 columns, at most the vocabulary."""
-    return max(256, min(vocab, CHUNK_ELEMENTS // max(n_rows, 1)))
+    return max(256, min(vocab, elements // max(n_rows, 1)))
 
 
 def apply_softcap(z: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
