@@ -25,13 +25,19 @@ from steerport.capture import capture
 from steerport.errors import SteerportError
 from steerport.models import LoadedModel
 
-CHUNK_ELEMENTS = 1 << 23  # logits held at once: N x chunk <= 8M floats (32 MB)
+# Logits held at once by a head sweep: N × chunk ≤ 1M floats (4 MB in fp32). Every chunk's elementwise work
+# (conversion, maxima, exp, sums) reads its block several times, so a block that stays in a core's L2 cache is
+# much faster than one that streams through memory. Against 8M (32 MB) blocks, on an Intel Xeon with AMX at
+# 2 threads (2026-12-07, real states, medians of 5 interleaved runs): the summary's exact losses 1.37 → 0.88 s
+# (Gemma-3, 476 positions), 0.34 → 0.22 s (SmolLM2, 727), 1.82 → 0.75 s (Qwen2.5, 600); one exact-head training
+# step (forward and backward, 512 positions, Gemma-3) 1.65 → 0.82 s; same results to fp32 rounding.
+CHUNK_ELEMENTS = 1 << 20
 
 
-def vocab_chunk(n_rows: int, vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
-    """Vocabulary columns per chunk of a head sweep over ``n_rows`` states: about ``elements``
+def vocab_chunk(n_rows: int, vocab: int) -> int:
+    """Vocabulary columns per chunk of a head sweep over ``n_rows`` states: about CHUNK_ELEMENTS
     logits at once, at least 256 columns, at most the vocabulary."""
-    return max(256, min(vocab, elements // max(n_rows, 1)))
+    return max(256, min(vocab, CHUNK_ELEMENTS // max(n_rows, 1)))
 
 
 def apply_softcap(z: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:

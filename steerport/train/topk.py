@@ -29,13 +29,11 @@ from steerport.capture import HiddenCache
 from steerport.fileio import atomic_write_json
 from steerport.train.headloss import vocab_chunk
 
-# Rows of h per vocabulary sweep while computing statistics, and logits per chunk of that sweep. Each chunk's
-# elementwise work (fp32 conversion, maxima, exp, the tail's bf16 weights) runs over an (M, c) block several
-# times; a 512 × 2048 block (4 MB in fp32) stays in a core's L2 cache where 1024 × 8192 (32 MB) did not.
-# On an Intel Xeon with AMX at 2 threads (2026-12-07, 1,024 real states, medians of 5 interleaved runs) the
-# sweep took 0.79× (Gemma-3), 1.00× (Qwen2.5) and 1.02× (SmolLM2) of its time with the larger blocks.
+# Rows of h per vocabulary sweep while computing statistics: with the head's chunks of CHUNK_ELEMENTS logits
+# (headloss), 512 rows make 2,048-column blocks. On an Intel Xeon with AMX at 2 threads (2026-12-07, 1,024 real
+# states, medians of 5 interleaved runs), 512 × 2,048 blocks took 0.79× (Gemma-3), 1.00× (Qwen2.5) and 1.02×
+# (SmolLM2) of the sweep's time with the former 1,024 × 8,192.
 ROWS_PER_CHUNK = 512
-SWEEP_ELEMENTS = 1 << 20
 ROW_BLOCK = 256  # row counts are padded to a multiple of this
 TAIL_SAMPLE = 256  # positions that estimate the tail's covariance (tail_covariance)
 
@@ -121,8 +119,8 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
                k: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:class:`TopKStats` fields of the rows h (M, d) with targets y (M,): one sweep over E (V, d).
 
-    The vocabulary is swept in chunks (``chunk`` columns; default about :data:`SWEEP_ELEMENTS` logits
-    per chunk) with a running max m, top-(K−1), tail sum
+    The vocabulary is swept in chunks (``chunk`` columns; default
+    :func:`~steerport.train.headloss.vocab_chunk`) with a running max m, top-(K−1), tail sum
     S = Σ exp(z_v − m) and tail accumulator Q = Σ exp(z_v − m) e_v, so the (M, V) logits never
     exist at once; the matmuls run in E's dtype and accumulate in fp32. A chunk's top-k merge runs
     only on the rows where it holds a logit above the row's current (K−1)-th best (after the first
@@ -143,7 +141,7 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
     Q = torch.zeros(M, d)
     top_v = torch.full((M, max(k - 1, 0)), -math.inf)
     top_i = torch.zeros((M, max(k - 1, 0)), dtype=torch.long)
-    c = chunk or vocab_chunk(M, V, SWEEP_ELEMENTS)
+    c = chunk or vocab_chunk(M, V)
     rows = torch.arange(M)
     zy = torch.zeros(M)  # the target's logit, read from the same matmul as the rest
     aside: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, token ids, logits) set aside
