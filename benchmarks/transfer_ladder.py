@@ -359,12 +359,15 @@ def judge_rate(run: dict[str, Any], direction: int) -> float:
     return float(np.mean(on_side(run["judge_prob"], direction)))
 
 
-def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str], forms: list[str], max_new_tokens: int) -> None:
+def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str], forms: list[str], max_new_tokens: int,
+                   targets: list[str] | None = None) -> None:
+    """Generation on each of ``targets`` (default: every model of ``specs``); perplexity under the first other model
+    of ``specs``, whichever targets run."""
     judge = load_judge(task.judge)
     if judge.positive != task.positive_name:
         raise SystemExit(f"judge {task.judge} scores {judge.positive!r}, the steers {task.positive_name!r}")
     settings = EvalSettings(samples_per_prompt=1, max_new_tokens=max_new_tokens, batch_size=20)
-    for tgt in specs:
+    for tgt in targets or specs:
         path = work / "generate" / task.name / f"{tgt}.json"
         if not native_path(work, task.name, tgt, 0).exists():
             log(f"generate {task.name} on {tgt}: no native steer (seed 0) yet; skipped")
@@ -718,6 +721,7 @@ def main() -> None:
     ap.add_argument("--form-seeds", type=int, default=1, help="seeds carried by the forms other than logit")
     ap.add_argument("--heldout", type=int, default=400, help="test texts per class")
     ap.add_argument("--prompts", type=int, default=100)
+    ap.add_argument("--generate-on", default="", help="models to generate on (comma list; default: every model)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per held-out text")
     ap.add_argument("--max-new-tokens", type=int, default=30)
     ap.add_argument("--bootstrap", type=int, default=1000, help="resamples of the held-out texts")
@@ -740,7 +744,8 @@ def main() -> None:
             elif stage == "evaluate":
                 stage_evaluate(work, task, models, specs, seeds, forms, args.max_tokens)
             elif stage == "generate":
-                stage_generate(work, task, models, specs, forms, args.max_new_tokens)
+                stage_generate(work, task, models, specs, forms, args.max_new_tokens,
+                               [m for m in args.generate_on.split(",") if m] or None)
         loaded.append(task)
     if "report" in args.stages.split(","):
         stage_report(work, loaded, specs, seeds, models, args)
