@@ -285,7 +285,7 @@ def prepare_refine(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tens
     held_texts = [texts[i] for i in sorted(order[:n_held])]
     d_t = tgt_lm.hidden_size
     ((Ys, Xt),) = paired_states(src_lm, tgt_lm, fit_texts, ["head"], ["head"], max_tokens=max_tokens, min_pairs=d_t + 1,
-                                progress=progress)  # (n, d_s), (n, d_t)
+                                  progress=progress)  # (n, d_s), (n, d_t)
     ((Ys_h, Xt_h),) = paired_states(src_lm, tgt_lm, held_texts, ["head"], ["head"], max_tokens=max_tokens, progress=progress)
     require_finite("a hidden state of the source or target", Ys, Xt, Ys_h, Xt_h)
     # K is fitted on the fit texts' rows and measured on the held-out texts' rows

@@ -1,4 +1,4 @@
-"""Position pairing of two tokenizations (steerport.capture): pairs have read the same text, position 0
+"""Position pairing of two tokenizations (steerport.pairing): pairs have read the same text, position 0
 never pairs, and paired states are the captured states at the paired positions."""
 
 import pytest
