@@ -23,6 +23,17 @@ O(N·K·r + m·d·r), never V·d). With weights p and δ centred under p, Σ_k p
 the second-order KL between the two steered next-token distributions: the shifts of likely tokens,
 which KL and generation feel, count; the shifts of the long tail do not.
 
+**Keywords** (opt-in). Likely tokens leave out what a steer is about: a detox steer's swear words
+are improbable on neutral text, so their shifts never enter L, and a carried steer kept their order
+but not their size. With ``keywords`` = M > 0 a second term L_kw of the same form matches the M aligned
+tokens the source steer shifts most (:func:`keyword_problem`) at every position, each with weight 1;
+the fit minimises L + λ L_kw (λ = ``keyword_weight``, 1). On the model ladder (``benchmarks/results/
+transfer_ladder_keywords_*.md``, M = 64) this made toxicity steers carried between Gemma-3 and Qwen2.5
+write toxic text as their sources do, and raised their separation per unit of KL, but lowered the
+held-out AUC on four of twelve cells, most where a steer's largest shifts are a dataset's artifacts
+(an SST-2 steer's keywords are mostly punctuation). So it is off by default; look at a steer's
+keywords (``steerport inspect --keywords``) before turning it on.
+
 Without weights (w ≡ 1 on every shared token, no centring) the objective has a closed form, and it
 is exactly the ``hidden`` form: A_t = Kᵀ A_s (h_s ≈ K h_t fitted on the same positions), B_t = Hᵀ B_s
 (the vocabulary map). The refinement starts there and runs L-BFGS (float64) on the weighted
@@ -75,6 +86,8 @@ class RefineOptions:
     patience: int = 3  # stop after this many rounds without a held-out improvement
     exact_tol: float = 1e-6  # a closed form with relative loss below this is already exact: kept as is
     seed: int = 0
+    keywords: int = 0  # the source steer's keywords (shared tokens it shifts most) matched at every position too
+    keyword_weight: float = 1.0  # the keyword term's weight beside the likely tokens' term (both relative)
 
     def __post_init__(self):
         if self.weight not in WEIGHTS:
@@ -84,6 +97,9 @@ class RefineOptions:
         for name in ("top_k", "max_positions", "rounds", "iters_per_round", "patience"):
             if getattr(self, name) < 1:
                 raise SteerportError(f"refine {name} must be positive, got {getattr(self, name)}")
+        if self.keywords < 0 or not self.keyword_weight >= 0:
+            raise SteerportError(f"refine keywords and keyword_weight must not be negative, got {self.keywords} "
+                                 f"and {self.keyword_weight}")
 
 
 @dataclass
@@ -159,6 +175,41 @@ def shift_problem(h_s: torch.Tensor, h_t: torch.Tensor, src_lm: LoadedModel, tgt
                         ids=local, w=w, cen_s=cen_s, cen_t=cen_t, slope_s=sl_s, slope_t=sl_t, pairs=used)
 
 
+@torch.no_grad()
+def keyword_problem(prob: ShiftProblem, A_s: torch.Tensor, B_s: torch.Tensor, src_lm: LoadedModel,
+                    tgt_lm: LoadedModel, src_ids: torch.Tensor, tgt_ids: torch.Tensor, m: int,
+                    rows: torch.Tensor) -> ShiftProblem:
+    """The source steer's ``m`` keywords as a second problem on the same positions, each with weight 1.
+
+    Likely tokens leave out what a steer is about: a detox steer's swear words are improbable on
+    neutral text, so the weighted objective never sees them, and a carried steer kept their order
+    but a third of their shift (Gemma-3 → Qwen2.5: +2.7 against the source's +8 nats, while it
+    raised "," twice as much as the source). The keywords are the aligned tokens k whose centred
+    logit shift ε (h_iᵀA)(b_k − b̄), b_k = Bᵀx_k (r), is largest in mean square over positions
+    ``rows``: (b_k − b̄)ᵀ M (b_k − b̄) with M = Uᵀ U / n, U = h A (n, r).
+    """
+    b = src_lm.output_embeddings.detach()[src_ids].float() @ B_s.float()  # (n_aligned, r)
+    b = b - b.mean(0)
+    U = prob.h_s[rows] @ A_s.float()  # (n, r)
+    score = ((b @ (U.T @ U / max(len(U), 1))) * b).sum(1)
+    kw = score.topk(min(m, len(score))).indices  # indices into the aligned vocabulary
+
+    def side(lm: LoadedModel, ids: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        X = lm.output_embeddings.detach()[ids[kw]].float()  # (m, d)
+        if not lm.softcap:
+            return X, torch.ones(len(h), len(kw))
+        z = h @ X.T + (lm.lm_head_bias[ids[kw]].float() if lm.lm_head_bias is not None else 0.0)
+        _, slope = apply_softcap(z, lm.softcap)
+        assert slope is not None  # a soft-cap gives slopes
+        return X, slope
+
+    (X_s, sl_s), (X_t, sl_t) = side(src_lm, src_ids, prob.h_s), side(tgt_lm, tgt_ids, prob.h_t)
+    N = prob.n
+    return ShiftProblem(h_s=prob.h_s, h_t=prob.h_t, X_s=X_s, X_t=X_t, ids=torch.arange(len(kw)).expand(N, -1),
+                        w=torch.ones(N, len(kw)), cen_s=prob.cen_s, cen_t=prob.cen_t, slope_s=sl_s, slope_t=sl_t,
+                        pairs=kw)
+
+
 def token_shifts(h: torch.Tensor, cen: torch.Tensor, slope: torch.Tensor, X: torch.Tensor, ids: torch.Tensor,
                  A: torch.Tensor, B: torch.Tensor, eps: float) -> torch.Tensor:
     """δ (N, K) = ε (hᵀA)·(Bᵀ(c x_ids − ē)): first-order log-prob shifts; h (N, d), A, B (d, r)."""
@@ -169,8 +220,8 @@ def token_shifts(h: torch.Tensor, cen: torch.Tensor, slope: torch.Tensor, X: tor
     return eps * ((u[:, None, :] * XB[ids]).sum(-1) * slope.to(dt) - (u * cB).sum(-1, keepdim=True))
 
 
-class _Objective:
-    """The relative weighted loss on a subset of positions, target factors as the variables."""
+class _Term:
+    """One relative weighted loss on a subset of positions, target factors as the variables."""
 
     def __init__(self, prob: ShiftProblem, idx: torch.Tensor, A_s: torch.Tensor, B_s: torch.Tensor, eps: float):
         d = torch.float64
@@ -188,13 +239,31 @@ class _Objective:
         return (self.w * (got - self.want).pow(2)).sum() / self.norm
 
 
+class _Objective:
+    """Σ_j λ_j L_j: the terms of several problems (the likely tokens, the keywords) on the same positions."""
+
+    def __init__(self, problems: list[tuple[ShiftProblem, float]], idx: torch.Tensor, A_s: torch.Tensor,
+                 B_s: torch.Tensor, eps: float):
+        self.terms = [(lam, _Term(p, idx, A_s, B_s, eps)) for p, lam in problems]
+
+    def __call__(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return sum((lam * term(A, B) for lam, term in self.terms), torch.zeros((), dtype=A.dtype))
+
+    def parts(self, A: torch.Tensor, B: torch.Tensor) -> list[float]:
+        with torch.no_grad():
+            return [round(float(term(A.double(), B.double())), 6) for _, term in self.terms]
+
+
 def refine_factors(prob: ShiftProblem, A_s: torch.Tensor, B_s: torch.Tensor, eps: float, A0: torch.Tensor,
                    B0: torch.Tensor, fit_idx: torch.Tensor, held_idx: torch.Tensor,
-                   opts: RefineOptions = RefineOptions()) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+                   opts: RefineOptions = RefineOptions(),
+                   keywords: ShiftProblem | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Fit A_t, B_t (d_t x r) from A0, B0 on positions ``fit_idx``; return the iterate with the lowest
-    loss on ``held_idx`` (A0, B0 themselves when nothing beats them) and a JSON-able record."""
+    loss on ``held_idx`` (A0, B0 themselves when nothing beats them) and a JSON-able record.
+    ``keywords`` (:func:`keyword_problem`) adds its term, weighted ``opts.keyword_weight``."""
     t0 = time.perf_counter()
-    fit, held = _Objective(prob, fit_idx, A_s, B_s, eps), _Objective(prob, held_idx, A_s, B_s, eps)
+    problems = [(prob, 1.0)] + ([(keywords, opts.keyword_weight)] if keywords is not None else [])
+    fit, held = _Objective(problems, fit_idx, A_s, B_s, eps), _Objective(problems, held_idx, A_s, B_s, eps)
     d = torch.float64
     # optimise scaled copies (a = A/α, b = B/β, both of RMS 1) so L-BFGS sees a balanced problem
     alpha = float(A0.double().pow(2).mean().sqrt().clamp_min(1e-30))
@@ -245,6 +314,8 @@ def refine_factors(prob: ShiftProblem, A_s: torch.Tensor, B_s: torch.Tensor, eps
         rec["loss"]["final"] = round(float(fit(A.to(d), B.to(d))), 6)
     rec["loss"]["last_iterate"] = round(fit_loss, 6)
     rec["heldout_loss"]["final"] = round(best[0], 6)
+    if keywords is not None:  # each term on the held-out positions: likely tokens, keywords
+        rec["heldout_terms"] = {"init": held.parts(A0, B0), "final": held.parts(A, B)}
     if best[0] >= init_held:
         rec["kept"] = "closed form (no iterate beat it on held-out positions)"
     rec["seconds"] = round(time.perf_counter() - t0, 2)
@@ -403,18 +474,27 @@ class RefinedCarry:
     refine: dict[str, Any]
 
 
-def refined_carry(steer: Steer, H: torch.Tensor, data: RefineData, opts: RefineOptions = RefineOptions()) -> RefinedCarry:
+def refined_carry(steer: Steer, H: torch.Tensor, data: RefineData, opts: RefineOptions = RefineOptions(),
+                  heads: tuple[LoadedModel, LoadedModel, torch.Tensor, torch.Tensor] | None = None) -> RefinedCarry:
     """The ``refined`` form: the hidden-state closed form A_t = Kᵀ A_s, B_t = Hᵀ B_s (H, d_s x d_t: the
     vocabulary map e_s ≈ H e_t), then the weighted fit of :func:`refine_factors`; the held-out
-    positions choose the iterate."""
+    positions choose the iterate. ``heads`` (source model, target model, aligned source and target
+    ids) are needed for ``opts.keywords`` (:func:`keyword_problem`)."""
+    with_keywords = bool(opts.keywords and opts.keyword_weight > 0)
+    if with_keywords and heads is None:
+        raise SteerportError("refining with keywords needs both models and the aligned vocabulary")
     K = data.K
     closed = {"A": K.T @ steer.A, "B": H.T @ steer.B}  # (d_t, r) each
     if "domain.A" in steer.tensors:  # the always-on domain part keeps the closed form
         closed["domain.A"] = K.T @ steer.tensors["domain.A"]
         closed["domain.B"] = H.T @ steer.tensors["domain.B"]
     require_finite("the carried steer", *closed.values())
+    keywords = None
+    if with_keywords:
+        assert heads is not None
+        keywords = keyword_problem(data.problem, steer.A, steer.B, *heads, opts.keywords, data.fit_idx)
     A, B, rec = refine_factors(data.problem, steer.A, steer.B, steer.epsilon, closed["A"], closed["B"], data.fit_idx,
-                               data.held_idx, opts)
+                               data.held_idx, opts, keywords)
     rec.update(tokens_used=int(data.problem.X_s.shape[0]), weight_mass=round(float(data.problem.w.sum(1).mean()), 4),
                prepare_seconds=data.seconds, data="cache" if data.cached else "computed")
     return RefinedCarry(factors={**closed, "A": A, "B": B}, closed_form=closed, K=K, hidden_map=data.hidden_map,

@@ -38,7 +38,9 @@ logit form reads only the two output-embedding matrices and tokenizers.
 
 ``refined`` (:mod:`steerport.refine`) starts from the hidden form and fits A_t, B_t so the target's
 first-order next-token log-prob shifts match the source's on shared tokens at paired positions,
-weighted by the tokens' probabilities (the unweighted version of that fit is the hidden form).
+weighted by the tokens' probabilities (the unweighted version of that fit is the hidden form);
+optionally also on the source steer's keywords at every position (``RefineOptions.keywords``, off by
+default: the tokens it shifts most, often improbable on neutral text; see :mod:`steerport.refine`).
 Measured SmolLM2 → Gemma-3 (``benchmarks/results/refine_check.md``; 200 held-out texts of the shipped
 test splits, source AUC 0.888 / 0.913, sentiment / toxicity): AUC logit 0.846 / 0.753, hidden
 0.867 / 0.824, refined 0.878 / 0.843, an Emb2Emb-style input-embedding map 0.751 / 0.634; Spearman ρ
@@ -377,7 +379,7 @@ def carry_lm_steer(
             log(f"fitting the hidden-state map and refining on {len(texts)} neutral texts")
             data = cached_prepare_refine(src_lm, tgt_lm, pairs[0], pairs[1], texts, max_tokens=opt.hidden_max_tokens,
                                   ridge=opt.hidden_ridge, opts=opt.refine, log=log, progress=progress)
-            rc = refined_carry(steer, H, data, opt.refine)
+            rc = refined_carry(steer, H, data, opt.refine, (src_lm, tgt_lm, pairs[0], pairs[1]))
             P_A, refined = rc.K.T, rc.factors
             lineage["hidden_map"], lineage["refine"] = rc.hidden_map, rc.refine
         else:  # hidden

@@ -171,6 +171,7 @@ def files(tmp_path):
     (["token-steer", "no-such-model", "--token", "a", "--scale", "inf", "--out", "{t}/y.st"], "--scale must be"),
     (["actadd", "no-such-model", "--plus", "a", "--minus", "b", "--coeff", "nan", "--out", "{t}/y.st"], "--coeff must be"),
     (["transfer", "a", "b", "--steer", "{s}", "--calib-value", "inf"], "--calib-value must be"),
+    (["transfer", "a", "b", "--steer", "{s}", "--keywords", "-1"], "--keywords must be at least 0"),
     (["map", "a", "b", "--ridge", "nan"], "--ridge must be"),
     (["train", "no-such-model", "--data", "sst2", "--out", "{t}/z.st", "--lr", "nan"], "--lr must be"),
     (["sweep", "no-such-model", "--steer", "{s}", "--prompts", "{t}/missing.txt"], "no such prompts file"),

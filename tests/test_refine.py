@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from steerport.errors import SteerportError
-from steerport.refine import RefineOptions, ShiftProblem, refine_factors, shift_problem, token_shifts
+from steerport.refine import (
+    RefineOptions,
+    ShiftProblem,
+    keyword_problem,
+    refine_factors,
+    refined_carry,
+    shift_problem,
+    token_shifts,
+)
 from steerport.transfer import TransferOptions, transfer_steer
 from tests.test_transfer import TEXTS, D, logit_shift, random_basis, source_steer, transformed_model
 from tests.tiny import tiny_model
@@ -52,7 +60,7 @@ def test_exact_linear_image_refines_to_the_closed_form_and_reproduces_the_shift(
 def test_inexact_pair_lowers_the_heldout_loss_and_keeps_the_domain_part():
     src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
     steer = source_steer(src)
-    res = _refined(steer, src, tgt, refine=RefineOptions(rounds=5))
+    res = _refined(steer, src, tgt, refine=RefineOptions(rounds=5, keywords=8))
     rec = res.lineage["refine"]
     assert rec["rounds"] >= 1
     assert rec["heldout_loss"]["final"] < rec["heldout_loss"]["init"]
@@ -60,6 +68,10 @@ def test_inexact_pair_lowers_the_heldout_loss_and_keeps_the_domain_part():
     assert res.steer.A.shape == (D, steer.rank) and torch.isfinite(res.steer.A).all()
     assert res.lineage["calibration"]["method"] == "none"
     assert TransferOptions(form="refined").calibration_method() == "kl"
+    terms = rec["heldout_terms"]  # likely tokens, keywords: the fit lowers the keywords' term
+    assert terms["final"][1] < terms["init"][1]
+    plain = _refined(steer, src, tgt, refine=RefineOptions(rounds=5)).lineage["refine"]  # keywords off: the default
+    assert "heldout_terms" not in plain and plain["heldout_loss"]["init"] == pytest.approx(terms["init"][0], rel=1e-5)
 
 
 def test_refinement_data_is_cached_per_model_pair_and_gives_the_same_steer(tmp_path, monkeypatch):
@@ -121,6 +133,34 @@ def test_refine_factors_fixed_point_and_fit():
     assert rec["heldout_loss"]["final"] < 0.01 * rec["heldout_loss"]["init"]
 
 
+def test_keywords_are_the_tokens_the_steer_shifts_most_and_an_exact_map_stays_exact():
+    src = tiny_model("llama", seed=0)
+    E = src.output_embeddings.float()
+    ids = torch.arange(1, E.shape[0])  # an aligned vocabulary that leaves token 0 out
+    h = torch.randn(20, D, generator=torch.Generator().manual_seed(3))
+    p = shift_problem(h, h, src, src, ids, ids, top_k=4)
+    A, B = torch.randn(D, 2), torch.randn(D, 2)
+    kw = keyword_problem(p, A, B, src, src, ids, ids, 5, torch.arange(15))
+    b = E[ids] @ B
+    mean_square = ((h[:15] @ A) @ (b - b.mean(0)).T).pow(2).mean(0)  # centred logit shifts, per aligned token
+    assert set(kw.pairs.tolist()) == set(mean_square.topk(5).indices.tolist())
+    assert torch.equal(kw.X_s, E[ids[kw.pairs]]) and kw.ids.shape == (20, 5) and torch.equal(kw.w, torch.ones(20, 5))
+    A1, B1, rec = refine_factors(p, A, B, 0.1, A, B, torch.arange(15), torch.arange(15, 20), RefineOptions(), kw)
+    assert torch.equal(A1, A) and torch.equal(B1, B) and rec["rounds"] == 0  # the same model: zero loss, kept
+
+
+def test_keyword_slopes_follow_a_logit_soft_cap(monkeypatch):
+    lm = tiny_model("llama", seed=0)
+    monkeypatch.setattr(type(lm), "softcap", property(lambda self: 0.5))
+    E = lm.output_embeddings.float()
+    ids = torch.arange(E.shape[0])
+    h = torch.randn(6, D, generator=torch.Generator().manual_seed(4))
+    p = shift_problem(h, h, lm, lm, ids, ids, top_k=3)
+    kw = keyword_problem(p, torch.randn(D, 2), torch.randn(D, 2), lm, lm, ids, ids, 4, torch.arange(6))
+    want = 1 - torch.tanh((h @ E[kw.pairs].T) / 0.5).pow(2)  # d(cap·tanh(z/cap))/dz at each keyword's logit
+    assert torch.allclose(kw.slope_s, want, atol=1e-6) and torch.allclose(kw.slope_t, want, atol=1e-6)
+
+
 def test_shift_problem_weights_are_probabilities_of_shared_tokens():
     src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
     h_s, h_t = torch.randn(7, D), torch.randn(7, D)
@@ -135,6 +175,12 @@ def test_shift_problem_weights_are_probabilities_of_shared_tokens():
 def test_bad_input_is_a_one_line_error():
     src = tiny_model("llama", seed=0)
     steer = source_steer(src)
+    with pytest.raises(SteerportError, match="must not be negative"):
+        RefineOptions(keywords=-1)
+    with pytest.raises(SteerportError, match="must not be negative"):
+        RefineOptions(keyword_weight=float("nan"))
+    with pytest.raises(SteerportError, match="needs both models"):
+        refined_carry(steer, torch.eye(D), None, RefineOptions(keywords=4))  # type: ignore[arg-type]
     with pytest.raises(SteerportError, match="neutral text"):
         transfer_steer(steer, src, src, TransferOptions(form="refined", calibrate="none", hidden_texts=["Hi.", "Ok", "Yes."]))
     with pytest.raises(SteerportError, match="at least 2 neutral texts"):

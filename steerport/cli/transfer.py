@@ -151,7 +151,10 @@ def describe(source: Steer, res: TransferResult, dest: Path) -> list[str]:
     if "hidden_map" in lin:
         msg += f"; hidden map R² {lin['hidden_map'].get('heldout', {}).get('r2', float('nan')):.3f}"
     if "refine" in lin:
-        msg += f"; refined: held-out shift loss {lin['refine']['heldout_loss']['init']:.3f} -> {lin['refine']['heldout_loss']['final']:.3f}"
+        rec = lin["refine"]
+        msg += f"; refined: held-out shift loss {rec['heldout_loss']['init']:.3f} -> {rec['heldout_loss']['final']:.3f}"
+        if "heldout_terms" in rec:
+            msg += f" (keywords {rec['heldout_terms']['init'][1]:.3f} -> {rec['heldout_terms']['final'][1]:.3f})"
     if "seconds" in lin:
         msg += f"; {lin['seconds']['total']:.1f} s"
     if cal["method"] != "kl":
@@ -185,6 +188,10 @@ def transfer_cmd(
     hidden_text: Annotated[Optional[Path], file_option(what="text file", help="Neutral text for the hidden-state map, one text per line "
             "(default: bundled).")] = None,
     lines: Annotated[Optional[int], typer.Option(help="Use at most this many texts of --calib-text / --hidden-text.")] = None,
+    keywords: Annotated[int, typer.Option(help="Refined form: also match the source steer's shifts on the N shared tokens it "
+            "shifts most (its keywords; see steerport inspect --keywords). Helps when they are the steer's content (a detox "
+            "steer's swear words: generation then moves as on the source), hurts when they are a dataset's artifacts "
+            "(punctuation); 64 is a good N. Default 0: likely tokens only.")] = 0,
     anchor_steps: Annotated[int, typer.Option(help="Adam steps of the anchor baseline (its default 10000).")] = 10_000,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -202,16 +209,18 @@ def transfer_cmd(
     steers keep their token texts and scales and recompute the direction on TGT (--calib-text is
     then the detect text). Both load the full models.
     """
+    from steerport.refine import RefineOptions
     from steerport.transfer import TransferOptions
 
     check_at_least("--lines", lines, 1)
+    check_at_least("--keywords", keywords, 0)
     calib = read_optional(calib_text)
     hidden = read_optional(hidden_text)
     options = TransferOptions(
         form=form, fit=_fit_options(method, ridge, center, normalize, weighting, top_k), calibrate=calibrate,
         calib_value=calib_value, calib_texts=calib[:lines] if calib else None,
         hidden_texts=hidden[:lines] if hidden else None, anchor_steps=anchor_steps, dtype=dtype, device=device,
-        actadd_method=actadd_method, texts=calib[:lines] if calib else None,
+        actadd_method=actadd_method, texts=calib[:lines] if calib else None, refine=RefineOptions(keywords=keywords),
     )
     dest = out_file or steer.with_name(f"{steer.stem}.{spec_slug(tgt)}.st")
     run_transfer(steer, src, tgt, options, dest, mapping=mapping, force=force)
