@@ -76,6 +76,7 @@ from steerport.judges import load_judge
 from steerport.metrics import distinct_n, find_values_for_kl, spearman, wilson_interval
 from steerport.metrics import roc_auc as auc
 from steerport.models import LoadedModel, load_model
+from steerport.refine import RefineOptions
 from steerport.scoring import HeadScorer, per_text_mean
 from steerport.steer import Steer
 from steerport.strength import cut, record_curve
@@ -250,8 +251,9 @@ def carried(src: str, form: str) -> str:
 
 
 def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int], forms: list[str],
-                   form_seeds: int) -> None:
-    """Every seed by the default form; the other forms (a refinement costs minutes) on the first ``form_seeds`` seeds."""
+                   form_seeds: int, keywords: int = 0) -> None:
+    """Every seed by the default form; the other forms (a refinement costs minutes) on the first ``form_seeds`` seeds.
+    ``keywords``: the refined form's keyword term (:class:`~steerport.refine.RefineOptions`)."""
     for seed, form in ((n, f) for f in forms for n in (seeds if f == "logit" else seeds[:form_seeds])):
         for src in specs:
             if not native_path(work, task.name, src, seed).exists():
@@ -263,7 +265,7 @@ def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str],
                     continue
                 t = time.perf_counter()
                 res = transfer_steer(Steer.load(native_path(work, task.name, src, seed)), models[src], models[tgt],
-                                     TransferOptions(form=form))
+                                     TransferOptions(form=form, refine=RefineOptions(keywords=keywords)))
                 res.steer.save(out)
                 cal = res.lineage.get("calibration", {})
                 atomic_write_json(out.with_suffix(".json"), {"seconds": time.perf_counter() - t, "calibration": cal})
@@ -558,6 +560,7 @@ def stage_report(work: Path, tasks: list[TaskData], specs: list[str], seeds: lis
                                         "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
                                         "bootstrap": args.bootstrap, "seeds": seeds, "models": specs,
                                         "transfer": "TransferOptions(form=F), KL calibration", "forms": args.forms.split(","),
+                                        "refine_keywords": args.refine_keywords,
                                         "head": "top-256 candidates exact, tail first order (benchmarks.refine_check.HeadEval)"},
                            "tasks": {}}
     for task in tasks:
@@ -719,6 +722,7 @@ def main() -> None:
     ap.add_argument("--stages", default="train,transfer,evaluate,generate,report")
     ap.add_argument("--forms", default="logit,refined", help="transfer forms to compare (logit: every seed, the others on --form-seeds seeds)")
     ap.add_argument("--form-seeds", type=int, default=1, help="seeds carried by the forms other than logit")
+    ap.add_argument("--refine-keywords", type=int, default=0, help="the refined form's keyword term (transfer --keywords)")
     ap.add_argument("--heldout", type=int, default=400, help="test texts per class")
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--generate-on", default="", help="models to generate on (comma list; default: every model)")
@@ -740,7 +744,7 @@ def main() -> None:
             if stage == "train":
                 stage_train(work, task, models, specs, seeds, TrainConfig())
             elif stage == "transfer":
-                stage_transfer(work, task, models, specs, seeds, forms, args.form_seeds)
+                stage_transfer(work, task, models, specs, seeds, forms, args.form_seeds, args.refine_keywords)
             elif stage == "evaluate":
                 stage_evaluate(work, task, models, specs, seeds, forms, args.max_tokens)
             elif stage == "generate":
