@@ -49,20 +49,17 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import json
+import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from steerport.calibration import require_finite
 from steerport.errors import SteerportError
-from steerport.fileio import read_json_safetensors, write_json_safetensors
 from steerport.linmap import fit_map
 from steerport.models import LoadedModel
 from steerport.pairing import paired_states
@@ -88,6 +85,7 @@ class RefineOptions:
     seed: int = 0
     keywords: int = 0  # the source steer's keywords (shared tokens it shifts most) matched at every position too
     keyword_weight: float = 1.0  # the keyword term's weight beside the likely tokens' term (both relative)
+    keyword_words_only: bool = False  # keywords only among tokens with a letter (no punctuation, no whitespace)
 
     def __post_init__(self):
         if self.weight not in WEIGHTS:
@@ -178,21 +176,27 @@ def shift_problem(h_s: torch.Tensor, h_t: torch.Tensor, src_lm: LoadedModel, tgt
 @torch.no_grad()
 def keyword_problem(prob: ShiftProblem, A_s: torch.Tensor, B_s: torch.Tensor, src_lm: LoadedModel,
                     tgt_lm: LoadedModel, src_ids: torch.Tensor, tgt_ids: torch.Tensor, m: int,
-                    rows: torch.Tensor) -> ShiftProblem:
+                    rows: torch.Tensor, words_only: bool = False) -> ShiftProblem:
     """The source steer's ``m`` keywords as a second problem on the same positions, each with weight 1.
 
     Likely tokens leave out what a steer is about: a detox steer's swear words are improbable on
     neutral text, so the weighted objective never sees them, and a carried steer kept their order
-    but a third of their shift (Gemma-3 → Qwen2.5: +2.7 against the source's +8 nats, while it
+    but a third of their shift (Gemma-3 → Qwen2.5: " fuck" +2.2 against the source's +8.0, while it
     raised "," twice as much as the source). The keywords are the aligned tokens k whose centred
     logit shift ε (h_iᵀA)(b_k − b̄), b_k = Bᵀx_k (r), is largest in mean square over positions
-    ``rows``: (b_k − b̄)ᵀ M (b_k − b̄) with M = Uᵀ U / n, U = h A (n, r).
+    ``rows``: (b_k − b̄)ᵀ M (b_k − b̄) with M = Uᵀ U / n, U = h A (n, r). With ``words_only``, the
+    largest among tokens whose text has a letter (an SST-2 steer's largest are " ." and " ,").
     """
     b = src_lm.output_embeddings.detach()[src_ids].float() @ B_s.float()  # (n_aligned, r)
     b = b - b.mean(0)
     U = prob.h_s[rows] @ A_s.float()  # (n, r)
     score = ((b @ (U.T @ U / max(len(U), 1))) * b).sum(1)
-    kw = score.topk(min(m, len(score))).indices  # indices into the aligned vocabulary
+    order: Iterable[int] = score.argsort(descending=True).tolist()  # indices into the aligned vocabulary, most shifted first
+    if words_only:  # tokens with a letter: punctuation and whitespace are a corpus's style, not its content
+        order = (k for k in order if any(c.isalpha() for c in src_lm.tokenizer.decode([int(src_ids[k])])))
+    kw = torch.tensor(list(itertools.islice(order, m)), dtype=torch.long)
+    if not len(kw):
+        raise SteerportError("no aligned token has a letter: refine keywords need words")
 
     def side(lm: LoadedModel, ids: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         X = lm.output_embeddings.detach()[ids[kw]].float()  # (m, d)
@@ -378,90 +382,6 @@ def prepare_refine(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tens
                       held_idx=torch.arange(n_fit, n_fit + n_hold), seconds=round(time.perf_counter() - t0, 2))
 
 
-# --------------------------------------------------------------------------- the data, cached per model pair
-
-DATA_FORMAT = "steerport.refine-data"
-_PROBLEM_TENSORS = ("h_s", "h_t", "ids", "w", "cen_s", "cen_t", "slope_s", "slope_t", "pairs")
-
-
-def weights_digest(lm: LoadedModel) -> str:
-    """A short digest of a model's weights: each parameter's name, shape, dtype and first 16 values
-    (an offloaded parameter: name and shape). Two checkpoints that share output embeddings (the same
-    :attr:`LoadedModel.fingerprint`) but not their bodies get different digests."""
-    h = hashlib.sha256()
-    for name, p in lm.model.named_parameters():
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        if p.device.type != "meta":
-            h.update(p.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def data_key(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
-             texts: Sequence[str], max_tokens: int, ridge: float, opts: RefineOptions) -> str:
-    """Everything :func:`prepare_refine`'s result depends on, as a digest: both models' weights, the
-    aligned vocabulary, the texts and the options that shape the data (not the fit's rounds)."""
-    h = hashlib.sha256()
-    for lm in (src_lm, tgt_lm):
-        h.update(f"{lm.fingerprint}:{weights_digest(lm)}:{lm.dtype}:{lm.device.type}|".encode())
-    h.update(src_ids.to(torch.int64).numpy().tobytes() + tgt_ids.to(torch.int64).numpy().tobytes())
-    h.update(json.dumps([list(texts), max_tokens, ridge, opts.top_k, opts.weight, opts.holdout, opts.max_positions,
-                         opts.seed]).encode())
-    return h.hexdigest()[:24]
-
-
-def save_refine_data(path: Path, data: RefineData) -> None:
-    """Write ``data`` (without the embedding rows, which the models give back) as safetensors, atomically."""
-    tensors = {"K": data.K, "fit_idx": data.fit_idx, "held_idx": data.held_idx,
-               **{f"problem.{k}": getattr(data.problem, k) for k in _PROBLEM_TENSORS}}
-    write_json_safetensors(path, tensors, DATA_FORMAT, {"hidden_map": data.hidden_map, "seconds": data.seconds})
-
-
-def load_refine_data(path: Path, src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tensor,
-                     tgt_ids: torch.Tensor) -> RefineData:
-    """Read what :func:`save_refine_data` wrote; the shared tokens' embedding rows come from the models."""
-    doc, t = read_json_safetensors(path, DATA_FORMAT, "refinement data")
-    parts = {k: t[f"problem.{k}"] for k in _PROBLEM_TENSORS}
-    E_s, E_t = src_lm.output_embeddings.detach().float(), tgt_lm.output_embeddings.detach().float()
-    pairs = parts["pairs"]
-    prob = ShiftProblem(**parts, X_s=E_s[src_ids[pairs]], X_t=E_t[tgt_ids[pairs]])
-    if (t["K"].shape != (src_lm.hidden_size, tgt_lm.hidden_size) or prob.h_s.shape[1] != src_lm.hidden_size
-            or prob.h_t.shape[1] != tgt_lm.hidden_size):
-        raise SteerportError(f"{path}: refinement data of other shapes")
-    return RefineData(K=t["K"], hidden_map=doc["hidden_map"], problem=prob, fit_idx=t["fit_idx"],
-                      held_idx=t["held_idx"], seconds=float(doc["seconds"]), cached=True)
-
-
-def cached_prepare_refine(src_lm: LoadedModel, tgt_lm: LoadedModel, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
-                          texts: Sequence[str], *, max_tokens: int = 128, ridge: float = 0.0,
-                          opts: RefineOptions = RefineOptions(), log: Callable[[str], None] = lambda m: None,
-                          progress: Callable[[int], None] | None = None) -> RefineData:
-    """:func:`prepare_refine`, kept in ``STEERPORT_HOME/refine/<key>.safetensors`` (:func:`data_key`).
-
-    The data does not depend on the steer, so every later steer carried between the same two models
-    skips both models' pass over the neutral text (about a minute on 2 CPU cores for the catalog's small models). A missing, unreadable or
-    ill-shaped file is recomputed; an unwritable cache only costs time. The tensors are stored
-    exactly, so a cached transfer gives the same steer as a fresh one.
-    """
-    from steerport.catalog import steerport_home
-
-    texts = [t for t in texts if t.strip()]
-    path = steerport_home() / "refine" / f"{data_key(src_lm, tgt_lm, src_ids, tgt_ids, texts, max_tokens, ridge, opts)}.safetensors"
-    if path.is_file():
-        try:
-            data = load_refine_data(path, src_lm, tgt_lm, src_ids, tgt_ids)
-            log(f"refinement data: reused {path}")
-            return data
-        except (SteerportError, KeyError, IndexError, TypeError, ValueError, RuntimeError):
-            log(f"refinement data: {path} is unreadable; recomputing")
-    data = prepare_refine(src_lm, tgt_lm, src_ids, tgt_ids, texts, max_tokens=max_tokens, ridge=ridge, opts=opts,
-                          log=log, progress=progress)
-    try:
-        save_refine_data(path, data)
-    except OSError:
-        pass
-    return data
-
-
 @dataclass
 class RefinedCarry:
     """The refined target factors ({"A", "B"} and the closed-form domain part, if any), the closed
@@ -492,7 +412,8 @@ def refined_carry(steer: Steer, H: torch.Tensor, data: RefineData, opts: RefineO
     keywords = None
     if with_keywords:
         assert heads is not None
-        keywords = keyword_problem(data.problem, steer.A, steer.B, *heads, opts.keywords, data.fit_idx)
+        keywords = keyword_problem(data.problem, steer.A, steer.B, *heads, opts.keywords, data.fit_idx,
+                                   words_only=opts.keyword_words_only)
     A, B, rec = refine_factors(data.problem, steer.A, steer.B, steer.epsilon, closed["A"], closed["B"], data.fit_idx,
                                data.held_idx, opts, keywords)
     rec.update(tokens_used=int(data.problem.X_s.shape[0]), weight_mass=round(float(data.problem.w.sum(1).mean()), 4),

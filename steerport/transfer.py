@@ -29,7 +29,7 @@ all 6 ordered pairs, sentiment and toxicity, converged natives, 400 + 400 held-o
 transfer efficiency ≥ 0.9 on 8 of 12 cells for ``logit`` (toxicity SmolLM2 → Qwen2.5 at chance, −0.01)
 and on 11 of 12 for ``refined`` (the miss: that cell, 0.84). The refined form needs both full models
 and one pass of each over the neutral text (2–5 min on a 2-core CPU for these models); that data does
-not depend on the steer and is cached per model pair (:func:`steerport.refine.cached_prepare_refine`),
+not depend on the steer and is cached per model pair (:func:`steerport.refine_cache.cached_prepare_refine`),
 so later steers between the same two models skip it. Earlier single-pair figures, held-out AUC on
 Gemma-3 for steers from SmolLM2 (sentiment / toxicity): paper form 0.51 / 0.42 (chance / inverted),
 logit with H⁺ 0.74 / 0.72, logit with fitted G 0.75 / 0.73, hidden-state map 0.85 / 0.74 (native
@@ -39,8 +39,7 @@ logit form reads only the two output-embedding matrices and tokenizers.
 ``refined`` (:mod:`steerport.refine`) starts from the hidden form and fits A_t, B_t so the target's
 first-order next-token log-prob shifts match the source's on shared tokens at paired positions,
 weighted by the tokens' probabilities (the unweighted version of that fit is the hidden form);
-optionally also on the source steer's keywords at every position (``RefineOptions.keywords``, off by
-default: the tokens it shifts most, often improbable on neutral text; see :mod:`steerport.refine`).
+optionally also on the tokens the source steer shifts most (``RefineOptions.keywords``, off by default).
 Measured SmolLM2 → Gemma-3 (``benchmarks/results/refine_check.md``; 200 held-out texts of the shipped
 test splits, source AUC 0.888 / 0.913, sentiment / toxicity): AUC logit 0.846 / 0.753, hidden
 0.867 / 0.824, refined 0.878 / 0.843, an Emb2Emb-style input-embedding map 0.751 / 0.634; Spearman ρ
@@ -103,7 +102,8 @@ from steerport.hiddenmap import fit_hidden_map
 from steerport.kinds import get_kind
 from steerport.mapping import FitOptions, Mapping, find_mapping, fit_and_save
 from steerport.models import LoadedModel, load_model
-from steerport.refine import RefineOptions, cached_prepare_refine, refined_carry
+from steerport.refine import RefineOptions, refined_carry
+from steerport.refine_cache import cached_prepare_refine
 from steerport.steer import Steer
 from steerport.strength import CURVE_TEXTS, calibrate_to_curve, curve_for, curve_text, has_curve_on
 from steerport.strength import META_KEY as STRENGTH_KEY

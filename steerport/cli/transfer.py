@@ -192,6 +192,8 @@ def transfer_cmd(
             "shifts most (its keywords; see steerport inspect --keywords). Helps when they are the steer's content (a detox "
             "steer's swear words: generation then moves as on the source), hurts when they are a dataset's artifacts "
             "(punctuation); 64 is a good N. Default 0: likely tokens only.")] = 0,
+    keywords_words_only: Annotated[bool, typer.Option("--keywords-words-only", help="With --keywords: only tokens whose "
+            "text has a letter (drops punctuation and whitespace, a corpus's style rather than its content).")] = False,
     anchor_steps: Annotated[int, typer.Option(help="Adam steps of the anchor baseline (its default 10000).")] = 10_000,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -220,7 +222,8 @@ def transfer_cmd(
         form=form, fit=_fit_options(method, ridge, center, normalize, weighting, top_k), calibrate=calibrate,
         calib_value=calib_value, calib_texts=calib[:lines] if calib else None,
         hidden_texts=hidden[:lines] if hidden else None, anchor_steps=anchor_steps, dtype=dtype, device=device,
-        actadd_method=actadd_method, texts=calib[:lines] if calib else None, refine=RefineOptions(keywords=keywords),
+        actadd_method=actadd_method, texts=calib[:lines] if calib else None,
+        refine=RefineOptions(keywords=keywords, keyword_words_only=keywords_words_only),
     )
     dest = out_file or steer.with_name(f"{steer.stem}.{spec_slug(tgt)}.st")
     run_transfer(steer, src, tgt, options, dest, mapping=mapping, force=force)
