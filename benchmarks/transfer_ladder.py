@@ -251,9 +251,9 @@ def carried(src: str, form: str) -> str:
 
 
 def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int], forms: list[str],
-                   form_seeds: int, keywords: int = 0) -> None:
+                   form_seeds: int, keywords: int = 0, words_only: bool = False) -> None:
     """Every seed by the default form; the other forms (a refinement costs minutes) on the first ``form_seeds`` seeds.
-    ``keywords``: the refined form's keyword term (:class:`~steerport.refine.RefineOptions`)."""
+    ``keywords``, ``words_only``: the refined form's keyword term (:class:`~steerport.refine.RefineOptions`)."""
     for seed, form in ((n, f) for f in forms for n in (seeds if f == "logit" else seeds[:form_seeds])):
         for src in specs:
             if not native_path(work, task.name, src, seed).exists():
@@ -265,7 +265,7 @@ def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str],
                     continue
                 t = time.perf_counter()
                 res = transfer_steer(Steer.load(native_path(work, task.name, src, seed)), models[src], models[tgt],
-                                     TransferOptions(form=form, refine=RefineOptions(keywords=keywords)))
+                                     TransferOptions(form=form, refine=RefineOptions(keywords=keywords, keyword_words_only=words_only)))
                 res.steer.save(out)
                 cal = res.lineage.get("calibration", {})
                 atomic_write_json(out.with_suffix(".json"), {"seconds": time.perf_counter() - t, "calibration": cal})
@@ -560,7 +560,7 @@ def stage_report(work: Path, tasks: list[TaskData], specs: list[str], seeds: lis
                                         "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
                                         "bootstrap": args.bootstrap, "seeds": seeds, "models": specs,
                                         "transfer": "TransferOptions(form=F), KL calibration", "forms": args.forms.split(","),
-                                        "refine_keywords": args.refine_keywords,
+                                        "refine_keywords": args.refine_keywords, "refine_keywords_words_only": args.refine_keywords_words_only,
                                         "head": "top-256 candidates exact, tail first order (benchmarks.refine_check.HeadEval)"},
                            "tasks": {}}
     for task in tasks:
@@ -723,6 +723,7 @@ def main() -> None:
     ap.add_argument("--forms", default="logit,refined", help="transfer forms to compare (logit: every seed, the others on --form-seeds seeds)")
     ap.add_argument("--form-seeds", type=int, default=1, help="seeds carried by the forms other than logit")
     ap.add_argument("--refine-keywords", type=int, default=0, help="the refined form's keyword term (transfer --keywords)")
+    ap.add_argument("--refine-keywords-words-only", action="store_true", help="transfer --keywords-words-only")
     ap.add_argument("--heldout", type=int, default=400, help="test texts per class")
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--generate-on", default="", help="models to generate on (comma list; default: every model)")
@@ -744,7 +745,8 @@ def main() -> None:
             if stage == "train":
                 stage_train(work, task, models, specs, seeds, TrainConfig())
             elif stage == "transfer":
-                stage_transfer(work, task, models, specs, seeds, forms, args.form_seeds, args.refine_keywords)
+                stage_transfer(work, task, models, specs, seeds, forms, args.form_seeds, args.refine_keywords,
+                               args.refine_keywords_words_only)
             elif stage == "evaluate":
                 stage_evaluate(work, task, models, specs, seeds, forms, args.max_tokens)
             elif stage == "generate":
