@@ -248,10 +248,11 @@ def check_curve(curve: StrengthCurve, steer: Steer, *, text: CurveText | None = 
                              f"{curve.text.get('sha256')}, this text {text.sha256})")
 
 
-def curve_for(steer: Steer, lm: LoadedModel | None, *, text: CurveText | None = None, force: bool = False,
-              log: Log = lambda m: None) -> StrengthCurve:
+def curve_for(steer: Steer, lm: LoadedModel | Callable[[], LoadedModel] | None, *, text: CurveText | None = None,
+              force: bool = False, log: Log = lambda m: None) -> StrengthCurve:
     """The steer's curve on ``text``: the recorded one when it fits the steer, its model and the text, else measured
-    now on ``lm`` (old files without a curve; other text). Without ``lm`` a missing curve is a one-line error."""
+    now on ``lm`` (old files without a curve; other text). ``lm`` may be a loader, called only to measure. Without
+    ``lm`` a missing curve is a one-line error."""
     text = text or curve_text()
     curve = recorded_curve(steer)
     if curve is not None:
@@ -261,6 +262,10 @@ def curve_for(steer: Steer, lm: LoadedModel | None, *, text: CurveText | None = 
         log(f"the recorded strength curve is on other text ({curve.text.get('sha256')}); measuring on {text.sha256}")
     if lm is None:
         raise SteerportError("the steer records no strength curve on this text and its model is not loaded to measure one")
+    from steerport.models import LoadedModel
+
+    if not isinstance(lm, LoadedModel):
+        lm = lm()
     log(f"measuring the strength curve on {lm.spec} ({len(text.texts)} neutral texts)")
     return measure_curve(lm, steer, text=text, force=force)
 
@@ -367,10 +372,7 @@ def source_curve_of(steer: Steer, source: Steer | None = None, source_lm: Callab
         if src_fp and source.fingerprint != src_fp:
             raise SteerportError(f"the given source steer (fingerprint {source.fingerprint}) is not the one this steer was "
                                  f"transferred from ({src_fp})")
-        doc = source.meta.get(META_KEY)
-        lm = None if isinstance(doc, dict) and doc.get("text", {}).get("sha256") == text.sha256 else (
-            source_lm() if source_lm else None)
-        return curve_for(source, lm, text=text, force=force, log=log)
+        return curve_for(source, source_lm, text=text, force=force, log=log)
     meta = src_info.get("meta") if isinstance(src_info, dict) else None
     doc = meta.get(META_KEY) if isinstance(meta, dict) else None
     if doc is None:

@@ -439,12 +439,7 @@ def calibrate_carried(steer: Steer, carried: Steer, source: LoadedModel | Callab
     (``source`` may be a loader, called only then). Returns the calibrated steer and the lineage record."""
     text = curve_text(opt.calib_texts, limit=opt.calib_count)
     recorded = has_curve_on(steer, text)
-    src_lm: LoadedModel | None = None
-    if isinstance(source, LoadedModel):
-        src_lm = source
-    elif not recorded:  # an old file: measure the source's curve now
-        src_lm = source()
-    curve = curve_for(steer, src_lm, text=text, force=force, log=log)
+    curve = curve_for(steer, source, text=text, force=force, log=log)  # an old file: measured on the source now
     log(f"calibrating on {len(text.texts)} neutral texts at reference value {opt.calib_value:g} "
         f"(source κ from {'the recorded curve' if recorded else 'the source model'})")
     return calibrate_to_curve(carried, target, curve, value=opt.calib_value, text=text, rel_tol=opt.kl_rel_tol,

@@ -275,3 +275,17 @@ def test_cli_calibrate_and_warnings(tmp_path, monkeypatch, capsys, short_default
     assert calibration_state(fixed) == "calibrated" and fixed.meta["lineage"]["calibration"]["by"] == "steerport calibrate"
     assert run("generate", db, "--steer", f"{out}:1", "--prompt", "The movie", "--max-new-tokens", "2") == 0
     assert "without calibration" not in capsys.readouterr().err
+
+
+def test_curve_for_calls_a_model_loader_only_to_measure():
+    lm = tiny_model("llama", seed=0)
+    calls: list[int] = []
+
+    def loader():
+        calls.append(1)
+        return lm
+
+    recorded = record_curve(lm, make_steer(lm), text=TEXT)
+    assert curve_for(recorded, loader, text=TEXT) == recorded_curve(recorded) and calls == []
+    old = make_steer(lm)
+    assert curve_for(old, loader, text=TEXT).kappa == measure_curve(lm, old, text=TEXT).kappa and calls == [1]
