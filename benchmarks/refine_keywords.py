@@ -52,14 +52,15 @@ def main() -> None:
     he, scorer, y = HeadEval(tgt, task.test_texts, 64), neutral_scorer(tgt), np.array(task.test_labels)
     for item in args.variants.split(","):
         m, lam, *flags = item.split(":")
+        words_only = "words" in flags
         t = time.perf_counter()
         opts = TransferOptions(form="refined", refine=RefineOptions(keywords=int(m), keyword_weight=float(lam),
-                                                                    keyword_words_only="words" in flags))
+                                                                    keyword_words_only=words_only))
         res = transfer_steer(native, src, tgt, opts)
         v = matched_values(scorer, res.steer, (AUC_KAPPA,))[str(AUC_KAPPA)]["value"]
         auc = roc_auc(np.array([float(x) for x in he.scores(res.steer, v)]), y)
         rec = res.lineage["refine"]
-        print(json.dumps({"pair": f"{args.source} -> {args.target}", "task": args.task, "keywords": int(m), "words_only": "words" in flags,
+        print(json.dumps({"pair": f"{args.source} -> {args.target}", "task": args.task, "keywords": int(m), "words_only": words_only,
                           "weight": float(lam), "auc": round(float(auc), 4), "value": round(v, 3),
                           "heldout_terms": rec.get("heldout_terms"), "heldout_loss": rec["heldout_loss"],
                           "seconds": round(time.perf_counter() - t, 1)}), flush=True)

@@ -17,7 +17,7 @@ from steerport.refine import (
     token_shifts,
 )
 from steerport.transfer import TransferOptions, transfer_steer
-from tests.test_transfer import TEXTS, D, logit_shift, random_basis, source_steer, transformed_model
+from tests.test_transfer import TEXTS, D, _save_dir, logit_shift, random_basis, source_steer, transformed_model
 from tests.tiny import random_steer_factors, tiny_model
 
 
@@ -202,11 +202,7 @@ def test_cli_transfer_records_the_keyword_options(tmp_path, monkeypatch, capsys)
     from steerport.steer import Steer
 
     src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
-    dirs = []
-    for lm, name in ((src, "a"), (tgt, "b")):
-        lm.model.save_pretrained(tmp_path / name)
-        lm.tokenizer.save_pretrained(tmp_path / name)
-        dirs.append(str(tmp_path / name))
+    dirs = [_save_dir(src, tmp_path / "a"), _save_dir(tgt, tmp_path / "b")]
     A, B = random_steer_factors(D, 3)
     Steer.lm_steer(A, B, epsilon=0.5, model={"spec": dirs[0], "fingerprint": load_embeddings(dirs[0]).fingerprint}).save(
         tmp_path / "pos.st")
