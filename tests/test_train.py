@@ -443,7 +443,7 @@ def test_topk_statistics_swept_in_chunks_equal_the_full_logits():
     tail = torch.ones(M, V, dtype=torch.bool)
     tail[torch.arange(M)[:, None], torch.cat([y[:, None], top_i], 1)] = False
     p_tail = torch.where(tail, z, -math.inf).softmax(1)  # (M, V), the tail's own distribution
-    for chunk in (7, 32, 512):  # many chunks (the top-k merge across chunks), a few, and one
+    for chunk in (7, 32, 128, 512):  # many chunks (the top-k merge across chunks), a few, by column groups, and one
         ids, z0, log_tail, e_tail = rows_stats(h, y, E, bias, k, chunk=chunk)
         assert torch.equal(ids[:, 0].long(), y) and torch.equal(ids[:, 1:].long(), top_i)
         torch.testing.assert_close(z0.double(), torch.cat([z[torch.arange(M), y][:, None], top_v], 1), rtol=1e-5, atol=1e-5)
@@ -461,6 +461,21 @@ def test_block_topk_equals_topk():
         v, i = block_topk(z, k)
         ref_v, _ = z.topk(k, dim=1)
         assert torch.equal(v, ref_v) and torch.equal(z.gather(1, i), v)
+
+
+def test_entries_above_a_threshold_equal_a_plain_comparison():
+    from steerport.train.topk import entries_above
+
+    g = torch.Generator().manual_seed(7)
+    for c in (256, 100):  # whole column groups, and a width that is not
+        z = torch.randn(9, c, generator=g)
+        z[2, :40] = -math.inf
+        t = torch.randn(9, generator=g) + 1.5
+        t[4] = -math.inf  # a row with no candidates yet: every finite entry
+        want = torch.nonzero(z > t[:, None], as_tuple=True)
+        groups = z.view(9, -1, 64).amax(2) if c % 64 == 0 else None
+        got = entries_above(z, t, groups)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_rows_weighted_sum_sums_embedding_rows_per_output_row():

@@ -57,7 +57,7 @@ class Fitter:
         """The steer's shift B u of cache positions ``idx`` as (u (n, R), B (d, R)); ``sign``
         overrides the texts' labels (0 = unsteered)."""
         c, eps = self.config, self.config.epsilon
-        h = self.cache.h[idx].to(self.device)  # (n, d)
+        h = self.cache.h.index_select(0, idx).to(self.device)  # (n, d)
         if sign is None:
             s = self.labels[self.cache.text_id[idx].long()].to(self.device)
         else:

@@ -34,6 +34,7 @@ from steerport.train.headloss import vocab_chunk
 # states, medians of 5 interleaved runs), 512 × 2,048 blocks took 0.79× (Gemma-3), 1.00× (Qwen2.5) and 1.02×
 # (SmolLM2) of the sweep's time with the former 1,024 × 8,192.
 ROWS_PER_CHUNK = 512
+GROUP = 256  # columns per group whose maximum screens a chunk for new candidates (entries_above)
 ROW_BLOCK = 256  # row counts are padded to a multiple of this
 TAIL_SAMPLE = 256  # positions that estimate the tail's covariance (tail_covariance)
 
@@ -91,6 +92,21 @@ def block_topk(z: torch.Tensor, k: int, blocks: int = 8) -> tuple[torch.Tensor, 
     return v, cols.gather(1, j)
 
 
+def entries_above(z: torch.Tensor, t: torch.Tensor, groups: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (rows, columns) of the entries of z (M, c) above their row's threshold t (M,), in row-major order.
+
+    With ``groups`` (M, G), the maxima of z's G groups of c / G adjacent columns, only the groups
+    whose maximum beats t are compared entry by entry (when few entries pass, a small part of z).
+    """
+    if groups is None:
+        return torch.nonzero(z > t[:, None], as_tuple=True)
+    M, G = groups.shape
+    zg = z.view(M, G, -1)
+    g_row, g_col = torch.nonzero(groups > t[:, None], as_tuple=True)
+    i, j = torch.nonzero(zg[g_row, g_col] > t[g_row, None], as_tuple=True)
+    return g_row[i], g_col[i] * zg.shape[2] + j
+
+
 def distinct(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct values of ``ids`` (any shape, values in [0, n)) in increasing order, and each
     entry's index into them (ids' shape), without sorting: one mark per possible value."""
@@ -122,9 +138,11 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
     The vocabulary is swept in chunks (``chunk`` columns; default
     :func:`~steerport.train.headloss.vocab_chunk`) with a running max m, top-(K−1), tail sum
     S = Σ exp(z_v − m) and tail accumulator Q = Σ exp(z_v − m) e_v, so the (M, V) logits never
-    exist at once; the matmuls run in E's dtype and accumulate in fp32. A chunk's top-k merge runs
-    only on the rows where it holds a logit above the row's current (K−1)-th best (after the first
-    chunks, a minority: most of a large vocabulary is improbable).
+    exist at once; the matmuls run in E's dtype and accumulate in fp32. The first chunk gives every
+    row its K−1 best; after it, only the entries above a row's current (K−1)-th best can enter, and
+    they are few (on SmolLM2, a handful per row and chunk after the first chunks: most of a large
+    vocabulary is improbable), so they are found through column-group maxima
+    (:func:`entries_above`) and merged by a top-k over K−1 + a few values per row.
 
     The target and the tokens that enter a row's candidates are *set aside* (left out of S and Q),
     so the low-precision products carry the tail alone; set-aside tokens that lose their place to
@@ -154,22 +172,31 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
         r_in, c_in = rows[inside], y[inside] - v0
         zy[inside] = z[r_in, c_in]
         z[r_in, c_in] = -math.inf  # the target: neither another candidate nor tail
-        z_max = z.amax(1)
+        groups = z.view(M, -1, GROUP).amax(2) if z.shape[1] % GROUP == 0 else None  # (M, c / GROUP)
+        z_max = z.amax(1) if groups is None else groups.amax(1)
         m_new = torch.maximum(m, torch.where(inside, torch.maximum(z_max, zy), z_max))
-        if k > 1:  # a row takes part in the merge only if this chunk beats its (K−1)-th best
-            merge = torch.nonzero(z_max > top_v[:, -1]).flatten()
-            if len(merge):
-                everyone = len(merge) == M  # (the first chunk): no copies of the rows
-                cv, ci = block_topk(z if everyone else z[merge], min(k - 1, z.shape[1]))
-                allv = torch.cat([top_v if everyone else top_v[merge], cv], 1)
-                alli = torch.cat([top_i if everyone else top_i[merge], ci + v0], 1)
-                best, pick = allv.topk(k - 1, dim=1)
-                chosen = alli.gather(1, pick)
+        if k > 1 and v0 == 0:  # the first chunk: every row takes its best K−1 (a wide top-k)
+            best, chosen = block_topk(z, min(k - 1, z.shape[1]))
+            top_v[:, : best.shape[1]], top_i[:, : best.shape[1]] = best, chosen
+            r_new = rows[:, None].expand_as(chosen).flatten()
+            aside.append((r_new, chosen.flatten(), best.flatten()))
+            z[r_new, chosen.flatten()] = -math.inf
+        elif k > 1:  # later chunks: only entries above a row's (K−1)-th best so far can enter (a few per row)
+            r_up, c_up = entries_above(z, top_v[:, -1], groups)
+            if len(r_up):
+                merge, counts = torch.unique_consecutive(r_up, return_counts=True)
+                slot = torch.arange(len(r_up)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+                at = (torch.repeat_interleave(torch.arange(len(merge)), counts), slot)
+                new_v = torch.full((len(merge), int(counts.max())), -math.inf)
+                new_i = torch.zeros(new_v.shape, dtype=torch.long)
+                new_v[at], new_i[at] = z[r_up, c_up], c_up + v0
+                best, pick = torch.cat([top_v[merge], new_v], 1).topk(k - 1, dim=1)
+                chosen = torch.cat([top_i[merge], new_i], 1).gather(1, pick)
                 top_v[merge], top_i[merge] = best, chosen
-                new_ones = pick >= k - 1  # this chunk's tokens among the row's candidates now: set aside
+                new_ones = (pick >= k - 1) & torch.isfinite(best)  # this chunk's tokens among the candidates now
                 r_new = merge[:, None].expand_as(pick)[new_ones]
                 aside.append((r_new, chosen[new_ones], best[new_ones]))
-                z[r_new, chosen[new_ones] - v0] = -math.inf
+                z[r_new, chosen[new_ones] - v0] = -math.inf  # set aside
         scale = torch.exp(m - m_new)
         w = z.sub_(m_new[:, None]).exp_()  # in place: z is not needed any more
         S = S * scale + w.sum(1)
@@ -331,11 +358,12 @@ def topk_token_loss(stats: TopKStats, idx: torch.Tensor, u: torch.Tensor, B: tor
     """
     ids = stats.ids[idx].long()  # (n, K)
     uniq, inv = distinct(ids, E.shape[0])  # inv (n, K): rows of uniq
-    EB = E[uniq].float() @ B.float()  # (U, R)
+    EB = E.index_select(0, uniq).float() @ B.float()  # (U, R); index_select: faster than E[uniq] on CPU
     # F.embedding, not EB[inv]: its backward sums rows in a fixed order (indexing's uses atomic adds on
-    # CPU, so the same run would give steers that differ in the last bits)
-    z = stats.z0[idx] + (F.embedding(inv, EB) * u[:, None, :]).sum(-1)  # (n, K)
-    tail = stats.log_tail[idx] + (u * (stats.e_tail[idx].float() @ B.float())).sum(-1)  # (n,)
+    # CPU, so the same run would give steers that differ in the last bits); bmm, not a product summed
+    # over R: no (n, K, R) temporary
+    z = stats.z0[idx] + torch.bmm(F.embedding(inv, EB), u.float()[:, :, None]).squeeze(2)  # (n, K)
+    tail = stats.log_tail[idx] + (u * (stats.e_tail.index_select(0, idx).float() @ B.float())).sum(-1)  # (n,)
     if stats.tail_cov is not None:  # ½ Var_q[δ] = ½ uᵀ (Bᵀ Σ B) u
         tail = tail + 0.5 * ((u @ (B.float().T @ stats.tail_cov @ B.float())) * u).sum(-1)
     return torch.logsumexp(torch.cat([z, tail[:, None]], 1), 1) - z[:, 0]
