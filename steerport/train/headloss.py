@@ -73,9 +73,9 @@ class _HeadCE(torch.autograd.Function):
             if bias is not None:
                 z = z + bias[v0 : v0 + chunk].to(acc)
             z, slope = apply_softcap(z, cap)
-            m_new = torch.maximum(m, z.max(1).values)
+            m_new = torch.maximum(m, z.amax(1))  # amax: several times faster than max(1).values on CPU
             scale = torch.exp(m - m_new)  # (N,)
-            w = torch.exp(z - m_new[:, None])  # (N, c)
+            w = (z - m_new[:, None]).exp_()  # (N, c)
             S = S * scale + w.sum(1)
             if want_grad:
                 if slope is not None:
@@ -180,8 +180,8 @@ def head_token_losses(
             if key not in EcB:
                 EcB[key] = Eca @ B
             z, _ = apply_softcap(base + u @ EcB[key].T, softcap)
-            m_new = torch.maximum(m[j], z.max(1).values)
-            S[j] = S[j] * torch.exp(m[j] - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+            m_new = torch.maximum(m[j], z.amax(1))
+            S[j] = S[j] * torch.exp(m[j] - m_new) + (z - m_new[:, None]).exp_().sum(1)
             m[j] = m_new
     Ey = E[targets]
     zy0 = (hc * Ey).sum(1).to(acc)
