@@ -24,27 +24,18 @@ rank and writes the target factors as A_t = P_A A_s, B_t = P_B B_s (P_A, P_B: d_
 **Default: ``auto``** — ``refined`` whenever the transfer loads the models anyway (KL calibration,
 the default), ``logit`` when the user asks for embeddings only (``--calibrate embed`` or ``none``, or
 a model given as :class:`~steerport.embeddings.ModelEmbeddings`).
-The model ladder (``benchmarks/results/transfer_ladder.md``: SmolLM2-135M, Gemma-3-270M, Qwen2.5-0.5B,
-all 6 ordered pairs, sentiment and toxicity, converged natives, 400 + 400 held-out texts) measured
-transfer efficiency ≥ 0.9 on 8 of 12 cells for ``logit`` (toxicity SmolLM2 → Qwen2.5 at chance, −0.01)
-and on 11 of 12 for ``refined`` (the miss: that cell, 0.84). The refined form needs both full models
-and one pass of each over the neutral text (2–5 min on a 2-core CPU for these models); that data does
-not depend on the steer and is cached per model pair (:func:`steerport.refine_cache.cached_prepare_refine`),
-so later steers between the same two models skip it. Earlier single-pair figures, held-out AUC on
-Gemma-3 for steers from SmolLM2 (sentiment / toxicity): paper form 0.51 / 0.42 (chance / inverted),
-logit with H⁺ 0.74 / 0.72, logit with fitted G 0.75 / 0.73, hidden-state map 0.85 / 0.74 (native
-0.86 / 0.75), anchor 0.39. For ``transfer gpt2 gpt-j`` loading both models is a 24 GB load; the
-logit form reads only the two output-embedding matrices and tokenizers.
+The model ladder chose this default (``benchmarks/results/transfer_ladder.md``: three catalog models,
+all six ordered pairs, two tasks): ``refined`` keeps ≥ 0.9 of the weaker side's AUC on more cells than
+``logit``. It needs both full models and one pass of each over the neutral text (minutes on a 2-core
+CPU for the catalog models); that data does not depend on the steer and is cached per model pair
+(:func:`steerport.refine_cache.cached_prepare_refine`). For ``transfer gpt2 gpt-j`` loading both
+models is a 24 GB load; the logit form reads only the two output-embedding matrices and tokenizers.
 
 ``refined`` (:mod:`steerport.refine`) starts from the hidden form and fits A_t, B_t so the target's
 first-order next-token log-prob shifts match the source's on shared tokens at paired positions,
 weighted by the tokens' probabilities (the unweighted version of that fit is the hidden form);
 optionally also on the tokens the source steer shifts most (``RefineOptions.keywords``, off by default).
-Measured SmolLM2 → Gemma-3 (``benchmarks/results/refine_check.md``; 200 held-out texts of the shipped
-test splits, source AUC 0.888 / 0.913, sentiment / toxicity): AUC logit 0.846 / 0.753, hidden
-0.867 / 0.824, refined 0.878 / 0.843, an Emb2Emb-style input-embedding map 0.751 / 0.634; Spearman ρ
-of the same spans' log-prob shifts on both models 0.57 / 0.69, 0.61 / 0.77, 0.66 / 0.81, 0.31 / 0.28;
-the uncalibrated strength (κ_t / κ_s) 0.29 / 0.33, 0.27 / 0.44, 0.57 / 0.75, 0.07 / 0.08.
+Per-form measurements: ``benchmarks/results/refine_check.md`` and ``refine_variants.md``.
 
 The hidden-state map K (:mod:`steerport.hiddenmap`) is fitted on the LM-head inputs of both models
 at the positions where the two tokenizations end on the same character, on ``texts.neutral("fit")``.
