@@ -99,7 +99,8 @@ def entries_above(z: torch.Tensor, t: torch.Tensor, groups: torch.Tensor | None)
     whose maximum beats t are compared entry by entry (when few entries pass, a small part of z).
     """
     if groups is None:
-        return torch.nonzero(z > t[:, None], as_tuple=True)
+        rows, cols = torch.nonzero(z > t[:, None], as_tuple=True)
+        return rows, cols
     M, G = groups.shape
     zg = z.view(M, G, -1)
     g_row, g_col = torch.nonzero(groups > t[:, None], as_tuple=True)
