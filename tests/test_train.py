@@ -463,6 +463,27 @@ def test_block_topk_equals_topk():
         assert torch.equal(v, ref_v) and torch.equal(z.gather(1, i), v)
 
 
+def test_tail_covariance_equals_the_tails_covariance_from_full_logits():
+    from steerport.train.topk import TopKStats, rows_stats, tail_covariance
+
+    g = torch.Generator().manual_seed(8)
+    V, d, M, k = 300, 12, 30, 8
+    E, bias = torch.randn(V, d, generator=g), torch.randn(V, generator=g)
+    h, y = torch.randn(M, d, generator=g) * 0.3, torch.randint(0, V, (M,), generator=g)
+    ids, z0, log_tail, e_tail = rows_stats(h, y, E, bias, k, chunk=64)
+    stats = TopKStats(ids, z0, log_tail, e_tail)
+    pos = torch.arange(0, M, 2)
+    cov = tail_covariance(h[pos], stats, pos, E, bias, mass=1.0, max_tokens=V)
+    z = h[pos].double() @ E.double().T + bias.double()
+    z[torch.arange(len(pos))[:, None], ids[pos].long()] = -math.inf
+    q = z.softmax(1)  # (n, V): each tail's own distribution
+    Ed = E.double()
+    want = torch.stack([(Ed.T * qp) @ Ed - torch.outer(qp @ Ed, qp @ Ed) for qp in q]).mean(0)
+    w, vecs = torch.linalg.eigh(want)
+    want = (vecs * w.clamp_min(0)) @ vecs.T
+    torch.testing.assert_close(cov.double(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_entries_above_a_threshold_equal_a_plain_comparison():
     from steerport.train.topk import entries_above
 

@@ -241,14 +241,16 @@ def spread(idx: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def tail_covariance(h: torch.Tensor, stats: TopKStats, pos: torch.Tensor, E: torch.Tensor, bias: torch.Tensor | None,
-                    mass: float = 0.999, max_tokens: int = 16384, rows: int = 64) -> torch.Tensor:
+                    mass: float = 0.999, max_tokens: int = 16384) -> torch.Tensor:
     """Σ (d, d): the tails' covariance of output embeddings, averaged over the positions ``pos``.
 
     Σ = mean_p [ Σ_{v ∉ ids_p} q_pv e_v e_vᵀ − e_tail,p e_tail,pᵀ ], q_p the tail's own distribution
-    at position p (states ``h`` (n, d) of those positions). One head pass over the sample gives
-    a_v = Σ_p q_pv; the second moment uses the most probable tokens holding ``mass`` of Σ a (at most
-    ``max_tokens``); the result is projected onto the positive semi-definite matrices. Positions
-    whose tail was dropped (log_tail −inf) are left out; with none left, Σ = 0.
+    at position p (states ``h`` (n, d) of those positions). One head sweep over the sample, in
+    vocabulary chunks, gives a_v = Σ_p q_pv with q_pv = exp(z_pv − log_tail_p) (the statistics'
+    tail mass, so no softmax over whole rows); the second moment uses the most probable tokens
+    holding ``mass`` of Σ a (at most ``max_tokens``); the result is projected onto the positive
+    semi-definite matrices. Positions whose tail was dropped (log_tail −inf) are left out; with
+    none left, Σ = 0.
     """
     keep = torch.isfinite(stats.log_tail[pos])
     pos, h = pos[keep], h[keep]
@@ -256,13 +258,16 @@ def tail_covariance(h: torch.Tensor, stats: TopKStats, pos: torch.Tensor, E: tor
     n = len(pos)
     if n == 0:
         return torch.zeros(d, d)
+    hc, ids, log_tail = h.to(E.dtype), stats.ids[pos].long(), stats.log_tail[pos].float()
     a = torch.zeros(V)
-    for i in range(0, n, rows):
-        z = (h[i : i + rows].to(E.dtype) @ E.T).float()  # (b, V)
+    c = vocab_chunk(n, V)
+    for v0 in range(0, V, c):
+        z = (hc @ E[v0 : v0 + c].T).float()  # (n, c)
         if bias is not None:
-            z += bias.float()
-        z.scatter_(1, stats.ids[pos[i : i + rows]].long(), -math.inf)  # the candidates are not tail
-        a += z.softmax(1).sum(0)
+            z += bias[v0 : v0 + c].float()
+        r, j = torch.nonzero((ids >= v0) & (ids < v0 + z.shape[1]), as_tuple=True)
+        z[r, ids[r, j] - v0] = -math.inf  # the candidates are not tail
+        a[v0 : v0 + z.shape[1]] = z.sub_(log_tail[:, None]).exp_().sum(0)
     order = a.argsort(descending=True)
     cut = int(torch.searchsorted(a[order].cumsum(0), mass * float(a.sum()))) + 1
     top = order[: min(cut, max_tokens, V)]
