@@ -433,7 +433,7 @@ def test_topk_statistics_swept_in_chunks_equal_the_full_logits():
     from steerport.train.topk import rows_stats
 
     g = torch.Generator().manual_seed(3)
-    V, d, M, k = 300, 16, 40, 10
+    V, d, M, k = 1100, 16, 40, 10
     E, bias = torch.randn(V, d, generator=g), torch.randn(V, generator=g)
     h, y = torch.randn(M, d, generator=g) * 0.3, torch.randint(0, V, (M,), generator=g)  # spread: every tail counts
     z = (h.double() @ E.double().T) + bias.double()  # (M, V): the reference, all logits at once
@@ -443,7 +443,7 @@ def test_topk_statistics_swept_in_chunks_equal_the_full_logits():
     tail = torch.ones(M, V, dtype=torch.bool)
     tail[torch.arange(M)[:, None], torch.cat([y[:, None], top_i], 1)] = False
     p_tail = torch.where(tail, z, -math.inf).softmax(1)  # (M, V), the tail's own distribution
-    for chunk in (7, 32, 128, 512):  # many chunks (the top-k merge across chunks), a few, by column groups, and one
+    for chunk in (7, 32, 256, 2048):  # many chunks (the merge across chunks), by column groups (256 | chunk), and one
         ids, z0, log_tail, e_tail = rows_stats(h, y, E, bias, k, chunk=chunk)
         assert torch.equal(ids[:, 0].long(), y) and torch.equal(ids[:, 1:].long(), top_i)
         torch.testing.assert_close(z0.double(), torch.cat([z[torch.arange(M), y][:, None], top_v], 1), rtol=1e-5, atol=1e-5)
