@@ -132,7 +132,8 @@ def check_head_matches(lm: LoadedModel, ids: list[int]) -> None:
     mask = torch.ones_like(x)
     full = lm.model(input_ids=x, attention_mask=mask, use_cache=False).logits.float()[0]  # (T, V)
     (h,) = capture(lm, ["head"], input_ids=x, attention_mask=mask)
-    z = h[0].float() @ lm.output_embeddings.float().T  # (T, V)
+    E = lm.output_embeddings
+    z = (h[0].to(E.dtype) @ E.T).float()  # (T, V), in E's dtype as the model's own head (no fp32 copy of E)
     if lm.lm_head_bias is not None:
         z = z + lm.lm_head_bias.float()
     z, _ = apply_softcap(z, lm.softcap)
