@@ -131,6 +131,39 @@ def rows_weighted_sum(rows: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, E:
     return F.embedding_bag(inv, E[uniq].float(), offsets, mode="sum", per_sample_weights=w[order].float())
 
 
+def first_candidates(z: torch.Tensor, top_v: torch.Tensor, top_i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fill each row's K−1 candidates (``top_v``, ``top_i`` (M, K−1), in place) from the first chunk z (M, c) of the
+    vocabulary (a wide top-k); returns the (rows, token ids, logits) that entered."""
+    best, chosen = block_topk(z, min(top_v.shape[1], z.shape[1]))
+    top_v[:, : best.shape[1]], top_i[:, : best.shape[1]] = best, chosen
+    rows = torch.arange(len(z))[:, None].expand_as(chosen).flatten()
+    return rows, chosen.flatten(), best.flatten()
+
+
+def merge_candidates(z: torch.Tensor, v0: int, top_v: torch.Tensor, top_i: torch.Tensor,
+                     groups: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge a later chunk z (M, c), starting at token ``v0``, into the candidates (``top_v``, ``top_i``, in place).
+
+    Only entries above a row's current (K−1)-th best can enter, a few per row (:func:`entries_above`); they are
+    merged by a top-k over K−1 + that few. Returns the (rows, token ids, logits) that entered.
+    """
+    k1 = top_v.shape[1]
+    r_up, c_up = entries_above(z, top_v[:, -1], groups)
+    if not len(r_up):
+        return r_up, c_up, z.new_empty(0)
+    merge, counts = torch.unique_consecutive(r_up, return_counts=True)
+    slot = torch.arange(len(r_up)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    at = (torch.repeat_interleave(torch.arange(len(merge)), counts), slot)
+    new_v = torch.full((len(merge), int(counts.max())), -math.inf)
+    new_i = torch.zeros(new_v.shape, dtype=torch.long)
+    new_v[at], new_i[at] = z[r_up, c_up], c_up + v0
+    best, pick = torch.cat([top_v[merge], new_v], 1).topk(k1, dim=1)
+    chosen = torch.cat([top_i[merge], new_i], 1).gather(1, pick)
+    top_v[merge], top_i[merge] = best, chosen
+    new_ones = (pick >= k1) & torch.isfinite(best)  # this chunk's tokens among the candidates now
+    return merge[:, None].expand_as(pick)[new_ones], chosen[new_ones], best[new_ones]
+
+
 @torch.no_grad()
 def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Tensor | None,
                k: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,28 +209,11 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
         groups = z.view(M, -1, GROUP).amax(2) if z.shape[1] % GROUP == 0 else None  # (M, c / GROUP)
         z_max = z.amax(1) if groups is None else groups.amax(1)
         m_new = torch.maximum(m, torch.where(inside, torch.maximum(z_max, zy), z_max))
-        if k > 1 and v0 == 0:  # the first chunk: every row takes its best K−1 (a wide top-k)
-            best, chosen = block_topk(z, min(k - 1, z.shape[1]))
-            top_v[:, : best.shape[1]], top_i[:, : best.shape[1]] = best, chosen
-            r_new = rows[:, None].expand_as(chosen).flatten()
-            aside.append((r_new, chosen.flatten(), best.flatten()))
-            z[r_new, chosen.flatten()] = -math.inf
-        elif k > 1:  # later chunks: only entries above a row's (K−1)-th best so far can enter (a few per row)
-            r_up, c_up = entries_above(z, top_v[:, -1], groups)
-            if len(r_up):
-                merge, counts = torch.unique_consecutive(r_up, return_counts=True)
-                slot = torch.arange(len(r_up)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-                at = (torch.repeat_interleave(torch.arange(len(merge)), counts), slot)
-                new_v = torch.full((len(merge), int(counts.max())), -math.inf)
-                new_i = torch.zeros(new_v.shape, dtype=torch.long)
-                new_v[at], new_i[at] = z[r_up, c_up], c_up + v0
-                best, pick = torch.cat([top_v[merge], new_v], 1).topk(k - 1, dim=1)
-                chosen = torch.cat([top_i[merge], new_i], 1).gather(1, pick)
-                top_v[merge], top_i[merge] = best, chosen
-                new_ones = (pick >= k - 1) & torch.isfinite(best)  # this chunk's tokens among the candidates now
-                r_new = merge[:, None].expand_as(pick)[new_ones]
-                aside.append((r_new, chosen[new_ones], best[new_ones]))
-                z[r_new, chosen[new_ones] - v0] = -math.inf  # set aside
+        if k > 1:  # tokens that enter a row's candidates are set aside (out of S and Q) until the end decides
+            r_new, i_new, v_new = (first_candidates(z, top_v, top_i) if v0 == 0
+                                   else merge_candidates(z, v0, top_v, top_i, groups))
+            aside.append((r_new, i_new, v_new))
+            z[r_new, i_new - v0] = -math.inf
         scale = torch.exp(m - m_new)
         w = z.sub_(m_new[:, None]).exp_()  # in place: z is not needed any more
         S = S * scale + w.sum(1)
