@@ -1,6 +1,6 @@
 """The numbers steerport reports, as pure functions of tensors and scores.
 
-* :func:`roc_auc` — the steer as a classifier (scikit-learn's ``roc_auc_score``).
+* :func:`roc_auc` — the steer as a classifier (equal to scikit-learn's ``roc_auc_score``).
 * :func:`separation` — Sep = [ℓ_s(D+) − ℓ_0(D+)] − [ℓ_s(D−) − ℓ_0(D−)].
 * :func:`kl_divergence` — KL(p ‖ q) per position from log-probabilities; the KL budget κ is its mean.
 * :func:`wilson_interval` — a share's 95 % interval (judge rates).
@@ -32,14 +32,22 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence[float]
 
 
 def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
-    """ROC AUC of ``scores`` for labels > 0 against labels <= 0 (ties count half)."""
-    from sklearn.metrics import roc_auc_score
+    """ROC AUC of ``scores`` for labels > 0 against labels <= 0 (ties count half).
 
+    The Mann–Whitney form: AUC = (Σ ranks of the positives − n₊(n₊+1)/2) / (n₊ n₋), with tied
+    scores sharing their average rank (equal to scikit-learn's ``roc_auc_score``, without its
+    second-long import on every ``steerport train``).
+    """
     s = np.asarray(torch.as_tensor(scores, dtype=torch.float64).flatten())
     y = np.asarray(torch.as_tensor(labels, dtype=torch.float64).flatten()) > 0
     if y.all() or not y.any():
         raise SteerportError("ROC AUC needs texts of both classes")
-    return float(roc_auc_score(y, s))
+    if np.isnan(s).any():
+        raise SteerportError("ROC AUC of scores that are not numbers (NaN)")
+    _, where, counts = np.unique(s, return_inverse=True, return_counts=True)
+    rank = (np.cumsum(counts) - (counts - 1) / 2)[where]  # 1-based, ties at their average rank
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return float((rank[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -5,6 +5,7 @@ import gc
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,22 @@ def test_auc_of_perfect_and_reversed_scorer():
     assert roc_auc([0.9, 0.8, 0.1, 0.2, 0.7], labels) == 1.0
     assert roc_auc([0.1, 0.2, 0.9, 0.8, 0.3], labels) == 0.0
     assert roc_auc([0.5] * 5, labels) == 0.5
+
+
+def test_auc_equals_scikit_learns_with_ties_and_refuses_nan():
+    from sklearn.metrics import roc_auc_score
+
+    g = np.random.default_rng(0)
+    for n in (2, 7, 300):
+        y = np.arange(n) % 2 == 0
+        scores = g.integers(0, 5, n).astype(float)  # many ties
+        assert roc_auc(scores, y) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+        scores = g.normal(size=n) + y
+        assert roc_auc(scores, y.astype(float)) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    with pytest.raises(SteerportError, match="NaN"):
+        roc_auc([0.1, float("nan")], [1, 0])
+    with pytest.raises(SteerportError, match="both classes"):
+        roc_auc([0.1, 0.2], [1, 1])
 
 
 def test_separation_known_answer_and_against_itself():
