@@ -640,7 +640,7 @@ def test_exact_and_topk_heads_agree_on_held_out_loss():
 
 @pytest.mark.parametrize("cap", [None, 2.5])
 def test_fused_exact_losses_equal_one_version_at_a_time(cap):
-    from steerport.train.headloss import head_token_losses
+    from steerport.train.headloss import head_token_losses, mirrored
 
     g = torch.Generator().manual_seed(1)
     N, d, V = 7, 5, 300
@@ -648,6 +648,9 @@ def test_fused_exact_losses_equal_one_version_at_a_time(cap):
     y = torch.randint(0, V, (N,), generator=g)
     shifts = [(torch.randn(N, r, generator=g, dtype=torch.float64), torch.randn(d, r, generator=g, dtype=torch.float64))
               for r in (2, 3, 2)]
+    (u0, B0), (u1, B1) = shifts[0], shifts[1]
+    shifts += [(-u0, B0), (u0, B0), (-u0, B0), (-u1, B1.clone()), (2 * u1, B1)]  # signs of one steer, and look-alikes
+    assert mirrored([(u.double(), B) for u, B in shifts], shifts) == {3: 0, 5: 0}  # the first unmirrored match; equal B objects only
     got = head_token_losses(h, shifts, E, bias, y, softcap=cap)
     for j, (u, B) in enumerate(shifts):
         torch.testing.assert_close(got[j], head_token_loss(h, u, B, E, bias, y, softcap=cap, chunk=64), rtol=1e-12, atol=1e-12)

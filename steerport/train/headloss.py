@@ -145,6 +145,18 @@ def check_head_matches(lm: LoadedModel, ids: list[int]) -> None:
         )
 
 
+def mirrored(us: list[tuple[torch.Tensor, torch.Tensor]], shifts: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, int]:
+    """{j: i} for each version j whose u is the negative of an earlier version i's, with the same B object
+    (the summary's +1 / −1 signs): its shift is minus i's, bit for bit, so the product is made once."""
+    out: dict[int, int] = {}
+    for j in range(len(us)):
+        for i in range(j):
+            if i not in out and shifts[i][1] is shifts[j][1] and torch.equal(us[i][0], -us[j][0]):
+                out[j] = i
+                break
+    return out
+
+
 @torch.no_grad()
 def head_token_losses(
     h: torch.Tensor,
@@ -159,7 +171,9 @@ def head_token_losses(
 
     ``shifts``: pairs (u (N, R), B (d, R)), version j being h + B u; the base logits E h are
     computed once per vocabulary chunk and shared (the summary's +1 / −1 / label versions cost
-    little more than one head pass). Each row equals :func:`head_token_loss` of that pair.
+    little more than one head pass), and so is E_c B for versions with the same B and u @ (E_c B)ᵀ
+    for a version whose u is another's negative (:func:`mirrored`; the summary 0.88–0.92× on
+    Gemma-3 and SmolLM2, bit-identical). Each row equals :func:`head_token_loss` of that pair.
     """
     N = h.shape[0]
     J = len(shifts)
@@ -169,6 +183,7 @@ def head_token_losses(
     m = torch.full((J, N), -math.inf, dtype=acc, device=h.device)
     S = torch.zeros(J, N, dtype=acc, device=h.device)
     us = [(u.to(acc), B.to(acc)) for u, B in shifts]
+    mirror = mirrored(us, shifts)
     for v0 in range(0, E.shape[0], chunk):
         Ec = E[v0 : v0 + chunk]
         base = (hc @ Ec.T).to(acc)  # (N, c)
@@ -176,11 +191,17 @@ def head_token_losses(
             base = base + bias[v0 : v0 + chunk].to(acc)
         Eca = Ec.to(acc)
         EcB: dict[int, torch.Tensor] = {}  # versions that share B (the +1 / −1 / label signs) share E_c B
+        shift: dict[int, torch.Tensor] = {}  # (N, c) per version that computes its own
         for j, (u, B) in enumerate(us):
             key = id(shifts[j][1])
-            if key not in EcB:
-                EcB[key] = Eca @ B
-            z, _ = apply_softcap(base + u @ EcB[key].T, softcap)
+            if j in mirror:
+                z = base - shift[mirror[j]]
+            else:
+                if key not in EcB:
+                    EcB[key] = Eca @ B
+                shift[j] = u @ EcB[key].T
+                z = base + shift[j]
+            z, _ = apply_softcap(z, softcap)
             m_new = torch.maximum(m[j], z.amax(1))
             S[j] = S[j] * torch.exp(m[j] - m_new) + (z - m_new[:, None]).exp_().sum(1)
             m[j] = m_new
