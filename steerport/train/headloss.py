@@ -145,13 +145,13 @@ def check_head_matches(lm: LoadedModel, ids: list[int]) -> None:
         )
 
 
-def mirrored(us: list[tuple[torch.Tensor, torch.Tensor]], shifts: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, int]:
+def mirrored(shifts: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, int]:
     """{j: i} for each version j whose u is the negative of an earlier version i's, with the same B object
     (the summary's +1 / −1 signs): its shift is minus i's, bit for bit, so the product is made once."""
     out: dict[int, int] = {}
-    for j in range(len(us)):
+    for j in range(len(shifts)):
         for i in range(j):
-            if i not in out and shifts[i][1] is shifts[j][1] and torch.equal(us[i][0], -us[j][0]):
+            if i not in out and shifts[i][1] is shifts[j][1] and torch.equal(shifts[i][0], -shifts[j][0]):
                 out[j] = i
                 break
     return out
@@ -183,7 +183,7 @@ def head_token_losses(
     m = torch.full((J, N), -math.inf, dtype=acc, device=h.device)
     S = torch.zeros(J, N, dtype=acc, device=h.device)
     us = [(u.to(acc), B.to(acc)) for u, B in shifts]
-    mirror = mirrored(us, shifts)
+    mirror = mirrored(shifts)
     for v0 in range(0, E.shape[0], chunk):
         Ec = E[v0 : v0 + chunk]
         base = (hc @ Ec.T).to(acc)  # (N, c)

@@ -215,7 +215,7 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
                 merged = 1  # aside[:merged] are in the candidates already
             else:  # entries above a row's current (K−1)-th best: merged into the candidates now and then
                 r_new, c_new = entries_above(z, top_v[:, -1], groups)
-                r_new, i_new, v_new = r_new, c_new + v0, z[r_new, c_new]
+                i_new, v_new = c_new + v0, z[r_new, c_new]
                 pending += len(r_new)
             aside.append((r_new, i_new, v_new))
             z[r_new, i_new - v0] = -math.inf
