@@ -6,8 +6,9 @@ On the first ``FRACTION`` of the shipped SST-2 slice (train and dev split alike,
 * measures the training texts' LM loss at each text's label along the ray c · steer (c = 0.5 … 6): if the
   calibrated value were too weak or too strong for the target's data, the fit would first have to rescale it;
 * runs the trainer's defaults from the start, and the same with one factor frozen (its gradient dropped before
-  each Adam step) or with a penalty λ Σ ‖P − P₀‖² / ‖P₀‖² pulling A and B towards the start (``Fitter.step``
-  replaced for the run: an experiment, not a trainer option);
+  each Adam step), with a penalty λ Σ ‖P − P₀‖² / ‖P₀‖² pulling A and B towards the start, or with a ranking
+  term α · mean softplus(−y · 10 · score) over the batch's texts, score = mean log-prob at +1 minus at −1, the
+  steer-as-classifier score (``Fitter.step`` replaced for the run: an experiment, not a trainer option);
 * scores every steer on the shipped test slice (never trained on): AUC with a bootstrap 95 % interval,
   separation, and the test loss at each text's label.
 
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -36,7 +38,7 @@ from steerport.transfer import transfer_steer  # noqa: E402
 SOURCE = ROOT / "benchmarks/steers/smollm2-135m-sst2-positive.st"
 SCALES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 VARIANTS = {"warm (defaults)": {}, "fit B only": {"freeze": "A"}, "fit A only": {"freeze": "B"},
-            "pull λ 0.03": {"pull": 0.03}, "pull λ 0.3": {"pull": 0.3}}
+            "pull λ 0.03": {"pull": 0.03}, "pull λ 0.3": {"pull": 0.3}, "ranking α 1": {"rank": 1.0}}
 
 
 def scaled(steer: Steer, c: float) -> Steer:
@@ -44,8 +46,9 @@ def scaled(steer: Steer, c: float) -> Steer:
                  meta=dict(steer.meta))
 
 
-def step_with(freeze: str | None = None, pull: float = 0.0):
-    """A replacement for ``Fitter.step``: one factor frozen, or a pull towards the factors of the first step."""
+def step_with(freeze: str | None = None, pull: float = 0.0, rank: float = 0.0):
+    """A replacement for ``Fitter.step``: one factor frozen, a pull towards the factors of the first step, or a
+    ranking term on the texts' classifier scores."""
     def step(self, idx: torch.Tensor) -> float:
         if not hasattr(self, "start"):
             self.start = {k: v.detach().clone() for k, v in self.params.items()}
@@ -53,6 +56,11 @@ def step_with(freeze: str | None = None, pull: float = 0.0):
         loss = self.token_loss(idx).mean()
         total = loss + pull * sum(((self.params[k] - self.start[k]) ** 2).sum() / (self.start[k] ** 2).sum()
                                   for k in ("A", "B")) if pull else loss
+        if rank:
+            d = self.token_loss(idx, sign=-1.0) - self.token_loss(idx, sign=1.0)  # log p at +1 − at −1, per position
+            texts, inv = torch.unique(self.cache.text_id[idx].long(), return_inverse=True)
+            score = torch.zeros(len(texts)).index_add(0, inv, d) / torch.bincount(inv, minlength=len(texts))
+            total = total + rank * F.softplus(-self.labels[texts] * 10.0 * score).mean()
         total.backward()
         if freeze:
             self.params[freeze].grad = None
