@@ -1,4 +1,4 @@
-"""Why a warm start does not improve (issue 12, part 3): the value's scale, which factor is fitted, a pull to the start.
+"""Why a warm start does not improve (issue 12, part 3): the scale, the factor fitted, a pull to the start, a ranking term.
 
 The transferred steer (SmolLM2 → Gemma-3 sentiment, the shipped source steer, the default transfer) is the start.
 On the first ``FRACTION`` of the shipped SST-2 slice (train and dev split alike, as ``warm_start.py``) this script
