@@ -167,8 +167,9 @@ def bench_model(model: str, args) -> dict[str, Any]:
 
     out: dict[str, Any] = {"train_texts": len(data.train), "heldout_texts": len(data.heldout), "train_tokens": n_train_tokens,
                            "model_dtype": str(lm.dtype).removeprefix("torch.")}
-    # an untimed padded pass first: oneDNN compiles a kernel per new batch shape, and the trainer's body pass
-    # meets its packed shapes warm (the packed pass below runs them first), so the baseline should be warm too
+    # an untimed padded pass first: the first one in a process ran 14–69 % slower on Gemma-3 (cause not pinned down;
+    # oneDNN builds a kernel per new batch shape), and the trainer's body pass meets its packed shapes warm (the
+    # packed pass below runs them first), so the baseline should be warm too
     plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch)
     fwd, cpu_fwd, pad_share = plain_forward_seconds(lm, train_tokens, config.cache_tokens_per_batch)
     out["plain_forward"] = {"seconds": fwd, "cpu_seconds": cpu_fwd, "padded_share": pad_share}
