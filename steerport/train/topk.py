@@ -196,7 +196,7 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
     rows = torch.arange(M)
     zy = torch.zeros(M)  # the target's logit, read from the same matmul as the rest
     aside: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, token ids, logits) set aside
-    merged, pending = 0, 0  # aside[:merged] went through a merge; entries after it
+    merged, pending = 1, 0  # aside[:merged] are among the candidates (aside[0]: the first chunk's); entries after it
     for v0 in range(0, V, c):
         Ec = E[v0 : v0 + c]
         z = (hc @ Ec.T).float()  # (M, c)
@@ -212,7 +212,6 @@ def rows_stats(h: torch.Tensor, y: torch.Tensor, E: torch.Tensor, bias: torch.Te
         if k > 1:  # tokens that may enter a row's candidates are set aside (out of S and Q) until the end decides
             if v0 == 0:
                 r_new, i_new, v_new = first_candidates(z, top_v, top_i)
-                merged = 1  # aside[:merged] are in the candidates already
             else:  # entries above a row's current (K−1)-th best: merged into the candidates now and then
                 r_new, c_new = entries_above(z, top_v[:, -1], groups)
                 i_new, v_new = c_new + v0, z[r_new, c_new]
