@@ -18,6 +18,7 @@ On the first ``FRACTION`` of the shipped SST-2 slice (train and dev split alike,
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,11 +40,6 @@ SOURCE = ROOT / "benchmarks/steers/smollm2-135m-sst2-positive.st"
 SCALES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 VARIANTS = {"warm (defaults)": {}, "fit B only": {"freeze": "A"}, "fit A only": {"freeze": "B"},
             "pull λ 0.03": {"pull": 0.03}, "pull λ 0.3": {"pull": 0.3}, "ranking α 1": {"rank": 1.0}}
-
-
-def scaled(steer: Steer, c: float) -> Steer:
-    return Steer(steer.kind, dict(steer.tensors), steer.epsilon * c, positive=steer.positive, model=dict(steer.model),
-                 meta=dict(steer.meta))
 
 
 def step_with(freeze: str | None = None, pull: float = 0.0, rank: float = 0.0):
@@ -84,7 +80,7 @@ def main() -> None:
         data = fraction_of(load_data(DataOptions(files=["sst2"])), frac)
         print(f"\n## fraction {frac}: {len(data.train)} training + {len(data.heldout)} dev texts", flush=True)
         train_set = TestSet(lm, [e.text for e in data.train], torch.tensor([float(e.label) for e in data.train]), 128)
-        ray = train_set.evaluate([scaled(start, c) for c in SCALES], boot=10)
+        ray = train_set.evaluate([replace(start, epsilon=start.epsilon * c) for c in SCALES], boot=10)
         print("training texts' loss at label along c · start: " + ", ".join(
             f"c {c:g}: {r['test_loss_at_label']:.4f}" for c, r in zip(SCALES, ray)) + f" (unsteered {ray[0]['test_loss_unsteered']:.4f})")
         steers = {"start (transferred)": start}
