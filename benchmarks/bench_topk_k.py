@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -116,7 +117,7 @@ def main() -> None:
     for rep in range(args.reps):
         for k in ks:
             t0 = time.perf_counter()
-            res = train(lm, data, TrainConfig(**{**config.__dict__, "topk": k}), workdir=args.workdir)
+            res = train(lm, data, replace(config, topk=k), workdir=args.workdir)
             r = res.results
             runs.append({"k": k, "rep": rep, "wall_s": time.perf_counter() - t0,
                          "timings": res.steer.meta["training"]["timings"], "steps": r["steps"], "best_step": r["best_step"],

@@ -8,15 +8,15 @@ at the mean state h̄ of neutral text:
 
 Each version is scaled to mean KL κ = 0.05 on neutral text (the ladder's bundled ``fit``
 paragraphs, exact head), then scored on the ladder's held-out test texts as
-``transfer_ladder.py`` scores a whole steer: separation (mean per-token log-prob shift on the
-steered-toward texts minus on the others, sign-free) and steer-as-classifier AUC. It reads the
+``transfer_ladder.py`` scores a whole steer: separation (mean per-token log-prob shift at +value on the
+texts labelled 1 minus on the others; negative when a part pushes the wrong way) and steer-as-classifier AUC. It reads the
 steers of a ladder work folder (``transfer_ladder.py --work``): the target's native steer and every
 steer carried into it with ``--form``.
 
-Example (the numbers in ``results/retained_parts.md``)::
+Example (the numbers in ``results/retained_parts_toxicity.md``)::
 
-    python -m benchmarks.retained_parts --task toxicity --targets smollm2-135m,gemma3-270m,qwen2.5-0.5b \\
-        --work ~/.cache/steerport-bench/ladder --form refined
+    python -m benchmarks.retained_parts --task toxicity --work ~/.cache/steerport-bench/ladder \\
+        --out benchmarks/results/retained_parts_toxicity
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def score(he: HeadEval, shift: Shift, B: torch.Tensor, value: float, labels: np.
     lp_plus = -topk_token_loss(he.stats, he.idx, u, B, he.E)
     lp_minus = -topk_token_loss(he.stats, he.idx, -u, B, he.E)
     d = per_text_mean(lp_plus - lp0, he.cache).numpy()
-    return {"separation": abs(float(d[labels == 1].mean() - d[labels == 0].mean())),
+    return {"separation": float(d[labels == 1].mean() - d[labels == 0].mean()),  # signed as the ladder's
             "auc": roc_auc(per_text_mean(lp_plus - lp_minus, he.cache).numpy(), labels)}
 
 
