@@ -31,16 +31,14 @@ import numpy as np
 import torch
 
 from benchmarks.refine_check import HeadEval
-from benchmarks.transfer_ladder import native_path, sentiment, toxicity, transferred_path
+from benchmarks.transfer_ladder import native_path, neutral_texts, sentiment, toxicity, transferred_path
 from steerport import __version__
 from steerport.capture import cache_hidden
 from steerport.fileio import atomic_write_json, atomic_write_text
-from steerport.metrics import find_value_for_kl, roc_auc
+from steerport.metrics import find_value_for_kl, kl_divergence, roc_auc
 from steerport.models import LoadedModel, cpu_name, load_model
 from steerport.scoring import per_text_mean
 from steerport.steer import Steer
-from steerport.strength import cut
-from steerport.texts import neutral
 from steerport.train.topk import topk_token_loss
 
 HERE = Path(__file__).resolve().parent
@@ -55,7 +53,7 @@ class NeutralKL:
     """Exact mean KL(p_steered ‖ p) on neutral text for any u(h) (the ladder's neutral scorer's texts)."""
 
     def __init__(self, lm: LoadedModel, n_texts: int = 16):
-        cache = cache_hidden(lm, [cut(t) for t in neutral("fit", limit=n_texts)], max_tokens=256, predicted_only=True)
+        cache = cache_hidden(lm, neutral_texts(n_texts), max_tokens=256, predicted_only=True)
         self.h = cache.h.float()
         self.E = lm.output_embeddings.detach().float()
         self.bias = None if lm.lm_head_bias is None else lm.lm_head_bias.detach().float()
@@ -71,7 +69,7 @@ class NeutralKL:
             z0 = h @ self.E.T + (0 if self.bias is None else self.bias)
             lp0 = torch.log_softmax(z0, -1)
             lp = torch.log_softmax(z0 + value * shift(h) @ EB.T, -1)
-            total += float((lp.exp() * (lp - lp0)).sum(1).double().sum())
+            total += float(kl_divergence(lp, lp0).double().sum())
         return total / len(self.h)
 
 

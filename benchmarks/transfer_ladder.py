@@ -294,10 +294,14 @@ def steers_on(work: Path, task: str, tgt: str, specs: list[str], seeds: list[int
     return {k: v for k, v in out.items() if v.exists()}
 
 
+def neutral_texts(n: int = 16) -> list[str]:
+    """Neutral text the calibration never sees: the first ``n`` bundled ``fit`` paragraphs, cut at a word boundary."""
+    return [cut(t) for t in neutral("fit", limit=n)]
+
+
 def neutral_scorer(lm: LoadedModel, n: int = 16) -> HeadScorer:
-    """Mean KL per token on neutral text the calibration never sees (the bundled ``fit`` paragraphs)."""
-    texts = [cut(t) for t in neutral("fit", limit=n)]
-    return HeadScorer(lm, cache_hidden(lm, texts, max_tokens=256, tokens_per_batch=1024), max_base_bytes=2 << 30)
+    """Mean KL per token on :func:`neutral_texts`."""
+    return HeadScorer(lm, cache_hidden(lm, neutral_texts(n), max_tokens=256, tokens_per_batch=1024), max_base_bytes=2 << 30)
 
 
 def matched_values(scorer: HeadScorer, steer: Steer, kappas: tuple[float, ...], rel_tol: float = 0.02) -> dict[str, dict[str, float]]:
