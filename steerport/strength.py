@@ -270,6 +270,15 @@ def curve_for(steer: Steer, lm: LoadedModel | Callable[[], LoadedModel] | None, 
     return measure_curve(lm, steer, text=text, force=force)
 
 
+def value_for_kl(lm: LoadedModel, steer: Steer, kl: float, *, text: CurveText | None = None,
+                 rel_tol: float = REL_TOL, force: bool = False) -> float:
+    """The positive value at which ``steer``'s κ on ``lm`` (on ``text``, default the curve text) is ``kl``."""
+    from steerport.metrics import find_value_for_kl
+
+    scorer = _scorer(lm, steer, text or curve_text(), force)
+    return find_value_for_kl(lambda s: scorer.stats([(steer, s)]).kl, kl, rel_tol=rel_tol).value
+
+
 # --------------------------------------------------------------------------- calibration
 
 

@@ -34,7 +34,8 @@ models is a 24 GB load; the logit form reads only the two output-embedding matri
 ``refined`` (:mod:`steerport.refine`) starts from the hidden form and fits A_t, B_t so the target's
 first-order next-token log-prob shifts match the source's on shared tokens at paired positions,
 weighted by the tokens' probabilities (the unweighted version of that fit is the hidden form);
-optionally also on the tokens the source steer shifts most (``RefineOptions.keywords``, off by default).
+optionally also on the tokens the source steer shifts most (``RefineOptions.keywords``, off by default)
+and on texts the source model writes under the steer (``steered_texts``, :mod:`steerport.steeredtext`).
 Per-form measurements: ``benchmarks/results/refine_check.md`` and ``refine_variants.md``.
 
 The hidden-state map K (:mod:`steerport.hiddenmap`) is fitted on the LM-head inputs of both models
@@ -96,6 +97,8 @@ from steerport.models import LoadedModel, load_model
 from steerport.refine import RefineOptions, refined_carry
 from steerport.refine_cache import cached_prepare_refine
 from steerport.steer import Steer
+from steerport.steeredtext import DEFAULT_KL as DEFAULT_STEERED_KL
+from steerport.steeredtext import steered_texts
 from steerport.strength import CURVE_TEXTS, calibrate_to_curve, curve_for, curve_text, has_curve_on
 from steerport.strength import META_KEY as STRENGTH_KEY
 from steerport.texts import neutral
@@ -133,10 +136,12 @@ class TransferOptions:
     kl_max_evals: int = 12  # at most this many κ_t evaluations (each a pass over calib_texts)
     embed_proxies: int = 4096  # embed calibration: proxy hidden states
     embed_pairs: int = 16384  # embed calibration: aligned token pairs sampled
-    hidden_texts: Sequence[str] | None = None
+    hidden_texts: Sequence[str] | None = None  # (with steered_texts, also where the steered texts' openings come from)
     hidden_max_tokens: int = 128
     hidden_ridge: float = 0.0  # relative ridge for K (0 = plain least squares)
     hidden_holdout: float = 0.1  # share of paired positions held out to measure K
+    steered_texts: int = 0  # hidden / refined: add 2·N texts the source writes under the steer (steerport.steeredtext)
+    steered_kl: float = DEFAULT_STEERED_KL  # ... sampled at ±v where the source's κ(v) is this
     anchor_steps: int = 10_000  # the anchor's defaults: Adam, lr 1e-3, 10k steps, top 4000 tokens
     anchor_lr: float = 1e-3
     anchor_top_k: int = 4000
@@ -155,8 +160,11 @@ class TransferOptions:
         if self.actadd_method not in ACTADD_METHODS:
             raise SteerportError(f"unknown ActAdd transfer method {self.actadd_method!r}; use one of "
                                  f"{', '.join(ACTADD_METHODS)}")
-        if not self.calib_value > 0:
-            raise SteerportError(f"calibration value must be positive, got {self.calib_value}")
+        for name in ("calib_value", "steered_kl"):
+            if not getattr(self, name) > 0:
+                raise SteerportError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if self.steered_texts < 0:
+            raise SteerportError(f"steered_texts must not be negative, got {self.steered_texts}")
         for name in ("calib_count", "calib_max_tokens", "hidden_max_tokens", "max_tokens", "kl_max_evals",
                      "embed_proxies", "embed_pairs"):
             if getattr(self, name) < 1:
@@ -305,10 +313,12 @@ def carry_lm_steer(
     """
     opt = options or TransferOptions()
     form = opt.carry_form(embeddings_given=isinstance(source, ModelEmbeddings) or isinstance(target, ModelEmbeddings))
+    if opt.steered_texts and form not in FULL_MODEL_FORMS:
+        raise SteerportError(f"steered texts are for the hidden and refined forms, not {form}")
     t0 = time.perf_counter()
     src_e, tgt_e = _source_of_rows(source, form, opt), _source_of_rows(target, form, opt)
     check_source(steer, src_e, force)
-    timings: dict[str, float] = {"load_embeddings": round(time.perf_counter() - t0, 3)}
+    timings: dict[str, float] = {"load_embeddings": round(time.perf_counter() - t0, 3), "align": 0.0}
     calib_method = opt.calibration_method()
     lineage: dict[str, Any] = {
         "source_steer": {"fingerprint": steer.fingerprint, "path": source_path, "model": dict(steer.model),
@@ -325,11 +335,18 @@ def carry_lm_steer(
         if form in FULL_MODEL_FORMS or isinstance(source, LoadedModel):
             src_lm = _full_model(source, src_e.spec, opt, why)
         timings["load_models"] = round(time.perf_counter() - t, 3)
+    texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")  # the hidden / refined forms'
+    if opt.steered_texts:  # only with those forms (checked above), whose source model is loaded
+        assert src_lm is not None
+        t = time.perf_counter()
+        extra, lineage["steered_texts"] = steered_texts(src_lm, steer, texts, count=opt.steered_texts, kl=opt.steered_kl,
+                                                        text=curve_text(opt.calib_texts, limit=opt.calib_count),
+                                                        force=force, log=log, progress=progress)
+        texts, timings["steered_texts"] = texts + extra, round(time.perf_counter() - t, 3)
 
     m: Mapping | None = None
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # aligned (src_ids, tgt_ids)
     refined: dict[str, torch.Tensor] | None = None  # the refined form's factors
-    timings["align"] = 0.0
     t = time.perf_counter()
     if form == "anchor":
         P_A, lineage["anchor"] = carry_anchor(src_e.full(), tgt_e.full(), steps=opt.anchor_steps, lr=opt.anchor_lr,
@@ -348,6 +365,10 @@ def carry_lm_steer(
                 found = fit_and_save(src_e.full(), tgt_e.full(), opt.fit, path=mapping_path, alignment=al)
             m, how = found
         pairs = m.pairs
+        if pairs is None and (form == "refined" or calib_method == "embed"):  # a mapping file without its pairs
+            ta = time.perf_counter()
+            al = align_vocab(src_e.full().tokenizer, tgt_e.full().tokenizer)
+            pairs, timings["align"] = (al.src_ids, al.tgt_ids), round(time.perf_counter() - ta, 3)
         log(f"mapping: {how}")
         H, G = m.H, m.G  # (d_s, d_t), (d_t, d_s)
         lineage["mapping"] = {"source": how, "method": m.options.method, "options": m.options.to_dict(),
@@ -363,19 +384,15 @@ def carry_lm_steer(
             P_A = torch.linalg.pinv(H.double()).float()
         elif form == "refined":
             assert src_lm is not None and tgt_lm is not None  # loaded above
-            if pairs is None:  # a mapping file written before the pairs were stored: align the tokenizers
-                al = align_vocab(src_e.full().tokenizer, tgt_e.full().tokenizer)
-                pairs = (al.src_ids, al.tgt_ids)
-            texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")
-            log(f"fitting the hidden-state map and refining on {len(texts)} neutral texts")
+            assert pairs is not None  # aligned above
+            log(f"fitting the hidden-state map and refining on {len(texts)} texts")
             data = cached_prepare_refine(src_lm, tgt_lm, pairs[0], pairs[1], texts, max_tokens=opt.hidden_max_tokens,
                                   ridge=opt.hidden_ridge, opts=opt.refine, log=log, progress=progress)
             rc = refined_carry(steer, H, data, opt.refine, (src_lm, tgt_lm, pairs[0], pairs[1]))
             P_A, refined = rc.K.T, rc.factors
             lineage["hidden_map"], lineage["refine"] = rc.hidden_map, rc.refine
         else:  # hidden
-            texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")
-            log(f"fitting the hidden-state map on {len(texts)} neutral texts")
+            log(f"fitting the hidden-state map on {len(texts)} texts")
             assert src_lm is not None and tgt_lm is not None  # loaded above for the hidden form
             hm = fit_hidden_map(src_lm, tgt_lm, texts, max_tokens=opt.hidden_max_tokens, ridge=opt.hidden_ridge,
                                 holdout=opt.hidden_holdout, progress=progress)
@@ -393,11 +410,7 @@ def carry_lm_steer(
         calib: dict[str, Any] = {"method": "none", "factor": 1.0}
     elif calib_method == "embed":
         assert m is not None  # only the anchor form has no mapping, and it is never calibrated
-        if pairs is None:  # a mapping file written before the pairs were stored: align the tokenizers
-            ta = time.perf_counter()
-            al = align_vocab(src_e.full().tokenizer, tgt_e.full().tokenizer)
-            timings["align"] = round(time.perf_counter() - ta, 3)
-            pairs = (al.src_ids, al.tgt_ids)
+        assert pairs is not None  # aligned above
         rows, _ = calibration_rows(len(pairs[0]), opt.embed_pairs)  # read only the rows calibration uses
         s_ids, t_ids = pairs[0][rows], pairs[1][rows]
         X_s, X_t = src_e.rows(s_ids), tgt_e.rows(t_ids)

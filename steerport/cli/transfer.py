@@ -150,6 +150,8 @@ def describe(source: Steer, res: TransferResult, dest: Path) -> list[str]:
         msg += f"; mapping {lin['mapping']['method']} on {lin['mapping']['n_pairs']} pairs, held-out R² {h.get('r2', float('nan')):.3f}"
     if "hidden_map" in lin:
         msg += f"; hidden map R² {lin['hidden_map'].get('heldout', {}).get('r2', float('nan')):.3f}"
+    if "steered_texts" in lin:
+        msg += f"; {2 * lin['steered_texts']['count']} steered texts at ±{lin['steered_texts']['value']:.3g}"
     if "refine" in lin:
         rec = lin["refine"]
         msg += f"; refined: held-out shift loss {rec['heldout_loss']['init']:.3f} -> {rec['heldout_loss']['final']:.3f}"
@@ -194,6 +196,12 @@ def transfer_cmd(
             "(punctuation); 64 is a good N. Default 0: likely tokens only.")] = 0,
     keywords_words_only: Annotated[bool, typer.Option("--keywords-words-only", help="With --keywords: only tokens whose "
             "text has a letter (drops punctuation and whitespace, a corpus's style rather than its content).")] = False,
+    steered_texts: Annotated[int, typer.Option(help="Refined / hidden form: also fit on 2·N texts SRC writes with the steer at "
+            "±v (N openings of the neutral text, 48 sampled tokens each; v where its KL budget is --steered-kl). Neutral text "
+            "seldom holds the contexts a steer acts on; these do. Costs a generation on SRC and an uncached refinement "
+            "(minutes). Default 0: neutral text only.")] = 0,
+    steered_kl: Annotated[float, finite_option(bound=POSITIVE, help="KL budget (nats/token on the strength-curve text) of "
+            "the value --steered-texts samples at.")] = 0.3,
     anchor_steps: Annotated[int, typer.Option(help="Adam steps of the anchor baseline (its default 10000).")] = 10_000,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -216,6 +224,7 @@ def transfer_cmd(
 
     check_at_least("--lines", lines, 1)
     check_at_least("--keywords", keywords, 0)
+    check_at_least("--steered-texts", steered_texts, 0)
     calib = read_optional(calib_text)
     hidden = read_optional(hidden_text)
     options = TransferOptions(
@@ -223,7 +232,8 @@ def transfer_cmd(
         calib_value=calib_value, calib_texts=calib[:lines] if calib else None,
         hidden_texts=hidden[:lines] if hidden else None, anchor_steps=anchor_steps, dtype=dtype, device=device,
         actadd_method=actadd_method, texts=calib[:lines] if calib else None,
-        refine=RefineOptions(keywords=keywords, keyword_words_only=keywords_words_only),
+        refine=RefineOptions(keywords=keywords, keyword_words_only=keywords_words_only), steered_texts=steered_texts,
+        steered_kl=steered_kl,
     )
     dest = out_file or steer.with_name(f"{steer.stem}.{spec_slug(tgt)}.st")
     run_transfer(steer, src, tgt, options, dest, mapping=mapping, force=force)

@@ -1,0 +1,70 @@
+"""Contexts a steer writes itself: text its own model samples under it, for the refined transfer.
+
+The refined form (:mod:`steerport.refine`) fits the carried steer to the source steer's next-token
+log-prob shifts at positions of neutral text. Neutral encyclopedic text seldom holds the contexts
+where a steer's effect depends on what came before (an insult under way, a review turning sour):
+``benchmarks/retained_parts.py`` measured that carried detox steers keep 0.12–0.31 of their native's
+context-dependent separation. These texts add such contexts: the source model continues the opening
+words of neutral texts with the steer at +v and at −v, v being the value at which the steer's KL
+budget on the strength-curve text is ``kl`` (:func:`steerport.strength.value_for_kl`)::
+
+    opening_i = the first WORDS words of neutral text i          (i < count, cycling)
+    text_i^± = opening_i + sample(source model, steer at ±v, NEW_TOKENS tokens, T = 1, top-p 0.9)
+
+Sampling is seeded, so the same steer and model give the same texts (and the refinement's cache
+hits again). Costs one seeded generation of 2·count continuations on the source model.
+
+Example::
+
+    extra, info = steered_texts(src_lm, steer, neutral("fit"), count=96)
+    texts = neutral("fit") + extra
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from steerport.errors import SteerportError
+from steerport.hooks import generate
+from steerport.models import LoadedModel
+from steerport.steer import Steer
+from steerport.strength import CurveText, value_for_kl
+
+WORDS = 10  # words of each neutral text the source continues
+NEW_TOKENS = 48  # tokens it writes
+TEMPERATURE = 1.0
+TOP_P = 0.9
+SEED = 0
+DEFAULT_KL = 0.3  # nats/token on the curve text: well past the usable range, so the steer's side shows in the text
+
+
+def openings(texts: Sequence[str], count: int, words: int = WORDS) -> list[str]:
+    """The first ``words`` words of the first ``count`` non-empty texts, cycling when there are fewer."""
+    heads = [" ".join(t.split()[:words]) for t in texts if t.strip()]
+    if not heads:
+        raise SteerportError("steered texts need at least one non-empty neutral text to open from")
+    return [heads[i % len(heads)] for i in range(count)]
+
+
+def steered_texts(lm: LoadedModel, steer: Steer, neutral_texts: Sequence[str], *, count: int,
+                  kl: float = DEFAULT_KL, text: CurveText | None = None, force: bool = False, log: Callable[[str], None] = lambda m: None,
+                  progress: Callable[[int], None] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """``2·count`` texts that ``lm`` writes with ``steer`` at −v and +v (κ(v) = ``kl``), each opened by a neutral
+    text's first words, and the record for the lineage. κ is measured on ``text`` (default: the strength-curve
+    text). ``count`` < 1 or a non-positive ``kl``: a one-line error."""
+    if count < 1:
+        raise SteerportError(f"the number of steered texts must be positive, got {count}")
+    if not kl > 0:
+        raise SteerportError(f"the steered texts' KL budget must be a positive number, got {kl}")
+    value = value_for_kl(lm, steer, kl, text=text, force=force)
+    heads = openings(neutral_texts, count)
+    log(f"sampling {2 * count} continuations from {lm.spec} with the steer at ±{value:.3g} (κ {kl:g})")
+    out: list[str] = []
+    for k, s in enumerate((-value, value)):
+        tails = generate(lm, heads, [(steer, s)], max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P,
+                         seed=SEED + k * count, batch_size=16, force=force, progress=progress)
+        out += [" ".join((h + t).split()) for h, t in zip(heads, tails)]  # newlines and runs of spaces to one space
+    info = {"count": count, "kl": kl, "value": round(value, 6), "words": WORDS, "new_tokens": NEW_TOKENS,
+            "temperature": TEMPERATURE, "top_p": TOP_P, "seed": SEED}
+    return out, info
