@@ -13,6 +13,8 @@ the ladder:
    calibration against the source's strength curve (the default transfer when the ladder first
    ran), and seed 0 (``--form-seeds``) by the other ``--forms`` too (default: ``refined``), so the
    benchmark can decide the default form (it decided ``refined``; ``TransferOptions()`` uses it).
+   ``refined-steered`` names the refined form fitted also on texts the source model writes under the
+   steer (:func:`transfer_options`; ``transfer --steered-texts``).
 3. ``evaluate``: on every model, on ``--heldout`` texts per class of the task's **test** split
    (never seen in training or model selection), every native and transferred steer:
 
@@ -250,10 +252,25 @@ def carried(src: str, form: str) -> str:
     return src if form == "logit" else f"{src}+{form}"
 
 
+STEERED = "refined-steered"  # a ladder form name: refined, also fitted on texts the source writes (--steered-texts)
+STEERED_NEUTRAL = 100  # ... beside the first 100 neutral fit texts (with all 300, one cell's AUC fell: 0.889 -> 0.877)
+
+
+def transfer_options(form: str, keywords: int = 0, words_only: bool = False, steered_texts: int = 96) -> TransferOptions:
+    """What a ladder form name stands for: a library form, or ``refined-steered`` (the refined form on
+    ``STEERED_NEUTRAL`` neutral texts and ``steered_texts`` texts per sign that the source steer writes,
+    :mod:`steerport.steeredtext`: about as many positions of each)."""
+    refine = RefineOptions(keywords=keywords, keyword_words_only=words_only)
+    if form == STEERED:
+        return TransferOptions(form="refined", hidden_texts=neutral("fit", limit=STEERED_NEUTRAL), steered_texts=steered_texts,
+                               refine=refine)
+    return TransferOptions(form=form, refine=refine)
+
+
 def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str], seeds: list[int], forms: list[str],
-                   form_seeds: int, keywords: int = 0, words_only: bool = False) -> None:
+                   form_seeds: int, keywords: int = 0, words_only: bool = False, steered_texts: int = 96) -> None:
     """Every seed by the default form; the other forms (a refinement costs minutes) on the first ``form_seeds`` seeds.
-    ``keywords``, ``words_only``: the refined form's keyword term (:class:`~steerport.refine.RefineOptions`)."""
+    ``keywords``, ``words_only``, ``steered_texts``: see :func:`transfer_options`."""
     for seed, form in ((n, f) for f in forms for n in (seeds if f == "logit" else seeds[:form_seeds])):
         for src in specs:
             if not native_path(work, task.name, src, seed).exists():
@@ -265,7 +282,7 @@ def stage_transfer(work: Path, task: TaskData, models: Models, specs: list[str],
                     continue
                 t = time.perf_counter()
                 res = transfer_steer(Steer.load(native_path(work, task.name, src, seed)), models[src], models[tgt],
-                                     TransferOptions(form=form, refine=RefineOptions(keywords=keywords, keyword_words_only=words_only)))
+                                     transfer_options(form, keywords, words_only, steered_texts))
                 res.steer.save(out)
                 cal = res.lineage.get("calibration", {})
                 atomic_write_json(out.with_suffix(".json"), {"seconds": time.perf_counter() - t, "calibration": cal})
@@ -416,6 +433,7 @@ def stage_generate(work: Path, task: TaskData, models: Models, specs: list[str],
                     break
             doc["kappa"], doc["kappa_reaches_0.2"] = chosen, reached
             atomic_write_json(path, doc)
+        assert chosen is not None  # read back, or chosen above
         for src, form in ((x, f) for f in forms for x in specs if x != tgt):
             f = transferred_path(work, task.name, src, tgt, 0, form)
             if f.exists() and f"{carried(src, form)}@{chosen}" not in doc["runs"]:
@@ -503,7 +521,7 @@ def cell_figures(work: Path, task: TaskData, src: str, tgt: str, form: str, seed
 
     point = figures(np.arange(n))
     boots = [figures(rng.integers(0, n, n)) for _ in range(n_boot)]
-    res = {key: summary(vals, [float(np.mean(b[key])) for b in boots]) for key, vals in point.items()}
+    res: dict[str, Any] = {key: summary(vals, [float(np.mean(b[key])) for b in boots]) for key, vals in point.items()}
     # ρ of aligned spans (both tokenizers)
     rho_point, pairs = [], []
     for s in seeds:
@@ -565,6 +583,7 @@ def stage_report(work: Path, tasks: list[TaskData], specs: list[str], seeds: lis
                                         "bootstrap": args.bootstrap, "seeds": seeds, "models": specs,
                                         "transfer": "TransferOptions(form=F), KL calibration", "forms": args.forms.split(","),
                                         "refine_keywords": args.refine_keywords, "refine_keywords_words_only": args.refine_keywords_words_only,
+                                        "steered_texts": args.steered_texts,
                                         "head": "top-256 candidates exact, tail first order (benchmarks.refine_check.HeadEval)"},
                            "tasks": {}}
     for task in tasks:
@@ -728,6 +747,7 @@ def main() -> None:
     ap.add_argument("--form-seeds", type=int, default=1, help="seeds carried by the forms other than logit")
     ap.add_argument("--refine-keywords", type=int, default=0, help="the refined form's keyword term (transfer --keywords)")
     ap.add_argument("--refine-keywords-words-only", action="store_true", help="transfer --keywords-words-only")
+    ap.add_argument("--steered-texts", type=int, default=96, help=f"the {STEERED} form's texts per sign (transfer --steered-texts)")
     ap.add_argument("--heldout", type=int, default=400, help="test texts per class")
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--generate-on", default="", help="models to generate on (comma list; default: every model)")
@@ -750,7 +770,7 @@ def main() -> None:
                 stage_train(work, task, models, specs, seeds, TrainConfig())
             elif stage == "transfer":
                 stage_transfer(work, task, models, specs, seeds, forms, args.form_seeds, args.refine_keywords,
-                               args.refine_keywords_words_only)
+                               args.refine_keywords_words_only, args.steered_texts)
             elif stage == "evaluate":
                 stage_evaluate(work, task, models, specs, seeds, forms, args.max_tokens)
             elif stage == "generate":

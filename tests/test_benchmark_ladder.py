@@ -6,7 +6,18 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from benchmarks.transfer_ladder import KAPPAS, generation_figures, judge_rate, matched_values, summary, toxicity
+from benchmarks.transfer_ladder import (
+    KAPPAS,
+    STEERED,
+    STEERED_NEUTRAL,
+    generation_figures,
+    judge_rate,
+    matched_values,
+    summary,
+    toxicity,
+    transfer_options,
+)
+from steerport.texts import neutral
 
 
 class PowerScorer:
@@ -81,3 +92,12 @@ def test_judge_rate_counts_the_side_steered_toward():
     run = {"judge_prob": [0.9, 0.6, 0.4, 0.5]}
     assert judge_rate(run, 1) == 0.5 and judge_rate(run, -1) == 0.5  # 0.5 itself is not above the threshold
     assert judge_rate({"judge_prob": [0.99, 0.98, 0.2]}, -1) == 1 / 3
+
+
+def test_ladder_form_names_stand_for_transfer_options():
+    plain = transfer_options("refined", keywords=4)
+    assert plain.form == "refined" and plain.steered_texts == 0 and plain.hidden_texts is None and plain.refine.keywords == 4
+    steered = transfer_options(STEERED, steered_texts=32)
+    assert steered.form == "refined" and steered.steered_texts == 32
+    assert list(steered.hidden_texts or []) == neutral("fit")[:STEERED_NEUTRAL]
+    assert transfer_options("logit").form == "logit"
