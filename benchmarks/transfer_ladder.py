@@ -81,6 +81,7 @@ from steerport.models import LoadedModel, load_model
 from steerport.refine import RefineOptions
 from steerport.scoring import HeadScorer, per_text_mean
 from steerport.steer import Steer
+from steerport.steeredtext import KEEP_NEUTRAL
 from steerport.strength import cut, record_curve
 from steerport.texts import neutral
 from steerport.train import TrainConfig, train
@@ -253,17 +254,18 @@ def carried(src: str, form: str) -> str:
 
 
 STEERED = "refined-steered"  # a ladder form name: refined, also fitted on texts the source writes (--steered-texts)
-STEERED_NEUTRAL = 100  # ... beside the first 100 neutral fit texts (with all 300, one cell's AUC fell: 0.889 -> 0.877)
+SHORT = "refined-short"  # its control: refined on the neutral texts it keeps (steerport.steeredtext.KEEP_NEUTRAL) alone
 
 
 def transfer_options(form: str, keywords: int = 0, words_only: bool = False, steered_texts: int = 96) -> TransferOptions:
-    """What a ladder form name stands for: a library form, or ``refined-steered`` (the refined form on
-    ``STEERED_NEUTRAL`` neutral texts and ``steered_texts`` texts per sign that the source steer writes,
-    :mod:`steerport.steeredtext`: about as many positions of each)."""
+    """What a ladder form name stands for: a library form, ``refined-steered`` (the refined form with
+    ``steered_texts`` texts per sign that the source steer writes: ``transfer --steered-texts``) or its
+    control ``refined-short`` (the neutral texts that form keeps, without the steered ones)."""
     refine = RefineOptions(keywords=keywords, keyword_words_only=words_only)
     if form == STEERED:
-        return TransferOptions(form="refined", hidden_texts=neutral("fit", limit=STEERED_NEUTRAL), steered_texts=steered_texts,
-                               refine=refine)
+        return TransferOptions(form="refined", steered_texts=steered_texts, refine=refine)
+    if form == SHORT:
+        return TransferOptions(form="refined", hidden_texts=neutral("fit", limit=KEEP_NEUTRAL), refine=refine)
     return TransferOptions(form=form, refine=refine)
 
 

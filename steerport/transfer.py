@@ -84,7 +84,7 @@ from typing import Any
 
 import torch
 
-from steerport import __version__
+from steerport import __version__, steeredtext
 from steerport.anchor import carry_anchor
 from steerport.calibration import cached_proxy_map, calibration_rows, embed_calibration, require_finite
 from steerport.embeddings import ModelEmbeddings, load_embeddings
@@ -97,8 +97,6 @@ from steerport.models import LoadedModel, load_model
 from steerport.refine import RefineOptions, refined_carry
 from steerport.refine_cache import cached_prepare_refine
 from steerport.steer import Steer
-from steerport.steeredtext import DEFAULT_KL as DEFAULT_STEERED_KL
-from steerport.steeredtext import steered_texts
 from steerport.strength import CURVE_TEXTS, calibrate_to_curve, curve_for, curve_text, has_curve_on
 from steerport.strength import META_KEY as STRENGTH_KEY
 from steerport.texts import neutral
@@ -141,7 +139,8 @@ class TransferOptions:
     hidden_ridge: float = 0.0  # relative ridge for K (0 = plain least squares)
     hidden_holdout: float = 0.1  # share of paired positions held out to measure K
     steered_texts: int = 0  # hidden / refined: add 2·N texts the source writes under the steer (steerport.steeredtext)
-    steered_kl: float = DEFAULT_STEERED_KL  # ... sampled at ±v where the source's κ(v) is this
+    steered_kl: float = steeredtext.DEFAULT_KL  # ... sampled at ±v where the source's κ(v) is this
+    steered_neutral: int = steeredtext.KEEP_NEUTRAL  # ... beside the first N neutral texts (about as many positions of each)
     anchor_steps: int = 10_000  # the anchor's defaults: Adam, lr 1e-3, 10k steps, top 4000 tokens
     anchor_lr: float = 1e-3
     anchor_top_k: int = 4000
@@ -165,7 +164,7 @@ class TransferOptions:
                 raise SteerportError(f"{name} must be a positive number, got {getattr(self, name)}")
         if self.steered_texts < 0:
             raise SteerportError(f"steered_texts must not be negative, got {self.steered_texts}")
-        for name in ("calib_count", "calib_max_tokens", "hidden_max_tokens", "max_tokens", "kl_max_evals",
+        for name in ("calib_count", "steered_neutral", "calib_max_tokens", "hidden_max_tokens", "max_tokens", "kl_max_evals",
                      "embed_proxies", "embed_pairs"):
             if getattr(self, name) < 1:
                 raise SteerportError(f"{name} must be positive, got {getattr(self, name)}")
@@ -339,10 +338,10 @@ def carry_lm_steer(
     if opt.steered_texts:  # only with those forms (checked above), whose source model is loaded
         assert src_lm is not None
         t = time.perf_counter()
-        extra, lineage["steered_texts"] = steered_texts(src_lm, steer, texts, count=opt.steered_texts, kl=opt.steered_kl,
-                                                        text=curve_text(opt.calib_texts, limit=opt.calib_count),
-                                                        force=force, log=log, progress=progress)
-        texts, timings["steered_texts"] = texts + extra, round(time.perf_counter() - t, 3)
+        extra, lineage["steered_texts"] = steeredtext.steered_texts(
+            src_lm, steer, texts, count=opt.steered_texts, kl=opt.steered_kl, force=force, log=log, progress=progress,
+            text=curve_text(opt.calib_texts, limit=opt.calib_count))
+        texts, timings["steered_texts"] = texts[: opt.steered_neutral] + extra, round(time.perf_counter() - t, 3)
 
     m: Mapping | None = None
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # aligned (src_ids, tgt_ids)

@@ -8,8 +8,8 @@ import numpy as np
 
 from benchmarks.transfer_ladder import (
     KAPPAS,
+    SHORT,
     STEERED,
-    STEERED_NEUTRAL,
     generation_figures,
     judge_rate,
     matched_values,
@@ -98,6 +98,7 @@ def test_ladder_form_names_stand_for_transfer_options():
     plain = transfer_options("refined", keywords=4)
     assert plain.form == "refined" and plain.steered_texts == 0 and plain.hidden_texts is None and plain.refine.keywords == 4
     steered = transfer_options(STEERED, steered_texts=32)
-    assert steered.form == "refined" and steered.steered_texts == 32
-    assert list(steered.hidden_texts or []) == neutral("fit")[:STEERED_NEUTRAL]
+    assert steered.form == "refined" and steered.steered_texts == 32 and steered.hidden_texts is None
+    short = transfer_options(SHORT)  # the neutral texts the steered form keeps, alone
+    assert short.steered_texts == 0 and list(short.hidden_texts or []) == neutral("fit")[:steered.steered_neutral]
     assert transfer_options("logit").form == "logit"

@@ -65,9 +65,9 @@ def _options(**kw) -> TransferOptions:
 def test_refined_transfer_fits_on_the_steered_texts_too():
     src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
     steer = source_steer(src)
-    res = transfer_steer(steer, src, tgt, _options(steered_texts=3, steered_kl=0.2), force=True)
+    res = transfer_steer(steer, src, tgt, _options(steered_texts=3, steered_kl=0.2, steered_neutral=4), force=True)
     hm = res.lineage["hidden_map"]
-    assert hm["n_texts"] + hm["n_heldout_texts"] == len(TEXTS) + 6
+    assert hm["n_texts"] + hm["n_heldout_texts"] == 4 + 6  # the first 4 neutral texts and 2·3 steered ones
     assert res.lineage["steered_texts"]["count"] == 3 and res.lineage["options"]["steered_texts"] == 3
     assert "steered_texts" in res.lineage["seconds"]
     plain = transfer_steer(steer, src, tgt, _options(), force=True)
@@ -87,6 +87,8 @@ def test_steered_texts_bad_input_is_a_one_line_error():
         TransferOptions(steered_texts=-1)
     with pytest.raises(SteerportError, match="steered_kl must be a positive number"):
         TransferOptions(steered_kl=0.0)
+    with pytest.raises(SteerportError, match="steered_neutral must be positive"):
+        TransferOptions(steered_neutral=0)
     with pytest.raises(SteerportError, match="hidden and refined forms, not logit"):
         transfer_steer(source_steer(src), src, src, TransferOptions(form="logit", calibrate="none", steered_texts=2))
 

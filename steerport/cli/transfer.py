@@ -197,9 +197,9 @@ def transfer_cmd(
     keywords_words_only: Annotated[bool, typer.Option("--keywords-words-only", help="With --keywords: only tokens whose "
             "text has a letter (drops punctuation and whitespace, a corpus's style rather than its content).")] = False,
     steered_texts: Annotated[int, typer.Option(help="Refined / hidden form: also fit on 2·N texts SRC writes with the steer at "
-            "±v (N openings of the neutral text, 48 sampled tokens each; v where its KL budget is --steered-kl). Neutral text "
-            "seldom holds the contexts a steer acts on; these do. Costs a generation on SRC and an uncached refinement "
-            "(minutes). Default 0: neutral text only.")] = 0,
+            "±v (N openings of the neutral text, 48 sampled tokens each; v where its KL budget is --steered-kl), beside "
+            "the first 100 neutral texts. Neutral text seldom holds the contexts a steer acts on; these do. Costs a "
+            "generation on SRC and an uncached refinement (minutes). Default 0: neutral text only.")] = 0,
     steered_kl: Annotated[float, finite_option(bound=POSITIVE, help="KL budget (nats/token on the strength-curve text) of "
             "the value --steered-texts samples at.")] = 0.3,
     anchor_steps: Annotated[int, typer.Option(help="Adam steps of the anchor baseline (its default 10000).")] = 10_000,
