@@ -13,9 +13,10 @@ budget on the strength-curve text is ``kl`` (:func:`steerport.strength.value_for
 
 The refinement then fits on the first ``KEEP_NEUTRAL`` neutral texts and these (about as many token
 positions of each; with all 300 bundled neutral texts the one cell tried did worse). Sampling is seeded,
-so the same steer and model give the same texts (and the refinement's cache hits again). Costs one
-generation of 2·count continuations on the source model and a refinement pass over new text: minutes
-on a 2-core CPU for the catalog models.
+so the same steer and model give the same texts; they are kept in ``STEERPORT_HOME/steered-texts/<key>.json``
+(keyed by the model's weights, the steer and every setting), so carrying one steer to several targets
+samples once. Costs one generation of 2·count continuations on the source model (2–5 min on a 2-core
+CPU for the catalog models) and a refinement pass over new text (1–2.5 min).
 
 Example::
 
@@ -25,14 +26,19 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from steerport.errors import SteerportError
+from steerport.fileio import atomic_write_json
 from steerport.hooks import generate
 from steerport.models import LoadedModel
+from steerport.refine_cache import weights_digest
 from steerport.steer import Steer
-from steerport.strength import CurveText, value_for_kl
+from steerport.strength import CurveText, curve_text, value_for_kl
 
 WORDS = 10  # words of each neutral text the source continues
 NEW_TOKENS = 48  # tokens it writes
@@ -61,14 +67,47 @@ def steered_texts(lm: LoadedModel, steer: Steer, neutral_texts: Sequence[str], *
         raise SteerportError(f"the number of steered texts must be positive, got {count}")
     if not kl > 0:
         raise SteerportError(f"the steered texts' KL budget must be a positive number, got {kl}")
-    value = value_for_kl(lm, steer, kl, text=text, force=force)
     heads = openings(neutral_texts, count)
+    text = text or curve_text()
+    settings = {"count": count, "kl": kl, "words": WORDS, "new_tokens": NEW_TOKENS, "temperature": TEMPERATURE,
+                "top_p": TOP_P, "seed": SEED}
+    path = _cache_path(lm, steer, heads, text, settings)
+    cached = _read_cache(path, 2 * count)
+    if cached is not None:
+        log(f"steered texts: reused {path}")
+        return cached
+    value = value_for_kl(lm, steer, kl, text=text, force=force)
     log(f"sampling {2 * count} continuations from {lm.spec} with the steer at ±{value:.3g} (κ {kl:g})")
     out: list[str] = []
     for k, s in enumerate((-value, value)):
         tails = generate(lm, heads, [(steer, s)], max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P,
                          seed=SEED + k * count, batch_size=16, force=force, progress=progress)
         out += [" ".join((h + t).split()) for h, t in zip(heads, tails)]  # newlines and runs of spaces to one space
-    info = {"count": count, "kl": kl, "value": round(value, 6), "words": WORDS, "new_tokens": NEW_TOKENS,
-            "temperature": TEMPERATURE, "top_p": TOP_P, "seed": SEED}
+    info = {**settings, "value": round(value, 6)}
+    try:
+        atomic_write_json(path, {"texts": out, "info": info})
+    except OSError:
+        pass  # an unwritable cache only costs time
     return out, info
+
+
+def _cache_path(lm: LoadedModel, steer: Steer, heads: list[str], text: CurveText, settings: dict[str, Any]) -> Path:
+    """Where the texts of this model (its weights, dtype and device), steer, openings, curve text and settings live."""
+    from steerport.catalog import steerport_home
+
+    key = json.dumps([lm.fingerprint, weights_digest(lm), str(lm.dtype), lm.device.type, steer.fingerprint, heads,
+                      text.sha256, settings])
+    return steerport_home() / "steered-texts" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _read_cache(path: Path, n: int) -> tuple[list[str], dict[str, Any]] | None:
+    """The cached texts and record, or None when the file is missing or not what :func:`steered_texts` writes."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    texts, info = (doc.get("texts"), doc.get("info")) if isinstance(doc, dict) else (None, None)
+    if not (isinstance(texts, list) and len(texts) == n and all(isinstance(t, str) for t in texts)
+            and isinstance(info, dict)):
+        return None
+    return texts, info

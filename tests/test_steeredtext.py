@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -51,7 +52,25 @@ def test_steered_texts_are_seeded_continuations_at_minus_then_plus_the_value():
                          seed=SEED + 4 * k, batch_size=16)
         assert texts[4 * k: 4 * k + 4] == [" ".join((h + t).split()) for h, t in zip(heads, tails)]
     assert all(t.startswith(h) for t, h in zip(texts, heads + heads))
-    assert steered_texts(lm, steer, TEXTS, count=4, kl=0.2, text=CURVE)[0] == texts  # the same call, the same texts
+
+def test_steered_texts_are_cached_and_a_bad_cache_file_is_resampled(tmp_path):
+    lm = tiny_model("llama", seed=0)
+    steer = source_steer(lm)
+    texts, info = steered_texts(lm, steer, TEXTS, count=2, kl=0.2, text=CURVE)
+    (path,) = (tmp_path / "home" / "steered-texts").glob("*.json")
+    said: list[str] = []
+    assert steered_texts(lm, steer, TEXTS, count=2, kl=0.2, text=CURVE, log=said.append) == (texts, info)
+    assert said == [f"steered texts: reused {path}"]
+    path.write_text('{"texts": ["too few"], "info": {}}')
+    assert steered_texts(lm, steer, TEXTS, count=2, kl=0.2, text=CURVE) == (texts, info)  # sampled again, the same
+    assert json.loads(path.read_text())["texts"] == texts
+    other, _ = steered_texts(lm, steer, TEXTS, count=2, kl=0.3, text=CURVE)  # another setting, another file
+    assert len(list((tmp_path / "home" / "steered-texts").glob("*.json"))) == 2 and other != texts
+
+
+def test_steered_texts_bad_input():
+    lm = tiny_model("llama", seed=0)
+    steer = source_steer(lm)
     with pytest.raises(SteerportError, match="must be positive"):
         steered_texts(lm, steer, TEXTS, count=0, text=CURVE)
     with pytest.raises(SteerportError, match="KL budget"):
