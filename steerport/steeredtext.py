@@ -20,8 +20,8 @@ CPU for the catalog models) and a refinement pass over new text (1–2.5 min).
 
 Example::
 
-    extra, info = steered_texts(src_lm, steer, neutral("fit"), count=96)
-    texts = neutral("fit") + extra
+    extra, info = steered_texts(src_lm, steer, neutral("fit"), count=96)   # 192 texts, info["value"] = v
+    texts = neutral("fit", limit=KEEP_NEUTRAL) + extra                     # what the refined transfer fits on
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from steerport.refine import (
     token_shifts,
 )
 from steerport.transfer import TransferOptions, transfer_steer
-from tests.test_transfer import TEXTS, D, _save_dir, logit_shift, random_basis, source_steer, transformed_model
-from tests.tiny import random_steer_factors, tiny_model
+from tests.test_transfer import TEXTS, D, logit_shift, random_basis, saved_pair_and_steer, source_steer, transformed_model
+from tests.tiny import tiny_model
 
 
 def _refined(steer, src, tgt, **kw):
@@ -198,17 +198,12 @@ def test_cli_transfer_records_the_keyword_options(tmp_path, monkeypatch, capsys)
     import sys
 
     from steerport.cli import main
-    from steerport.embeddings import load_embeddings
     from steerport.steer import Steer
 
-    src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
-    dirs = [_save_dir(src, tmp_path / "a"), _save_dir(tgt, tmp_path / "b")]
-    A, B = random_steer_factors(D, 3)
-    Steer.lm_steer(A, B, epsilon=0.5, model={"spec": dirs[0], "fingerprint": load_embeddings(dirs[0]).fingerprint}).save(
-        tmp_path / "pos.st")
+    dirs, steer_file = saved_pair_and_steer(tmp_path)
     (tmp_path / "neutral.txt").write_text("\n".join(TEXTS))
     out = tmp_path / "pos.b.st"
-    monkeypatch.setattr(sys, "argv", ["steerport", "transfer", *dirs, "--steer", str(tmp_path / "pos.st"), "--form", "refined",
+    monkeypatch.setattr(sys, "argv", ["steerport", "transfer", *dirs, "--steer", str(steer_file), "--form", "refined",
                                       "--calibrate", "none", "--hidden-text", str(tmp_path / "neutral.txt"), "--keywords", "4",
                                       "--keywords-words-only", "--out", str(out)])
     main()

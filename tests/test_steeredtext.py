@@ -14,8 +14,8 @@ from steerport.steer import Steer
 from steerport.steeredtext import NEW_TOKENS, SEED, TEMPERATURE, TOP_P, openings, steered_texts
 from steerport.strength import curve_text, measure_curve, value_for_kl
 from steerport.transfer import TransferOptions, transfer_steer
-from tests.test_transfer import TEXTS, _save_dir, source_steer
-from tests.tiny import D, random_steer_factors, tiny_model
+from tests.test_transfer import TEXTS, saved_pair_and_steer, source_steer
+from tests.tiny import tiny_model
 
 CURVE = curve_text(TEXTS * 3)  # the tiny models' context is too short for the bundled curve text
 
@@ -114,16 +114,11 @@ def test_steered_texts_bad_input_is_a_one_line_error():
 
 def test_cli_transfer_steered_texts(tmp_path, monkeypatch, capsys):
     from steerport.cli import main
-    from steerport.embeddings import load_embeddings
 
-    src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
-    dirs = [_save_dir(src, tmp_path / "a"), _save_dir(tgt, tmp_path / "b")]
-    A, B = random_steer_factors(D, 3)
-    Steer.lm_steer(A, B, epsilon=0.5, model={"spec": dirs[0], "fingerprint": load_embeddings(dirs[0]).fingerprint}).save(
-        tmp_path / "pos.st")
+    dirs, steer_file = saved_pair_and_steer(tmp_path)
     (tmp_path / "neutral.txt").write_text("\n".join(TEXTS * 3))
     out = tmp_path / "pos.b.st"
-    argv = ["steerport", "transfer", *dirs, "--steer", str(tmp_path / "pos.st"), "--calibrate", "none", "--hidden-text",
+    argv = ["steerport", "transfer", *dirs, "--steer", str(steer_file), "--calibrate", "none", "--hidden-text",
             str(tmp_path / "neutral.txt"), "--calib-text", str(tmp_path / "neutral.txt"), "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv + ["--form", "refined", "--steered-texts", "2", "--steered-kl", "0.2"])
     main()

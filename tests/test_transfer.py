@@ -661,6 +661,18 @@ def _save_dir(lm: LoadedModel, path):
     return str(path)
 
 
+def saved_pair_and_steer(tmp_path: Path) -> tuple[list[str], Path]:
+    """Two tiny models saved as local folders (llama, then qwen2) and a steer file made for the first."""
+    from steerport.embeddings import load_embeddings
+
+    src, tgt = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
+    dirs = [_save_dir(src, tmp_path / "a"), _save_dir(tgt, tmp_path / "b")]
+    A, B = random_steer_factors(D, 3)
+    path = tmp_path / "pos.st"
+    Steer.lm_steer(A, B, epsilon=0.5, model={"spec": dirs[0], "fingerprint": load_embeddings(dirs[0]).fingerprint}).save(path)
+    return dirs, path
+
+
 def test_cli_map_and_transfer_read_only_embeddings(tmp_path, monkeypatch, capsys):
     import sys
 
