@@ -14,7 +14,7 @@ the ladder:
    ran), and seed 0 (``--form-seeds``) by the other ``--forms`` too (default: ``refined``), so the
    benchmark can decide the default form (it decided ``refined``; ``TransferOptions()`` uses it).
    ``refined-steered`` names the refined form fitted also on texts the source model writes under the
-   steer (:func:`transfer_options`; ``transfer --steered-texts``).
+   steer (:func:`transfer_options`; ``transfer --steered-texts``), ``refined-short`` its control.
 3. ``evaluate``: on every model, on ``--heldout`` texts per class of the task's **test** split
    (never seen in training or model selection), every native and transferred steer:
 
@@ -260,10 +260,12 @@ SHORT = "refined-short"  # its control: refined on the neutral texts it keeps (s
 def transfer_options(form: str, keywords: int = 0, words_only: bool = False, steered_texts: int = 96) -> TransferOptions:
     """What a ladder form name stands for: a library form, ``refined-steered`` (the refined form with
     ``steered_texts`` texts per sign that the source steer writes: ``transfer --steered-texts``) or its
-    control ``refined-short`` (the neutral texts that form keeps, without the steered ones)."""
+    control ``refined-short`` (the neutral texts that form keeps, without the steered ones);
+    ``refined-steered-sK`` samples with seed 1000·K."""
     refine = RefineOptions(keywords=keywords, keyword_words_only=words_only)
-    if form == STEERED:
-        return TransferOptions(form="refined", steered_texts=steered_texts, refine=refine)
+    if form == STEERED or form.startswith(f"{STEERED}-s"):  # refined-steered-sK: sampling seed 1000·K
+        seed = 1000 * int(form.removeprefix(f"{STEERED}-s")) if form != STEERED else 0
+        return TransferOptions(form="refined", steered_texts=steered_texts, steered_seed=seed, refine=refine)
     if form == SHORT:
         return TransferOptions(form="refined", hidden_texts=neutral("fit", limit=KEEP_NEUTRAL), refine=refine)
     return TransferOptions(form=form, refine=refine)
@@ -670,6 +672,11 @@ def markdown(doc: dict[str, Any]) -> str:
              "steer at matched κ (target ≥ 0.9 where the source native is at least as strong as the target native). "
              "Rows marked (refined): `--form refined` on the seeds named in the row (one seed: ±0.00 is no spread, not a "
              "measured one).", ""]
+    if any(f.startswith(STEERED) or f == SHORT for f in st["forms"]):
+        lines += [f"Form refined-steered: `transfer --steered-texts {st.get('steered_texts', 96)}`, the refinement also fitted on "
+                  "that many texts per sign that the source model writes under the steer at ±v (v where its κ is 0.3), beside "
+                  f"the first {KEEP_NEUTRAL} neutral texts (refined-steered-sK: the same with sampling seed 1000·K). "
+                  "refined-short: the control, refined on those neutral texts alone.", ""]
     for name, t in doc["tasks"].items():
         d = t["data"]
         n_pairs = len(st["models"]) * (len(st["models"]) - 1)

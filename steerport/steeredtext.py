@@ -58,11 +58,12 @@ def openings(texts: Sequence[str], count: int, words: int = WORDS) -> list[str]:
 
 
 def steered_texts(lm: LoadedModel, steer: Steer, neutral_texts: Sequence[str], *, count: int,
-                  kl: float = DEFAULT_KL, text: CurveText | None = None, force: bool = False, log: Callable[[str], None] = lambda m: None,
+                  kl: float = DEFAULT_KL, text: CurveText | None = None, seed: int = SEED, force: bool = False,
+                  log: Callable[[str], None] = lambda m: None,
                   progress: Callable[[int], None] | None = None) -> tuple[list[str], dict[str, Any]]:
     """``2·count`` texts that ``lm`` writes with ``steer`` at −v and +v (κ(v) = ``kl``), each opened by a neutral
     text's first words, and the record for the lineage. κ is measured on ``text`` (default: the strength-curve
-    text). ``count`` < 1 or a non-positive ``kl``: a one-line error."""
+    text); ``seed`` seeds the sampling. ``count`` < 1 or a non-positive ``kl``: a one-line error."""
     if count < 1:
         raise SteerportError(f"the number of steered texts must be positive, got {count}")
     if not kl > 0:
@@ -70,7 +71,7 @@ def steered_texts(lm: LoadedModel, steer: Steer, neutral_texts: Sequence[str], *
     heads = openings(neutral_texts, count)
     text = text or curve_text()
     settings = {"count": count, "kl": kl, "words": WORDS, "new_tokens": NEW_TOKENS, "temperature": TEMPERATURE,
-                "top_p": TOP_P, "seed": SEED}
+                "top_p": TOP_P, "seed": seed}
     path = _cache_path(lm, steer, heads, text, settings)
     cached = _read_cache(path, 2 * count)
     if cached is not None:
@@ -81,7 +82,7 @@ def steered_texts(lm: LoadedModel, steer: Steer, neutral_texts: Sequence[str], *
     out: list[str] = []
     for k, s in enumerate((-value, value)):
         tails = generate(lm, heads, [(steer, s)], max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P,
-                         seed=SEED + k * count, batch_size=16, force=force, progress=progress)
+                         seed=seed + k * count, batch_size=16, force=force, progress=progress)
         out += [" ".join((h + t).split()) for h, t in zip(heads, tails)]  # newlines and runs of spaces to one space
     info = {**settings, "value": round(value, 6)}
     try:

@@ -141,6 +141,7 @@ class TransferOptions:
     steered_texts: int = 0  # hidden / refined: add 2·N texts the source writes under the steer (steerport.steeredtext)
     steered_kl: float = steeredtext.DEFAULT_KL  # ... sampled at ±v where the source's κ(v) is this
     steered_neutral: int = steeredtext.KEEP_NEUTRAL  # ... beside the first N neutral texts (about as many positions of each)
+    steered_seed: int = steeredtext.SEED  # ... and their sampling seed
     anchor_steps: int = 10_000  # the anchor's defaults: Adam, lr 1e-3, 10k steps, top 4000 tokens
     anchor_lr: float = 1e-3
     anchor_top_k: int = 4000
@@ -339,8 +340,8 @@ def carry_lm_steer(
         assert src_lm is not None
         t = time.perf_counter()
         extra, lineage["steered_texts"] = steeredtext.steered_texts(
-            src_lm, steer, texts, count=opt.steered_texts, kl=opt.steered_kl, force=force, log=log, progress=progress,
-            text=curve_text(opt.calib_texts, limit=opt.calib_count))
+            src_lm, steer, texts, count=opt.steered_texts, kl=opt.steered_kl, seed=opt.steered_seed, force=force, log=log,
+            progress=progress, text=curve_text(opt.calib_texts, limit=opt.calib_count))
         texts, timings["steered_texts"] = texts[: opt.steered_neutral] + extra, round(time.perf_counter() - t, 3)
 
     m: Mapping | None = None

@@ -99,6 +99,7 @@ def test_ladder_form_names_stand_for_transfer_options():
     assert plain.form == "refined" and plain.steered_texts == 0 and plain.hidden_texts is None and plain.refine.keywords == 4
     steered = transfer_options(STEERED, steered_texts=32)
     assert steered.form == "refined" and steered.steered_texts == 32 and steered.hidden_texts is None
+    assert steered.steered_seed == 0 and transfer_options(f"{STEERED}-s2").steered_seed == 2000
     short = transfer_options(SHORT)  # the neutral texts the steered form keeps, alone
     assert short.steered_texts == 0 and list(short.hidden_texts or []) == neutral("fit")[:steered.steered_neutral]
     assert transfer_options("logit").form == "logit"

@@ -65,7 +65,9 @@ def test_steered_texts_are_cached_and_a_bad_cache_file_is_resampled(tmp_path):
     assert steered_texts(lm, steer, TEXTS, count=2, kl=0.2, text=CURVE) == (texts, info)  # sampled again, the same
     assert json.loads(path.read_text())["texts"] == texts
     other, _ = steered_texts(lm, steer, TEXTS, count=2, kl=0.3, text=CURVE)  # another setting, another file
-    assert len(list((tmp_path / "home" / "steered-texts").glob("*.json"))) == 2 and other != texts
+    reseeded, rec = steered_texts(lm, steer, TEXTS, count=2, kl=0.2, text=CURVE, seed=7)
+    assert len(list((tmp_path / "home" / "steered-texts").glob("*.json"))) == 3
+    assert other != texts and reseeded != texts and rec["seed"] == 7
 
 
 def test_steered_texts_bad_input():
