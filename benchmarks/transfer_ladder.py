@@ -261,13 +261,17 @@ def transfer_options(form: str, keywords: int = 0, words_only: bool = False, ste
     """What a ladder form name stands for: a library form, ``refined-steered`` (the refined form with
     ``steered_texts`` texts per sign that the source steer writes: ``transfer --steered-texts``) or its
     control ``refined-short`` (the neutral texts that form keeps, without the steered ones);
-    ``refined-steered-sK`` samples with seed 1000·K."""
+    ``refined-steered-sK`` samples with seed 1000·K, ``refined-short-rK`` draws its neutral texts at random (seed K):
+    how much the refinement depends on which neutral texts it sees."""
     refine = RefineOptions(keywords=keywords, keyword_words_only=words_only)
     if form == STEERED or form.startswith(f"{STEERED}-s"):  # refined-steered-sK: sampling seed 1000·K
         seed = 1000 * int(form.removeprefix(f"{STEERED}-s")) if form != STEERED else 0
         return TransferOptions(form="refined", steered_texts=steered_texts, steered_seed=seed, refine=refine)
     if form == SHORT:
         return TransferOptions(form="refined", hidden_texts=neutral("fit", limit=KEEP_NEUTRAL), refine=refine)
+    if form.startswith(f"{SHORT}-r"):  # refined-short-rK: as many neutral texts, drawn at random (seed K) from the 300
+        texts = random.Random(int(form.removeprefix(f"{SHORT}-r"))).sample(neutral("fit"), KEEP_NEUTRAL)
+        return TransferOptions(form="refined", hidden_texts=texts, refine=refine)
     return TransferOptions(form=form, refine=refine)
 
 
@@ -672,11 +676,12 @@ def markdown(doc: dict[str, Any]) -> str:
              "steer at matched κ (target ≥ 0.9 where the source native is at least as strong as the target native). "
              "Rows marked (refined): `--form refined` on the seeds named in the row (one seed: ±0.00 is no spread, not a "
              "measured one).", ""]
-    if any(f.startswith(STEERED) or f == SHORT for f in st["forms"]):
+    if any(f.startswith((STEERED, SHORT)) for f in st["forms"]):
         lines += [f"Form refined-steered: `transfer --steered-texts {st.get('steered_texts', 96)}`, the refinement also fitted on "
                   "that many texts per sign that the source model writes under the steer at ±v (v where its κ is 0.3), beside "
                   f"the first {KEEP_NEUTRAL} neutral texts (refined-steered-sK: the same with sampling seed 1000·K). "
-                  "refined-short: the control, refined on those neutral texts alone.", ""]
+                  f"refined-short: the control, refined on those neutral texts alone (refined-short-rK: {KEEP_NEUTRAL} "
+                  "neutral texts drawn at random with seed K).", ""]
     for name, t in doc["tasks"].items():
         d = t["data"]
         n_pairs = len(st["models"]) * (len(st["models"]) - 1)

@@ -102,4 +102,7 @@ def test_ladder_form_names_stand_for_transfer_options():
     assert steered.steered_seed == 0 and transfer_options(f"{STEERED}-s2").steered_seed == 2000
     short = transfer_options(SHORT)  # the neutral texts the steered form keeps, alone
     assert short.steered_texts == 0 and list(short.hidden_texts or []) == neutral("fit")[:steered.steered_neutral]
+    drawn = transfer_options(f"{SHORT}-r3").hidden_texts or []
+    assert len(drawn) == len(set(drawn)) == steered.steered_neutral and set(drawn) <= set(neutral("fit"))
+    assert drawn == transfer_options(f"{SHORT}-r3").hidden_texts != transfer_options(f"{SHORT}-r4").hidden_texts
     assert transfer_options("logit").form == "logit"
