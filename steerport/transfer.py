@@ -335,8 +335,8 @@ def carry_lm_steer(
         if form in FULL_MODEL_FORMS or isinstance(source, LoadedModel):
             src_lm = _full_model(source, src_e.spec, opt, why)
         timings["load_models"] = round(time.perf_counter() - t, 3)
-    texts = list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")  # the hidden / refined forms'
-    if opt.steered_texts:  # only with those forms (checked above), whose source model is loaded
+    texts = (list(opt.hidden_texts) if opt.hidden_texts is not None else neutral("fit")) if form in FULL_MODEL_FORMS else []
+    if opt.steered_texts:  # only with the full-model forms (checked above), whose source model is loaded
         assert src_lm is not None
         t = time.perf_counter()
         extra, lineage["steered_texts"] = steeredtext.steered_texts(
